@@ -1,0 +1,166 @@
+"""``headavatar``: the one command every container, pod and local subprocess runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from headavatar import __version__
+from headavatar.capture_id import validate_capture_id
+from headavatar.errors import PipelineError
+from headavatar.settings import PipelineConfig, load_config
+from headavatar.stages import STAGE_NAMES
+
+log = logging.getLogger("headavatar")
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", help="config overlay from config/profiles/<name>.yaml (e.g. demo)")
+    p.add_argument("--config", action="append", type=Path, default=[], help="extra YAML overlay file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting, e.g. --set extract.frame_stride=3")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="headavatar", description=__doc__)
+    parser.add_argument("--version", action="version", version=__version__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run one pipeline stage for a capture")
+    run.add_argument("stage", choices=STAGE_NAMES)
+    run.add_argument("--capture", required=True, help="capture id, e.g. 018")
+    run.add_argument("--force", action="store_true", help="recompute even on a cache hit")
+    _config_args(run)
+
+    synth = sub.add_parser("synth", help="write a synthetic NeRSemble capture with ground truth")
+    synth.add_argument("--capture", required=True)
+    synth.add_argument("--out", type=Path, help="local folder to write the raw layout into instead of S3")
+    synth.add_argument("--width", type=int, default=2200)
+    synth.add_argument("--height", type=int, default=3208)
+    synth.add_argument("--frames", type=int, default=90)
+    synth.add_argument("--sequence", dest="sequences", action="append", help="sequence name (repeatable)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--workers", type=int, default=0)
+    _config_args(synth)
+
+    val = sub.add_parser("validate", help="check that a raw capture is complete and readable")
+    val.add_argument("--capture", required=True)
+    _config_args(val)
+
+    status = sub.add_parser("status", help="show the manifests of a capture's stages")
+    status.add_argument("--capture", required=True)
+    _config_args(status)
+
+    sub.add_parser("stages", help="list the stages in pipeline order")
+    return parser
+
+
+def _config(args: argparse.Namespace) -> PipelineConfig:
+    return load_config(args.profile, args.overrides, args.config)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from headavatar.contract.stage import run_stage
+    from headavatar.stages import build_stages
+    from headavatar.storage import ObjectStore
+
+    capture = validate_capture_id(args.capture)
+    config = _config(args)
+    store = ObjectStore(config.storage)
+    try:
+        result = run_stage(build_stages()[args.stage], capture, config, store, force=args.force)
+    finally:
+        store.close()
+    print(json.dumps({"stage": result.stage, "capture": result.capture, "cached": result.cached,
+                      "manifest": result.manifest_uri, "files": len(result.manifest.files),
+                      "wall_time_s": result.manifest.wall_time_s}))
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from headavatar.layout import GROUND_TRUTH, RAW
+    from headavatar.storage import ObjectStore
+    from headavatar.synthetic.capture import SyntheticSpec, write_capture
+
+    capture = validate_capture_id(args.capture)
+    config = _config(args)
+    try:
+        spec = SyntheticSpec(capture, width=args.width, height=args.height, frames=args.frames,
+                             sequences=tuple(args.sequences or ("EXP-1-head",)),
+                             cameras=config.capture.cameras, seed=args.seed)
+    except ValueError as e:
+        raise PipelineError(f"synth: {e}") from None
+    if args.out:
+        write_capture(spec, args.out / RAW, args.workers)
+        print(args.out / RAW)
+        return 0
+    store = ObjectStore(config.storage)
+    try:
+        store.ensure_bucket()
+        with tempfile.TemporaryDirectory(prefix="headavatar-synth-") as tmp:
+            write_capture(spec, Path(tmp) / RAW, args.workers)
+            n = len(store.upload_tree(Path(tmp) / RAW, store.key(RAW)))
+            n += len(store.upload_tree(Path(tmp) / GROUND_TRUTH, store.key(GROUND_TRUTH)))
+    finally:
+        store.close()
+    log.info("uploaded %d objects for capture %s", n, capture)
+    print(store.uri(store.key(RAW)))
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from headavatar.raw import discover
+    from headavatar.storage import ObjectStore
+
+    config = _config(args)
+    store = ObjectStore(config.storage)
+    raw = discover(store, args.capture, config)
+    print(json.dumps({"capture": raw.capture, "cameras": len(raw.cameras),
+                      "sequences": [s.label for s in raw.sequences], "digest": raw.digest()}))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from headavatar.contract.stage import read_manifest
+    from headavatar.stages import build_stages
+    from headavatar.storage import ObjectStore
+
+    capture = validate_capture_id(args.capture)
+    store = ObjectStore(_config(args).storage)
+    for name in build_stages():
+        m = read_manifest(store, capture, name)
+        state = "missing" if m is None else f"done {m.finished_at} ({len(m.files)} files, {m.wall_time_s:.1f}s)"
+        print(f"{name:13s} {state}")
+    return 0
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    # Containers and pods stop with SIGTERM: unwind so scratch space is removed.
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("botocore").setLevel(logging.WARNING)
+    logging.getLogger("boto3").setLevel(logging.WARNING)
+    signal.signal(signal.SIGTERM, _terminate)
+    commands = {"run": cmd_run, "synth": cmd_synth, "validate": cmd_validate, "status": cmd_status,
+                "stages": lambda _a: print("\n".join(STAGE_NAMES)) or 0}
+    try:
+        return commands[args.command](args)
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

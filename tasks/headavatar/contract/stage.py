@@ -1,0 +1,188 @@
+"""The stage contract, enforced here so that no stage can break it.
+
+1. A stage declares its inputs (upstream stages, or the raw capture) and the config sections it
+   reads; its cache key is the content digests of those inputs plus the digest of those sections.
+2. It writes only under ``avatars/<capture>/<stage>/`` through :class:`OutputWriter`.
+3. The old manifest is deleted BEFORE any output is touched and the new one is written LAST, after
+   every upload has succeeded and stale outputs are removed, so a stage killed half-way leaves no
+   manifest and is never taken as done.
+4. A manifest that matches inputs + config, with every listed file present at its size, is a
+   cache hit: the stage is skipped unless forced.
+5. Local scratch space lives in one directory removed at the end, also on errors and SIGTERM; a
+   directory left by a SIGKILLed run is removed by the next run on the host.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import ClassVar
+
+from headavatar import __version__
+from headavatar.capture_id import validate_capture_id
+from headavatar.contract.manifest import Manifest, digest
+from headavatar.contract.outputs import RESERVED_PREFIX, OutputWriter
+from headavatar.errors import MissingObject, UpstreamMissing
+from headavatar.layout import MANIFEST, stage_prefix
+from headavatar.settings import PipelineConfig
+from headavatar.storage import ObjectStore
+
+log = logging.getLogger(__name__)
+SCRATCH_ENV = "HEADAVATAR_SCRATCH"
+
+
+@dataclass
+class StageContext:
+    """What a running stage may touch."""
+
+    stage: str
+    capture: str
+    config: PipelineConfig
+    store: ObjectStore
+    scratch: Path
+    upstream: dict[str, Manifest]
+    outputs: OutputWriter
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def input_key(self, stage: str, rel: str) -> str:
+        """Key of an upstream output; it must be listed in that stage's manifest."""
+        if rel not in self.upstream[stage].files:
+            raise MissingObject(f"{rel!r} is not an output of stage {stage!r} for capture {self.capture}")
+        return self.store.key(stage_prefix(self.capture, stage), rel)
+
+
+class Stage(ABC):
+    name: ClassVar[str]
+    inputs: ClassVar[tuple[str, ...]]  # upstream stage names, or ("raw",)
+    config_sections: ClassVar[tuple[str, ...]]
+    implemented: ClassVar[bool] = True
+
+    def raw_inputs(self, store: ObjectStore, capture: str, config: PipelineConfig) -> dict[str, str]:
+        """Digests of non-stage inputs (the raw capture); stages reading only stages have none."""
+        return {}
+
+    @abstractmethod
+    def run(self, ctx: StageContext) -> None: ...
+
+
+@dataclass(frozen=True)
+class StageResult:
+    stage: str
+    capture: str
+    cached: bool
+    manifest: Manifest
+    manifest_uri: str
+
+
+def manifest_key(store: ObjectStore, capture: str, stage: str) -> str:
+    return store.key(stage_prefix(capture, stage), MANIFEST)
+
+
+def read_manifest(store: ObjectStore, capture: str, stage: str) -> Manifest | None:
+    try:
+        return Manifest.from_json(store.get_bytes(manifest_key(store, capture, stage)))
+    except MissingObject:
+        return None
+
+
+def config_digest(stage: Stage, config: PipelineConfig) -> tuple[str, dict]:
+    sections = {s: config.section(s).model_dump(mode="json") for s in stage.config_sections}
+    return digest(sections), sections
+
+
+def _outputs_present(store: ObjectStore, prefix: str, manifest: Manifest) -> bool:
+    sizes = {o.key[len(prefix) + 1:]: o.size for o in store.list(prefix)}
+    return all(sizes.get(rel) == e.size for rel, e in manifest.files.items())
+
+
+def _clean_stale_scratch(root: Path) -> None:
+    for d in root.glob("headavatar-*-pid*"):
+        pid = d.name.rsplit("-pid", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def run_stage(stage: Stage, capture: str, config: PipelineConfig, store: ObjectStore,
+              force: bool = False) -> StageResult:
+    capture = validate_capture_id(capture)
+    if not stage.implemented:
+        stage.run(None)  # type: ignore[arg-type]  # raises StageNotImplemented before any I/O
+    prefix = store.key(stage_prefix(capture, stage.name))
+    mkey = f"{prefix}/{MANIFEST}"
+
+    upstream: dict[str, Manifest] = {}
+    inputs: dict[str, str] = stage.raw_inputs(store, capture, config)
+    for dep in stage.inputs:
+        if dep == "raw":
+            continue
+        m = read_manifest(store, capture, dep)
+        if m is None:
+            raise UpstreamMissing(
+                f"stage {stage.name!r} needs stage {dep!r} for capture {capture}: no "
+                f"{store.uri(manifest_key(store, capture, dep))}; run 'headavatar run {dep} --capture {capture}' first"
+            )
+        upstream[dep] = m
+        inputs[dep] = m.content_digest
+    cdigest, sections = config_digest(stage, config)
+
+    existing = read_manifest(store, capture, stage.name)
+    if existing is not None and not force and existing.matches(inputs, cdigest):
+        if _outputs_present(store, prefix, existing):
+            log.info("%s/%s: cache hit (%d files, %s)", capture, stage.name, len(existing.files), store.uri(mkey))
+            return StageResult(stage.name, capture, True, existing, store.uri(mkey))
+        log.warning("%s/%s: manifest matches but outputs are missing; recomputing", capture, stage.name)
+
+    # From here on the stage is "not done" until the new manifest lands.
+    if existing is not None:
+        store.delete(mkey)
+
+    scratch_root = Path(os.environ.get(SCRATCH_ENV) or tempfile.gettempdir())
+    scratch_root.mkdir(parents=True, exist_ok=True)
+    _clean_stale_scratch(scratch_root)
+    scratch = Path(tempfile.mkdtemp(prefix=f"headavatar-{stage.name}-{capture}-", suffix=f"-pid{os.getpid()}",
+                                    dir=scratch_root))
+    started, t0 = datetime.now(UTC), time.monotonic()
+    writer = OutputWriter(store, prefix)
+    ctx = StageContext(stage.name, capture, config, store, scratch, upstream, writer)
+    log.info("%s/%s: running (inputs %s)", capture, stage.name, ", ".join(inputs) or "none")
+    try:
+        stage.run(ctx)
+        writer.wait()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    stale = [o.key for o in store.list(prefix)
+             if o.key[len(prefix) + 1:] not in writer.entries
+             and not o.key[len(prefix) + 1:].startswith(RESERVED_PREFIX)]
+    if stale:
+        log.info("%s/%s: removing %d stale outputs", capture, stage.name, len(stale))
+        store.delete_many(stale)
+
+    wall = time.monotonic() - t0
+    metrics = {"files": float(len(writer.entries)),
+               "bytes": float(sum(e.size for e in writer.entries.values())), **ctx.metrics}
+    manifest = Manifest(
+        stage=stage.name, capture=capture, package_version=__version__, config_digest=cdigest,
+        config=sections, inputs=inputs, files=dict(sorted(writer.entries.items())), metrics=metrics,
+        started_at=started.isoformat(), finished_at=datetime.now(UTC).isoformat(), wall_time_s=round(wall, 3),
+    )
+    store.put_bytes(mkey, manifest.to_json(), content_type="application/json")
+    log.info("%s/%s: done in %.1fs, %d files -> %s", capture, stage.name, wall, len(writer.entries), store.uri(mkey))
+    return StageResult(stage.name, capture, False, manifest, store.uri(mkey))

@@ -1,0 +1,74 @@
+"""Crop/resize exactly as the Gaussian Head Avatar preprocessing does, plus encoders."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from headavatar.settings import ExtractConfig
+
+
+@dataclass(frozen=True)
+class CropResize:
+    """Crop a ``size`` square at (left, top), black outside the source, then resize."""
+
+    left: int
+    top: int
+    size: int
+    out_size: int
+    lowres_size: int
+
+    @classmethod
+    def from_config(cls, cfg: ExtractConfig) -> CropResize:
+        return cls(cfg.crop_left, cfg.crop_top, cfg.crop_size, cfg.output_size, cfg.lowres_size)
+
+    def crop(self, image: np.ndarray) -> np.ndarray:
+        """Same pixels as padding the source with zeros and slicing, without the padded copy."""
+        h, w = image.shape[:2]
+        out = np.zeros((self.size, self.size, *image.shape[2:]), image.dtype)
+        x0, y0 = max(self.left, 0), max(self.top, 0)
+        x1, y1 = min(self.left + self.size, w), min(self.top + self.size, h)
+        if x1 > x0 and y1 > y0:
+            out[y0 - self.top : y1 - self.top, x0 - self.left : x1 - self.left] = image[y0:y1, x0:x1]
+        return out
+
+    def apply(self, image: np.ndarray) -> np.ndarray:
+        return cv2.resize(self.crop(image), (self.out_size, self.out_size))
+
+    def lowres(self, image_out: np.ndarray) -> np.ndarray:
+        """The reference derives the low-res image from the resized one, not from the source."""
+        return cv2.resize(image_out, (self.lowres_size, self.lowres_size))
+
+    def visible(self, height: int, width: int) -> np.ndarray:
+        """White where the source had pixels, black where the crop padded (3 channels, as saved)."""
+        return self.apply(np.full((height, width, 3), 255, np.uint8))
+
+    def intrinsic(self, intrinsic: np.ndarray) -> np.ndarray:
+        k = np.array(intrinsic, dtype=np.float64, copy=True)
+        k[0:2, 2] -= (self.left, self.top)
+        k[0, :] *= self.out_size / self.size
+        k[1, :] *= self.out_size / self.size
+        return k
+
+
+def encode_jpg(image: np.ndarray, quality: int = 95) -> bytes:
+    ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise ValueError("JPEG encoding failed")
+    return buf.tobytes()
+
+
+def decode_image(data: bytes, name: str) -> np.ndarray:
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if img is None:
+        raise ValueError(f"{name}: not a decodable image")
+    return img
+
+
+def npz_bytes(**arrays: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()

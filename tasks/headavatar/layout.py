@@ -1,0 +1,45 @@
+"""Where things live in the bucket: the NeRSemble raw layout and the per-stage output folders.
+
+Raw (as NeRSemble ships it, under ``<prefix>/raw/``)::
+
+    camera_params/<id>/camera_params.json
+    sequence_BACKGROUND_part-1/<id>/BACKGROUND/image_<cam>.jpg
+    sequence_<SEQ>_part-<n>/<id>/<SEQ>/cam_<cam>.mp4
+
+Stage outputs: ``<prefix>/avatars/<id>/<stage>/...`` with ``manifest.json`` written last.
+"""
+
+from __future__ import annotations
+
+import re
+
+from headavatar.capture_id import validate_capture_id
+
+RAW = "raw"
+AVATARS = "avatars"
+MANIFEST = "manifest.json"
+BACKGROUND_SEQUENCE = "sequence_BACKGROUND_part-1"
+GROUND_TRUTH = "synthetic_ground_truth"
+
+VIDEO_NAME = re.compile(r"^cam_(\d+)\.mp4$")
+BACKGROUND_NAME = re.compile(r"^image_(\d+)\.jpg$")
+
+
+def camera_params_key(capture: str) -> str:
+    return f"{RAW}/camera_params/{validate_capture_id(capture)}/camera_params.json"
+
+
+def background_key(capture: str, camera: str) -> str:
+    return f"{RAW}/{BACKGROUND_SEQUENCE}/{validate_capture_id(capture)}/BACKGROUND/image_{camera}.jpg"
+
+
+def video_key(capture: str, sequence: str, camera: str, part: int = 1) -> str:
+    return f"{RAW}/sequence_{sequence}_part-{part}/{validate_capture_id(capture)}/{sequence}/cam_{camera}.mp4"
+
+
+def stage_prefix(capture: str, stage: str) -> str:
+    return f"{AVATARS}/{validate_capture_id(capture)}/{stage}"
+
+
+def ground_truth_prefix(capture: str) -> str:
+    return f"{GROUND_TRUTH}/{validate_capture_id(capture)}"

@@ -1,0 +1,180 @@
+"""The pipeline configuration: one schema, loaded from ``config/pipeline.yaml`` plus overlays.
+
+Every section is a frozen pydantic model with ``extra="forbid"``, so a typo or an out-of-range
+value fails at load time with a one-line error naming the key. A stage's cache key includes the
+digest of exactly the sections it declares (:data:`headavatar.stages.Stage.config_sections`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from headavatar.errors import ConfigError
+
+NERSEMBLE_CAMERAS = (
+    "220700191", "221501007", "222200036", "222200037", "222200038", "222200039",
+    "222200040", "222200041", "222200042", "222200043", "222200044", "222200045",
+    "222200046", "222200047", "222200048", "222200049",
+)
+
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StorageConfig(Section):
+    """Where data lives. Credentials are never here: boto3 takes them from the environment."""
+
+    endpoint_url: str | None = Field(None, description="S3 endpoint; None means AWS S3")
+    bucket: str = Field("headavatar", min_length=3, max_length=63)
+    prefix: str = Field("nersemble", description="key prefix for raw/ and avatars/")
+    region: str = "us-east-1"
+    max_concurrency: Annotated[int, Field(ge=1, le=256)] = 16
+    multipart_threshold_mb: Annotated[int, Field(ge=5, le=5120)] = 16
+    multipart_chunk_mb: Annotated[int, Field(ge=5, le=5120)] = 16
+    max_attempts: Annotated[int, Field(ge=1, le=50)] = 10
+
+    @field_validator("prefix")
+    @classmethod
+    def _clean_prefix(cls, v: str) -> str:
+        v = v.strip("/")
+        if ".." in v.split("/"):
+            raise ValueError("must not contain '..'")
+        return v
+
+
+class CaptureConfig(Section):
+    """What a raw NeRSemble capture holds and which parts of it are used."""
+
+    cameras: tuple[str, ...] = NERSEMBLE_CAMERAS
+    skip_sequence_keywords: tuple[str, ...] = ("tongue", "GLASSES", "FREE", "BACKGROUND")
+
+    @field_validator("cameras")
+    @classmethod
+    def _cameras(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if len(v) < 2 or len(set(v)) != len(v) or not all(c.isdigit() for c in v):
+            raise ValueError("must be at least 2 distinct numeric camera serials")
+        return v
+
+
+class ExtractConfig(Section):
+    """Stage 1. Crop box in source pixels, then a resize to ``output_size`` (reference values)."""
+
+    frame_stride: PositiveInt = 3
+    crop_left: int = -200
+    crop_top: int = 304
+    crop_size: PositiveInt = 2600
+    output_size: PositiveInt = 2048
+    lowres_size: PositiveInt = 256
+    jpeg_quality: Annotated[int, Field(ge=50, le=100)] = 95
+    workers: Annotated[int, Field(ge=0, le=256)] = Field(0, description="0 = one per core")
+
+
+class SampleConfig(Section):
+    """Stage 2: keep every ``frame_stride``-th extracted frame."""
+
+    frame_stride: PositiveInt = 10
+
+
+class PipelineConfig(Section):
+    storage: StorageConfig = StorageConfig()
+    capture: CaptureConfig = CaptureConfig()
+    extract: ExtractConfig = ExtractConfig()
+    sample: SampleConfig = SampleConfig()
+
+    def section(self, name: str) -> Section:
+        return getattr(self, name)
+
+
+# --- loading -------------------------------------------------------------------------------
+
+ENV_CONFIG_DIR = "HEADAVATAR_CONFIG_DIR"
+ENV_PROFILE = "HEADAVATAR_PROFILE"
+# Environment variables that override storage settings (the Airflow connection sets them).
+STORAGE_ENV = {
+    "HEADAVATAR_S3_ENDPOINT": "endpoint_url",
+    "HEADAVATAR_S3_BUCKET": "bucket",
+    "HEADAVATAR_S3_PREFIX": "prefix",
+}
+
+
+def config_dir() -> Path:
+    """``$HEADAVATAR_CONFIG_DIR``, else the repository's ``config/`` (source checkouts)."""
+    if os.environ.get(ENV_CONFIG_DIR):
+        return Path(os.environ[ENV_CONFIG_DIR])
+    return Path(__file__).resolve().parents[2] / "config"
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(item: str) -> dict[str, Any]:
+    """``extract.frame_stride=2`` -> ``{"extract": {"frame_stride": 2}}`` (value parsed as YAML)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    value: Any = yaml.safe_load(raw) if raw else ""
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
+
+
+def load_config(
+    profile: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    files: list[Path] | tuple[Path, ...] = (),
+) -> PipelineConfig:
+    """Defaults <- profile <- extra files <- environment (storage) <- ``key=value`` overrides."""
+    cdir = config_dir()
+    data = _read_yaml(cdir / "pipeline.yaml")
+    profile = profile or os.environ.get(ENV_PROFILE) or None
+    if profile:
+        if not profile.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(f"invalid profile name {profile!r}")
+        data = deep_merge(data, _read_yaml(cdir / "profiles" / f"{profile}.yaml"))
+    for f in files:
+        data = deep_merge(data, _read_yaml(Path(f)))
+    env_storage = {field: os.environ[var] for var, field in STORAGE_ENV.items() if os.environ.get(var)}
+    if env_storage:
+        data = deep_merge(data, {"storage": env_storage})
+    for item in overrides:
+        data = deep_merge(data, parse_override(item))
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_one_line(e)) from None
+
+
+def _one_line(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        if err["type"] == "extra_forbidden":
+            parts.append(f"{key}: unknown key")
+        else:
+            got = repr(err.get("input"))
+            parts.append(f"{key}: {err['msg']} (got {got[:60]})")
+    return "invalid config: " + "; ".join(parts)

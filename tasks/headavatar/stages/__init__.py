@@ -1,0 +1,36 @@
+"""The six stages, in pipeline order. Each is one ``headavatar run <stage>`` subcommand."""
+
+from __future__ import annotations
+
+from headavatar.contract.stage import Stage, StageContext
+from headavatar.errors import StageNotImplemented
+from headavatar.stages.extract import Extract
+from headavatar.stages.sample import Sample
+
+
+class _Pending(Stage):
+    """A declared stage whose implementation has not landed: it fails loudly, never silently."""
+
+    config_sections = ()
+    implemented = False
+
+    def __init__(self, name: str, inputs: tuple[str, ...], issue: int):
+        self.name, self.inputs, self.issue = name, inputs, issue  # type: ignore[misc]
+
+    def run(self, ctx: StageContext) -> None:
+        raise StageNotImplemented(f"stage {self.name!r} is not implemented yet (tracked in issue {self.issue})")
+
+
+def build_stages() -> dict[str, Stage]:
+    stages: list[Stage] = [
+        Extract(),
+        Sample(),
+        _Pending("matting", ("sample",), 6),
+        _Pending("fitting", ("sample",), 7),
+        _Pending("meshhead", ("sample", "matting", "fitting"), 8),
+        _Pending("gaussianhead", ("sample", "matting", "fitting", "meshhead"), 9),
+    ]
+    return {s.name: s for s in stages}
+
+
+STAGE_NAMES = tuple(build_stages())

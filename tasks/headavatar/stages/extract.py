@@ -1,0 +1,277 @@
+"""Stage 1: frames from the 16 synchronized videos, cropped and resized (GHA layout).
+
+Speed comes from doing only necessary work: each video is decoded exactly once, cameras run in
+parallel processes, frames are converted to BGR only when they will be written, and only the
+extracted frames that stage 2 will keep (every ``sample.frame_stride``-th of every
+``extract.frame_stride``-th video frame) are cropped, encoded and uploaded. The frame index
+(``frames.json``) still records every extracted frame, so stage 2 selects by index and copies
+server-side. Peak memory per worker is one decoded frame, its crop and the bounded upload queue:
+it does not grow with the number of frames.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from headavatar.contract.manifest import FileEntry
+from headavatar.contract.outputs import OutputWriter
+from headavatar.contract.stage import Stage, StageContext
+from headavatar.errors import RawCaptureError
+from headavatar.imaging import CropResize, encode_jpg, npz_bytes
+from headavatar.raw import RawCapture, VideoInfo, discover, probe_video
+from headavatar.settings import PipelineConfig, StorageConfig
+from headavatar.storage import ObjectStore
+
+log = logging.getLogger(__name__)
+FRAMES_INDEX = "frames.json"
+
+
+@dataclass(frozen=True)
+class SequencePlan:
+    name: str
+    part: int
+    video_frames: int  # usable frames (the shortest camera's count)
+    first_extracted: int  # global index of this sequence's first extracted frame
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}_part-{self.part}"
+
+    def extracted(self, stride: int) -> int:
+        return -(-self.video_frames // stride)
+
+
+@dataclass(frozen=True)
+class FramePlan:
+    """Which video frame becomes which extracted frame, and which of those are written."""
+
+    sequences: tuple[SequencePlan, ...]
+    extract_stride: int
+    sample_stride: int
+
+    @property
+    def total_extracted(self) -> int:
+        last = self.sequences[-1]
+        return last.first_extracted + last.extracted(self.extract_stride)
+
+    def written(self, seq: SequencePlan) -> dict[int, int]:
+        """video frame -> extracted index, for the frames of ``seq`` that stage 2 keeps."""
+        out = {}
+        for k in range(0, seq.video_frames, self.extract_stride):
+            e = seq.first_extracted + k // self.extract_stride
+            if e % self.sample_stride == 0:
+                out[k] = e
+        return out
+
+    def to_json(self) -> dict:
+        return {
+            "extract_stride": self.extract_stride,
+            "sample_stride": self.sample_stride,
+            "total_extracted": self.total_extracted,
+            "sequences": [
+                {"name": s.name, "part": s.part, "video_frames": s.video_frames,
+                 "first_extracted": s.first_extracted, "extracted": s.extracted(self.extract_stride)}
+                for s in self.sequences
+            ],
+            "written": [
+                {"index": e, "sequence": s.label, "video_frame": k}
+                for s in self.sequences for k, e in self.written(s).items()
+            ],
+        }
+
+
+def plan_frames(raw: RawCapture, infos: dict[tuple[str, str], VideoInfo], extract_stride: int,
+                sample_stride: int) -> FramePlan:
+    """Concatenate sequences in sorted order; a sequence is as long as its shortest video."""
+    plans, offset = [], 0
+    for seq in raw.sequences:
+        counts = {cam: infos[(seq.label, cam)].frames for cam in raw.cameras}
+        n = min(counts.values())
+        if max(counts.values()) != n:
+            short = sorted(c for c, k in counts.items() if k == n)
+            log.warning("sequence %s: camera(s) %s have only %d frames (others up to %d); "
+                        "using the first %d frames of every camera", seq.label, ", ".join(short), n,
+                        max(counts.values()), n)
+        plans.append(SequencePlan(seq.name, seq.part, n, offset))
+        offset += -(-n // extract_stride)
+    return FramePlan(tuple(plans), extract_stride, sample_stride)
+
+
+@dataclass(frozen=True)
+class CameraJob:
+    camera: str
+    storage: StorageConfig
+    prefix: str
+    videos: tuple[tuple[str, str, dict[int, int]], ...]  # (sequence, local path, video frame -> index)
+    background: str  # local path
+    crop: CropResize
+    intrinsic: np.ndarray
+    extrinsic: np.ndarray
+    jpeg_quality: int
+    decoder_threads: int
+
+
+@dataclass(frozen=True)
+class CameraResult:
+    camera: str
+    entries: dict[str, FileEntry]
+    decoded: int
+    written: int
+    seconds: float
+
+
+def extract_camera(job: CameraJob) -> CameraResult:
+    """Decode every video of one camera once; crop, encode and upload the frames to keep."""
+    t0 = time.monotonic()
+    store = ObjectStore(job.storage)
+    out = OutputWriter(store, job.prefix)
+    cam, q = job.camera, job.jpeg_quality
+    try:
+        bg = cv2.imread(job.background, cv2.IMREAD_COLOR)
+        if bg is None:
+            raise RawCaptureError(f"background plate of camera {cam}: not a decodable image")
+        out.put_bytes(f"background/image_{cam}.jpg", encode_jpg(job.crop.apply(bg), q))
+        camera_npz = npz_bytes(extrinsic=job.extrinsic, intrinsic=job.crop.intrinsic(job.intrinsic))
+        visible = visible_lo = None
+        decoded = written = 0
+        for seq, path, keep in job.videos:
+            cap = cv2.VideoCapture(path, cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, job.decoder_threads])
+            if not cap.isOpened():
+                raise RawCaptureError(f"{seq}/cam_{cam}.mp4: cannot be opened for decoding")
+            last = max(keep) if keep else -1
+            try:
+                for k in range(last + 1):
+                    if k in keep:
+                        ok, frame = cap.read()
+                    else:
+                        ok, frame = cap.grab(), None
+                    if not ok:
+                        raise RawCaptureError(f"{seq}/cam_{cam}.mp4: decoding stopped at frame {k} "
+                                              f"(truncated or corrupt video)")
+                    decoded += 1
+                    if frame is None:
+                        continue
+                    if visible is None:
+                        vis = job.crop.visible(*frame.shape[:2])
+                        visible = encode_jpg(vis, q)
+                        visible_lo = encode_jpg(job.crop.lowres(vis), q)
+                    folder = f"{keep[k]:04d}"
+                    img = job.crop.apply(frame)
+                    out.put_bytes(f"images/{folder}/image_{cam}.jpg", encode_jpg(img, q))
+                    out.put_bytes(f"images/{folder}/image_lowres_{cam}.jpg", encode_jpg(job.crop.lowres(img), q))
+                    out.put_bytes(f"images/{folder}/visible_{cam}.jpg", visible)
+                    out.put_bytes(f"images/{folder}/visible_lowres_{cam}.jpg", visible_lo)
+                    out.put_bytes(f"cameras/{folder}/camera_{cam}.npz", camera_npz)
+                    written += 1
+            finally:
+                cap.release()
+            log.info("camera %s: %s decoded, %d frames written so far", cam, seq, written)
+        out.wait()
+    finally:
+        store.close()
+    return CameraResult(cam, out.entries, decoded, written, time.monotonic() - t0)
+
+
+def worker_count(configured: int) -> int:
+    return configured or len(os.sched_getaffinity(0))
+
+
+class Extract(Stage):
+    name = "extract"
+    inputs = ("raw",)
+    config_sections = ("capture", "extract", "sample")
+
+    def __init__(self) -> None:
+        self._raw: RawCapture | None = None
+
+    def raw_inputs(self, store: ObjectStore, capture: str, config: PipelineConfig) -> dict[str, str]:
+        self._raw = discover(store, capture, config)
+        return {"raw": self._raw.digest()}
+
+    def run(self, ctx: StageContext) -> None:
+        cfg = ctx.config.extract
+        raw = self._raw or discover(ctx.store, ctx.capture, ctx.config)
+        store = ctx.store
+
+        # Fetch every video and plate concurrently, then check them all before decoding any.
+        local: dict[tuple[str, str], Path] = {}
+        pairs = []
+        for seq in raw.sequences:
+            for cam, obj in seq.videos.items():
+                local[(seq.label, cam)] = ctx.scratch / "videos" / seq.label / f"cam_{cam}.mp4"
+                pairs.append((obj.key, local[(seq.label, cam)]))
+        for cam, obj in raw.backgrounds.items():
+            pairs.append((obj.key, ctx.scratch / "background" / f"image_{cam}.jpg"))
+        log.info("%s: fetching %d raw objects", ctx.capture, len(pairs))
+        store.download_many(pairs)
+        keys = {(s.label, cam): o.key for s in raw.sequences for cam, o in s.videos.items()}
+        infos = {k: probe_video(p, store.uri(keys[k])) for k, p in local.items()}
+        sizes = {(i.width, i.height) for i in infos.values()}
+        if len(sizes) > 1:
+            detail = ", ".join(f"{k[1]}:{i.width}x{i.height}" for k, i in sorted(infos.items())[:6])
+            raise RawCaptureError(f"capture {ctx.capture}: videos differ in resolution ({detail} ...)")
+
+        plan = plan_frames(raw, infos, cfg.frame_stride, ctx.config.sample.frame_stride)
+        crop = CropResize.from_config(cfg)
+        workers = min(worker_count(cfg.workers), len(raw.cameras))
+        threads = max(1, worker_count(0) // workers)
+        jobs = [
+            CameraJob(
+                camera=cam, storage=store.cfg, prefix=ctx.outputs.prefix,
+                videos=tuple((s.label, str(local[(s.label, cam)]), plan.written(s)) for s in plan.sequences),
+                background=str(ctx.scratch / "background" / f"image_{cam}.jpg"), crop=crop,
+                intrinsic=raw.camera_params.intrinsic, extrinsic=raw.camera_params.world_to_cam[cam][:3],
+                jpeg_quality=cfg.jpeg_quality, decoder_threads=threads,
+            )
+            for cam in raw.cameras
+        ]
+        results = run_jobs(extract_camera, jobs, workers, f"extract {ctx.capture}")
+        for r in results:
+            for rel, entry in r.entries.items():
+                ctx.outputs.record(rel, entry)
+        ctx.outputs.put_bytes(FRAMES_INDEX, json.dumps(plan.to_json(), indent=1).encode())
+        ctx.metrics.update({
+            "cameras": len(raw.cameras),
+            "sequences": len(plan.sequences),
+            "video_frames_decoded": sum(r.decoded for r in results),
+            "extracted_frames": plan.total_extracted,
+            "frames_written": len(plan.to_json()["written"]),
+            "images_written": sum(r.written for r in results),
+        })
+
+
+def _init_worker(level: int) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def run_jobs(fn, jobs: list, workers: int, desc: str) -> list:
+    """Run per-camera jobs in processes (or inline for one worker) with a progress bar.
+
+    Workers are spawned, not forked: the parent holds S3 transfer threads, and forking a
+    process with live threads can deadlock the child.
+    """
+    results = []
+    with tqdm(total=len(jobs), desc=desc, unit="camera") as bar:
+        if workers <= 1:
+            for job in jobs:
+                results.append(fn(job))
+                bar.update()
+        else:
+            ctx = multiprocessing.get_context("spawn")
+            level = logging.getLogger().getEffectiveLevel()
+            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(level,)) as pool:
+                for fut in as_completed([pool.submit(fn, j) for j in jobs]):
+                    results.append(fut.result())
+                    bar.update()
+    return sorted(results, key=lambda r: r.camera)

@@ -1,0 +1,230 @@
+"""Object storage through boto3: any S3-compatible server (AWS S3, MinIO, SeaweedFS).
+
+Large files go multipart through s3transfer; batches of small objects run on a thread pool.
+Errors come back as :class:`~headavatar.errors.StorageError` subclasses naming the ``s3://`` URI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from headavatar.errors import AccessDenied, MissingObject, StorageError
+from headavatar.settings import StorageConfig
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+MB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path, chunk: int = 4 * MB) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class ObjectStore:
+    """One bucket, seen through a key prefix. Thread-safe: boto3 clients may be shared."""
+
+    def __init__(self, cfg: StorageConfig):
+        self.cfg = cfg
+        self.bucket = cfg.bucket
+        self.client = boto3.session.Session().client(
+            "s3",
+            endpoint_url=cfg.endpoint_url,
+            region_name=cfg.region,
+            config=Config(
+                retries={"max_attempts": cfg.max_attempts, "mode": "standard"},
+                max_pool_connections=max(cfg.max_concurrency * 2, 10),
+                s3={"addressing_style": "path"},
+                connect_timeout=10,
+                read_timeout=120,
+            ),
+        )
+        self.transfer = TransferConfig(
+            multipart_threshold=cfg.multipart_threshold_mb * MB,
+            multipart_chunksize=cfg.multipart_chunk_mb * MB,
+            max_concurrency=cfg.max_concurrency,
+            use_threads=True,
+        )
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+
+    # --- keys ----------------------------------------------------------------------------
+    def key(self, *parts: str) -> str:
+        """Join ``parts`` under the configured prefix."""
+        return "/".join(p.strip("/") for p in (self.cfg.prefix, *parts) if p.strip("/"))
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    # --- error mapping -------------------------------------------------------------------
+    def _error(self, exc: Exception, key: str, action: str) -> StorageError:
+        if isinstance(exc, ClientError):
+            code = exc.response.get("Error", {}).get("Code", "")
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("NoSuchKey", "404", "NotFound") or status == 404:
+                return MissingObject(f"missing object {self.uri(key)}")
+            if code == "NoSuchBucket":
+                return MissingObject(f"bucket {self.bucket!r} does not exist ({self.uri(key)})")
+            if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch") or status == 403:
+                return AccessDenied(f"access denied to {action} {self.uri(key)} ({code})")
+            return StorageError(f"cannot {action} {self.uri(key)}: {code or status}")
+        return StorageError(f"cannot {action} {self.uri(key)}: {type(exc).__name__}: {exc}")
+
+    def _call(self, action: str, key: str, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except (ClientError, BotoCoreError) as e:
+            raise self._error(e, key, action) from e
+
+    # --- single objects ------------------------------------------------------------------
+    def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None:
+        extra = {"ContentType": content_type} if content_type else {}
+        self._call("write", key, lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=data, **extra))
+
+    def get_bytes(self, key: str) -> bytes:
+        return self._call("read", key, lambda: self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read())
+
+    def upload_file(self, path: Path, key: str) -> None:
+        """Multipart above the threshold; a failed multipart upload is aborted by s3transfer."""
+        self._call("write", key, lambda: self.client.upload_file(str(path), self.bucket, key, Config=self.transfer))
+
+    def download_file(self, key: str, path: Path) -> Path:
+        """Download to ``path`` atomically: a partial download never appears under its name."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".part")
+        try:
+            self._call("read", key, lambda: self.client.download_file(self.bucket, key, str(tmp), Config=self.transfer))
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+    def copy(self, src_key: str, dst_key: str) -> None:
+        """Server-side copy (multipart copy for large objects): no bytes pass through here."""
+        source = {"Bucket": self.bucket, "Key": src_key}
+        self._call("copy to", dst_key, lambda: self.client.copy(source, self.bucket, dst_key, Config=self.transfer))
+
+    def head(self, key: str) -> ObjectInfo | None:
+        try:
+            r = self.client.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as e:
+            err = self._error(e, key, "stat")
+            if isinstance(err, MissingObject):
+                return None
+            raise err from e
+        except BotoCoreError as e:
+            raise self._error(e, key, "stat") from e
+        return ObjectInfo(key, r["ContentLength"], r["ETag"].strip('"'))
+
+    def exists(self, key: str) -> bool:
+        return self.head(key) is not None
+
+    def delete(self, key: str) -> None:
+        self._call("delete", key, lambda: self.client.delete_object(Bucket=self.bucket, Key=key))
+
+    # --- many objects --------------------------------------------------------------------
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        """All objects under ``prefix`` (a folder: a trailing '/' is added)."""
+        prefix = prefix.rstrip("/") + "/"
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                for o in page.get("Contents", []):
+                    yield ObjectInfo(o["Key"], o["Size"], o["ETag"].strip('"'))
+        except (ClientError, BotoCoreError) as e:
+            raise self._error(e, prefix, "list") from e
+
+    def list_dirs(self, prefix: str) -> list[str]:
+        """Names of the immediate sub-folders of ``prefix``."""
+        prefix = prefix.rstrip("/") + "/"
+        out: list[str] = []
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix, Delimiter="/"):
+                out += [p["Prefix"][len(prefix):].rstrip("/") for p in page.get("CommonPrefixes", [])]
+        except (ClientError, BotoCoreError) as e:
+            raise self._error(e, prefix, "list") from e
+        return sorted(out)
+
+    def delete_many(self, keys: Iterable[str]) -> int:
+        keys = list(keys)
+        for i in range(0, len(keys), 1000):
+            batch = keys[i : i + 1000]
+            r = self._call(
+                "delete", batch[0],
+                lambda b=batch: self.client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in b], "Quiet": True}
+                ),
+            )
+            if r.get("Errors"):
+                e = r["Errors"][0]
+                raise StorageError(f"cannot delete {self.uri(e['Key'])}: {e.get('Code')}")
+        return len(keys)
+
+    @property
+    def pool(self) -> ThreadPoolExecutor:
+        """A shared pool for concurrent small transfers (boto3 clients are thread-safe)."""
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.cfg.max_concurrency, thread_name_prefix="s3")
+            return self._pool
+
+    def map(self, fn: Callable[..., T], *iterables: Iterable) -> list[T]:
+        """Run ``fn`` over the items concurrently; the first error is raised after all finish."""
+        futures: list[Future[T]] = [self.pool.submit(fn, *args) for args in zip(*iterables, strict=True)]
+        results, first_error = [], None
+        for f in futures:
+            try:
+                results.append(f.result())
+            except Exception as e:
+                first_error = first_error or e
+        if first_error is not None:
+            raise first_error
+        return results
+
+    def download_many(self, pairs: Iterable[tuple[str, Path]]) -> list[Path]:
+        pairs = list(pairs)
+        return self.map(self.download_file, [k for k, _ in pairs], [p for _, p in pairs])
+
+    def upload_tree(self, root: Path, prefix: str) -> list[str]:
+        files = sorted(p for p in Path(root).rglob("*") if p.is_file())
+        keys = [f"{prefix.rstrip('/')}/{p.relative_to(root).as_posix()}" for p in files]
+        self.map(self.upload_file, files, keys)
+        return keys
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def ensure_bucket(self) -> None:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError:
+            self._call("create bucket", "", lambda: self.client.create_bucket(Bucket=self.bucket))

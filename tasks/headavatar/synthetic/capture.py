@@ -1,0 +1,232 @@
+"""Write a synthetic NeRSemble capture (raw layout + ground truth) for a capture id.
+
+The head is the synthetic morphable model, posed and animated per frame, rendered into every
+camera of a 16-camera rig over that camera's background plate, so the capture is geometrically
+consistent across views and later stages can be scored against the saved truth.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from headavatar.capture_id import validate_capture_id
+from headavatar.layout import BACKGROUND_SEQUENCE, GROUND_TRUTH
+from headavatar.settings import NERSEMBLE_CAMERAS
+from headavatar.synthetic.morphable import MorphableModel, build_model
+from headavatar.synthetic.render import Camera, render, texture_atlas
+
+log = logging.getLogger(__name__)
+
+REFERENCE_WIDTH, REFERENCE_HEIGHT = 2200, 3208
+FOCAL_AT_REFERENCE = 6600.0  # px; a ~0.23 m head spans ~1500 px at 1 m, as in the real rig
+MODEL_TO_WORLD = 1e-3  # the model is in millimetres, the world in metres
+LIGHT = np.array([0.3, 0.4, 0.87]) / np.linalg.norm([0.3, 0.4, 0.87])
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    capture: str
+    width: int = REFERENCE_WIDTH
+    height: int = REFERENCE_HEIGHT
+    frames: int = 90
+    sequences: tuple[str, ...] = ("EXP-1-head",)
+    cameras: tuple[str, ...] = NERSEMBLE_CAMERAS
+    fps: int = 30
+    crf: int = 16
+    seed: int = 0
+    frame_lengths: dict[str, int] = field(default_factory=dict)  # "SEQ/cam" -> frames (odd cases)
+
+    def __post_init__(self) -> None:
+        validate_capture_id(self.capture)
+        if self.width % 2 or self.height % 2 or self.width < 32 or self.height < 32:
+            raise ValueError("width and height must be even and at least 32 (H.264 4:2:0)")
+        if self.frames < 1:
+            raise ValueError("frames must be >= 1")
+
+
+def rig(spec: SyntheticSpec) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Shared intrinsics and per-camera 4x4 world-to-camera (OpenCV: x right, y down, z forward)."""
+    rng = np.random.default_rng(1000 + spec.seed)
+    s = spec.width / REFERENCE_WIDTH
+    intr = np.array([[FOCAL_AT_REFERENCE * s, 0, spec.width / 2 - 0.5],
+                     [0, FOCAL_AT_REFERENCE * s, spec.height / 2 - 0.5],
+                     [0, 0, 1.0]])
+    n = len(spec.cameras)
+    extr = {}
+    for i, cam in enumerate(spec.cameras):
+        azim = np.deg2rad(-75 + 150 * i / max(n - 1, 1)) + rng.normal(0, 0.01)
+        elev = np.deg2rad(10.0 if i % 2 else -8.0) + rng.normal(0, 0.01)
+        dist = 1.0 + rng.uniform(-0.03, 0.03)
+        center = dist * np.array([np.cos(elev) * np.sin(azim), np.sin(elev), np.cos(elev) * np.cos(azim)])
+        target = np.array([0.0, 0.01, 0.0]) + rng.normal(0, 0.003, 3)
+        fwd = (target - center) / np.linalg.norm(target - center)
+        right = np.cross(fwd, [0.0, 1.0, 0.0])
+        right /= np.linalg.norm(right)
+        down = np.cross(fwd, right)
+        r = np.stack([right, down, fwd])
+        m = np.eye(4)
+        m[:3, :3], m[:3, 3] = r, -r @ center
+        extr[cam] = m
+    return intr, extr
+
+
+def axis_angle_to_matrix(rv: np.ndarray) -> np.ndarray:
+    return cv2.Rodrigues(np.asarray(rv, np.float64).reshape(3, 1))[0]
+
+
+def motion(spec: SyntheticSpec, sequence: str, n_frames: int, n_exp: int) -> dict[str, np.ndarray]:
+    """Smooth per-frame head pose and expression for one sequence (deterministic)."""
+    rng = np.random.default_rng([spec.seed, sum(map(ord, sequence))])
+    t = np.arange(n_frames)[:, None] / max(spec.fps, 1)
+    phase = rng.uniform(0, 2 * np.pi, (1, 6))
+    freq = rng.uniform(0.15, 0.45, (1, 6))
+    wave = np.sin(2 * np.pi * freq * t + phase)
+    rotation = np.deg2rad(wave[:, :3] * [10.0, 18.0, 5.0])  # pitch, yaw, roll
+    translation = wave[:, 3:] * [0.01, 0.008, 0.015]
+    ephase = rng.uniform(0, 2 * np.pi, (1, n_exp))
+    efreq = rng.uniform(0.2, 0.7, (1, n_exp))
+    expression = 0.5 + 0.5 * np.sin(2 * np.pi * efreq * t + ephase)
+    return {"rotation": rotation, "translation": translation, "exp_coeff": expression}
+
+
+def background_plate(camera: str, width: int, height: int) -> np.ndarray:
+    """A textured studio-like backdrop, different per camera, deterministic."""
+    rng = np.random.default_rng(int(camera) % (2**32))
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([
+        90 + 60 * x / width + 10 * np.sin(y / height * 7 + rng.uniform(0, 6)),
+        120 + 40 * y / height,
+        150 - 50 * x / width,
+    ], -1)
+    img = np.clip(base, 0, 255).astype(np.uint8)
+    scale = width / REFERENCE_WIDTH
+    for _ in range(12):
+        c = tuple(int(v) for v in rng.integers(40, 230, 3))
+        p0 = (int(rng.integers(0, width)), int(rng.integers(0, height)))
+        size = (max(2, int(rng.integers(60, 500) * scale)), max(2, int(rng.integers(60, 500) * scale)))
+        if rng.random() < 0.5:
+            cv2.rectangle(img, p0, (p0[0] + size[0], p0[1] + size[1]), c, -1)
+        else:
+            cv2.ellipse(img, p0, size, float(rng.uniform(0, 180)), 0, 360, c, -1)
+    return img
+
+
+@dataclass(frozen=True)
+class _CameraJob:
+    spec: SyntheticSpec
+    sequence: str
+    camera: str
+    n_frames: int
+    video_path: Path
+    alpha_dir: Path
+
+
+def _render_camera_video(job: _CameraJob) -> str:
+    spec = job.spec
+    model = build_model()
+    intr, extr = rig(spec)
+    camera = Camera(intr, extr[job.camera], spec.width, spec.height)
+    truth = sequence_truth(spec, model, job.sequence, job.n_frames)
+    plate = background_plate(job.camera, spec.width, spec.height)
+    job.video_path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(job.video_path), "w") as container:
+        stream = container.add_stream("libx264", rate=spec.fps)
+        stream.width, stream.height, stream.pix_fmt = spec.width, spec.height, "yuv420p"
+        stream.options = {"crf": str(spec.crf), "preset": "veryfast"}
+        stream.thread_count = 1
+        for f in range(job.n_frames):
+            r = render(truth["vertices"][f], model.faces, model.uv, camera, plate, LIGHT)
+            frame = av.VideoFrame.from_ndarray(r.image, format="bgr24")
+            container.mux(stream.encode(frame))
+            out = job.alpha_dir / f"{f:04d}"
+            out.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(out / f"cam_{job.camera}.png"), r.alpha)
+        container.mux(stream.encode(None))
+    return job.camera
+
+
+def identity(spec: SyntheticSpec, model: MorphableModel) -> np.ndarray:
+    rng = np.random.default_rng([spec.seed, 7])
+    return rng.normal(0, 0.6, model.id_base.shape[1])
+
+
+def sequence_truth(spec: SyntheticSpec, model: MorphableModel, sequence: str, n_frames: int) -> dict[str, np.ndarray]:
+    """Per-frame pose, coefficients, world vertices and 3D landmarks of one sequence."""
+    mo = motion(spec, sequence, n_frames, model.exp_base.shape[1])
+    id_coeff = identity(spec, model)
+    scale = MODEL_TO_WORLD * 1.0
+    verts, lmks = [], []
+    for f in range(n_frames):
+        v_model = model.shape(id_coeff, mo["exp_coeff"][f])
+        rot = axis_angle_to_matrix(mo["rotation"][f])
+        v_world = scale * v_model @ rot.T + mo["translation"][f]
+        verts.append(v_world)
+        lmks.append(v_world[model.keypoints])
+    return {**mo, "id_coeff": id_coeff, "scale": np.float64(scale),
+            "vertices": np.stack(verts), "landmarks_3d": np.stack(lmks)}
+
+
+def write_capture(spec: SyntheticSpec, out_dir: Path, workers: int = 0) -> Path:
+    """Write the raw layout under ``out_dir`` (the ``raw/`` root) and the truth beside it."""
+    out_dir = Path(out_dir)
+    cid = spec.capture
+    model = build_model()
+    intr, extr = rig(spec)
+
+    params = out_dir / "camera_params" / cid / "camera_params.json"
+    params.parent.mkdir(parents=True, exist_ok=True)
+    params.write_text(json.dumps({
+        "world_2_cam": {c: extr[c].tolist() for c in spec.cameras},
+        "intrinsics": intr.tolist(),
+    }, indent=1))
+
+    bg_dir = out_dir / BACKGROUND_SEQUENCE / cid / "BACKGROUND"
+    bg_dir.mkdir(parents=True, exist_ok=True)
+    for cam in spec.cameras:
+        cv2.imwrite(str(bg_dir / f"image_{cam}.jpg"), background_plate(cam, spec.width, spec.height),
+                    [cv2.IMWRITE_JPEG_QUALITY, 95])
+
+    truth_dir = out_dir.parent / GROUND_TRUTH / cid
+    truth_dir.mkdir(parents=True, exist_ok=True)
+    model.save_mat(truth_dir / "morphable_model.mat")
+    np.savez(truth_dir / "cameras.npz", intrinsic=intr,
+             **{f"world_2_cam_{c}": extr[c] for c in spec.cameras})
+
+    jobs = []
+    for seq in spec.sequences:
+        lengths = {c: spec.frame_lengths.get(f"{seq}/{c}", spec.frames) for c in spec.cameras}
+        n_max = max(lengths.values())
+        truth = sequence_truth(spec, model, seq, n_max)
+        (truth_dir / seq).mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(truth_dir / seq / "params.npz", **{k: v for k, v in truth.items() if k != "vertices"})
+        for cam in spec.cameras:
+            if lengths[cam] == 0:
+                continue  # odd-case captures: this camera is missing from this sequence
+            video = out_dir / f"sequence_{seq}_part-1" / cid / seq / f"cam_{cam}.mp4"
+            jobs.append(_CameraJob(spec, seq, cam, lengths[cam], video, truth_dir / seq / "alpha"))
+
+    texture_atlas()  # bake once in the parent; forked workers inherit it
+    workers = workers or _cpu_count()
+    desc = f"synthesising {cid}: {len(jobs)} videos of {spec.width}x{spec.height}"
+    if workers == 1:
+        for job in tqdm(jobs, desc=desc, unit="video"):
+            _render_camera_video(job)
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            list(tqdm(pool.map(_render_camera_video, jobs), total=len(jobs), desc=desc, unit="video"))
+    return out_dir
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -1,0 +1,78 @@
+"""Shared fixtures: a real SeaweedFS S3 server for the session, tiny synthetic captures."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from headavatar.devserver.seaweed import EmbeddedS3, Identity
+from headavatar.layout import GROUND_TRUTH, RAW
+from headavatar.settings import PipelineConfig, load_config
+from headavatar.storage import ObjectStore
+from headavatar.synthetic.capture import SyntheticSpec, write_capture
+
+BUCKET = "headavatar-test"
+TINY = {"width": 256, "height": 372}
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedS3]:
+    server = EmbeddedS3(
+        tmp_path_factory.mktemp("seaweedfs"),
+        identities=[Identity("admin", ["Admin"]),
+                    Identity("reader", [f"Read:{BUCKET}", f"List:{BUCKET}"])],
+    )
+    server.start()
+    try:
+        server.create_bucket(BUCKET)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_env(s3: EmbeddedS3, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Environment of a stage process: endpoint + admin credentials, a prefix unique to the test."""
+    env = {**s3.env(), "HEADAVATAR_S3_BUCKET": BUCKET, "HEADAVATAR_S3_PREFIX": f"t-{secrets.token_hex(4)}"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return env
+
+
+def tiny_config(*overrides: str) -> PipelineConfig:
+    """The demo profile (crop scaled to 256x372 videos), reading storage from the environment."""
+    return load_config("demo", list(overrides))
+
+
+@pytest.fixture
+def store(s3_env: dict[str, str]) -> Iterator[ObjectStore]:
+    st = ObjectStore(tiny_config().storage)
+    yield st
+    st.close()
+
+
+def upload_capture(store: ObjectStore, root: Path) -> None:
+    store.upload_tree(root / RAW, store.key(RAW))
+    if (root / GROUND_TRUTH).exists():
+        store.upload_tree(root / GROUND_TRUTH, store.key(GROUND_TRUTH))
+
+
+@pytest.fixture(scope="session")
+def tiny_capture(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """16 cameras, 2 sequences of 20 frames at 256x372 (local raw layout + ground truth)."""
+    root = tmp_path_factory.mktemp("capture018")
+    write_capture(SyntheticSpec("018", frames=20, sequences=("EXP-1-head", "EXP-2-eyes"), **TINY), root / RAW)
+    return root
+
+
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the real console entry point in a subprocess, as a container would."""
+    return subprocess.run(
+        [sys.executable, "-m", "headavatar.cli", *args],
+        env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout,
+    )

@@ -1,0 +1,139 @@
+"""The stage contract: manifest last, cache hit, force, config/input invalidation, cleanup."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+from conftest import tiny_config
+from headavatar.contract.manifest import Manifest
+from headavatar.contract.stage import Stage, StageContext, read_manifest, run_stage
+from headavatar.errors import UpstreamMissing
+from headavatar.layout import stage_prefix
+from headavatar.storage import ObjectStore
+
+pytestmark = pytest.mark.s3
+
+
+class Numbers(Stage):
+    """Writes N small files; N comes from config so config changes are visible."""
+
+    name = "extract"
+    inputs = ()
+    config_sections = ("sample",)
+    runs = 0
+
+    def run(self, ctx: StageContext) -> None:
+        type(self).runs += 1
+        assert ctx.scratch.is_dir()
+        (ctx.scratch / "tmp.txt").write_text("scratch")
+        for i in range(ctx.config.sample.frame_stride):
+            ctx.outputs.put_bytes(f"numbers/{i:03d}.txt", str(i).encode())
+        ctx.metrics["count"] = ctx.config.sample.frame_stride
+
+
+class Doubles(Stage):
+    name = "sample"
+    inputs = ("extract",)
+    config_sections = ()
+
+    def run(self, ctx: StageContext) -> None:
+        for rel in ctx.upstream["extract"].files:
+            value = int(ctx.store.get_bytes(ctx.input_key("extract", rel)))
+            ctx.outputs.put_bytes(rel.replace("numbers", "doubles"), str(2 * value).encode())
+
+
+class Exploding(Numbers):
+    def run(self, ctx: StageContext) -> None:
+        ctx.outputs.put_bytes("numbers/000.txt", b"partial")
+        ctx.outputs.wait()
+        raise RuntimeError("boom half-way")
+
+
+def test_manifest_lists_every_file_with_digest(store: ObjectStore) -> None:
+    res = run_stage(Numbers(), "018", tiny_config("sample.frame_stride=3"), store)
+    m = res.manifest
+    assert not res.cached and sorted(m.files) == ["numbers/000.txt", "numbers/001.txt", "numbers/002.txt"]
+    import hashlib
+    assert m.files["numbers/002.txt"].sha256 == hashlib.sha256(b"2").hexdigest()
+    assert m.files["numbers/002.txt"].size == 1
+    assert m.metrics["count"] == 3 and m.metrics["files"] == 3
+    assert m.config == {"sample": {"frame_stride": 3}} and len(m.config_digest) == 64
+    assert m.package_version and m.wall_time_s >= 0 and m.started_at <= m.finished_at
+    stored = Manifest.from_json(store.get_bytes(store.key(stage_prefix("018", "extract"), "manifest.json")))
+    assert stored.content_digest == m.content_digest
+
+
+def test_cache_hit_force_and_config_change(store: ObjectStore) -> None:
+    Numbers.runs = 0
+    cfg = tiny_config("sample.frame_stride=2")
+    first = run_stage(Numbers(), "018", cfg, store)
+    again = run_stage(Numbers(), "018", cfg, store)
+    assert again.cached and Numbers.runs == 1 and again.manifest.finished_at == first.manifest.finished_at
+    forced = run_stage(Numbers(), "018", cfg, store, force=True)
+    assert not forced.cached and Numbers.runs == 2
+    changed = run_stage(Numbers(), "018", tiny_config("sample.frame_stride=4"), store)
+    assert not changed.cached and Numbers.runs == 3 and len(changed.manifest.files) == 4
+
+
+def test_downstream_keys_on_upstream_content(store: ObjectStore) -> None:
+    cfg = tiny_config("sample.frame_stride=2")
+    run_stage(Numbers(), "018", cfg, store)
+    d1 = run_stage(Doubles(), "018", cfg, store)
+    assert store.get_bytes(store.key(stage_prefix("018", "sample"), "doubles/001.txt")) == b"2"
+    # Byte-identical upstream re-run: downstream stays cached.
+    run_stage(Numbers(), "018", cfg, store, force=True)
+    assert run_stage(Doubles(), "018", cfg, store).cached
+    # Different upstream content: downstream recomputes.
+    run_stage(Numbers(), "018", tiny_config("sample.frame_stride=3"), store)
+    d2 = run_stage(Doubles(), "018", cfg, store)
+    assert not d2.cached and d2.manifest.inputs != d1.manifest.inputs and len(d2.manifest.files) == 3
+
+
+def test_missing_upstream_is_a_clear_error(store: ObjectStore) -> None:
+    with pytest.raises(UpstreamMissing, match=r"needs stage 'extract'.*run 'headavatar run extract --capture 042'"):
+        run_stage(Doubles(), "042", tiny_config(), store)
+
+
+def test_failure_half_way_leaves_no_manifest_and_no_scratch(store: ObjectStore, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HEADAVATAR_SCRATCH", str(tmp_path))
+    cfg = tiny_config("sample.frame_stride=2")
+    run_stage(Numbers(), "018", cfg, store)
+    with pytest.raises(RuntimeError, match="boom"):
+        run_stage(Exploding(), "018", cfg, store, force=True)
+    assert read_manifest(store, "018", "extract") is None  # the old one is gone too: outputs changed
+    assert list(tmp_path.iterdir()) == []
+    res = run_stage(Numbers(), "018", cfg, store)
+    assert not res.cached
+    assert store.get_bytes(store.key(stage_prefix("018", "extract"), "numbers/000.txt")) == b"0"
+
+
+def test_stale_outputs_are_removed_and_deleted_outputs_detected(store: ObjectStore) -> None:
+    run_stage(Numbers(), "018", tiny_config("sample.frame_stride=5"), store)
+    res = run_stage(Numbers(), "018", tiny_config("sample.frame_stride=2"), store)
+    prefix = store.key(stage_prefix("018", "extract"))
+    listed = sorted(o.key[len(prefix) + 1:] for o in store.list(prefix))
+    assert listed == sorted([*res.manifest.files, "manifest.json"])
+    # Someone deletes an output: the manifest no longer counts as a cache hit.
+    store.delete(f"{prefix}/numbers/001.txt")
+    again = run_stage(Numbers(), "018", tiny_config("sample.frame_stride=2"), store)
+    assert not again.cached and store.exists(f"{prefix}/numbers/001.txt")
+
+
+def test_scratch_of_a_killed_run_is_removed_by_the_next(store: ObjectStore, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HEADAVATAR_SCRATCH", str(tmp_path))
+    dead = Path(tempfile.mkdtemp(prefix="headavatar-extract-018-", suffix="-pid999999", dir=tmp_path))
+    (dead / "half.jpg").write_bytes(b"x")
+    run_stage(Numbers(), "018", tiny_config(), store)
+    assert not dead.exists()
+
+
+def test_manifest_json_is_readable(store: ObjectStore) -> None:
+    run_stage(Numbers(), "018", tiny_config("sample.frame_stride=1"), store)
+    doc = json.loads(store.get_bytes(store.key(stage_prefix("018", "extract"), "manifest.json")))
+    assert {"stage", "capture", "package_version", "config_digest", "inputs", "files", "metrics",
+            "wall_time_s", "content_digest"} <= doc.keys()
