@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from headavatar.devserver.seaweed import EmbeddedS3, Identity
 from headavatar.layout import GROUND_TRUTH, RAW
 from headavatar.settings import PipelineConfig, load_config

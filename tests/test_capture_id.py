@@ -1,4 +1,5 @@
 import pytest
+
 from headavatar.capture_id import validate_capture_id
 from headavatar.errors import InvalidCaptureId
 from headavatar.layout import stage_prefix

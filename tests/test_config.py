@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+
 from headavatar.errors import ConfigError
 from headavatar.settings import NERSEMBLE_CAMERAS, load_config, parse_override
 

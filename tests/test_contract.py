@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+
 from conftest import tiny_config
 from headavatar.contract.manifest import Manifest
 from headavatar.contract.stage import Stage, StageContext, read_manifest, run_stage

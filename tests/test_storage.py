@@ -6,6 +6,7 @@ from pathlib import Path
 
 import boto3
 import pytest
+
 from conftest import BUCKET, tiny_config
 from headavatar.devserver.seaweed import EmbeddedS3
 from headavatar.errors import AccessDenied, MissingObject

@@ -18,6 +18,7 @@ from headavatar.capture_id import validate_capture_id
 RAW = "raw"
 AVATARS = "avatars"
 MANIFEST = "manifest.json"
+FRAMES_INDEX = "frames.json"  # which source frame each output frame folder holds
 BACKGROUND_SEQUENCE = "sequence_BACKGROUND_part-1"
 GROUND_TRUTH = "synthetic_ground_truth"
 

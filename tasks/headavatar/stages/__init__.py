@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from headavatar.contract.stage import Stage, StageContext
 from headavatar.errors import StageNotImplemented
-from headavatar.stages.extract import Extract
-from headavatar.stages.sample import Sample
 
 
 class _Pending(Stage):
@@ -22,6 +20,10 @@ class _Pending(Stage):
 
 
 def build_stages() -> dict[str, Stage]:
+    # Imported here so that commands which only name stages do not load OpenCV/PyAV.
+    from headavatar.stages.extract import Extract
+    from headavatar.stages.sample import Sample
+
     stages: list[Stage] = [
         Extract(),
         Sample(),
@@ -33,4 +35,4 @@ def build_stages() -> dict[str, Stage]:
     return {s.name: s for s in stages}
 
 
-STAGE_NAMES = tuple(build_stages())
+STAGE_NAMES = ("extract", "sample", "matting", "fitting", "meshhead", "gaussianhead")

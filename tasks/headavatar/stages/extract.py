@@ -1,9 +1,10 @@
 """Stage 1: frames from the 16 synchronized videos, cropped and resized (GHA layout).
 
-Speed comes from doing only necessary work: each video is decoded exactly once, cameras run in
-parallel processes, frames are converted to BGR only when they will be written, and only the
-extracted frames that stage 2 will keep (every ``sample.frame_stride``-th of every
-``extract.frame_stride``-th video frame) are cropped, encoded and uploaded. The frame index
+Speed comes from doing only necessary work: each video is decoded once, cameras run in parallel
+processes (started while the raw data downloads), frames nothing needs and nothing references
+are skipped inside the decoder (:mod:`headavatar.video`), and only the extracted frames that
+stage 2 will keep (every ``sample.frame_stride``-th of every ``extract.frame_stride``-th video
+frame) are converted, cropped, encoded and uploaded. The frame index
 (``frames.json``) still records every extracted frame, so stage 2 selects by index and copies
 server-side. Peak memory per worker is one decoded frame, its crop and the bounded upload queue:
 it does not grow with the number of frames.
@@ -11,11 +12,13 @@ it does not grow with the number of frames.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing
 import os
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +32,13 @@ from headavatar.contract.outputs import OutputWriter
 from headavatar.contract.stage import Stage, StageContext
 from headavatar.errors import RawCaptureError
 from headavatar.imaging import CropResize, encode_jpg, npz_bytes
+from headavatar.layout import FRAMES_INDEX
 from headavatar.raw import RawCapture, VideoInfo, discover, probe_video
 from headavatar.settings import PipelineConfig, StorageConfig
 from headavatar.storage import ObjectStore
+from headavatar.video import decode_frames
 
 log = logging.getLogger(__name__)
-FRAMES_INDEX = "frames.json"
 
 
 @dataclass(frozen=True)
@@ -119,7 +123,8 @@ class CameraJob:
     intrinsic: np.ndarray
     extrinsic: np.ndarray
     jpeg_quality: int
-    decoder_threads: int
+    visible: bytes  # the same for every camera (all videos share a resolution): encoded once
+    visible_lowres: bytes
 
 
 @dataclass(frozen=True)
@@ -143,44 +148,23 @@ def extract_camera(job: CameraJob) -> CameraResult:
             raise RawCaptureError(f"background plate of camera {cam}: not a decodable image")
         out.put_bytes(f"background/image_{cam}.jpg", encode_jpg(job.crop.apply(bg), q))
         camera_npz = npz_bytes(extrinsic=job.extrinsic, intrinsic=job.crop.intrinsic(job.intrinsic))
-        visible = visible_lo = None
-        decoded = written = 0
+        written = 0
+        stats = {"decoded": 0}
         for seq, path, keep in job.videos:
-            cap = cv2.VideoCapture(path, cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, job.decoder_threads])
-            if not cap.isOpened():
-                raise RawCaptureError(f"{seq}/cam_{cam}.mp4: cannot be opened for decoding")
-            last = max(keep) if keep else -1
-            try:
-                for k in range(last + 1):
-                    if k in keep:
-                        ok, frame = cap.read()
-                    else:
-                        ok, frame = cap.grab(), None
-                    if not ok:
-                        raise RawCaptureError(f"{seq}/cam_{cam}.mp4: decoding stopped at frame {k} "
-                                              f"(truncated or corrupt video)")
-                    decoded += 1
-                    if frame is None:
-                        continue
-                    if visible is None:
-                        vis = job.crop.visible(*frame.shape[:2])
-                        visible = encode_jpg(vis, q)
-                        visible_lo = encode_jpg(job.crop.lowres(vis), q)
-                    folder = f"{keep[k]:04d}"
-                    img = job.crop.apply(frame)
-                    out.put_bytes(f"images/{folder}/image_{cam}.jpg", encode_jpg(img, q))
-                    out.put_bytes(f"images/{folder}/image_lowres_{cam}.jpg", encode_jpg(job.crop.lowres(img), q))
-                    out.put_bytes(f"images/{folder}/visible_{cam}.jpg", visible)
-                    out.put_bytes(f"images/{folder}/visible_lowres_{cam}.jpg", visible_lo)
-                    out.put_bytes(f"cameras/{folder}/camera_{cam}.npz", camera_npz)
-                    written += 1
-            finally:
-                cap.release()
+            for k, frame in decode_frames(path, set(keep), f"{seq}/cam_{cam}.mp4", stats):
+                folder = f"{keep[k]:04d}"
+                img = job.crop.apply(frame)
+                out.put_bytes(f"images/{folder}/image_{cam}.jpg", encode_jpg(img, q))
+                out.put_bytes(f"images/{folder}/image_lowres_{cam}.jpg", encode_jpg(job.crop.lowres(img), q))
+                out.put_bytes(f"images/{folder}/visible_{cam}.jpg", job.visible)
+                out.put_bytes(f"images/{folder}/visible_lowres_{cam}.jpg", job.visible_lowres)
+                out.put_bytes(f"cameras/{folder}/camera_{cam}.npz", camera_npz)
+                written += 1
             log.info("camera %s: %s decoded, %d frames written so far", cam, seq, written)
         out.wait()
     finally:
         store.close()
-    return CameraResult(cam, out.entries, decoded, written, time.monotonic() - t0)
+    return CameraResult(cam, out.entries, stats["decoded"], written, time.monotonic() - t0)
 
 
 def worker_count(configured: int) -> int:
@@ -202,8 +186,12 @@ class Extract(Stage):
     def run(self, ctx: StageContext) -> None:
         cfg = ctx.config.extract
         raw = self._raw or discover(ctx.store, ctx.capture, ctx.config)
-        store = ctx.store
+        workers = min(worker_count(cfg.workers), len(raw.cameras))
+        with worker_pool(workers) as pool:  # workers start (and import) while the raw data downloads
+            self._extract(ctx, raw, pool)
 
+    def _extract(self, ctx: StageContext, raw: RawCapture, pool: ProcessPoolExecutor | None) -> None:
+        cfg, store = ctx.config.extract, ctx.store
         # Fetch every video and plate concurrently, then check them all before decoding any.
         local: dict[tuple[str, str], Path] = {}
         pairs = []
@@ -224,19 +212,20 @@ class Extract(Stage):
 
         plan = plan_frames(raw, infos, cfg.frame_stride, ctx.config.sample.frame_stride)
         crop = CropResize.from_config(cfg)
-        workers = min(worker_count(cfg.workers), len(raw.cameras))
-        threads = max(1, worker_count(0) // workers)
+        (width, height), = sizes
+        visible = crop.visible(height, width)
         jobs = [
             CameraJob(
                 camera=cam, storage=store.cfg, prefix=ctx.outputs.prefix,
                 videos=tuple((s.label, str(local[(s.label, cam)]), plan.written(s)) for s in plan.sequences),
                 background=str(ctx.scratch / "background" / f"image_{cam}.jpg"), crop=crop,
                 intrinsic=raw.camera_params.intrinsic, extrinsic=raw.camera_params.world_to_cam[cam][:3],
-                jpeg_quality=cfg.jpeg_quality, decoder_threads=threads,
+                jpeg_quality=cfg.jpeg_quality, visible=encode_jpg(visible, cfg.jpeg_quality),
+                visible_lowres=encode_jpg(crop.lowres(visible), cfg.jpeg_quality),
             )
             for cam in raw.cameras
         ]
-        results = run_jobs(extract_camera, jobs, workers, f"extract {ctx.capture}")
+        results = run_jobs(pool, extract_camera, jobs, f"extract {ctx.capture}")
         for r in results:
             for rel, entry in r.entries.items():
                 ctx.outputs.record(rel, entry)
@@ -253,25 +242,34 @@ class Extract(Stage):
 
 def _init_worker(level: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import av  # noqa: F401 - pay the import cost while the parent downloads
+    import boto3  # noqa: F401
 
 
-def run_jobs(fn, jobs: list, workers: int, desc: str) -> list:
-    """Run per-camera jobs in processes (or inline for one worker) with a progress bar.
+@contextlib.contextmanager
+def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
+    """Spawned (not forked: the parent holds S3 transfer threads) camera worker processes."""
+    if workers <= 1:
+        yield None
+        return
+    level = logging.getLogger().getEffectiveLevel()
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_init_worker, initargs=(level,)) as pool:
+        for _ in range(workers):
+            pool.submit(int)  # start every worker now
+        yield pool
 
-    Workers are spawned, not forked: the parent holds S3 transfer threads, and forking a
-    process with live threads can deadlock the child.
-    """
+
+def run_jobs(pool: ProcessPoolExecutor | None, fn, jobs: list, desc: str) -> list:
+    """Run per-camera jobs on the pool (or inline without one) with a progress bar."""
     results = []
     with tqdm(total=len(jobs), desc=desc, unit="camera") as bar:
-        if workers <= 1:
+        if pool is None:
             for job in jobs:
                 results.append(fn(job))
                 bar.update()
         else:
-            ctx = multiprocessing.get_context("spawn")
-            level = logging.getLogger().getEffectiveLevel()
-            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(level,)) as pool:
-                for fut in as_completed([pool.submit(fn, j) for j in jobs]):
-                    results.append(fut.result())
-                    bar.update()
+            for fut in as_completed([pool.submit(fn, j) for j in jobs]):
+                results.append(fut.result())
+                bar.update()
     return sorted(results, key=lambda r: r.camera)

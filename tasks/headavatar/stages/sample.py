@@ -11,7 +11,7 @@ import logging
 
 from headavatar.contract.stage import Stage, StageContext
 from headavatar.errors import UpstreamMissing
-from headavatar.stages.extract import FRAMES_INDEX
+from headavatar.layout import FRAMES_INDEX
 
 log = logging.getLogger(__name__)
 PER_FRAME = ("images/{f}/image_{c}.jpg", "images/{f}/image_lowres_{c}.jpg", "images/{f}/visible_{c}.jpg",

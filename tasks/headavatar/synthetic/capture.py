@@ -42,6 +42,7 @@ class SyntheticSpec:
     cameras: tuple[str, ...] = NERSEMBLE_CAMERAS
     fps: int = 30
     crf: int = 16
+    noise: float = 2.0  # sensor noise (std of 8-bit levels) on frames and plates, as real cameras have
     seed: int = 0
     frame_lengths: dict[str, int] = field(default_factory=dict)  # "SEQ/cam" -> frames (odd cases)
 
@@ -98,8 +99,15 @@ def motion(spec: SyntheticSpec, sequence: str, n_frames: int, n_exp: int) -> dic
     return {"rotation": rotation, "translation": translation, "exp_coeff": expression}
 
 
+def add_noise(image: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    if sigma <= 0:
+        return image
+    noise = rng.standard_normal(image.shape, dtype=np.float32) * sigma
+    return np.clip(image + noise, 0, 255).astype(np.uint8)
+
+
 def background_plate(camera: str, width: int, height: int) -> np.ndarray:
-    """A textured studio-like backdrop, different per camera, deterministic."""
+    """A textured studio-like backdrop, different per camera, deterministic (noise-free)."""
     rng = np.random.default_rng(int(camera) % (2**32))
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     base = np.stack([
@@ -137,6 +145,7 @@ def _render_camera_video(job: _CameraJob) -> str:
     camera = Camera(intr, extr[job.camera], spec.width, spec.height)
     truth = sequence_truth(spec, model, job.sequence, job.n_frames)
     plate = background_plate(job.camera, spec.width, spec.height)
+    rng = np.random.default_rng([spec.seed, int(job.camera), sum(map(ord, job.sequence))])
     job.video_path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(job.video_path), "w") as container:
         stream = container.add_stream("libx264", rate=spec.fps)
@@ -145,7 +154,7 @@ def _render_camera_video(job: _CameraJob) -> str:
         stream.thread_count = 1
         for f in range(job.n_frames):
             r = render(truth["vertices"][f], model.faces, model.uv, camera, plate, LIGHT)
-            frame = av.VideoFrame.from_ndarray(r.image, format="bgr24")
+            frame = av.VideoFrame.from_ndarray(add_noise(r.image, spec.noise, rng), format="bgr24")
             container.mux(stream.encode(frame))
             out = job.alpha_dir / f"{f:04d}"
             out.mkdir(parents=True, exist_ok=True)
@@ -192,8 +201,9 @@ def write_capture(spec: SyntheticSpec, out_dir: Path, workers: int = 0) -> Path:
     bg_dir = out_dir / BACKGROUND_SEQUENCE / cid / "BACKGROUND"
     bg_dir.mkdir(parents=True, exist_ok=True)
     for cam in spec.cameras:
-        cv2.imwrite(str(bg_dir / f"image_{cam}.jpg"), background_plate(cam, spec.width, spec.height),
-                    [cv2.IMWRITE_JPEG_QUALITY, 95])
+        plate = add_noise(background_plate(cam, spec.width, spec.height), spec.noise,
+                          np.random.default_rng([spec.seed, int(cam)]))
+        cv2.imwrite(str(bg_dir / f"image_{cam}.jpg"), plate, [cv2.IMWRITE_JPEG_QUALITY, 95])
 
     truth_dir = out_dir.parent / GROUND_TRUTH / cid
     truth_dir.mkdir(parents=True, exist_ok=True)

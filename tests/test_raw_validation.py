@@ -1,0 +1,106 @@
+"""Bad raw captures give a one-line error naming the problem and a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY, cli, upload_capture
+from headavatar.layout import RAW
+from headavatar.storage import ObjectStore
+from headavatar.synthetic.capture import SyntheticSpec, write_capture
+
+pytestmark = pytest.mark.s3
+CAM = "222200041"
+
+
+@pytest.fixture(scope="module")
+def small_capture(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("small")
+    write_capture(SyntheticSpec("200", frames=4, **TINY), root / RAW, workers=2)
+    return root / RAW
+
+
+def _variant(small: Path, tmp: Path, capture: str, mutate: Callable[[Path], None]) -> Path:
+    """A copy of the small capture under another id, with one thing broken."""
+    root = tmp / "v"
+    for src in small.rglob("*"):
+        if src.is_file():
+            dst = root / RAW / Path(*[capture if p == "200" else p for p in src.relative_to(small).parts])
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, dst)
+    mutate(root / RAW)
+    return root
+
+
+def _video(raw: Path, capture: str, cam: str = CAM) -> Path:
+    return raw / f"sequence_EXP-1-head_part-1/{capture}/EXP-1-head/cam_{cam}.mp4"
+
+
+def _params(raw: Path, capture: str) -> Path:
+    return raw / f"camera_params/{capture}/camera_params.json"
+
+
+def _edit_params(capture: str, edit: Callable[[dict], None]) -> Callable[[Path], None]:
+    def mutate(raw: Path) -> None:
+        doc = json.loads(_params(raw, capture).read_text())
+        edit(doc)
+        _params(raw, capture).write_text(json.dumps(doc))
+    return mutate
+
+
+CASES: dict[str, tuple[Callable[[Path], None], str]] = {
+    "301": (lambda raw: _video(raw, "301").write_bytes(_video(raw, "301").read_bytes()[:2000]),
+            rf"cam_{CAM}\.mp4: (unreadable or corrupt video|decoding stopped|video has zero frames)"),
+    "302": (lambda raw: _video(raw, "302").write_bytes(b""), rf"cam_{CAM}\.mp4: zero-length video"),
+    "303": (lambda raw: _video(raw, "303").write_bytes(b"not a video at all" * 100),
+            rf"cam_{CAM}\.mp4: unreadable or corrupt video"),
+    "304": (lambda raw: _params(raw, "304").unlink(), r"capture 304: missing s3://.*/camera_params\.json"),
+    "305": (_edit_params("305", lambda d: d["world_2_cam"].pop(CAM)), rf"no world_2_cam for camera\(s\) {CAM}"),
+    "306": (_edit_params("306", lambda d: d["world_2_cam"].__setitem__(CAM, [[0.0] * 4] * 4)),
+            rf"world_2_cam\[{CAM}\] is not invertible"),
+    "307": (_edit_params("307", lambda d: d.__setitem__("intrinsics", [[1, 0], [0, 1]])), r"intrinsics must be 3x3"),
+    "308": (lambda raw: (raw / f"sequence_BACKGROUND_part-1/308/BACKGROUND/image_{CAM}.jpg").unlink(),
+            rf"missing background plate s3://.*image_{CAM}\.jpg"),
+    "309": (lambda raw: shutil.copy(_video(raw, "309"), _video(raw, "309", "999999999")),
+            r"camera 999999999 is not in s3://.*camera_params\.json"),
+    "310": (lambda raw: _params(raw, "310").write_text("{not json"), r"camera_params\.json: not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("capture", sorted(CASES))
+def test_bad_capture_fails_with_one_line(capture: str, small_capture: Path, tmp_path: Path, store: ObjectStore,
+                                         s3_env: dict[str, str]) -> None:
+    mutate, pattern = CASES[capture]
+    upload_capture(store, _variant(small_capture, tmp_path, capture, mutate))
+    r = cli("run", "extract", "--capture", capture, "--profile", "demo", env=s3_env)
+    assert r.returncode == 2, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "Traceback" not in r.stderr
+    assert re.search(pattern, last), last
+    assert not store.exists(store.key(f"avatars/{capture}/extract/manifest.json"))
+
+
+def test_unknown_capture(s3_env: dict[str, str]) -> None:
+    r = cli("validate", "--capture", "777", env=s3_env)
+    assert r.returncode == 2 and "error: unknown capture '777'" in r.stderr
+
+
+@pytest.mark.parametrize("bad", ["../018", "018;rm", "018/..", "", "x" * 200, "０１８"])
+def test_bad_capture_id_on_the_command_line(bad: str, s3_env: dict[str, str]) -> None:
+    r = cli("run", "extract", "--capture", bad, env=s3_env)
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("error: invalid capture id") and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_good_capture_validates(small_capture: Path, tmp_path: Path, store: ObjectStore,
+                                s3_env: dict[str, str]) -> None:
+    upload_capture(store, _variant(small_capture, tmp_path, "200", lambda raw: None))
+    r = cli("validate", "--capture", "200", "--profile", "demo", env=s3_env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["sequences"] == ["EXP-1-head_part-1"]
