@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -83,11 +83,30 @@ class SampleConfig(Section):
     frame_stride: PositiveInt = 10
 
 
+class MattingConfig(Section):
+    """Stage 3. ``bmv2`` = BackgroundMattingV2 MattingRefine (reference settings); ``classical`` needs no weights."""
+
+    method: Literal["bmv2", "classical"] = "bmv2"
+    weights: str | None = Field(None, description="checkpoint path or s3://bucket/key (pytorch_resnet101.pth)")
+    backbone: Literal["resnet101", "resnet50"] = "resnet101"
+    backbone_scale: Annotated[float, Field(gt=0, le=0.5)] = 0.25
+    refine_mode: Literal["sampling", "thresholding", "full"] = "sampling"
+    refine_sample_pixels: Annotated[int, Field(ge=16, le=16_777_216)] = 80_000
+    refine_threshold: Annotated[float, Field(ge=0, le=1)] = 0.1
+    batch_size: Annotated[int, Field(ge=1, le=64)] = 8
+    precision: Literal["fp32", "fp16"] = "fp16"  # fp16 only takes effect on CUDA
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    classical_threshold: Annotated[float, Field(ge=0, le=255)] = 0.0  # 0 = automatic (Otsu)
+    guided_radius: Annotated[int, Field(ge=1, le=64)] = 8
+    guided_eps: Annotated[float, Field(gt=0, le=1)] = 1e-3
+
+
 class PipelineConfig(Section):
     storage: StorageConfig = StorageConfig()
     capture: CaptureConfig = CaptureConfig()
     extract: ExtractConfig = ExtractConfig()
     sample: SampleConfig = SampleConfig()
+    matting: MattingConfig = MattingConfig()
 
     def section(self, name: str) -> Section:
         return getattr(self, name)

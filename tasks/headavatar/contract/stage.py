@@ -48,6 +48,7 @@ class StageContext:
     store: ObjectStore
     scratch: Path
     upstream: dict[str, Manifest]
+    inputs: dict[str, str]  # input name -> digest (upstream stages and raw inputs)
     outputs: OutputWriter
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -160,7 +161,7 @@ def run_stage(stage: Stage, capture: str, config: PipelineConfig, store: ObjectS
                                     dir=scratch_root))
     started, t0 = datetime.now(UTC), time.monotonic()
     writer = OutputWriter(store, prefix)
-    ctx = StageContext(stage.name, capture, config, store, scratch, upstream, writer)
+    ctx = StageContext(stage.name, capture, config, store, scratch, upstream, inputs, writer)
     log.info("%s/%s: running (inputs %s)", capture, stage.name, ", ".join(inputs) or "none")
     try:
         stage.run(ctx)

@@ -22,12 +22,13 @@ class _Pending(Stage):
 def build_stages() -> dict[str, Stage]:
     # Imported here so that commands which only name stages do not load OpenCV/PyAV.
     from headavatar.stages.extract import Extract
+    from headavatar.stages.matting import Matting
     from headavatar.stages.sample import Sample
 
     stages: list[Stage] = [
         Extract(),
         Sample(),
-        _Pending("matting", ("sample",), 6),
+        Matting(),
         _Pending("fitting", ("sample",), 7),
         _Pending("meshhead", ("sample", "matting", "fitting"), 8),
         _Pending("gaussianhead", ("sample", "matting", "fitting", "meshhead"), 9),

@@ -1,0 +1,205 @@
+"""Stage 3: an alpha matte per kept frame and camera, from the camera's background plate.
+
+Writes ``images/<NNNN>/mask_<cam>.jpg`` (full size) and ``mask_lowres_<cam>.jpg`` (the names the
+training stages read), and ``overlays/<NNNN>.jpg`` contact sheets (matte over image, all cameras)
+for people to look at. Methods (``matting.method``): ``bmv2`` — BackgroundMattingV2
+MattingRefine, batched on the GPU, weights from ``matting.weights`` (checked before any frame is
+read); ``classical`` — background difference + guided filter, no weights. On synthetic captures
+the matte is scored against the ground-truth alpha (IoU of the mask thresholded at 0.5).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import cv2
+import numpy as np
+
+from headavatar.contract.manifest import digest
+from headavatar.contract.stage import Stage, StageContext
+from headavatar.errors import ConfigError, MissingObject
+from headavatar.imaging import CropResize, decode_image, encode_jpg
+from headavatar.layout import FRAMES_INDEX, ground_truth_prefix
+from headavatar.matting.classical import ClassicalMatting
+from headavatar.settings import MattingConfig, PipelineConfig
+from headavatar.storage import ObjectStore
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Item:
+    folder: str
+    sequence: str  # sequence name, without the part suffix
+    video_frame: int
+    camera: str
+
+
+class Matter:
+    """Turns a batch of (image, plate) pairs into alpha mattes."""
+
+    batch_size = 1
+
+    def __call__(self, images: list[np.ndarray], plates: list[np.ndarray]) -> list[np.ndarray]:
+        raise NotImplementedError
+
+
+class ClassicalMatter(Matter):
+    def __init__(self, cfg: MattingConfig):
+        self.fn = ClassicalMatting(cfg.classical_threshold, guided_radius=cfg.guided_radius, guided_eps=cfg.guided_eps)
+
+    def __call__(self, images: list[np.ndarray], plates: list[np.ndarray]) -> list[np.ndarray]:
+        return [self.fn(i, p) for i, p in zip(images, plates, strict=True)]
+
+
+class NetworkMatter(Matter):
+    """MattingRefine on the best device; fp16 on CUDA when configured."""
+
+    def __init__(self, cfg: MattingConfig, weights: Path):
+        import torch
+
+        from headavatar.matting.bmv2 import MattingRefine, load_weights
+
+        self.torch = torch
+        self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
+                                   else ("cpu" if cfg.device == "auto" else cfg.device))
+        model = MattingRefine(cfg.backbone, cfg.backbone_scale, cfg.refine_mode, cfg.refine_sample_pixels,
+                              cfg.refine_threshold)
+        load_weights(model, weights)
+        self.dtype = torch.float16 if cfg.precision == "fp16" and self.device.type == "cuda" else torch.float32
+        self.model = model.eval().to(self.device, self.dtype)
+        self.batch_size = cfg.batch_size
+
+    def __call__(self, images: list[np.ndarray], plates: list[np.ndarray]) -> list[np.ndarray]:
+        torch = self.torch
+
+        def tensor(batch: list[np.ndarray]) -> torch.Tensor:
+            t = torch.from_numpy(np.stack(batch)[..., ::-1].copy()).to(self.device, non_blocking=True)
+            return t.permute(0, 3, 1, 2).to(self.dtype).div_(255)
+
+        with torch.inference_mode():
+            pha, _ = self.model(tensor(images), tensor(plates))
+        return list(pha[:, 0].float().cpu().numpy())
+
+
+def resolve_weights(store: ObjectStore, cfg: MattingConfig, scratch: Path) -> Path:
+    if not cfg.weights:
+        raise ConfigError("matting.method=bmv2 needs matting.weights (a local path or s3://bucket/key of "
+                          "pytorch_resnet101.pth); set matting.method=classical to run without weights")
+    if not cfg.weights.startswith("s3://"):
+        return Path(cfg.weights)
+    bucket, _, key = cfg.weights[5:].partition("/")
+    if bucket != store.bucket:
+        raise ConfigError(f"matting.weights must be in bucket {store.bucket!r}, got {cfg.weights}")
+    try:
+        return store.download_file(key, scratch / "weights" / Path(key).name)
+    except MissingObject:
+        raise ConfigError(f"matting weights not found: {cfg.weights}") from None
+
+
+def build_matter(cfg: MattingConfig, store: ObjectStore, scratch: Path) -> Matter:
+    if cfg.method == "classical":
+        return ClassicalMatter(cfg)
+    return NetworkMatter(cfg, resolve_weights(store, cfg, scratch))
+
+
+def prefetch(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: list[T], ahead: int) -> Iterator[R]:
+    """``map`` with at most ``ahead`` results in flight, so memory stays bounded."""
+    queue: deque[Future[R]] = deque()
+    for item in items:
+        queue.append(pool.submit(fn, item))
+        if len(queue) > ahead:
+            yield queue.popleft().result()
+    while queue:
+        yield queue.popleft().result()
+
+
+def iou(alpha: np.ndarray, truth: np.ndarray) -> float:
+    p, g = alpha > 0.5, truth > 0.5
+    union = np.logical_or(p, g).sum()
+    return float(np.logical_and(p, g).sum() / union) if union else 1.0
+
+
+def overlay(image: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """The subject as filmed, the rest dimmed and tinted, so matte errors stand out."""
+    tint = np.array([90, 30, 160], np.float32)
+    a = alpha[..., None]
+    return (image * a + (0.35 * image + 0.65 * tint) * (1 - a)).astype(np.uint8)
+
+
+class Matting(Stage):
+    name = "matting"
+    inputs = ("sample",)
+    config_sections = ("capture", "extract", "matting")
+
+    def raw_inputs(self, store: ObjectStore, capture: str, config: PipelineConfig) -> dict[str, str]:
+        truth = [(o.key, o.size, o.etag) for o in store.list(store.key(ground_truth_prefix(capture)))
+                 if "/alpha/" in o.key]
+        return {"ground_truth_alpha": digest(truth)} if truth else {}
+
+    def run(self, ctx: StageContext) -> None:
+        cfg = ctx.config.matting
+        matter = build_matter(cfg, ctx.store, ctx.scratch)  # weights problems surface before any frame
+        index = json.loads(ctx.store.get_bytes(ctx.input_key("sample", FRAMES_INDEX)))
+        cams = list(ctx.config.capture.cameras)
+        items = [Item(f["folder"], f["sequence"].rsplit("_part-", 1)[0], f["video_frame"], c)
+                 for f in index["frames"] for c in cams]
+        truth_root = ctx.store.key(ground_truth_prefix(ctx.capture))
+        has_truth = "ground_truth_alpha" in ctx.inputs
+        crop = CropResize.from_config(ctx.config.extract)
+        workers = max(2, ctx.store.cfg.max_concurrency // 2)
+        with ThreadPoolExecutor(workers, thread_name_prefix="matting-io") as io:
+            plates = dict(zip(cams, io.map(lambda c: decode_image(
+                ctx.store.get_bytes(ctx.input_key("sample", f"background/image_{c}.jpg")), c), cams), strict=True))
+
+            def load(item: Item) -> tuple[np.ndarray, np.ndarray | None]:
+                rel = f"images/{item.folder}/image_{item.camera}.jpg"
+                img = decode_image(ctx.store.get_bytes(ctx.input_key("sample", rel)), rel)
+                truth = None
+                if has_truth:
+                    key = f"{truth_root}/{item.sequence}/alpha/{item.video_frame:04d}/cam_{item.camera}.png"
+                    gt = cv2.imdecode(np.frombuffer(ctx.store.get_bytes(key), np.uint8), cv2.IMREAD_GRAYSCALE)
+                    truth = crop.apply(gt[..., None].repeat(3, 2))[..., 0].astype(np.float32) / 255
+                return img, truth
+
+            coverage, ious, sheets = [], [], {}
+            batch = max(1, matter.batch_size)
+            # Decoding/downloads of the next batch overlap with matting of the current one.
+            pending = prefetch(io, load, items, ahead=2 * batch + workers)
+            for start in range(0, len(items), batch):
+                chunk = items[start : start + batch]
+                loaded = [next(pending) for _ in chunk]
+                alphas = matter([img for img, _ in loaded], [plates[i.camera] for i in chunk])
+                for item, (img, truth), alpha in zip(chunk, loaded, alphas, strict=True):
+                    self._write(ctx, item, alpha, crop.lowres_size)
+                    coverage.append(float(alpha.mean()))
+                    if truth is not None:
+                        ious.append(iou(alpha, truth))
+                    if item.folder == items[0].folder:
+                        sheets[item.camera] = cv2.resize(overlay(img, alpha), (256, 256))
+                done = start + len(chunk)
+                if done % (len(cams) * 4) < batch or done == len(items):
+                    log.info("%s/matting: %d/%d images", ctx.capture, done, len(items))
+        grid = [np.hstack([sheets[c] for c in cams[r : r + 4]]) for r in range(0, len(cams), 4)]
+        if all(g.shape == grid[0].shape for g in grid):
+            ctx.outputs.put_bytes(f"overlays/{items[0].folder}.jpg", encode_jpg(np.vstack(grid), 90))
+        ctx.metrics.update({"images": len(items), "mean_alpha_coverage": float(np.mean(coverage))})
+        if ious:
+            ctx.metrics.update({"iou_mean": float(np.mean(ious)), "iou_min": float(np.min(ious))})
+            log.info("%s/matting: IoU vs ground truth mean %.4f, min %.4f", ctx.capture, np.mean(ious), np.min(ious))
+
+    @staticmethod
+    def _write(ctx: StageContext, item: Item, alpha: np.ndarray, lowres: int) -> None:
+        mask = (alpha * 255 + 0.5).astype(np.uint8)
+        folder, cam = item.folder, item.camera
+        ctx.outputs.put_bytes(f"images/{folder}/mask_{cam}.jpg", encode_jpg(mask))
+        ctx.outputs.put_bytes(f"images/{folder}/mask_lowres_{cam}.jpg", encode_jpg(cv2.resize(mask, (lowres, lowres))))
