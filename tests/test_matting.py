@@ -109,3 +109,18 @@ def test_checkpoint_layout_and_strict_roundtrip(tmp_path: Path) -> None:
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="not a PyTorch checkpoint"):
         load_weights(MattingRefine("resnet101"), tmp_path / "junk.pth")
+
+
+@pytest.mark.s3
+def test_network_method_runs_the_stage_with_weights_from_s3(store: ObjectStore, tiny_capture: Path,
+                                                             tmp_path: Path) -> None:
+    _prepare(store, tiny_capture)
+    torch.manual_seed(0)
+    path = tmp_path / "r50.pth"
+    torch.save(MattingRefine("resnet50").state_dict(), path)
+    store.upload_file(path, store.key("weights/r50.pth"))
+    cfg = tiny_config("matting.method=bmv2", "matting.backbone=resnet50", "matting.refine_sample_pixels=4096",
+                      f"matting.weights=s3://{store.bucket}/{store.key('weights/r50.pth')}")
+    m = run_stage(build_stages()["matting"], "018", cfg, store).manifest
+    assert len([f for f in m.files if "/mask_" in f]) == 2 * 7 * 16
+    assert m.config["matting"]["method"] == "bmv2" and 0 <= m.metrics["mean_alpha_coverage"] <= 1
