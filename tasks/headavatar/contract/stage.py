@@ -63,7 +63,10 @@ class Stage(ABC):
     name: ClassVar[str]
     inputs: ClassVar[tuple[str, ...]]  # upstream stage names, or ("raw",)
     config_sections: ClassVar[tuple[str, ...]]
-    implemented: ClassVar[bool] = True
+
+    def check_available(self) -> None:
+        """Raise before any I/O if this stage cannot run at all (e.g. not implemented yet)."""
+        return None
 
     def raw_inputs(self, store: ObjectStore, capture: str, config: PipelineConfig) -> dict[str, str]:
         """Digests of non-stage inputs (the raw capture); stages reading only stages have none."""
@@ -123,8 +126,7 @@ def _pid_alive(pid: int) -> bool:
 def run_stage(stage: Stage, capture: str, config: PipelineConfig, store: ObjectStore,
               force: bool = False) -> StageResult:
     capture = validate_capture_id(capture)
-    if not stage.implemented:
-        stage.run(None)  # type: ignore[arg-type]  # raises StageNotImplemented before any I/O
+    stage.check_available()
     prefix = store.key(stage_prefix(capture, stage.name))
     mkey = f"{prefix}/{MANIFEST}"
 

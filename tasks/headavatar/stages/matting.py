@@ -168,7 +168,7 @@ class Matting(Stage):
                 if has_truth:
                     key = f"{truth_root}/{item.sequence}/alpha/{item.video_frame:04d}/cam_{item.camera}.png"
                     gt = cv2.imdecode(np.frombuffer(ctx.store.get_bytes(key), np.uint8), cv2.IMREAD_GRAYSCALE)
-                    truth = crop.apply(gt[..., None].repeat(3, 2))[..., 0].astype(np.float32) / 255
+                    truth = crop.apply(gt).astype(np.float32) / 255
                 return img, truth
 
             coverage, ious, sheets = [], [], {}
