@@ -97,6 +97,7 @@ class MattingConfig(Section):
     precision: Literal["fp32", "fp16"] = "fp16"  # fp16 only takes effect on CUDA
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     classical_threshold: Annotated[float, Field(ge=0, le=255)] = 0.0  # 0 = automatic (Otsu)
+    classical_low_threshold: Annotated[float, Field(ge=0, le=255)] = 4.0  # hysteresis floor
     guided_radius: Annotated[int, Field(ge=1, le=64)] = 8
     guided_eps: Annotated[float, Field(gt=0, le=1)] = 1e-3
 

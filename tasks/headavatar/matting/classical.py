@@ -1,7 +1,8 @@
 """Weights-free matting: background difference, cleaned up, refined with a guided filter.
 
 Works because every NeRSemble camera is static and photographed its empty background plate: the
-subject is where the frame differs from the plate. The hard mask is cleaned (speckles removed,
+subject is where the frame differs from the plate (with hysteresis, so faint differences count
+where they join clear ones). The hard mask is cleaned (speckles removed,
 holes filled, the head kept as the largest component) and then softened along image edges by a
 guided filter (He et al., 2010), which gives a matte whose edges follow the subject's.
 """
@@ -17,6 +18,7 @@ import numpy as np
 @dataclass(frozen=True)
 class ClassicalMatting:
     threshold: float = 0.0  # difference threshold in 8-bit levels; 0 = Otsu, clamped to [10, 40]
+    low_threshold: float = 4.0  # hysteresis floor in 8-bit levels (above sensor/codec noise)
     blur_sigma: float = 1.5
     guided_radius: int = 8  # at 2048 px; scaled with the image
     guided_eps: float = 1e-3
@@ -34,7 +36,15 @@ class ClassicalMatting:
         if t <= 0:
             t, _ = cv2.threshold(diff, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
             t = float(np.clip(t, 10, 40))
-        mask = (diff > t).astype(np.uint8)
+        # Hysteresis: faint differences count where they connect to clear ones, so skin in front
+        # of a similar-coloured backdrop stays attached to the head instead of becoming a bite.
+        strong = (diff > t).astype(np.uint8)
+        weak = (diff > max(self.low_threshold, 0.35 * t)).astype(np.uint8)
+        n, labels = cv2.connectedComponents(weak, connectivity=8)
+        touched = np.zeros(n, bool)
+        touched[np.unique(labels[strong > 0])] = True
+        touched[0] = False
+        mask = touched[labels].astype(np.uint8)
         k = max(3, round(5 * scale) | 1)
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
         mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, kernel)

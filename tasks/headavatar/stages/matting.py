@@ -55,7 +55,8 @@ class Matter:
 
 class ClassicalMatter(Matter):
     def __init__(self, cfg: MattingConfig):
-        self.fn = ClassicalMatting(cfg.classical_threshold, guided_radius=cfg.guided_radius, guided_eps=cfg.guided_eps)
+        self.fn = ClassicalMatting(cfg.classical_threshold, cfg.classical_low_threshold,
+                                   guided_radius=cfg.guided_radius, guided_eps=cfg.guided_eps)
 
     def __call__(self, images: list[np.ndarray], plates: list[np.ndarray]) -> list[np.ndarray]:
         return [self.fn(i, p) for i, p in zip(images, plates, strict=True)]
