@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from headavatar.errors import PipelineError
 from headavatar.settings import ExtractConfig
 
 
@@ -64,7 +65,7 @@ def encode_jpg(image: np.ndarray, quality: int = 95) -> bytes:
 def decode_image(data: bytes, name: str) -> np.ndarray:
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if img is None:
-        raise ValueError(f"{name}: not a decodable image")
+        raise PipelineError(f"{name}: not a decodable image")
     return img
 
 

@@ -214,14 +214,15 @@ class Extract(Stage):
         crop = CropResize.from_config(cfg)
         (width, height), = sizes
         visible = crop.visible(height, width)
+        visible_jpg = encode_jpg(visible, cfg.jpeg_quality)
+        visible_lowres_jpg = encode_jpg(crop.lowres(visible), cfg.jpeg_quality)
         jobs = [
             CameraJob(
                 camera=cam, storage=store.cfg, prefix=ctx.outputs.prefix,
                 videos=tuple((s.label, str(local[(s.label, cam)]), plan.written(s)) for s in plan.sequences),
                 background=str(ctx.scratch / "background" / f"image_{cam}.jpg"), crop=crop,
                 intrinsic=raw.camera_params.intrinsic, extrinsic=raw.camera_params.world_to_cam[cam][:3],
-                jpeg_quality=cfg.jpeg_quality, visible=encode_jpg(visible, cfg.jpeg_quality),
-                visible_lowres=encode_jpg(crop.lowres(visible), cfg.jpeg_quality),
+                jpeg_quality=cfg.jpeg_quality, visible=visible_jpg, visible_lowres=visible_lowres_jpg,
             )
             for cam in raw.cameras
         ]
