@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--frames", type=int, default=90)
     synth.add_argument("--sequence", dest="sequences", action="append", help="sequence name (repeatable)")
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--noise", type=float, default=2.0, help="sensor noise std in 8-bit levels (0 = clean CG)")
     synth.add_argument("--workers", type=int, default=0)
     _config_args(synth)
 
@@ -94,7 +95,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     try:
         spec = SyntheticSpec(capture, width=args.width, height=args.height, frames=args.frames,
                              sequences=tuple(args.sequences or ("EXP-1-head",)),
-                             cameras=config.capture.cameras, seed=args.seed)
+                             cameras=config.capture.cameras, seed=args.seed, noise=args.noise)
     except ValueError as e:
         raise PipelineError(f"synth: {e}") from None
     if args.out:
