@@ -236,7 +236,7 @@ class Extract(Stage):
             "sequences": len(plan.sequences),
             "video_frames_decoded": sum(r.decoded for r in results),
             "extracted_frames": plan.total_extracted,
-            "frames_written": len(plan.to_json()["written"]),
+            "frames_written": sum(len(plan.written(s)) for s in plan.sequences),
             "images_written": sum(r.written for r in results),
         })
 
