@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -54,12 +55,16 @@ class Matter:
 
 
 class ClassicalMatter(Matter):
+    """One image per core at a time: OpenCV releases the GIL, so threads suffice."""
+
     def __init__(self, cfg: MattingConfig):
         self.fn = ClassicalMatting(cfg.classical_threshold, cfg.classical_low_threshold,
                                    guided_radius=cfg.guided_radius, guided_eps=cfg.guided_eps)
+        self.batch_size = len(os.sched_getaffinity(0))
+        self.pool = ThreadPoolExecutor(self.batch_size, thread_name_prefix="matting")
 
     def __call__(self, images: list[np.ndarray], plates: list[np.ndarray]) -> list[np.ndarray]:
-        return [self.fn(i, p) for i, p in zip(images, plates, strict=True)]
+        return list(self.pool.map(self.fn, images, plates))
 
 
 class NetworkMatter(Matter):
