@@ -63,6 +63,17 @@ def upload_capture(store: ObjectStore, root: Path) -> None:
         store.upload_tree(root / GROUND_TRUTH, store.key(GROUND_TRUTH))
 
 
+def prepare_sampled(store: ObjectStore, root: Path, *overrides: str) -> None:
+    """Upload a capture and run stages 1-2 on it: what stages 3-6 start from."""
+    from headavatar.contract.stage import run_stage
+    from headavatar.stages import build_stages
+
+    upload_capture(store, root)
+    stages = build_stages()
+    for name in ("extract", "sample"):
+        run_stage(stages[name], "018", tiny_config(*overrides), store)
+
+
 @pytest.fixture(scope="session")
 def tiny_capture(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """16 cameras, 2 sequences of 20 frames at 256x372 (local raw layout + ground truth)."""

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cli, tiny_config, upload_capture
+from conftest import cli, prepare_sampled, tiny_config
 from headavatar.contract.stage import read_manifest, run_stage
 from headavatar.errors import ConfigError
 from headavatar.imaging import CropResize
@@ -19,16 +19,9 @@ from headavatar.stages import build_stages
 from headavatar.storage import ObjectStore
 
 
-def _prepare(store: ObjectStore, capture_root: Path, *overrides: str) -> None:
-    upload_capture(store, capture_root)
-    stages = build_stages()
-    for name in ("extract", "sample"):
-        run_stage(stages[name], "018", tiny_config(*overrides), store)
-
-
 @pytest.mark.s3
 def test_classical_matte_matches_ground_truth(store: ObjectStore, tiny_capture: Path) -> None:
-    _prepare(store, tiny_capture)
+    prepare_sampled(store, tiny_capture)
     cfg = tiny_config("matting.method=classical")
     res = run_stage(build_stages()["matting"], "018", cfg, store)
     m = res.manifest
@@ -54,9 +47,9 @@ def test_classical_matte_matches_ground_truth(store: ObjectStore, tiny_capture: 
 @pytest.mark.s3
 def test_missing_weights_fail_before_any_frame(store: ObjectStore, tiny_capture: Path, s3_env: dict[str, str],
                                                tmp_path: Path) -> None:
-    _prepare(store, tiny_capture)
-    for weights, message in ((str(tmp_path / "nope.pth"), "matting weights not found"),
-                             ("s3://headavatar-test/none.pth", "matting weights not found"),
+    prepare_sampled(store, tiny_capture)
+    for weights, message in ((str(tmp_path / "nope.pth"), "nope.pth does not exist"),
+                             ("s3://headavatar-test/none.pth", "none.pth does not exist"),
                              (None, "needs matting.weights")):
         args = ["run", "matting", "--capture", "018", "--profile", "demo", "--set", "matting.method=bmv2"]
         if weights:
@@ -114,7 +107,7 @@ def test_checkpoint_layout_and_strict_roundtrip(tmp_path: Path) -> None:
 @pytest.mark.s3
 def test_network_method_runs_the_stage_with_weights_from_s3(store: ObjectStore, tiny_capture: Path,
                                                              tmp_path: Path) -> None:
-    _prepare(store, tiny_capture)
+    prepare_sampled(store, tiny_capture)
     torch.manual_seed(0)
     path = tmp_path / "r50.pth"
     torch.save(MattingRefine("resnet50").state_dict(), path)

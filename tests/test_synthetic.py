@@ -10,9 +10,10 @@ import cv2
 import numpy as np
 import pytest
 
+from headavatar.fitting.bfm import MorphableModel
 from headavatar.layout import GROUND_TRUTH, RAW
 from headavatar.settings import NERSEMBLE_CAMERAS
-from headavatar.synthetic.morphable import MorphableModel, build_model
+from headavatar.synthetic.morphable import build_model
 from headavatar.synthetic.render import Camera
 
 

@@ -23,6 +23,7 @@ NERSEMBLE_CAMERAS = (
 )
 
 PositiveInt = Annotated[int, Field(gt=0)]
+DeviceName = Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto = CUDA when present")]
 
 
 class Section(BaseModel):
@@ -95,11 +96,48 @@ class MattingConfig(Section):
     refine_threshold: Annotated[float, Field(ge=0, le=1)] = 0.1
     batch_size: Annotated[int, Field(ge=1, le=64)] = 8
     precision: Literal["fp32", "fp16"] = "fp16"  # fp16 only takes effect on CUDA
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    device: DeviceName = "auto"
     classical_threshold: Annotated[float, Field(ge=0, le=255)] = 0.0  # 0 = automatic (Otsu)
     classical_low_threshold: Annotated[float, Field(ge=0, le=255)] = 4.0  # hysteresis floor
     guided_radius: Annotated[int, Field(ge=1, le=64)] = 8
     guided_eps: Annotated[float, Field(gt=0, le=1)] = 1e-3
+
+
+class LandmarksConfig(Section):
+    """Stage 4a: 68 iBUG-convention 2D landmarks per kept image.
+
+    ``face_alignment`` is the reference's 2D-FAN (fetches its weights on first use);
+    ``dlib`` runs offline from models shipped in a registry package; ``ground_truth`` projects a
+    synthetic capture's true 3D landmarks (plus ``truth_noise_px`` Gaussian noise) — for scoring
+    the fitting and for the demo, where no real face is filmed.
+    """
+
+    detector: Literal["face_alignment", "dlib", "ground_truth"] = "face_alignment"
+    detect_size: Annotated[int, Field(ge=64, le=4096)] = 512  # images are downscaled to this for detection
+    min_confidence: Annotated[float, Field(ge=0, le=1)] = 0.2  # mean point confidence below = no face
+    truth_noise_px: Annotated[float, Field(ge=0, le=50)] = 1.0
+    truth_max_angle_deg: Annotated[float, Field(gt=0, le=180)] = 90.0  # face turned further from a camera = missed
+    fan_face_detector: Literal["blazeface", "sfd"] = "blazeface"  # face_alignment's face detector (reference)
+    device: DeviceName = "auto"
+    overlay_frames: Annotated[int, Field(ge=0, le=100)] = 3  # contact sheets written (first, ..., last frame)
+
+
+class FittingConfig(Section):
+    """Stage 4b: multiview BFM09 fitting to the landmarks (reference weights and learning rates)."""
+
+    face_model: str | None = Field(
+        None, description="BFM09_model_info.mat: path, s3://bucket/key, or 'synthetic' (the synthetic capture's)")
+    min_views: Annotated[int, Field(ge=2, le=64)] = 2  # cameras with a face needed to fit a frame
+    exclude_landmarks: tuple[Annotated[int, Field(ge=0, le=67)], ...] = (48, 54)  # as the reference
+    reg_id_weight: Annotated[float, Field(ge=0)] = 1e-7
+    reg_exp_weight: Annotated[float, Field(ge=0)] = 1e-7
+    pose_steps: Annotated[int, Field(ge=0, le=100_000)] = 1000  # Adam on pose + scale only
+    pose_lr: Annotated[float, Field(gt=0, le=1)] = 1e-2
+    scale_lr: Annotated[float, Field(gt=0, le=1)] = 1e-3
+    all_steps: Annotated[int, Field(ge=0, le=100_000)] = 4000  # Adam on everything
+    all_lr: Annotated[float, Field(gt=0, le=1)] = 1e-3
+    tolerance: Annotated[float, Field(ge=0)] = 1e-10  # stop a phase when the loss changes less than this
+    device: DeviceName = "auto"
 
 
 class PipelineConfig(Section):
@@ -108,6 +146,8 @@ class PipelineConfig(Section):
     extract: ExtractConfig = ExtractConfig()
     sample: SampleConfig = SampleConfig()
     matting: MattingConfig = MattingConfig()
+    landmarks: LandmarksConfig = LandmarksConfig()
+    fitting: FittingConfig = FittingConfig()
 
     def section(self, name: str) -> Section:
         return getattr(self, name)

@@ -24,6 +24,7 @@ class _Pending(Stage):
 def build_stages() -> dict[str, Stage]:
     # Imported here so that commands which only name stages do not load OpenCV/PyAV.
     from headavatar.stages.extract import Extract
+    from headavatar.stages.fitting import Fitting
     from headavatar.stages.matting import Matting
     from headavatar.stages.sample import Sample
 
@@ -31,7 +32,7 @@ def build_stages() -> dict[str, Stage]:
         Extract(),
         Sample(),
         Matting(),
-        _Pending("fitting", ("sample",), 7),
+        Fitting(),
         _Pending("meshhead", ("sample", "matting", "fitting"), 8),
         _Pending("gaussianhead", ("sample", "matting", "fitting", "meshhead"), 9),
     ]

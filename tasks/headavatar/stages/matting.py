@@ -23,9 +23,10 @@ from typing import TypeVar
 import cv2
 import numpy as np
 
+from headavatar.assets import asset_identity, fetch_asset
 from headavatar.contract.manifest import digest
 from headavatar.contract.stage import Stage, StageContext
-from headavatar.errors import ConfigError, MissingObject
+from headavatar.errors import ConfigError
 from headavatar.imaging import CropResize, decode_image, encode_jpg
 from headavatar.layout import FRAMES_INDEX, ground_truth_prefix
 from headavatar.matting.classical import ClassicalMatting
@@ -33,6 +34,8 @@ from headavatar.settings import MattingConfig, PipelineConfig
 from headavatar.storage import ObjectStore
 
 log = logging.getLogger(__name__)
+NO_WEIGHTS = ("matting.method=bmv2 needs matting.weights (a local path or s3://bucket/key of pytorch_resnet101.pth); "
+              "set matting.method=classical to run without weights")
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -73,11 +76,11 @@ class NetworkMatter(Matter):
     def __init__(self, cfg: MattingConfig, weights: Path):
         import torch
 
+        from headavatar.devices import resolve_device
         from headavatar.matting.bmv2 import MattingRefine, load_weights
 
         self.torch = torch
-        self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
-                                   else ("cpu" if cfg.device == "auto" else cfg.device))
+        self.device = resolve_device(cfg.device)
         model = MattingRefine(cfg.backbone, cfg.backbone_scale, cfg.refine_mode, cfg.refine_sample_pixels,
                               cfg.refine_threshold)
         load_weights(model, weights)
@@ -97,25 +100,12 @@ class NetworkMatter(Matter):
         return list(pha[:, 0].float().cpu().numpy())
 
 
-def resolve_weights(store: ObjectStore, cfg: MattingConfig, scratch: Path) -> Path:
-    if not cfg.weights:
-        raise ConfigError("matting.method=bmv2 needs matting.weights (a local path or s3://bucket/key of "
-                          "pytorch_resnet101.pth); set matting.method=classical to run without weights")
-    if not cfg.weights.startswith("s3://"):
-        return Path(cfg.weights)
-    bucket, _, key = cfg.weights[5:].partition("/")
-    if bucket != store.bucket:
-        raise ConfigError(f"matting.weights must be in bucket {store.bucket!r}, got {cfg.weights}")
-    try:
-        return store.download_file(key, scratch / "weights" / Path(key).name)
-    except MissingObject:
-        raise ConfigError(f"matting weights not found: {cfg.weights}") from None
-
-
 def build_matter(cfg: MattingConfig, store: ObjectStore, scratch: Path) -> Matter:
     if cfg.method == "classical":
         return ClassicalMatter(cfg)
-    return NetworkMatter(cfg, resolve_weights(store, cfg, scratch))
+    if not cfg.weights:
+        raise ConfigError(NO_WEIGHTS)
+    return NetworkMatter(cfg, fetch_asset(store, cfg.weights, "matting.weights", scratch))
 
 
 def prefetch(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: list[T], ahead: int) -> Iterator[R]:
@@ -150,7 +140,13 @@ class Matting(Stage):
     def raw_inputs(self, store: ObjectStore, capture: str, config: PipelineConfig) -> dict[str, str]:
         truth = [(o.key, o.size, o.etag) for o in store.list(store.key(ground_truth_prefix(capture)))
                  if "/alpha/" in o.key]
-        return {"ground_truth_alpha": digest(truth)} if truth else {}
+        inputs = {"ground_truth_alpha": digest(truth)} if truth else {}
+        cfg = config.matting
+        if cfg.method == "bmv2":
+            if not cfg.weights:
+                raise ConfigError(NO_WEIGHTS)
+            inputs["weights"] = asset_identity(store, cfg.weights, "matting.weights")
+        return inputs
 
     def run(self, ctx: StageContext) -> None:
         cfg = ctx.config.matting

@@ -19,9 +19,10 @@ import numpy as np
 from tqdm import tqdm
 
 from headavatar.capture_id import validate_capture_id
+from headavatar.fitting.bfm import MorphableModel
 from headavatar.layout import BACKGROUND_SEQUENCE, GROUND_TRUTH
 from headavatar.settings import NERSEMBLE_CAMERAS
-from headavatar.synthetic.morphable import MorphableModel, build_model
+from headavatar.synthetic.morphable import build_model
 from headavatar.synthetic.render import Camera, render, texture_atlas
 
 log = logging.getLogger(__name__)

@@ -9,54 +9,12 @@ where the iBUG 68-point convention puts them, so landmark fitting can be scored 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
 import numpy as np
-from scipy.io import loadmat, savemat
+
+from headavatar.fitting.bfm import MorphableModel
 
 N_LAT, N_LON = 72, 112
 SEMI_AXES_MM = np.array([78.0, 108.0, 96.0])  # half width, half height, half depth
-
-
-@dataclass(frozen=True)
-class MorphableModel:
-    meanshape: np.ndarray  # (N, 3) mm
-    id_base: np.ndarray  # (N*3, K_id)
-    exp_base: np.ndarray  # (N*3, K_exp)
-    faces: np.ndarray  # (F, 3) 0-based
-    keypoints: np.ndarray  # (68,) 0-based vertex indices
-    uv: np.ndarray  # (N, 2) azimuth, elevation in radians (texture coordinates)
-
-    def shape(self, id_coeff: np.ndarray, exp_coeff: np.ndarray) -> np.ndarray:
-        """Vertices in model space (mm) for the given coefficients."""
-        offset = self.id_base @ id_coeff + self.exp_base @ exp_coeff
-        return self.meanshape + offset.reshape(-1, 3)
-
-    def save_mat(self, path: Path) -> None:
-        n = len(self.meanshape)
-        savemat(path, {
-            "meanshape": self.meanshape.reshape(1, -1),
-            "idBase": self.id_base,
-            "exBase": self.exp_base,
-            "meantex": np.full((1, n * 3), 180.0),
-            "texBase": np.zeros((n * 3, 1)),
-            "tri": self.faces + 1,
-            "keypoints": (self.keypoints + 1).reshape(1, -1),
-            "uv": self.uv,
-        }, do_compression=True)
-
-    @classmethod
-    def load_mat(cls, path: Path) -> MorphableModel:
-        m = loadmat(path)
-        return cls(
-            meanshape=m["meanshape"].reshape(-1, 3).astype(np.float64),
-            id_base=m["idBase"].astype(np.float64),
-            exp_base=m["exBase"].astype(np.float64),
-            faces=m["tri"].astype(np.int64) - 1,
-            keypoints=m["keypoints"].reshape(-1).astype(np.int64) - 1,
-            uv=m["uv"].astype(np.float64) if "uv" in m else np.zeros((len(m["meanshape"].reshape(-1, 3)), 2)),
-        )
 
 
 def _sphere_grid() -> tuple[np.ndarray, np.ndarray]:
