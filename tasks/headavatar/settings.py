@@ -140,6 +140,38 @@ class FittingConfig(Section):
     device: DeviceName = "auto"
 
 
+class MeshHeadConfig(Section):
+    """Stage 5: GHA mesh head (reference values: train_meshhead_N031.yaml; loss weights from its trainer)."""
+
+    steps: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
+    views_per_step: Annotated[int, Field(ge=1, le=64)] = 4
+    render_size: Annotated[int, Field(ge=16, le=2048)] = 256
+    grid_resolution: Annotated[int, Field(ge=4, le=256)] = 64  # cubes per side; 6 tetrahedra per cube
+    bbox_margin: Annotated[float, Field(ge=1, le=4)] = 1.3  # model box = fitted head box grown by this
+    pos_freqs: Annotated[int, Field(ge=0, le=16)] = 4
+    hidden: Annotated[int, Field(ge=8, le=1024)] = 256
+    geo_layers: Annotated[int, Field(ge=1, le=16)] = 5
+    features: Annotated[int, Field(ge=1, le=512)] = 128
+    deform_scale: Annotated[float, Field(gt=0, le=1)] = 0.3  # max expression/pose offset, fraction of box half-size
+    near_face: Annotated[float, Field(ge=0, le=2)] = 0.1  # pose deformation fades in from here (box units) ...
+    far_from_face: Annotated[float, Field(ge=0, le=2)] = 0.25  # ... to here, measured from the nearest landmark
+    lr_net: Annotated[float, Field(gt=0, le=1)] = 1e-3
+    lr_landmarks: Annotated[float, Field(gt=0, le=1)] = 1e-4
+    w_rgb: Annotated[float, Field(ge=0)] = 0.1
+    w_silhouette: Annotated[float, Field(ge=0)] = 0.1
+    w_landmark_deform: Annotated[float, Field(ge=0)] = 1.0
+    w_landmark_sdf: Annotated[float, Field(ge=0)] = 0.1
+    w_offset: Annotated[float, Field(ge=0)] = 0.01
+    w_laplacian: Annotated[float, Field(ge=0)] = 100.0
+    edge_softness_px: Annotated[float, Field(gt=0, le=8)] = 0.5  # soft-silhouette sigma
+    rasterizer: Literal["torch"] = "torch"
+    holdout_cameras: tuple[str, ...] = ("222200039", "222200044")  # never trained on; scored and pictured
+    eval_every: Annotated[int, Field(ge=0)] = 1000  # held-out silhouette IoU every N steps (0 = at the end only)
+    checkpoint_every: Annotated[int, Field(ge=1)] = 500
+    seed: int = 0
+    device: DeviceName = "auto"
+
+
 class PipelineConfig(Section):
     storage: StorageConfig = StorageConfig()
     capture: CaptureConfig = CaptureConfig()
@@ -148,6 +180,7 @@ class PipelineConfig(Section):
     matting: MattingConfig = MattingConfig()
     landmarks: LandmarksConfig = LandmarksConfig()
     fitting: FittingConfig = FittingConfig()
+    meshhead: MeshHeadConfig = MeshHeadConfig()
 
     def section(self, name: str) -> Section:
         return getattr(self, name)

@@ -51,6 +51,17 @@ class StageContext:
     inputs: dict[str, str]  # input name -> digest (upstream stages and raw inputs)
     outputs: OutputWriter
     metrics: dict[str, float] = field(default_factory=dict)
+    fresh: bool = False  # --force: start over, ignoring state kept from earlier attempts
+    config_digest: str = ""
+
+    @property
+    def cache_key(self) -> str:
+        """What this attempt computes from: its inputs and its config sections."""
+        return digest({"inputs": self.inputs, "config": self.config_digest})
+
+    def state_key(self, rel: str) -> str:
+        """Key for state that outlives one attempt (checkpoints): never in the manifest, never stale."""
+        return f"{self.outputs.prefix}/{RESERVED_PREFIX}state/{rel}"
 
     def input_key(self, stage: str, rel: str) -> str:
         """Key of an upstream output; it must be listed in that stage's manifest."""
@@ -163,7 +174,8 @@ def run_stage(stage: Stage, capture: str, config: PipelineConfig, store: ObjectS
                                     dir=scratch_root))
     started, t0 = datetime.now(UTC), time.monotonic()
     writer = OutputWriter(store, prefix)
-    ctx = StageContext(stage.name, capture, config, store, scratch, upstream, inputs, writer)
+    ctx = StageContext(stage.name, capture, config, store, scratch, upstream, inputs, writer,
+                       fresh=force, config_digest=cdigest)
     log.info("%s/%s: running (inputs %s)", capture, stage.name, ", ".join(inputs) or "none")
     try:
         stage.run(ctx)

@@ -26,6 +26,7 @@ def build_stages() -> dict[str, Stage]:
     from headavatar.stages.extract import Extract
     from headavatar.stages.fitting import Fitting
     from headavatar.stages.matting import Matting
+    from headavatar.stages.meshhead import MeshHeadStage
     from headavatar.stages.sample import Sample
 
     stages: list[Stage] = [
@@ -33,7 +34,7 @@ def build_stages() -> dict[str, Stage]:
         Sample(),
         Matting(),
         Fitting(),
-        _Pending("meshhead", ("sample", "matting", "fitting"), 8),
+        MeshHeadStage(),
         _Pending("gaussianhead", ("sample", "matting", "fitting", "meshhead"), 9),
     ]
     return {s.name: s for s in stages}

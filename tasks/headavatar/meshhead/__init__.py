@@ -1,0 +1,1 @@
+"""Stage 5: the mesh head of Gaussian Head Avatar (DMTet neutral head + expression/pose MLPs)."""

@@ -1,0 +1,135 @@
+"""The mesh head: a neutral head as SDF + features over a deformable tet grid, animated by MLPs.
+
+Coordinates: the model works in a normalised box [-1, 1]^3 laid over the canonical (fitted
+3DMM, model units) space; ``to_canonical`` maps back. Posing a canonical point into the world
+uses the stage-4 fit of the frame: ``world = scale * R @ x + t``.
+
+- ``geo``: position -> SDF correction, grid deformation (at most half a cell) and features. Its
+  last layer starts at zero, so training starts from the ellipsoid that bounds the fitted head
+  (the reference pretrains its MLP towards a sphere instead).
+- ``exp_deform`` / ``pose_deform``: offsets from the expression / head pose; expression acts near
+  the face, pose far from it (neck, hair), blended by the distance to the nearest landmark.
+- ``exp_color``: colour from features, position and expression.
+- ``landmarks``: the 68 landmarks of the neutral head, learned; expression-deformed, they must
+  land on the stage-4 landmarks, and the SDF must vanish there.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from headavatar.meshhead.tets import cube_tet_grid, marching_tets
+from headavatar.settings import MeshHeadConfig
+
+
+class PositionalEncoding(nn.Module):
+    def __init__(self, freqs: int):
+        super().__init__()
+        self.register_buffer("scales", (2.0 ** torch.arange(freqs)) * math.pi, persistent=False)
+        self.dim = 3 + 6 * freqs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xs = (x[..., None] * self.scales).flatten(-2)
+        return torch.cat([x, xs.sin(), xs.cos()], -1)
+
+
+def mlp(inputs: int, hidden: int, layers: int, outputs: int, zero_last: bool = True) -> nn.Sequential:
+    mods: list[nn.Module] = []
+    width = inputs
+    for _ in range(layers):
+        mods += [nn.Linear(width, hidden), nn.Softplus(beta=100)]
+        width = hidden
+    last = nn.Linear(width, outputs)
+    if zero_last:
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+    return nn.Sequential(*mods, last)
+
+
+class MeshHead(nn.Module):
+    def __init__(self, cfg: MeshHeadConfig, n_exp: int, center: torch.Tensor, half: torch.Tensor,
+                 ellipsoid: torch.Tensor, landmarks: torch.Tensor):
+        """center/half: the box in canonical units; ellipsoid: semi-axes of the initial head and
+        landmarks (68, 3): initial neutral landmarks, both in box units."""
+        super().__init__()
+        self.cfg = cfg
+        pos, tets = cube_tet_grid(cfg.grid_resolution)
+        self.register_buffer("grid", pos)
+        self.register_buffer("tets", tets)
+        self.register_buffer("box_center", center.float())
+        self.register_buffer("box_half", half.float())
+        self.register_buffer("ellipsoid", ellipsoid.float())
+        self.enc = PositionalEncoding(cfg.pos_freqs)
+        e, h = self.enc.dim, cfg.hidden
+        self.geo = mlp(e, h, cfg.geo_layers, 4 + cfg.features)
+        self.exp_deform = mlp(e + n_exp, h, 3, 3)
+        self.pose_deform = mlp(e + 6, max(8, h // 2), 2, 3)
+        self.exp_color = mlp(cfg.features + e + n_exp, h, 2, 3, zero_last=False)
+        self.landmarks = nn.Parameter(landmarks.float().clone())
+
+    def to_canonical(self, x: torch.Tensor) -> torch.Tensor:
+        return self.box_center + self.box_half * x
+
+    def to_box(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.box_center) / self.box_half
+
+    def prior_sdf(self, x: torch.Tensor) -> torch.Tensor:
+        """Approximate signed distance to the initial ellipsoid (box units)."""
+        return ((x / self.ellipsoid).norm(dim=-1) - 1) * self.ellipsoid.min()
+
+    def query(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """SDF (...,), grid deformation (..., 3) and features (..., F) at box points."""
+        out = self.geo(self.enc(x))
+        sdf = self.prior_sdf(x) + out[..., 0]
+        deform = torch.tanh(out[..., 1:4]) / self.cfg.grid_resolution  # at most half a cell (cell = 2/res)
+        return sdf, deform, out[..., 4:]
+
+    def neutral(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Neutral surface (verts in box units, faces) and the grid deformation (for regularisation)."""
+        sdf, deform, _ = self.query(self.grid)
+        verts, faces = marching_tets(self.grid + deform, sdf, self.tets)
+        return verts, faces, deform
+
+    def offsets(self, points: torch.Tensor, exp: torch.Tensor, pose: torch.Tensor) -> torch.Tensor:
+        """(B, M, 3) box-unit offsets of box points (M, 3) or (B, M, 3) for expression (B, K) and pose (B, 6)."""
+        b = exp.shape[0]
+        pts = points.expand(b, -1, -1) if points.dim() == 2 else points
+        enc = self.enc(pts)
+        m = pts.shape[1]
+        exp_off = self.exp_deform(torch.cat([enc, exp[:, None].expand(-1, m, -1)], -1))
+        pose_off = self.pose_deform(torch.cat([enc, pose[:, None].expand(-1, m, -1)], -1))
+        lm = self.landmarks.detach()
+        dist = torch.cdist(pts.detach(), lm.expand(b, -1, -1)).min(-1).values
+        far = ((dist - self.cfg.near_face) / max(self.cfg.far_from_face - self.cfg.near_face, 1e-6)).clamp(0, 1)
+        scale = self.cfg.deform_scale
+        return torch.tanh(exp_off) * scale * (1 - far[..., None]) + torch.tanh(pose_off) * scale * far[..., None]
+
+    def colors(self, points: torch.Tensor, features: torch.Tensor, exp: torch.Tensor) -> torch.Tensor:
+        b, m = exp.shape[0], points.shape[0]
+        x = torch.cat([features.expand(b, -1, -1), self.enc(points).expand(b, -1, -1),
+                       exp[:, None].expand(-1, m, -1)], -1)
+        return torch.sigmoid(self.exp_color(x))
+
+
+def laplacian(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """Mean squared uniform-Laplacian of a mesh (the reference's regulariser)."""
+    term = torch.zeros_like(verts)
+    count = torch.zeros_like(verts[:, :1])
+    for i in range(3):
+        a, b, c = faces[:, i], faces[:, (i + 1) % 3], faces[:, (i + 2) % 3]
+        term = term.index_add(0, a, verts[b] + verts[c] - 2 * verts[a])
+        count = count.index_add(0, a, torch.full_like(verts[a, :1], 2.0))
+    return ((term / count.clamp_min(1)) ** 2).mean()
+
+
+def vertex_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """(..., N, 3) area-weighted unit normals of (..., N, 3) vertices."""
+    v0, v1, v2 = verts[..., faces[:, 0], :], verts[..., faces[:, 1], :], verts[..., faces[:, 2], :]
+    fn = torch.cross(v1 - v0, v2 - v0, dim=-1)
+    n = torch.zeros_like(verts)
+    for i in range(3):
+        n = n.index_add(-2, faces[:, i], fn)
+    return torch.nn.functional.normalize(n, dim=-1)

@@ -1,0 +1,181 @@
+"""Mesh-head training: losses of the reference trainer, held-out evaluation, resumable state."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from headavatar.errors import PipelineError
+from headavatar.fitting.geometry import axis_angle_to_matrix, project
+from headavatar.meshhead.model import MeshHead, laplacian, vertex_normals
+from headavatar.render.mesh_raster import MeshRasterizer
+from headavatar.settings import MeshHeadConfig
+from headavatar.training.views import Views
+
+log = logging.getLogger(__name__)
+
+
+def init_model(cfg: MeshHeadConfig, views: Views, vertices: np.ndarray) -> MeshHead:
+    """Box and initial ellipsoid from the fitted 3DMM vertices, brought into canonical space."""
+    rot = axis_angle_to_matrix(torch.tensor(views.pose[0, :3], dtype=torch.float64)).numpy()
+    canonical = (vertices - views.pose[0, 3:]) @ rot / views.scale
+    lo, hi = canonical.min(0), canonical.max(0)
+    center = (lo + hi) / 2
+    half = (hi - lo) / 2 * cfg.bbox_margin
+    rots = axis_angle_to_matrix(torch.tensor(views.pose[:, :3], dtype=torch.float64)).numpy()
+    lmk = np.einsum("fpj,fjk->fpk", views.landmarks_3d - views.pose[:, None, 3:], rots) / views.scale
+    landmarks = (lmk.mean(0) - center) / half
+    ellipsoid = (hi - lo) / 2 / half
+    return MeshHead(cfg, views.exp.shape[1], torch.tensor(center), torch.tensor(half), torch.tensor(ellipsoid),
+                    torch.tensor(landmarks))
+
+
+@dataclass
+class Rendered:
+    rgb: torch.Tensor  # (B, S, S, 3)
+    alpha: torch.Tensor  # (B, S, S)
+    normals: torch.Tensor | None  # (B, S, S, 3) camera space, 0 where no face (when asked for)
+    hit: torch.Tensor  # (B, S, S) a face covers the pixel centre
+    verts: torch.Tensor  # neutral, box units
+    faces: torch.Tensor
+    grid_deform: torch.Tensor
+    offsets: torch.Tensor  # (B, M, 3)
+
+
+def render(model: MeshHead, raster: MeshRasterizer, batch: dict[str, torch.Tensor], size: int,
+           normals: bool = False) -> Rendered:
+    verts, faces, grid_deform = model.neutral()
+    if len(faces) == 0:
+        raise PipelineError("the mesh head has no surface (SDF without a zero crossing); lower the learning rate")
+    _, _, feats = model.query(verts)
+    offsets = model.offsets(verts, batch["exp"], batch["pose"])
+    canonical = model.to_canonical(verts + offsets)
+    rot = axis_angle_to_matrix(batch["pose"][:, :3])
+    world = batch["scale"] * canonical @ rot.transpose(-1, -2) + batch["pose"][:, None, 3:]
+    cam = world @ batch["E"][:, :3, :3].transpose(-1, -2) + batch["E"][:, None, :3, 3]
+    pix = project(world, batch["K"], batch["E"])
+    attrs = model.colors(verts, feats, batch["exp"])
+    if normals:
+        attrs = torch.cat([attrs, vertex_normals(cam, faces)], -1)
+    out = raster(pix, cam[..., 2], faces, attrs, size, size)
+    return Rendered(out.attributes[..., :3] * out.alpha[..., None], out.alpha,
+                    out.attributes[..., 3:] if normals else None, out.face_index >= 0, verts, faces, grid_deform,
+                    offsets)
+
+
+def soft_iou_loss(alpha: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    inter = (alpha * mask).sum((-1, -2))
+    union = (alpha + mask - alpha * mask).sum((-1, -2)).clamp_min(1e-6)
+    return (1 - inter / union).mean()
+
+
+def hard_iou(alpha: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    p, g = alpha > 0.5, mask > 0.5
+    return (p & g).sum((-1, -2)).float() / (p | g).sum((-1, -2)).clamp_min(1).float()
+
+
+def losses(model: MeshHead, raster: MeshRasterizer, batch: dict[str, torch.Tensor], size: int,
+           cfg: MeshHeadConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    r = render(model, raster, batch, size)
+    vis = batch["visible"]
+    gt = batch["image"] * batch["mask"][..., None]
+    loss_rgb = (torch.abs(r.rgb - gt) * vis[..., None]).mean()
+    loss_sil = soft_iou_loss(r.alpha * vis, batch["mask"] * vis)
+    # Landmarks: expression-deformed neutral landmarks vs the fitted ones brought to the box.
+    rot = axis_angle_to_matrix(batch["pose"][:, :3])
+    target = model.to_box((batch["landmarks_3d"] - batch["pose"][:, None, 3:]) @ rot / batch["scale"])
+    lm = model.landmarks[None].expand(len(rot), -1, -1)
+    loss_def = ((lm + model.offsets(lm, batch["exp"], batch["pose"]) - target) ** 2).mean()
+    loss_lmk = model.query(model.landmarks)[0].abs().mean()
+    loss_offset = (r.offsets**2).sum(-1).mean() + (r.grid_deform**2).sum(-1).mean()
+    loss_lap = laplacian(r.verts, r.faces)
+    total = (cfg.w_rgb * loss_rgb + cfg.w_silhouette * loss_sil + cfg.w_landmark_deform * loss_def
+             + cfg.w_landmark_sdf * loss_lmk + cfg.w_offset * loss_offset + cfg.w_laplacian * loss_lap)
+    parts = {"loss": total, "rgb": loss_rgb, "silhouette": loss_sil, "landmark_deform": loss_def,
+             "landmark_sdf": loss_lmk, "offset": loss_offset, "laplacian": loss_lap}
+    return total, {k: float(v) for k, v in parts.items()}
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    resumed_from: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)  # losses every log step
+    evals: list[dict[str, float]] = field(default_factory=list)  # held-out IoU by step
+
+
+class MeshHeadTrainer:
+    def __init__(self, model: MeshHead, views: Views, cfg: MeshHeadConfig, raster: MeshRasterizer,
+                 device: torch.device):
+        self.model, self.views, self.cfg, self.raster, self.device = model.to(device), views, cfg, raster, device
+        net = [p for n, p in model.named_parameters() if n != "landmarks"]
+        self.opt = torch.optim.Adam([{"params": net, "lr": cfg.lr_net},
+                                     {"params": [model.landmarks], "lr": cfg.lr_landmarks}])
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        held = set(views.camera_index(cfg.holdout_cameras))
+        self.train_cams = [c for c in range(len(views.cameras)) if c not in held]
+        self.held_cams = sorted(held)
+        if not self.train_cams:
+            raise PipelineError("meshhead.holdout_cameras leaves no camera to train on")
+        self.state = TrainState()
+
+    def batch(self, frames: torch.Tensor, cams: torch.Tensor) -> dict[str, torch.Tensor]:
+        b = self.views.tensors(frames, cams, self.device)
+        b["scale"] = torch.tensor(self.views.scale, device=self.device)
+        return b
+
+    def state_dict(self) -> dict:
+        return {"step": self.state.step, "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "generator": self.gen.get_state(), "history": self.state.history, "evals": self.state.evals}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.model.load_state_dict(s["model"])
+        self.opt.load_state_dict(s["optimizer"])
+        self.gen.set_state(s["generator"])
+        self.state = TrainState(s["step"], s["step"], s["history"], s["evals"])
+
+    @torch.no_grad()
+    def evaluate(self, cams: list[int] | None = None) -> float:
+        """Mean silhouette IoU (matte > 0.5 vs render > 0.5) over held-out cameras and all frames."""
+        cams = self.held_cams if cams is None else cams
+        if not cams:
+            return float("nan")
+        ious = []
+        pairs = [(f, c) for f in range(len(self.views.folders)) for c in cams]
+        for s in range(0, len(pairs), 8):
+            f, c = (torch.tensor(x) for x in zip(*pairs[s : s + 8], strict=True))
+            b = self.batch(f, c)
+            r = render(self.model, self.raster, b, self.views.size)
+            ious.append(hard_iou(r.alpha * b["visible"], b["mask"] * b["visible"]).cpu())
+        return float(torch.cat(ious).mean())
+
+    def train(self, save: Callable[[dict], None], log_every: int = 10) -> TrainState:
+        cfg, n_frames = self.cfg, len(self.views.folders)
+        t0, since = time.monotonic(), self.state.step
+        if self.state.step == 0 and cfg.eval_every:
+            self.state.evals.append({"step": 0, "holdout_iou": self.evaluate()})  # the initial ellipsoid
+        for step in range(self.state.step, cfg.steps):
+            frames = torch.randint(n_frames, (cfg.views_per_step,), generator=self.gen)
+            cams = torch.tensor(self.train_cams)[torch.randint(len(self.train_cams), (cfg.views_per_step,),
+                                                               generator=self.gen)]
+            loss, parts = losses(self.model, self.raster, self.batch(frames, cams), self.views.size, cfg)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            self.state.step = done = step + 1
+            if done % log_every == 0 or done == cfg.steps:
+                self.state.history.append({"step": done, **parts})
+            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
+                self.state.evals.append({"step": done, "holdout_iou": self.evaluate()})
+            if done % max(1, cfg.steps // 20) == 0:
+                rate = (done - since) / max(time.monotonic() - t0, 1e-9)
+                log.info("meshhead: step %d/%d loss %.4f (%.2f steps/s)", done, cfg.steps, parts["loss"], rate)
+            if done % cfg.checkpoint_every == 0 and done < cfg.steps:
+                save(self.state_dict())
+        self.state.evals.append({"step": cfg.steps, "holdout_iou": self.evaluate()})
+        return self.state

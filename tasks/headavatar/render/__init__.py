@@ -1,0 +1,1 @@
+"""Differentiable renderers (meshes for stage 5, Gaussians for stage 6) behind small interfaces."""

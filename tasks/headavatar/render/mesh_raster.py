@@ -1,0 +1,166 @@
+"""Differentiable triangle-mesh rasterisation.
+
+The interface takes vertices already in pixel coordinates plus camera depth, so any backend (this
+pure-PyTorch one; a CUDA library in the GPU image) can sit behind it.
+
+The pure-PyTorch backend is exact where it matters for training and cheap enough for the CPU
+demo: visibility is a hard z-buffer (no gradient, as in every rasteriser); attributes are
+interpolated with perspective-correct barycentrics of the visible face, which are differentiable
+in the vertex positions; the silhouette is soft (SoftRas-style: a sigmoid of the signed distance to
+every face within reach, combined as 1 - prod(1 - p)), so edges move under image losses. Unlike
+SoftRas, distances inside a face count only its open (silhouette) edges, so coverage is 1 inside
+the surface instead of dipping along every inner edge.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class RasterOutput:
+    attributes: torch.Tensor  # (B, H, W, C) interpolated on the visible face, 0 where none
+    alpha: torch.Tensor  # (B, H, W) soft coverage in [0, 1]
+    face_index: torch.Tensor  # (B, H, W) visible face, -1 where none (no gradient)
+
+
+class MeshRasterizer(ABC):
+    name: str
+
+    @abstractmethod
+    def __call__(self, pixels: torch.Tensor, depth: torch.Tensor, faces: torch.Tensor, attributes: torch.Tensor,
+                 height: int, width: int) -> RasterOutput:
+        """pixels (B, N, 2) x/y at pixel centres = integer coordinates; depth (B, N) > 0;
+        faces (F, 3) long, counter-clockwise seen from outside; attributes (B, N, C)."""
+
+
+def _edge_terms(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Barycentric weights of points p (..., 2) in triangles (a, b, c) (..., 2); the signed area."""
+    v0, v1 = b - a, c - a
+    v2 = p - a
+    den = v0[..., 0] * v1[..., 1] - v1[..., 0] * v0[..., 1]
+    safe = torch.where(den.abs() < 1e-12, torch.full_like(den, 1e-12), den)
+    w1 = (v2[..., 0] * v1[..., 1] - v1[..., 0] * v2[..., 1]) / safe
+    w2 = (v0[..., 0] * v2[..., 1] - v2[..., 0] * v0[..., 1]) / safe
+    return 1 - w1 - w2, w1, w2, den
+
+
+def _segment_distance(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    ab = b - a
+    t = ((p - a) * ab).sum(-1) / (ab * ab).sum(-1).clamp_min(1e-12)
+    closest = a + t.clamp(0, 1)[..., None] * ab
+    return ((p - closest) ** 2).sum(-1).clamp_min(1e-12).sqrt()
+
+
+def signed_distance(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
+                    open_edges: torch.Tensor | None = None) -> torch.Tensor:
+    """Distance from p to the triangle: positive outside; inside, minus the distance to the nearest
+    OPEN edge (``open_edges`` (..., 3) for ab, bc, ca; default all). Edges shared with another drawn
+    face are not open, so the soft coverage does not dip along the inner edges of a surface."""
+    w0, w1, w2, _ = _edge_terms(p, a, b, c)
+    inside = (w0 >= 0) & (w1 >= 0) & (w2 >= 0)
+    d = torch.stack([_segment_distance(p, a, b), _segment_distance(p, b, c), _segment_distance(p, c, a)], -1)
+    outside = d.min(-1).values
+    if open_edges is None:
+        return torch.where(inside, -outside, outside)
+    far = torch.full_like(d, 1e4)
+    return torch.where(inside, -torch.where(open_edges, d, far).min(-1).values, outside)
+
+
+def _open_edges(faces: torch.Tensor, drawn: torch.Tensor) -> torch.Tensor:
+    """(F, 3) for edges ab, bc, ca: True unless the edge is shared with another drawn face."""
+    edges = torch.stack([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]], 1).sort(-1).values
+    _, inverse = torch.unique(edges.reshape(-1, 2), dim=0, return_inverse=True)
+    count = torch.zeros(int(inverse.max()) + 1, device=faces.device).index_add(
+        0, inverse, drawn.repeat_interleave(3).float())
+    return count[inverse].reshape(-1, 3) < 2
+
+
+class TorchRasterizer(MeshRasterizer):
+    """Pure PyTorch; runs anywhere. ``sigma`` (pixels) sets how soft the silhouette edge is.
+
+    Work is proportional to the pixels each face's bounding box (grown by the soft edge's reach)
+    covers, not to pixels x faces: (face, pixel) pairs are enumerated per face, then reduced per
+    pixel with scatter operations.
+    """
+
+    name = "torch"
+
+    def __init__(self, sigma: float = 0.5, cull_backfaces: bool = True):
+        self.sigma, self.cull = sigma, cull_backfaces
+
+    @torch.no_grad()
+    def _pairs(self, pix: torch.Tensor, faces: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, ...]:
+        """(face, pixel) pairs within reach of each drawn face, as face indices and pixel x, y, and
+        which edges of each face are open (on the silhouette)."""
+        reach = math.ceil(3 * self.sigma)
+        tri = pix[faces]
+        if self.cull:  # outward-wound closed meshes: back faces have negative area on screen (y down)
+            _, _, _, den = _edge_terms(tri[:, 0], tri[:, 0], tri[:, 1], tri[:, 2])
+            drawn = den > 0
+        else:
+            drawn = torch.ones(len(faces), dtype=torch.bool, device=pix.device)
+        open_edges = _open_edges(faces, drawn)
+        keep = torch.nonzero(drawn).squeeze(1)
+        tri = tri[keep]
+        lo = (tri.min(1).values.floor() - reach).long()
+        hi = (tri.max(1).values.ceil() + reach).long()
+        lo[:, 0].clamp_(0, width - 1), lo[:, 1].clamp_(0, height - 1)
+        hi[:, 0].clamp_(-1, width - 1), hi[:, 1].clamp_(-1, height - 1)
+        span = (hi - lo + 1).clamp_min(0)
+        counts = span[:, 0] * span[:, 1]
+        k = torch.repeat_interleave(torch.arange(len(keep), device=pix.device), counts)
+        start = torch.cumsum(counts, 0) - counts
+        local = torch.arange(len(k), device=pix.device) - start[k]
+        x = lo[k, 0] + local % span[k, 0].clamp_min(1)
+        y = lo[k, 1] + local // span[k, 0].clamp_min(1)
+        return keep[k], x, y, open_edges
+
+    def __call__(self, pixels: torch.Tensor, depth: torch.Tensor, faces: torch.Tensor, attributes: torch.Tensor,
+                 height: int, width: int) -> RasterOutput:
+        out_attr, out_alpha, out_face = [], [], []
+        n_pix = height * width
+        for pix, z, attr in zip(pixels, depth, attributes, strict=True):
+            face, x, y, open_edges = self._pairs(pix.detach(), faces, height, width)
+            q = torch.stack([x, y], -1).to(pix.dtype)
+            pixel = y * width + x
+            f = faces[face]
+            a, b, c = pix[f[:, 0]], pix[f[:, 1]], pix[f[:, 2]]
+            with torch.no_grad():  # hard visibility: the nearest covering face per pixel
+                w0, w1, w2, den = _edge_terms(q, a.detach(), b.detach(), c.detach())
+                inside = (w0 >= 0) & (w1 >= 0) & (w2 >= 0) & (den.abs() > 1e-12)
+                zd = z.detach()
+                inv_z = torch.where(inside, w0 / zd[f[:, 0]] + w1 / zd[f[:, 1]] + w2 / zd[f[:, 2]], -1.0)
+                best = torch.full((n_pix,), -1.0, dtype=pix.dtype, device=pix.device)
+                best.scatter_reduce_(0, pixel, inv_z, "amax")
+                winner = inside & (inv_z >= best[pixel]) & (inv_z > 0)
+                visible = torch.full((n_pix,), -1, dtype=torch.long, device=pix.device)
+                visible.scatter_reduce_(0, pixel[winner], face[winner], "amax")
+            # Soft silhouette: log(1 - p) summed over every face within reach of the pixel.
+            d = signed_distance(q, a, b, c, open_edges[face])
+            log_miss = torch.zeros(n_pix, dtype=pix.dtype, device=pix.device)
+            log_miss = log_miss.index_add(0, pixel, -torch.nn.functional.softplus(-d / self.sigma))
+            alpha = 1 - log_miss.exp()
+            # Attributes on the visible face, perspective-correct, differentiable in the vertices.
+            hit = visible >= 0
+            grid = torch.stack([torch.arange(n_pix, device=pix.device) % width,
+                                torch.arange(n_pix, device=pix.device) // width], -1).to(pix.dtype)
+            vf = faces[visible.clamp_min(0)]
+            w0, w1, w2, _ = _edge_terms(grid, pix[vf[:, 0]], pix[vf[:, 1]], pix[vf[:, 2]])
+            w = torch.stack([w0 / z[vf[:, 0]], w1 / z[vf[:, 1]], w2 / z[vf[:, 2]]], -1)
+            w = w / w.sum(-1, keepdim=True).clamp_min(1e-12)
+            values = (w[..., None] * attr[vf]).sum(1) * hit[:, None]
+            out_attr.append(values.reshape(height, width, -1))
+            out_alpha.append(alpha.reshape(height, width))
+            out_face.append(visible.reshape(height, width))
+        return RasterOutput(torch.stack(out_attr), torch.stack(out_alpha), torch.stack(out_face))
+
+
+def build_mesh_rasterizer(name: str, sigma: float, cull_backfaces: bool = True) -> MeshRasterizer:
+    if name == "torch":
+        return TorchRasterizer(sigma, cull_backfaces)
+    raise ValueError(f"unknown mesh rasterizer {name!r}")

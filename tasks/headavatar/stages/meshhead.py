@@ -1,0 +1,92 @@
+"""Stage 5: train the mesh head (Gaussian Head Avatar stage 1) from stages 2-4.
+
+Outputs: ``model.pt`` (weights + what is needed to rebuild the model), ``neutral_mesh.npz``
+(neutral surface in canonical 3DMM units: ``vertices``, ``faces``; stage 6 starts from it),
+``history.json`` (losses every 10 steps, held-out IoU by step) and ``renders/<NNNN>.jpg``
+(GT | render | normals for every held-out camera). Training state is checkpointed every
+``meshhead.checkpoint_every`` steps; a retried task resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import cv2
+import numpy as np
+import torch
+
+from headavatar.contract.stage import Stage, StageContext
+from headavatar.devices import resolve_device
+from headavatar.imaging import encode_jpg, npz_bytes
+from headavatar.meshhead.trainer import MeshHeadTrainer, init_model, render
+from headavatar.render.mesh_raster import build_mesh_rasterizer
+from headavatar.training.checkpoints import Checkpoints
+from headavatar.training.views import load_views
+
+log = logging.getLogger(__name__)
+
+
+class MeshHeadStage(Stage):
+    name = "meshhead"
+    inputs = ("sample", "matting", "fitting")
+    config_sections = ("capture", "extract", "meshhead")
+
+    def run(self, ctx: StageContext) -> None:
+        cfg = ctx.config.meshhead
+        device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        views = load_views(ctx, cfg.render_size, lowres=cfg.render_size <= ctx.config.extract.lowres_size)
+        first = ctx.input_key("fitting", f"params/{views.folders[0]}/vertices.npy")
+        model = init_model(cfg, views, np.load(io.BytesIO(ctx.store.get_bytes(first))))
+        raster = build_mesh_rasterizer(cfg.rasterizer, cfg.edge_softness_px)
+        trainer = MeshHeadTrainer(model, views, cfg, raster, device)
+        checkpoints = Checkpoints(ctx)
+        saved = checkpoints.load()
+        if saved is not None:
+            trainer.load_state_dict(saved)
+            log.info("%s/meshhead: resuming from the checkpoint at step %d", ctx.capture, trainer.state.step)
+        log.info("%s/meshhead: %d frames, %d training + %d held-out cameras, %d steps on %s", ctx.capture,
+                 len(views.folders), len(trainer.train_cams), len(trainer.held_cams), cfg.steps, device)
+        state = trainer.train(save=checkpoints.save)
+
+        with torch.no_grad():
+            verts, faces, _ = model.neutral()
+        buf = io.BytesIO()
+        torch.save({"model": model.state_dict(), "n_exp": int(views.exp.shape[1]),
+                    "config": cfg.model_dump(mode="json")}, buf)
+        ctx.outputs.put_bytes("model.pt", buf.getvalue())
+        ctx.outputs.put_bytes("neutral_mesh.npz", npz_bytes(vertices=model.to_canonical(verts).cpu().numpy().astype(
+            np.float32), faces=faces.cpu().numpy().astype(np.int32)))
+        ctx.outputs.put_bytes("history.json", json.dumps({"losses": state.history, "holdout": state.evals}).encode())
+        self._pictures(ctx, trainer)
+        last = state.history[-1]
+        ctx.metrics.update({
+            "steps": cfg.steps, "resumed_from_step": state.resumed_from, "holdout_iou": state.evals[-1]["holdout_iou"],
+            "train_iou": trainer.evaluate(trainer.train_cams[:: max(1, len(trainer.train_cams) // 4)]),
+            "mesh_vertices": len(verts), "mesh_faces": len(faces),
+            **{f"final_{k}": v for k, v in last.items() if k != "step"},
+        })
+        log.info("%s/meshhead: held-out silhouette IoU %.4f", ctx.capture, ctx.metrics["holdout_iou"])
+
+    @staticmethod
+    def _pictures(ctx: StageContext, trainer: MeshHeadTrainer) -> None:
+        cams = trainer.held_cams or trainer.train_cams[:2]
+        views = trainer.views
+        for f in sorted({0, len(views.folders) - 1}):
+            rows = []
+            with torch.no_grad():
+                b = trainer.batch(torch.tensor([f] * len(cams)), torch.tensor(cams))
+                r = render(trainer.model, trainer.raster, b, views.size, normals=True)
+            for i in range(len(cams)):
+                gt = (b["image"][i] * b["mask"][i, ..., None]).cpu().numpy()
+                rgb = r.rgb[i].cpu().numpy()
+                # OpenCV camera axes -> the usual normal-map colours (x right, y up, z towards the viewer).
+                nrm = ((r.normals[i] * torch.tensor([1.0, -1.0, -1.0], device=r.normals.device) + 1) / 2
+                       * r.hit[i, ..., None]).cpu().numpy()
+                rows.append(np.hstack([gt, rgb, nrm]))
+            sheet = (np.clip(np.vstack(rows), 0, 1) * 255).astype(np.uint8)[..., ::-1]
+            if sheet.shape[0] < 384:
+                sheet = cv2.resize(sheet, None, fx=4, fy=4, interpolation=cv2.INTER_NEAREST)
+            ctx.outputs.put_bytes(f"renders/{views.folders[f]}.jpg", encode_jpg(sheet, 92))

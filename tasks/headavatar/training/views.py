@@ -1,0 +1,108 @@
+"""Multiview training data of one capture, loaded once from stages 2-4 into memory (uint8).
+
+Both training stages read the same things: per frame and camera the image, the matte and the
+visibility mask at one resolution, the camera, and per frame the stage-4 fit.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+
+from headavatar.contract.stage import StageContext
+from headavatar.errors import UpstreamMissing
+from headavatar.imaging import decode_image
+from headavatar.layout import FRAMES_INDEX
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Views:
+    folders: list[str]  # fitted frames, in order
+    cameras: list[str]
+    images: np.ndarray  # (F, C, S, S, 3) uint8 RGB
+    masks: np.ndarray  # (F, C, S, S) uint8 (the matte)
+    visible: np.ndarray  # (F, C, S, S) uint8 (255 where the source had pixels)
+    intrinsics: np.ndarray  # (F, C, 3, 3) at this resolution
+    extrinsics: np.ndarray  # (F, C, 3, 4) world-to-camera
+    pose: np.ndarray  # (F, 6) axis-angle + translation
+    scale: float
+    exp: np.ndarray  # (F, K)
+    landmarks_3d: np.ndarray  # (F, 68, 3) world
+
+    @property
+    def size(self) -> int:
+        return self.images.shape[2]
+
+    def camera_index(self, names: tuple[str, ...] | list[str]) -> list[int]:
+        return [self.cameras.index(c) for c in names if c in self.cameras]
+
+    def tensors(self, frames: torch.Tensor, cams: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+        """A batch of (frame, camera) pairs as float tensors on ``device``."""
+        f, c = frames.numpy(), cams.numpy()
+
+        def t(a: np.ndarray, scale: float = 1.0) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(a)).to(device, torch.float32) * scale
+
+        return {"image": t(self.images[f, c], 1 / 255), "mask": t(self.masks[f, c], 1 / 255),
+                "visible": t(self.visible[f, c], 1 / 255), "K": t(self.intrinsics[f, c]),
+                "E": t(self.extrinsics[f, c]), "pose": t(self.pose[f]), "exp": t(self.exp[f]),
+                "landmarks_3d": t(self.landmarks_3d[f])}
+
+
+def load_views(ctx: StageContext, size: int, lowres: bool) -> Views:
+    """Every fitted frame x camera at ``size`` pixels (from the low-res or full-size images)."""
+    index = json.loads(ctx.store.get_bytes(ctx.input_key("sample", FRAMES_INDEX)))
+    fitted = {f.split("/")[1] for f in ctx.upstream["fitting"].files if f.startswith("params/")}
+    folders = [f["folder"] for f in index["frames"] if f["folder"] in fitted]
+    if not folders:
+        raise UpstreamMissing(f"stage 'fitting' fitted no frame of {ctx.capture}")
+    cams = list(ctx.config.capture.cameras)
+    out_size = ctx.config.extract.output_size
+    suffix = "_lowres" if lowres else ""
+
+    def image(stage: str, rel: str, gray: bool) -> np.ndarray:
+        img = decode_image(ctx.store.get_bytes(ctx.input_key(stage, rel)), rel)
+        if img.shape[0] != size:
+            img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+        return img[..., 0] if gray else img[..., ::-1]
+
+    def load(job: tuple[str, str]) -> tuple[np.ndarray, ...]:
+        folder, cam = job
+        rgb = image("sample", f"images/{folder}/image{suffix}_{cam}.jpg", False)
+        mask = image("matting", f"images/{folder}/mask{suffix}_{cam}.jpg", True)
+        vis = image("sample", f"images/{folder}/visible{suffix}_{cam}.jpg", True)
+        camera = ctx.input_key("sample", f"cameras/{folder}/camera_{cam}.npz")
+        with np.load(io.BytesIO(ctx.store.get_bytes(camera))) as z:
+            k = z["intrinsic"].astype(np.float64).copy()
+            e = z["extrinsic"][:3].astype(np.float64)
+        k[:2] *= size / out_size
+        return rgb, mask, vis, k, e
+
+    def fit(folder: str) -> tuple[np.ndarray, ...]:
+        with np.load(io.BytesIO(ctx.store.get_bytes(ctx.input_key("fitting", f"params/{folder}/params.npz")))) as z:
+            pose, scale, exp = z["pose"][0], float(z["scale"][0]), z["exp_coeff"][0]
+        lmk = np.load(io.BytesIO(ctx.store.get_bytes(ctx.input_key("fitting", f"params/{folder}/lmk_3d.npy"))))
+        return pose, scale, exp, lmk
+
+    jobs = [(f, c) for f in folders for c in cams]
+    with ThreadPoolExecutor(max(2, ctx.store.cfg.max_concurrency // 2)) as pool:
+        loaded = list(pool.map(load, jobs))
+        fits = list(pool.map(fit, folders))
+    log.info("%s/%s: loaded %d frames x %d cameras at %d px", ctx.capture, ctx.stage, len(folders), len(cams), size)
+
+    def stack(i: int) -> np.ndarray:
+        arr = np.stack([x[i] for x in loaded])
+        return arr.reshape(len(folders), len(cams), *arr.shape[1:])
+
+    return Views(folders, cams, stack(0), stack(1), stack(2), stack(3), stack(4),
+                 pose=np.stack([f[0] for f in fits]), scale=fits[0][1], exp=np.stack([f[2] for f in fits]),
+                 landmarks_3d=np.stack([f[3] for f in fits]))

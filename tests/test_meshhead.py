@@ -1,0 +1,137 @@
+"""Stage 5: the differentiable rasteriser, marching tetrahedra and mesh-head training with resume."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from conftest import cli, prepare_sampled, tiny_config
+from headavatar.contract.stage import read_manifest, run_stage
+from headavatar.layout import stage_prefix
+from headavatar.meshhead.tets import cube_tet_grid, marching_tets
+from headavatar.render.mesh_raster import TorchRasterizer
+from headavatar.stages import build_stages
+from headavatar.storage import ObjectStore
+
+
+def test_rasterizer_gradients_match_finite_differences() -> None:
+    pix = torch.tensor([[[3.2, 2.5], [12.7, 4.1], [5.3, 13.4], [13.6, 12.2]]], dtype=torch.float64)
+    depth = torch.tensor([[2.0, 2.5, 3.0, 2.2]], dtype=torch.float64)
+    faces = torch.tensor([[0, 1, 2], [1, 3, 2]])
+    attr = torch.rand(1, 4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    wa, wc = torch.rand(16, 16, dtype=torch.float64), torch.rand(16, 16, 3, dtype=torch.float64)
+    raster = TorchRasterizer(sigma=1.0, cull_backfaces=False)
+
+    def loss(p: torch.Tensor, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        out = raster(p, z, faces, a, 16, 16)
+        return (out.alpha[0] * wa).sum() + (out.attributes[0] * wc).sum()
+
+    args = [t.clone().requires_grad_() for t in (pix, depth, attr)]
+    loss(*args).backward()
+    for i, arg in enumerate(args):
+        numeric = torch.zeros_like(arg)
+        for j in range(arg.numel()):
+            step = torch.zeros_like(arg).view(-1)
+            step[j] = 1e-6
+            plus = [a.detach() + (step.view_as(a) if k == i else 0) for k, a in enumerate(args)]
+            minus = [a.detach() - (step.view_as(a) if k == i else 0) for k, a in enumerate(args)]
+            numeric.view(-1)[j] = (loss(*plus) - loss(*minus)) / 2e-6
+        assert arg.grad.abs().max() > 0.1
+        torch.testing.assert_close(arg.grad, numeric, atol=1e-6, rtol=1e-6)
+
+
+def test_rasterizer_covers_depth_tests_and_interpolates_exactly() -> None:
+    # Two squares of two triangles, wound as the front faces of an outward mesh seen by an OpenCV
+    # camera (positive signed area in x-right/y-down pixels); the near square covers part of the far one.
+    quad = np.array([[0, 0], [1, 0], [1, 1], [0, 1]], np.float64)
+    far = quad * 20 + 10
+    near = quad * 12 + 20
+    pix = torch.tensor(np.concatenate([far, near])[None])
+    depth = torch.tensor([[5.0] * 4 + [2.0] * 4])
+    faces = torch.tensor([[0, 1, 2], [0, 2, 3], [4, 5, 6], [4, 6, 7]])
+    out = TorchRasterizer(sigma=0.5)(pix, depth, faces, pix.clone(), 40, 40)
+    face = out.face_index[0]
+    assert face[15, 15] in (0, 1) and face[25, 25] in (2, 3) and face[5, 5] == -1 and face[35, 35] == -1
+    # Attributes = screen position: interpolation must give back the pixel coordinates.
+    ys, xs = np.mgrid[0:40, 0:40]
+    inside = face.numpy() >= 0
+    np.testing.assert_allclose(out.attributes[0, ..., 0].numpy()[inside], xs[inside], atol=1e-9)
+    np.testing.assert_allclose(out.attributes[0, ..., 1].numpy()[inside], ys[inside], atol=1e-9)
+    alpha = out.alpha[0].numpy()
+    assert alpha[12:28, 12:28].min() > 0.95 and alpha[:6].max() < 0.01
+    assert 0.2 < alpha[20, 10] < 0.8  # on the edge: soft
+    culled = TorchRasterizer(sigma=0.5)(pix, depth, faces[:, [0, 2, 1]], pix.clone(), 40, 40)
+    assert (culled.face_index == -1).all() and culled.alpha.max() < 1e-6  # back faces are not drawn
+
+
+def test_marching_tets_gives_a_closed_outward_sphere_with_sdf_gradients() -> None:
+    pos, tets = cube_tet_grid(20)
+    sdf = (pos.norm(dim=-1) - 0.68).requires_grad_()  # no grid vertex exactly on the surface
+    verts, faces = marching_tets(pos, sdf, tets)
+    edges = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]).sort(-1).values
+    _, counts = torch.unique(edges, dim=0, return_counts=True)
+    assert (counts == 2).all()  # closed 2-manifold
+    normal = torch.cross(verts[faces[:, 1]] - verts[faces[:, 0]], verts[faces[:, 2]] - verts[faces[:, 0]], dim=-1)
+    assert ((normal * verts[faces].mean(1)).sum(-1) > 0).all()  # outward
+    assert torch.allclose(verts.norm(dim=-1), torch.tensor(0.68), atol=5e-3)
+    volume = (verts[faces[:, 0]] * torch.cross(verts[faces[:, 1]], verts[faces[:, 2]], dim=-1)).sum() / 6
+    assert abs(volume.item() / (4 / 3 * np.pi * 0.68**3) - 1) < 0.03
+    volume.backward()
+    assert sdf.grad.abs().sum() > 0
+
+
+def _wait_for(store: ObjectStore, key: str, proc: subprocess.Popen, timeout: float) -> None:
+    t0 = time.monotonic()
+    while not store.exists(key):
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.monotonic() - t0 < timeout, f"no {key} after {timeout}s"
+        time.sleep(0.2)
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_demo_profile_training_resumes_after_sigkill_and_fits_held_out_views(
+        store: ObjectStore, tiny_capture: Path, s3_env: dict[str, str]) -> None:
+    prepare_sampled(store, tiny_capture)
+    cfg = tiny_config("matting.method=classical")
+    for stage in ("matting", "fitting"):
+        run_stage(build_stages()[stage], "018", cfg, store)
+    prefix = store.key(stage_prefix("018", "meshhead"))
+    args = [sys.executable, "-m", "headavatar.cli", "run", "meshhead", "--capture", "018", "--profile", "demo"]
+    proc = subprocess.Popen(args, env={**os.environ, **s3_env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        _wait_for(store, f"{prefix}/_state/checkpoint.pt", proc, timeout=300)  # written at step 100 of 300
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert read_manifest(store, "018", "meshhead") is None
+
+    r = cli("run", "meshhead", "--capture", "018", "--profile", "demo", env=s3_env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from the checkpoint at step 100" in r.stderr
+    m = read_manifest(store, "018", "meshhead")
+    assert m.metrics["resumed_from_step"] == 100 and m.metrics["steps"] == 300
+    history = json.loads(store.get_bytes(f"{prefix}/history.json"))
+    assert [h["step"] for h in history["losses"]] == list(range(10, 301, 10))  # nothing lost, nothing twice
+    ious = [e["holdout_iou"] for e in history["holdout"]]
+    assert [e["step"] for e in history["holdout"]] == [0, 100, 200, 300]
+    assert all(b >= a for a, b in zip(ious, ious[1:], strict=False)), ious  # more steps, better held-out fit
+    assert ious[-1] >= 0.9 and ious[-1] > ious[0] + 0.01, ious
+    assert m.metrics["holdout_iou"] == ious[-1]
+
+    mesh = np.load(io.BytesIO(store.get_bytes(f"{prefix}/neutral_mesh.npz")))
+    assert len(mesh["faces"]) > 1000 and mesh["vertices"].shape[1] == 3
+    sheet = cv2.imdecode(np.frombuffer(store.get_bytes(f"{prefix}/renders/0000.jpg"), np.uint8), 1)
+    assert sheet.shape[1] == 3 * sheet.shape[0] // 2  # 2 held-out cameras x (GT | render | normals)
