@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import signal
@@ -127,7 +128,7 @@ def test_demo_profile_training_resumes_after_sigkill_and_fits_held_out_views(
     assert [h["step"] for h in history["losses"]] == list(range(10, 301, 10))  # nothing lost, nothing twice
     ious = [e["holdout_iou"] for e in history["holdout"]]
     assert [e["step"] for e in history["holdout"]] == [0, 100, 200, 300]
-    assert all(b >= a for a, b in zip(ious, ious[1:], strict=False)), ious  # more steps, better held-out fit
+    assert all(b >= a for a, b in itertools.pairwise(ious)), ious  # more steps, better held-out fit
     assert ious[-1] >= 0.9 and ious[-1] > ious[0] + 0.01, ious
     assert m.metrics["holdout_iou"] == ious[-1]
 

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from headavatar.contract.outputs import RESERVED_PREFIX
 from headavatar.devserver.seaweed import EmbeddedS3
 from headavatar.layout import stage_prefix
 from headavatar.settings import load_config
@@ -70,7 +71,8 @@ def export(env: dict[str, str], capture: str, stage: str, dest: Path) -> Path:
     os.environ.update(env)
     store = ObjectStore(load_config().storage)
     prefix = store.key(stage_prefix(capture, stage))
-    store.download_many((o.key, dest / o.key[len(prefix) + 1:]) for o in store.list(prefix))
+    rels = ((o.key, o.key[len(prefix) + 1:]) for o in store.list(prefix))
+    store.download_many((key, dest / rel) for key, rel in rels if not rel.startswith(RESERVED_PREFIX))
     store.close()
     return dest
 
