@@ -98,7 +98,7 @@ def losses(model: MeshHead, raster: MeshRasterizer, batch: dict[str, torch.Tenso
              + cfg.w_landmark_sdf * loss_lmk + cfg.w_offset * loss_offset + cfg.w_laplacian * loss_lap)
     parts = {"loss": total, "rgb": loss_rgb, "silhouette": loss_sil, "landmark_deform": loss_def,
              "landmark_sdf": loss_lmk, "offset": loss_offset, "laplacian": loss_lap}
-    return total, {k: float(v) for k, v in parts.items()}
+    return total, {k: float(v.detach()) for k, v in parts.items()}
 
 
 @dataclass

@@ -13,7 +13,6 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import av
 import cv2
 import numpy as np
 from tqdm import tqdm
@@ -140,6 +139,8 @@ class _CameraJob:
 
 
 def _render_camera_video(job: _CameraJob) -> str:
+    import av  # here, so the geometry helpers above import without PyAV (GPU benchmark hosts)
+
     spec = job.spec
     model = build_model()
     intr, extr = rig(spec)

@@ -11,15 +11,18 @@ import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 import torch
 
-from headavatar.contract.stage import StageContext
 from headavatar.errors import UpstreamMissing
 from headavatar.imaging import decode_image
 from headavatar.layout import FRAMES_INDEX
+
+if TYPE_CHECKING:  # runtime import would pull in boto3, which GPU benchmark hosts may lack
+    from headavatar.contract.stage import StageContext
 
 log = logging.getLogger(__name__)
 
