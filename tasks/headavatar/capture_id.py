@@ -10,6 +10,10 @@ CAPTURE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 _CAPTURE_ID = re.compile(CAPTURE_ID_PATTERN)
 
 
+def is_capture_id(value: object) -> bool:
+    return isinstance(value, str) and _CAPTURE_ID.fullmatch(value) is not None
+
+
 def validate_capture_id(capture_id: object) -> str:
     if not isinstance(capture_id, str) or not _CAPTURE_ID.fullmatch(capture_id):
         shown = repr(capture_id) if len(repr(capture_id)) <= 40 else repr(capture_id)[:37] + "..."

@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(status)
 
     sub.add_parser("stages", help="list the stages in pipeline order")
+
+    caps = sub.add_parser("captures", help="list the raw captures in the bucket as JSON")
+    caps.add_argument("--pending", action="store_true", help="only those whose last stage is not done")
+    _config_args(caps)
     return parser
 
 
@@ -142,6 +146,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_captures(args: argparse.Namespace) -> int:
+    from headavatar.ingest import pending_captures, raw_captures
+    from headavatar.storage import ObjectStore
+
+    store = ObjectStore(_config(args).storage)
+    try:
+        print(json.dumps((pending_captures if args.pending else raw_captures)(store)))
+    finally:
+        store.close()
+    return 0
+
+
 def _terminate(signum: int, _frame: object) -> None:
     # Containers and pods stop with SIGTERM: unwind so scratch space is removed.
     raise SystemExit(128 + signum)
@@ -155,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("boto3").setLevel(logging.WARNING)
     signal.signal(signal.SIGTERM, _terminate)
     commands = {"run": cmd_run, "synth": cmd_synth, "validate": cmd_validate, "status": cmd_status,
+                "captures": cmd_captures,
                 "stages": lambda _a: print("\n".join(STAGE_NAMES)) or 0}
     try:
         return commands[args.command](args)

@@ -1,0 +1,30 @@
+"""
+### Scheduled ingestion
+
+Every 15 minutes (`HEADAVATAR_INGEST_SCHEDULE`), lists the captures under `raw/` whose last stage
+has no manifest and triggers `headavatar_capture` once per capture (run id `ingest__<id>`; an
+existing run of that id is left alone, so a failed capture is not retried forever: clear or
+re-trigger it by hand).
+"""
+
+import os
+from datetime import datetime
+
+from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
+from airflow.sdk import DAG
+
+from headavatar_airflow.ingest import find_pending_captures
+
+with DAG(
+    dag_id="headavatar_ingest",
+    description="trigger headavatar_capture for new captures in the bucket",
+    schedule=os.environ.get("HEADAVATAR_INGEST_SCHEDULE", "*/15 * * * *"),
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    tags=["headavatar"],
+    doc_md=__doc__,
+):
+    TriggerDagRunOperator.partial(
+        task_id="trigger_capture_runs", trigger_dag_id="headavatar_capture", skip_when_already_exists=True,
+    ).expand_kwargs(find_pending_captures())

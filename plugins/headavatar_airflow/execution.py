@@ -1,0 +1,35 @@
+"""Where stage commands run, read once when the DAG file is parsed (environment, never secrets).
+
+``HEADAVATAR_EXECUTION``: ``docker`` (default; one container per task), ``kubernetes`` (one pod
+per task) or ``local`` (a subprocess of the worker; the embedded default and the tests, since
+development machines have no Docker engine). Credentials come from the Airflow connection
+``headavatar_s3`` (docker, local) or the Kubernetes Secret named below (kubernetes) at run time.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name) or default
+
+
+@dataclass(frozen=True)
+class ExecutionSettings:
+    backend: str = field(default_factory=lambda: _env("HEADAVATAR_EXECUTION", "docker"))
+    cpu_image: str = field(default_factory=lambda: _env("HEADAVATAR_CPU_IMAGE", "headavatar/preprocess:0.1.0"))
+    cuda_image: str = field(default_factory=lambda: _env("HEADAVATAR_CUDA_IMAGE", "headavatar/cuda:0.1.0"))
+    s3_conn_id: str = field(default_factory=lambda: _env("HEADAVATAR_S3_CONN_ID", "headavatar_s3"))
+    gpu_pool: str = field(default_factory=lambda: _env("HEADAVATAR_GPU_POOL", "headavatar_gpu"))
+    docker_url: str = field(default_factory=lambda: _env("HEADAVATAR_DOCKER_URL", "unix://var/run/docker.sock"))
+    docker_network: str | None = field(default_factory=lambda: os.environ.get("HEADAVATAR_DOCKER_NETWORK"))
+    k8s_namespace: str = field(default_factory=lambda: _env("HEADAVATAR_K8S_NAMESPACE", "headavatar"))
+    k8s_s3_secret: str = field(default_factory=lambda: _env("HEADAVATAR_K8S_S3_SECRET", "headavatar-s3"))
+    k8s_gpu_node_selector: str = field(default_factory=lambda: _env("HEADAVATAR_K8S_GPU_NODES",
+                                                                    "nvidia.com/gpu.present=true"))
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("docker", "kubernetes", "local"):
+            raise ValueError(f"HEADAVATAR_EXECUTION must be docker, kubernetes or local, not {self.backend!r}")

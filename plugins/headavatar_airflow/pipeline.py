@@ -1,0 +1,66 @@
+"""What the DAGs declare: the stages in order, where each runs, and the run parameters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# Same pattern as headavatar.capture_id (a test keeps them equal): checked by the trigger form and
+# again by the stage CLI before the id touches a key.
+CAPTURE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    gpu: bool  # runs in the CUDA image, in the GPU pool
+
+
+STAGES = (
+    StageSpec("extract", gpu=False),
+    StageSpec("sample", gpu=False),
+    StageSpec("matting", gpu=True),
+    StageSpec("fitting", gpu=True),
+    StageSpec("meshhead", gpu=True),
+    StageSpec("gaussianhead", gpu=True),
+)
+
+# Trigger-form parameter -> pipeline setting (passed as --set); null means "the profile's value".
+PARAM_SETTINGS = {
+    "sample_stride": "sample.frame_stride",
+    "meshhead_steps": "meshhead.steps",
+}
+
+
+def param_schema() -> dict[str, dict[str, Any]]:
+    """JSON-schema of each run parameter (the UI's trigger form is generated from it)."""
+    return {
+        "id": {"type": "string", "pattern": CAPTURE_ID_PATTERN, "minLength": 1, "maxLength": 64,
+               "title": "Capture id", "description": "NeRSemble capture id, e.g. 018 (raw/ must hold it)"},
+        "profile": {"type": ["null", "string"], "pattern": r"^[A-Za-z0-9_-]+$", "title": "Config profile",
+                    "description": "config/profiles/<name>.yaml overlay, e.g. demo; empty for the defaults"},
+        "sample_stride": {"type": ["null", "integer"], "minimum": 1, "maximum": 1000,
+                          "title": "Sample stride", "description": "keep every N-th extracted frame"},
+        "meshhead_steps": {"type": ["null", "integer"], "minimum": 1, "maximum": 1_000_000,
+                           "title": "Mesh-head training steps"},
+        "gpu": {"type": ["null", "integer"], "minimum": 0, "maximum": 63, "title": "GPU index",
+                "description": "pin GPU stages to this device (docker/local); empty = any free GPU"},
+        "force": {"type": "boolean", "title": "Recompute", "description": "ignore cache hits and checkpoints"},
+    }
+
+
+PARAM_DEFAULTS: dict[str, Any] = {"id": "018", "profile": None, "sample_stride": None, "meshhead_steps": None,
+                                  "gpu": None, "force": False}
+
+
+def cli_args(stage: str, params: dict[str, Any]) -> list[str]:
+    """The stage command for a run's parameters (values already validated by the Param schema)."""
+    args = ["run", stage, "--capture", str(params["id"])]
+    if params.get("profile"):
+        args += ["--profile", str(params["profile"])]
+    for param, setting in PARAM_SETTINGS.items():
+        if params.get(param) is not None:
+            args += ["--set", f"{setting}={int(params[param])}"]
+    if params.get("force"):
+        args.append("--force")
+    return args

@@ -1,0 +1,206 @@
+"""The Airflow layer, against real Airflow: DAG parsing, operator backends, a DAG run, ingestion."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import upload_capture
+from headavatar.capture_id import CAPTURE_ID_PATTERN
+from headavatar.cli import build_parser
+from headavatar.contract.manifest import Manifest
+from headavatar.contract.stage import manifest_key
+from headavatar.storage import ObjectStore
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "plugins"))
+
+from headavatar_airflow.pipeline import CAPTURE_ID_PATTERN as DAG_PATTERN  # noqa: E402
+from headavatar_airflow.pipeline import PARAM_DEFAULTS, STAGES, cli_args  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def airflow_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    home = tmp_path_factory.mktemp("airflow")
+    r = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=_env(home, {}), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return home
+
+
+def _env(home: Path, s3_env: dict[str, str], backend: str = "local") -> dict[str, str]:
+    import os
+
+    env = {**os.environ, "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+           "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+           "HEADAVATAR_EXECUTION": backend, "PYTHONPATH": f"{REPO / 'plugins'}:{REPO / 'tasks'}"}
+    if s3_env:
+        env["AIRFLOW_CONN_HEADAVATAR_S3"] = json.dumps({
+            "conn_type": "aws", "login": s3_env["AWS_ACCESS_KEY_ID"], "password": s3_env["AWS_SECRET_ACCESS_KEY"],
+            "extra": {"endpoint_url": s3_env["HEADAVATAR_S3_ENDPOINT"], "bucket": s3_env["HEADAVATAR_S3_BUCKET"],
+                      "prefix": s3_env["HEADAVATAR_S3_PREFIX"], "region_name": "us-east-1"}})
+    return env
+
+
+def _python(home: Path, code: str, backend: str = "local") -> dict:
+    """Run code in a fresh interpreter configured for this Airflow home; it prints one JSON line."""
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=_env(home, {}, backend),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _airflow(home: Path, env: dict[str, str], *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "airflow", *args], env={**_env(home, {}), **env},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _runs(home: Path, env: dict[str, str]) -> list[dict]:
+    out = _airflow(home, env, "dags", "list-runs", "headavatar_capture", "-o", "json").stdout
+    return json.loads(next(line for line in reversed(out.splitlines()) if line.startswith("[")))
+
+
+LOAD = """
+    import json
+    from airflow.dag_processing.dagbag import DagBag
+    bag = DagBag()
+    dag = bag.dags["headavatar_capture"]
+"""
+
+
+def test_dags_parse_and_declare_six_retried_stages(airflow_home: Path) -> None:
+    facts = _python(airflow_home, LOAD + """
+    from airflow.sdk.definitions.param import Param
+    schema = {k: v.schema for k, v in dag.params.items()}
+    rejected = []
+    for bad in ["../018", "018;rm", "018/..", "", "x" * 200, "ü018", "-018"]:
+        try:
+            Param(bad, **schema["id"]).resolve()
+        except Exception:
+            rejected.append(bad)
+    print(json.dumps({
+        "errors": bag.import_errors and {k: str(v)[:300] for k, v in bag.import_errors.items()},
+        "dags": sorted(bag.dags),
+        "order": [t.task_id for t in dag.topological_sort()],
+        "upstream": {t.task_id: sorted(t.upstream_task_ids) for t in dag.tasks},
+        "pools": {t.task_id: t.pool for t in dag.tasks},
+        "retries": {t.task_id: [t.retries, t.retry_exponential_backoff] for t in dag.tasks},
+        "types": sorted({type(t).__name__ for t in dag.tasks}),
+        "id_pattern": schema["id"]["pattern"], "rejected": rejected,
+        "ok": Param("018", **schema["id"]).resolve(),
+    }))
+    """)
+    assert not facts["errors"], facts["errors"]
+    assert facts["dags"] == ["headavatar_capture", "headavatar_ingest"]
+    names = [s.name for s in STAGES]
+    assert facts["order"] == names
+    assert facts["upstream"] == {n: ([names[i - 1]] if i else []) for i, n in enumerate(names)}
+    assert {t: p for t, p in facts["pools"].items() if p == "headavatar_gpu"} == {
+        n: "headavatar_gpu" for n in ("matting", "fitting", "meshhead", "gaussianhead")}
+    assert all(r == [3, True] for r in facts["retries"].values())
+    assert facts["types"] == ["LocalStageOperator"]
+    assert facts["id_pattern"] == DAG_PATTERN == CAPTURE_ID_PATTERN
+    assert len(facts["rejected"]) == 7 and facts["ok"] == "018"
+
+
+def test_every_command_the_dag_sends_is_one_the_stage_cli_accepts() -> None:
+    params = {**PARAM_DEFAULTS, "id": "018", "profile": "demo", "sample_stride": 5, "meshhead_steps": 100,
+              "gpu": 1, "force": True}
+    for stage in STAGES:
+        args = build_parser().parse_args(cli_args(stage.name, params))
+        assert (args.command, args.stage, args.capture, args.profile, args.force) == (
+            "run", stage.name, "018", "demo", True)
+        assert args.overrides == ["sample.frame_stride=5", "meshhead.steps=100"]
+
+
+@pytest.mark.parametrize("backend", ["docker", "kubernetes"])
+def test_production_backends_isolate_stages_and_request_gpus(airflow_home: Path, backend: str) -> None:
+    facts = _python(airflow_home, LOAD + """
+    out = {}
+    for t in dag.tasks:
+        d = {"type": type(t).__name__, "image": t.image}
+        if hasattr(t, "auto_remove"):
+            d.update(auto_remove=t.auto_remove, mounts=t.mounts, tmp=t.mount_tmp_dir, privileged=t.privileged,
+                     env=t.environment, private=t._private_environment)
+        else:
+            r = t.container_resources
+            d.update(cmds=t.cmds, gpus=(r.limits or {}).get("nvidia.com/gpu") if r else None,
+                     selector=t.node_selector, tolerations=len(t.tolerations or []),
+                     secret=[e.secret_ref.name for e in t.env_from], finish=str(t.on_finish_action),
+                     non_root=t.security_context.run_as_non_root, env=[e.name for e in t.env_vars])
+        out[t.task_id] = d
+    print(json.dumps(out, default=str))
+    """, backend=backend)
+    for stage in STAGES:
+        t = facts[stage.name]
+        assert t["image"] == ("headavatar/cuda:0.1.0" if stage.gpu else "headavatar/preprocess:0.1.0")
+        if backend == "docker":
+            assert t["type"] == "DockerStageOperator" and t["auto_remove"] == "force"
+            assert t["mounts"] == [] and t["tmp"] is False and t["privileged"] is False
+            assert t["env"] == {"PYTHONUNBUFFERED": "1"} and not t["private"]  # secrets only at run time
+        else:
+            assert t["type"] == "KubernetesStageOperator" and t["cmds"] == ["headavatar"]
+            assert t["secret"] == ["headavatar-s3"] and t["non_root"] is True and "DELETE_POD" in t["finish"].upper()
+            assert t["gpus"] == ("1" if stage.gpu else None) and t["tolerations"] == (1 if stage.gpu else 0)
+            assert not any("SECRET" in name or "KEY" in name for name in t["env"])
+
+
+@pytest.fixture
+def uploaded(store: ObjectStore, tiny_capture: Path) -> Iterator[ObjectStore]:
+    upload_capture(store, tiny_capture)
+    yield store
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_triggered_run_executes_the_stage_cli_and_a_rerun_hits_the_cache(
+        airflow_home: Path, uploaded: ObjectStore, s3_env: dict[str, str]) -> None:
+    env = {"AIRFLOW_CONN_HEADAVATAR_S3": _env(airflow_home, s3_env)["AIRFLOW_CONN_HEADAVATAR_S3"]}
+    conf = json.dumps({"id": "018", "profile": "demo", "meshhead_steps": 20})
+    first = _airflow(airflow_home, env, "dags", "test", "headavatar_capture", "--conf", conf)
+    log = first.stdout + first.stderr
+    for stage in ("extract", "sample", "matting", "fitting", "meshhead"):
+        assert read(uploaded, stage) is not None, log[-3000:]
+    assert read(uploaded, "meshhead").config["meshhead"]["steps"] == 20  # the form's override reached the stage
+    # Stage 6 has not landed: its task fails at once (exit 3 is final, no retry wait), the run fails.
+    assert "headavatar run gaussianhead exited with 3" in log and "up_for_retry" not in log.split("gaussianhead")[-1]
+    runs = _runs(airflow_home, env)
+    assert [x["state"] for x in runs if x["run_id"].startswith("manual__")] == ["failed"]
+
+    # Clearing and re-running: finished stages are cache hits, nothing is recomputed.
+    second = _airflow(airflow_home, env, "dags", "test", "headavatar_capture", "--conf", conf)
+    log2 = second.stdout + second.stderr
+    for stage in ("extract", "sample", "matting", "fitting", "meshhead"):
+        assert f"018/{stage}: cache hit" in log2, log2[-3000:]
+    secret = s3_env["AWS_SECRET_ACCESS_KEY"]
+    assert secret not in log and secret not in log2
+    assert not any(secret in p.read_text(errors="ignore") for p in (airflow_home / "logs").rglob("*") if p.is_file())
+
+
+def read(store: ObjectStore, stage: str) -> Manifest | None:
+    from headavatar.contract.stage import read_manifest
+
+    return read_manifest(store, "018", stage)
+
+
+@pytest.mark.s3
+def test_ingestion_triggers_one_run_per_pending_capture(airflow_home: Path, store: ObjectStore,
+                                                        s3_env: dict[str, str]) -> None:
+    for cid in ("018", "019", "020"):
+        store.put_bytes(store.key("raw/camera_params", cid, "camera_params.json"), b"{}")
+    store.put_bytes(store.key("raw/camera_params/bad..id/camera_params.json"), b"{}")
+    done = Manifest(stage="gaussianhead", capture="019", package_version="0", config_digest="x", config={},
+                    inputs={}, files={}, metrics={}, started_at="", finished_at="", wall_time_s=0.0)
+    store.put_bytes(manifest_key(store, "019", "gaussianhead"), done.to_json())
+    env = {"AIRFLOW_CONN_HEADAVATAR_S3": _env(airflow_home, s3_env)["AIRFLOW_CONN_HEADAVATAR_S3"]}
+    r = _airflow(airflow_home, env, "dags", "test", "headavatar_ingest")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    runs = _runs(airflow_home, env)
+    ingested = {x["run_id"] for x in runs if x["run_id"].startswith("ingest__")}
+    assert ingested == {"ingest__018", "ingest__020"}
