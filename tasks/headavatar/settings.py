@@ -172,6 +172,36 @@ class MeshHeadConfig(Section):
     device: DeviceName = "auto"
 
 
+class GaussianHeadConfig(Section):
+    """Stage 6: GHA Gaussian head + super-resolution (reference: train_gaussianhead_N031.yaml and its trainer)."""
+
+    steps: Annotated[int, Field(ge=1, le=10_000_000)] = 100_000
+    views_per_step: Annotated[int, Field(ge=1, le=64)] = 1
+    coarse_size: Annotated[int, Field(ge=16, le=4096)] = 512  # 32-channel splatting resolution
+    fine_size: Annotated[int, Field(ge=16, le=4096)] = 2048  # super-resolution output (must be coarse * 2^k)
+    features: Annotated[int, Field(ge=1, le=256)] = 32  # channels rendered; the first 3 are RGB
+    mouth_points: Annotated[int, Field(ge=0, le=100_000)] = 3000
+    hidden: Annotated[int, Field(ge=8, le=1024)] = 256
+    pos_freqs: Annotated[int, Field(ge=0, le=16)] = 4
+    deform_scale: Annotated[float, Field(gt=0, le=1)] = 0.3
+    attributes_scale: Annotated[float, Field(gt=0, le=1)] = 0.2
+    near_face: Annotated[float, Field(ge=0, le=2)] = 0.1
+    far_from_face: Annotated[float, Field(ge=0, le=2)] = 0.25
+    sr_channels: Annotated[int, Field(ge=4, le=512)] = 32
+    lr_net: Annotated[float, Field(gt=0, le=1)] = 1e-4
+    lr_pose: Annotated[float, Field(ge=0, le=1)] = 1e-5  # per-frame pose refinement (0 = off)
+    w_rgb_low: Annotated[float, Field(ge=0)] = 1.0
+    w_rgb_high: Annotated[float, Field(ge=0)] = 1.0
+    w_perceptual: Annotated[float, Field(ge=0)] = 0.1
+    lpips_weights: str | None = Field(None, description="LPIPS-VGG weights (path or s3://); unset = SSIM stand-in")
+    rasterizer: Literal["auto", "gsplat", "torch"] = "auto"  # auto = gsplat on CUDA when installed
+    holdout_cameras: tuple[str, ...] = ("222200039", "222200044")
+    eval_every: Annotated[int, Field(ge=0)] = 5000
+    checkpoint_every: Annotated[int, Field(ge=1)] = 1000
+    seed: int = 0
+    device: DeviceName = "auto"
+
+
 class PipelineConfig(Section):
     storage: StorageConfig = StorageConfig()
     capture: CaptureConfig = CaptureConfig()
@@ -181,6 +211,7 @@ class PipelineConfig(Section):
     landmarks: LandmarksConfig = LandmarksConfig()
     fitting: FittingConfig = FittingConfig()
     meshhead: MeshHeadConfig = MeshHeadConfig()
+    gaussianhead: GaussianHeadConfig = GaussianHeadConfig()
 
     def section(self, name: str) -> Section:
         return getattr(self, name)

@@ -101,7 +101,8 @@ class EmbeddedS3:
             weed_binary(), "server", f"-ip={LOOPBACK}", f"-ip.bind={LOOPBACK}",
             f"-dir={self.data_dir}", f"-master.port={master}", f"-volume.port={volume}",
             f"-filer.port={filer}", "-s3", f"-s3.port={self.s3_port}", f"-s3.config={config_path}",
-            "-s3.port.iceberg=0",  # its fixed default port (8181) would keep a second server from starting
+            # Their fixed default ports (8181, 9101) would keep a second server on the host from starting.
+            "-s3.port.iceberg=0", "-s3.port.lance=0",
             "-master.volumeSizeLimitMB=512", "-volume.max=0", "-volume.preStopSeconds=0",
             "-master.telemetry=false",
         ]

@@ -59,9 +59,10 @@ class MeshHead(nn.Module):
         pos, tets = cube_tet_grid(cfg.grid_resolution)
         self.register_buffer("grid", pos)
         self.register_buffer("tets", tets)
-        self.register_buffer("box_center", center.float())
-        self.register_buffer("box_half", half.float())
-        self.register_buffer("ellipsoid", ellipsoid.float())
+        # Copies: buffers must never share storage (load_state_dict writes into them in place).
+        self.register_buffer("box_center", center.float().clone())
+        self.register_buffer("box_half", half.float().clone())
+        self.register_buffer("ellipsoid", ellipsoid.float().clone())
         self.enc = PositionalEncoding(cfg.pos_freqs)
         e, h = self.enc.dim, cfg.hidden
         self.geo = mlp(e, h, cfg.geo_layers, 4 + cfg.features)

@@ -2,29 +2,14 @@
 
 from __future__ import annotations
 
-from headavatar.contract.stage import Stage, StageContext
-from headavatar.errors import StageNotImplemented
-
-
-class _Pending(Stage):
-    """A declared stage whose implementation has not landed: it fails loudly, never silently."""
-
-    config_sections = ()
-
-    def __init__(self, name: str, inputs: tuple[str, ...], issue: int):
-        self.name, self.inputs, self.issue = name, inputs, issue  # type: ignore[misc]
-
-    def check_available(self) -> None:
-        raise StageNotImplemented(f"stage {self.name!r} is not implemented yet (tracked in issue {self.issue})")
-
-    def run(self, ctx: StageContext) -> None:
-        self.check_available()
+from headavatar.contract.stage import Stage
 
 
 def build_stages() -> dict[str, Stage]:
     # Imported here so that commands which only name stages do not load OpenCV/PyAV.
     from headavatar.stages.extract import Extract
     from headavatar.stages.fitting import Fitting
+    from headavatar.stages.gaussianhead import GaussianHeadStage
     from headavatar.stages.matting import Matting
     from headavatar.stages.meshhead import MeshHeadStage
     from headavatar.stages.sample import Sample
@@ -35,7 +20,7 @@ def build_stages() -> dict[str, Stage]:
         Matting(),
         Fitting(),
         MeshHeadStage(),
-        _Pending("gaussianhead", ("sample", "matting", "fitting", "meshhead"), 9),
+        GaussianHeadStage(),
     ]
     return {s.name: s for s in stages}
 

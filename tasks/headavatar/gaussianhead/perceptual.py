@@ -1,0 +1,113 @@
+"""Image metrics and the perceptual loss: PSNR, SSIM, and LPIPS-VGG when its weights are supplied.
+
+LPIPS needs ImageNet VGG-16 weights plus LPIPS's linear heads, which are downloads this pipeline
+never makes at run time. ``gaussianhead.lpips_weights`` names ONE state dict holding torchvision's
+``vgg16`` ``features.*`` tensors and LPIPS v0.1's ``lin{0..4}.model.1.weight`` (the README shows how
+to merge them). Without it the perceptual term is 1 - SSIM, with a warning, and LPIPS is not
+reported.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from headavatar.errors import ConfigError
+
+log = logging.getLogger(__name__)
+VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
+TAPS = (3, 8, 15, 22, 29)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in torchvision's numbering
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per image (B, 3, H, W) in [0, 1]."""
+    mse = ((a - b) ** 2).flatten(1).mean(1).clamp_min(1e-10)
+    return -10 * torch.log10(mse)
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """Per image mean SSIM (Wang et al. 2004, Gaussian window), (B, C, H, W) in [0, 1]."""
+    x = torch.arange(window, dtype=a.dtype, device=a.device) - window // 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    g = g / g.sum()
+    c = a.shape[1]
+    k = (g[:, None] * g[None, :]).expand(c, 1, window, window)
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(t, k, padding=window // 2, groups=c)
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a, var_b = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2
+    cov = blur(a * b) - mu_a * mu_b
+    c1, c2 = 0.01**2, 0.03**2
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return s.flatten(1).mean(1)
+
+
+class LPIPSVGG(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        ch = 3
+        for v in VGG16:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(ch, int(v), 3, padding=1), nn.ReLU(inplace=False)]
+                ch = int(v)
+        self.features = nn.Sequential(*layers)
+        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in (64, 128, 256, 512, 512))
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188])[None, :, None, None])
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450])[None, :, None, None])
+        self.requires_grad_(False)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Per image distance, inputs (B, 3, H, W) in [0, 1]."""
+        xa, xb = (((t * 2 - 1) - self.shift) / self.scale for t in (a, b))
+        total = torch.zeros(a.shape[0], device=a.device, dtype=a.dtype)
+        tap = 0
+        for i, layer in enumerate(self.features):
+            xa, xb = layer(xa), layer(xb)
+            if i == TAPS[tap]:
+                na = xa / (xa.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+                nb = xb / (xb.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+                total = total + self.lins[tap]((na - nb) ** 2).mean((1, 2, 3))
+                tap += 1
+                if tap == len(TAPS):
+                    break
+        return total
+
+    def load(self, path: Path, name: str) -> LPIPSVGG:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ConfigError(f"gaussianhead.lpips_weights {name} is not a PyTorch state dict "
+                              f"({type(e).__name__})") from None
+        mapped = {k: v for k, v in state.items() if k.startswith("features.")}
+        mapped.update({f"lins.{i}.weight": state.get(f"lin{i}.model.1.weight") for i in range(5)})
+        missing = [k for k, v in mapped.items() if v is None]
+        try:
+            if missing:
+                raise RuntimeError(f"missing {', '.join(missing)}")
+            self.load_state_dict({**mapped, "shift": self.shift, "scale": self.scale}, strict=True)
+        except RuntimeError as e:
+            first = str(e).replace("\n", " ")
+            raise ConfigError(f"gaussianhead.lpips_weights {name} do not match LPIPS-VGG: {first[:200]}") from None
+        return self
+
+
+class Perceptual:
+    """The training term and, when LPIPS is available, the reported metric."""
+
+    def __init__(self, lpips: LPIPSVGG | None):
+        self.lpips = lpips
+        if lpips is None:
+            log.warning("gaussianhead.lpips_weights not set: the perceptual loss is 1 - SSIM and LPIPS is not "
+                        "reported (see README, stage 6)")
+
+    def loss(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.lpips(a, b).mean() if self.lpips is not None else 1 - ssim(a, b).mean()

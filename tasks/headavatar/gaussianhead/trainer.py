@@ -1,0 +1,142 @@
+"""Gaussian-head training: coarse 32-channel splat -> super-resolution, reference losses, held-out metrics."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from headavatar.errors import PipelineError
+from headavatar.gaussianhead.model import GaussianHead, SuperResolution
+from headavatar.gaussianhead.perceptual import Perceptual, psnr, ssim
+from headavatar.render.gaussian_raster import GaussianRasterizer
+from headavatar.settings import GaussianHeadConfig
+from headavatar.training.views import Views
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    resumed_from: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    evals: list[dict[str, float]] = field(default_factory=list)
+
+
+class GaussianHeadTrainer:
+    def __init__(self, head: GaussianHead, sr: SuperResolution, coarse: Views, fine: Views, cfg: GaussianHeadConfig,
+                 raster: GaussianRasterizer, perceptual: Perceptual, device: torch.device):
+        self.head, self.sr = head.to(device), sr.to(device)
+        self.coarse, self.fine, self.cfg, self.raster, self.perceptual = coarse, fine, cfg, raster, perceptual
+        self.device = device
+        net = [p for n, p in head.named_parameters() if n != "delta_pose"] + list(sr.parameters())
+        groups = [{"params": net, "lr": cfg.lr_net}]
+        if cfg.lr_pose > 0:
+            groups.append({"params": [head.delta_pose], "lr": cfg.lr_pose})
+        else:
+            head.delta_pose.requires_grad_(False)
+        self.opt = torch.optim.Adam(groups)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        held = set(coarse.camera_index(cfg.holdout_cameras))
+        self.train_cams = [c for c in range(len(coarse.cameras)) if c not in held]
+        self.held_cams = sorted(held)
+        if not self.train_cams:
+            raise PipelineError("gaussianhead.holdout_cameras leaves no camera to train on")
+        self.scale = torch.tensor(coarse.scale, device=device)
+        self.state = TrainState()
+
+    def _tensor(self, a: object) -> torch.Tensor:
+        return torch.as_tensor(a, dtype=torch.float32, device=self.device)
+
+    def render(self, frame: int, cam: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Coarse features (C, h, w), coarse alpha (h, w) and the super-resolved RGB (3, H, W)."""
+        v = self.coarse
+        splats = self.head.splats(self._tensor(v.exp[frame]), self._tensor(v.pose[frame]), self.scale, frame)
+        view = torch.eye(4, device=self.device)
+        view[:3] = self._tensor(v.extrinsics[frame, cam])
+        img, alpha = self.raster(splats, view, self._tensor(v.intrinsics[frame, cam]), v.size, v.size)
+        feats = img.permute(2, 0, 1)
+        return feats, alpha, self.sr(feats[None])[0]
+
+    def targets(self, frame: int, cam: int) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, v in (("coarse", self.coarse), ("fine", self.fine)):
+            b = v.tensors(torch.tensor([frame]), torch.tensor([cam]), self.device)
+            out[name] = (b["image"][0] * b["mask"][0, ..., None]).permute(2, 0, 1)
+            out[f"{name}_visible"] = b["visible"][0][None]
+        return out
+
+    def losses(self, frame: int, cam: int) -> tuple[torch.Tensor, dict[str, float]]:
+        feats, _, sr = self.render(frame, cam)
+        t = self.targets(frame, cam)
+        vc, vf = t["coarse_visible"], t["fine_visible"]
+        low = F.l1_loss(feats[:3] * vc, t["coarse"] * vc)
+        high = F.l1_loss(sr * vf, t["fine"] * vf)
+        perc = self.perceptual.loss((sr * vf)[None], (t["fine"] * vf)[None])
+        cfg = self.cfg
+        total = cfg.w_rgb_low * low + cfg.w_rgb_high * high + cfg.w_perceptual * perc
+        return total, {"loss": float(total.detach()), "rgb_low": float(low.detach()), "rgb_high": float(high.detach()),
+                       "perceptual": float(perc.detach())}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """PSNR / SSIM (/ LPIPS) of the super-resolved image on held-out cameras over all frames."""
+        if not self.held_cams:
+            return {}
+        scores: dict[str, list[float]] = {"psnr": [], "ssim": [], "lpips": []}
+        for f in range(len(self.coarse.folders)):
+            for c in self.held_cams:
+                _, _, sr = self.render(f, c)
+                t = self.targets(f, c)
+                a, b = (sr.clamp(0, 1) * t["fine_visible"])[None], (t["fine"] * t["fine_visible"])[None]
+                scores["psnr"].append(float(psnr(a, b)[0]))
+                scores["ssim"].append(float(ssim(a, b)[0]))
+                if self.perceptual.lpips is not None:
+                    scores["lpips"].append(float(self.perceptual.lpips(a, b)[0]))
+        return {f"holdout_{k}": sum(v) / len(v) for k, v in scores.items() if v}
+
+    def state_dict(self) -> dict:
+        return {"step": self.state.step, "head": self.head.state_dict(), "sr": self.sr.state_dict(),
+                "optimizer": self.opt.state_dict(), "generator": self.gen.get_state(),
+                "history": self.state.history, "evals": self.state.evals}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.head.load_state_dict(s["head"])
+        self.sr.load_state_dict(s["sr"])
+        self.opt.load_state_dict(s["optimizer"])
+        self.gen.set_state(s["generator"])
+        self.state = TrainState(s["step"], s["step"], s["history"], s["evals"])
+
+    def train(self, save: Callable[[dict], None], log_every: int = 10) -> TrainState:
+        cfg, n_frames = self.cfg, len(self.coarse.folders)
+        t0, since = time.monotonic(), self.state.step
+        if self.state.step == 0 and cfg.eval_every:
+            self.state.evals.append({"step": 0, **self.evaluate()})
+        for step in range(self.state.step, cfg.steps):
+            frames = torch.randint(n_frames, (cfg.views_per_step,), generator=self.gen)
+            cams = torch.randint(len(self.train_cams), (cfg.views_per_step,), generator=self.gen)
+            total, parts_sum = 0.0, {}
+            for f, c in zip(frames.tolist(), cams.tolist(), strict=True):
+                loss, parts = self.losses(f, self.train_cams[c])
+                total = total + loss / cfg.views_per_step
+                parts_sum = {k: parts_sum.get(k, 0.0) + v / cfg.views_per_step for k, v in parts.items()}
+            self.opt.zero_grad(set_to_none=True)
+            total.backward()
+            self.opt.step()
+            self.state.step = done = step + 1
+            if done % log_every == 0 or done == cfg.steps:
+                self.state.history.append({"step": done, **parts_sum})
+            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
+                self.state.evals.append({"step": done, **self.evaluate()})
+            if done % max(1, cfg.steps // 20) == 0:
+                rate = (done - since) / max(time.monotonic() - t0, 1e-9)
+                log.info("gaussianhead: step %d/%d loss %.4f (%.2f steps/s)", done, cfg.steps, parts_sum["loss"], rate)
+            if done % cfg.checkpoint_every == 0 and done < cfg.steps:
+                save(self.state_dict())
+        self.state.evals.append({"step": cfg.steps, **self.evaluate()})
+        return self.state

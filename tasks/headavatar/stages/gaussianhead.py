@@ -1,0 +1,128 @@
+"""Stage 6: train the Gaussian head (Gaussian Head Avatar stage 2) and export the avatar.
+
+Outputs: ``avatar/avatar.pt`` (Gaussian head, super-resolution net, per-frame pose corrections)
+and ``avatar/avatar.json`` (what rendering it needs: config, expression size, the frames and
+cameras it was trained on, its held-out scores), ``history.json`` (losses, held-out PSNR/SSIM
+[/LPIPS] by step) and ``renders/<NNNN>.jpg`` (GT | render for every held-out camera).
+Checkpoint/resume as stage 5.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import numpy as np
+import torch
+
+from headavatar.assets import asset_identity, fetch_asset
+from headavatar.contract.stage import Stage, StageContext
+from headavatar.devices import resolve_device
+from headavatar.errors import ConfigError
+from headavatar.gaussianhead.model import GaussianHead, SuperResolution
+from headavatar.gaussianhead.perceptual import LPIPSVGG, Perceptual
+from headavatar.gaussianhead.trainer import GaussianHeadTrainer
+from headavatar.imaging import encode_jpg
+from headavatar.meshhead.model import MeshHead
+from headavatar.render.gaussian_raster import build_gaussian_rasterizer
+from headavatar.settings import MeshHeadConfig, PipelineConfig
+from headavatar.storage import ObjectStore
+from headavatar.training.checkpoints import Checkpoints
+from headavatar.training.views import load_views
+
+log = logging.getLogger(__name__)
+
+
+def load_meshhead(ctx: StageContext) -> MeshHead:
+    saved = torch.load(io.BytesIO(ctx.store.get_bytes(ctx.input_key("meshhead", "model.pt"))), map_location="cpu",
+                       weights_only=False)
+    cfg = MeshHeadConfig.model_validate(saved["config"])
+    model = MeshHead(cfg, saved["n_exp"], torch.zeros(3), torch.ones(3), torch.ones(3), torch.zeros(68, 3))
+    model.load_state_dict(saved["model"])
+    return model.eval()
+
+
+class GaussianHeadStage(Stage):
+    name = "gaussianhead"
+    inputs = ("sample", "matting", "fitting", "meshhead")
+    config_sections = ("capture", "extract", "gaussianhead")
+
+    def raw_inputs(self, store: ObjectStore, capture: str, config: PipelineConfig) -> dict[str, str]:
+        cfg = config.gaussianhead
+        factor = cfg.fine_size // cfg.coarse_size
+        if cfg.fine_size % cfg.coarse_size or factor & (factor - 1):
+            raise ConfigError(f"gaussianhead.fine_size ({cfg.fine_size}) must be coarse_size ({cfg.coarse_size}) "
+                              "times a power of two")
+        if cfg.lpips_weights:
+            return {"lpips_weights": asset_identity(store, cfg.lpips_weights, "gaussianhead.lpips_weights")}
+        return {}
+
+    def run(self, ctx: StageContext) -> None:
+        cfg = ctx.config.gaussianhead
+        device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        lpips = None
+        if cfg.lpips_weights:
+            path = fetch_asset(ctx.store, cfg.lpips_weights, "gaussianhead.lpips_weights", ctx.scratch)
+            lpips = LPIPSVGG().load(path, cfg.lpips_weights).to(device)
+        raster = build_gaussian_rasterizer(cfg.rasterizer, device)
+        lowres = ctx.config.extract.lowres_size
+        coarse = load_views(ctx, cfg.coarse_size, lowres=cfg.coarse_size <= lowres)
+        fine = load_views(ctx, cfg.fine_size, lowres=cfg.fine_size <= lowres)
+
+        mesh = load_meshhead(ctx)
+        with torch.no_grad():
+            verts, _, _ = mesh.neutral()
+            _, _, features = mesh.query(verts)
+            head = GaussianHead(cfg, coarse.exp.shape[1], len(coarse.folders), mesh.to_canonical(verts), features,
+                                mesh.to_canonical(mesh.landmarks), mesh.box_center, float(mesh.box_half.max()))
+        sr = SuperResolution(cfg.features, cfg.sr_channels, cfg.fine_size // cfg.coarse_size)
+        trainer = GaussianHeadTrainer(head, sr, coarse, fine, cfg, raster, Perceptual(lpips), device)
+        checkpoints = Checkpoints(ctx)
+        saved = checkpoints.load()
+        if saved is not None:
+            trainer.load_state_dict(saved)
+            log.info("%s/gaussianhead: resuming from the checkpoint at step %d", ctx.capture, trainer.state.step)
+        log.info("%s/gaussianhead: %d Gaussians, %d frames, %d training + %d held-out cameras, %s rasteriser, "
+                 "%d -> %d px, %d steps on %s", ctx.capture, len(head.xyz), len(coarse.folders),
+                 len(trainer.train_cams), len(trainer.held_cams), raster.name, cfg.coarse_size, cfg.fine_size,
+                 cfg.steps, device)
+        state = trainer.train(save=checkpoints.save)
+
+        final = state.evals[-1]
+        buf = io.BytesIO()
+        torch.save({"head": head.state_dict(), "sr": sr.state_dict(), "config": cfg.model_dump(mode="json"),
+                    "n_exp": int(coarse.exp.shape[1]), "n_frames": len(coarse.folders),
+                    "n_gaussians": len(head.xyz), "feature_dim": int(head.features.shape[1])}, buf)
+        ctx.outputs.put_bytes("avatar/avatar.pt", buf.getvalue())
+        ctx.outputs.put_bytes("avatar/avatar.json", json.dumps({
+            "capture": ctx.capture, "format": "headavatar-gaussianhead/1",
+            "checkpoint": "avatar.pt", "gaussians": len(head.xyz), "features": cfg.features,
+            "coarse_size": cfg.coarse_size, "fine_size": cfg.fine_size,
+            "frames": coarse.folders, "cameras": coarse.cameras, "holdout_cameras": list(cfg.holdout_cameras),
+            "inputs": ctx.inputs, "metrics": final,
+            "render": "headavatar.gaussianhead.model.GaussianHead.splats(exp, pose, scale, frame) -> "
+                      "headavatar.render.gaussian_raster -> SuperResolution",
+        }, indent=1).encode())
+        ctx.outputs.put_bytes("history.json", json.dumps({"losses": state.history, "holdout": state.evals}).encode())
+        self._pictures(ctx, trainer)
+        ctx.metrics.update({"steps": cfg.steps, "resumed_from_step": state.resumed_from, "gaussians": len(head.xyz),
+                            **{k: v for k, v in final.items() if k != "step"},
+                            **{f"final_{k}": v for k, v in state.history[-1].items() if k != "step"}})
+        log.info("%s/gaussianhead: held-out %s", ctx.capture,
+                 ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k != "step"))
+
+    @staticmethod
+    @torch.no_grad()
+    def _pictures(ctx: StageContext, trainer: GaussianHeadTrainer) -> None:
+        cams = trainer.held_cams or trainer.train_cams[:2]
+        frames = trainer.coarse.folders
+        for f in sorted({0, len(frames) - 1}):
+            rows = []
+            for c in cams:
+                _, _, sr = trainer.render(f, c)
+                gt = trainer.targets(f, c)["fine"]
+                rows.append(torch.cat([gt, sr], 2).permute(1, 2, 0).cpu().numpy())
+            sheet = (np.clip(np.vstack(rows), 0, 1) * 255).astype(np.uint8)[..., ::-1]
+            ctx.outputs.put_bytes(f"renders/{frames[f]}.jpg", encode_jpg(sheet, 92))
