@@ -111,12 +111,12 @@ def test_dags_parse_and_declare_six_retried_stages(airflow_home: Path) -> None:
 
 def test_every_command_the_dag_sends_is_one_the_stage_cli_accepts() -> None:
     params = {**PARAM_DEFAULTS, "id": "018", "profile": "demo", "sample_stride": 5, "meshhead_steps": 100,
-              "gpu": 1, "force": True}
+              "gaussianhead_steps": 50, "gpu": 1, "force": True}
     for stage in STAGES:
         args = build_parser().parse_args(cli_args(stage.name, params))
         assert (args.command, args.stage, args.capture, args.profile, args.force) == (
             "run", stage.name, "018", "demo", True)
-        assert args.overrides == ["sample.frame_stride=5", "meshhead.steps=100"]
+        assert args.overrides == ["sample.frame_stride=5", "meshhead.steps=100", "gaussianhead.steps=50"]
 
 
 @pytest.mark.parametrize("backend", ["docker", "kubernetes"])
@@ -159,25 +159,30 @@ def uploaded(store: ObjectStore, tiny_capture: Path) -> Iterator[ObjectStore]:
 
 @pytest.mark.s3
 @pytest.mark.slow
-def test_triggered_run_executes_the_stage_cli_and_a_rerun_hits_the_cache(
+def test_triggered_run_executes_all_six_stages_and_a_rerun_hits_the_cache(
         airflow_home: Path, uploaded: ObjectStore, s3_env: dict[str, str]) -> None:
     env = {"AIRFLOW_CONN_HEADAVATAR_S3": _env(airflow_home, s3_env)["AIRFLOW_CONN_HEADAVATAR_S3"]}
-    conf = json.dumps({"id": "018", "profile": "demo", "meshhead_steps": 20})
+    conf = json.dumps({"id": "018", "profile": "demo", "meshhead_steps": 20, "gaussianhead_steps": 20})
     first = _airflow(airflow_home, env, "dags", "test", "headavatar_capture", "--conf", conf)
     log = first.stdout + first.stderr
-    for stage in ("extract", "sample", "matting", "fitting", "meshhead"):
+    names = [s.name for s in STAGES]
+    for stage in names:
         assert read(uploaded, stage) is not None, log[-3000:]
-    assert read(uploaded, "meshhead").config["meshhead"]["steps"] == 20  # the form's override reached the stage
-    # Stage 6 has not landed: its task fails at once (exit 3 is final, no retry wait), the run fails.
-    assert "headavatar run gaussianhead exited with 3" in log and "up_for_retry" not in log.split("gaussianhead")[-1]
-    runs = _runs(airflow_home, env)
-    assert [x["state"] for x in runs if x["run_id"].startswith("manual__")] == ["failed"]
+    # The form's overrides reached the stages' config.
+    assert read(uploaded, "meshhead").config["meshhead"]["steps"] == 20
+    assert read(uploaded, "gaussianhead").config["gaussianhead"]["steps"] == 20
+    assert [x["state"] for x in _runs(airflow_home, env) if x["run_id"].startswith("manual__")] == ["success"]
 
-    # Clearing and re-running: finished stages are cache hits, nothing is recomputed.
+    # A second run (what clearing a task and its downstream amounts to): every stage is a cache hit.
     second = _airflow(airflow_home, env, "dags", "test", "headavatar_capture", "--conf", conf)
     log2 = second.stdout + second.stderr
-    for stage in ("extract", "sample", "matting", "fitting", "meshhead"):
+    for stage in names:
         assert f"018/{stage}: cache hit" in log2, log2[-3000:]
+    # A bad id never reaches a stage: the form's schema rejects it before any task runs.
+    before = len(_runs(airflow_home, env))
+    bad = _airflow(airflow_home, env, "dags", "test", "headavatar_capture", "--conf", json.dumps({"id": "../018"}))
+    assert bad.returncode != 0 and "../018" in bad.stdout + bad.stderr
+    assert len(_runs(airflow_home, env)) == before
     secret = s3_env["AWS_SECRET_ACCESS_KEY"]
     assert secret not in log and secret not in log2
     assert not any(secret in p.read_text(errors="ignore") for p in (airflow_home / "logs").rglob("*") if p.is_file())

@@ -38,8 +38,8 @@ def s3_environment(conn_id: str) -> tuple[dict[str, str], dict[str, str]]:
     return ({k: str(v) for k, v in public.items() if v}, {k: str(v) for k, v in secret.items() if v})
 
 
-# The CLI's exit codes for errors a retry cannot fix: bad input/config (2), stage not implemented (3).
-FINAL_EXIT_CODES = (2, 3)
+# The CLI's exit code for errors a retry cannot fix: bad input, bad config, missing upstream stage.
+FINAL_EXIT_CODES = (2,)
 
 
 def fail(stage: str, code: int, message: str) -> AirflowException:

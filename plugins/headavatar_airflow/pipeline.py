@@ -29,6 +29,7 @@ STAGES = (
 PARAM_SETTINGS = {
     "sample_stride": "sample.frame_stride",
     "meshhead_steps": "meshhead.steps",
+    "gaussianhead_steps": "gaussianhead.steps",
 }
 
 
@@ -43,14 +44,16 @@ def param_schema() -> dict[str, dict[str, Any]]:
                           "title": "Sample stride", "description": "keep every N-th extracted frame"},
         "meshhead_steps": {"type": ["null", "integer"], "minimum": 1, "maximum": 1_000_000,
                            "title": "Mesh-head training steps"},
+        "gaussianhead_steps": {"type": ["null", "integer"], "minimum": 1, "maximum": 10_000_000,
+                               "title": "Gaussian-head training steps"},
         "gpu": {"type": ["null", "integer"], "minimum": 0, "maximum": 63, "title": "GPU index",
                 "description": "pin GPU stages to this device (docker/local); empty = any free GPU"},
         "force": {"type": "boolean", "title": "Recompute", "description": "ignore cache hits and checkpoints"},
     }
 
 
-PARAM_DEFAULTS: dict[str, Any] = {"id": "018", "profile": None, "sample_stride": None, "meshhead_steps": None,
-                                  "gpu": None, "force": False}
+PARAM_DEFAULTS: dict[str, Any] = {"profile": None, "sample_stride": None, "meshhead_steps": None,
+                                  "gaussianhead_steps": None, "gpu": None, "force": False}  # id: required
 
 
 def cli_args(stage: str, params: dict[str, Any]) -> list[str]:

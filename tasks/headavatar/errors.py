@@ -34,6 +34,3 @@ class RawCaptureError(PipelineError):
 class UpstreamMissing(PipelineError):
     """A stage's declared input has no manifest yet."""
 
-
-class StageNotImplemented(PipelineError):
-    exit_code = 3

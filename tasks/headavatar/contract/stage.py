@@ -75,10 +75,6 @@ class Stage(ABC):
     inputs: ClassVar[tuple[str, ...]]  # upstream stage names, or ("raw",)
     config_sections: ClassVar[tuple[str, ...]]
 
-    def check_available(self) -> None:
-        """Raise before any I/O if this stage cannot run at all (e.g. not implemented yet)."""
-        return None
-
     def raw_inputs(self, store: ObjectStore, capture: str, config: PipelineConfig) -> dict[str, str]:
         """Digests of non-stage inputs (the raw capture); stages reading only stages have none."""
         return {}
@@ -137,7 +133,6 @@ def _pid_alive(pid: int) -> bool:
 def run_stage(stage: Stage, capture: str, config: PipelineConfig, store: ObjectStore,
               force: bool = False) -> StageResult:
     capture = validate_capture_id(capture)
-    stage.check_available()
     prefix = store.key(stage_prefix(capture, stage.name))
     mkey = f"{prefix}/{MANIFEST}"
 

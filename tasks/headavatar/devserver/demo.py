@@ -3,7 +3,6 @@
 Starts the embedded S3 server (SeaweedFS on 127.0.0.1, data under ``.headavatar/demo``), writes
 a small synthetic capture for id 018, and runs every pipeline stage in order as a subprocess of
 the same ``headavatar run`` command a container would run, with the ``demo`` config profile.
-Stages whose implementation has not landed yet are reported as such, not faked.
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ from headavatar.stages import build_stages
 from headavatar.storage import ObjectStore
 
 log = logging.getLogger("headavatar.demo")
-STAGE_NOT_IMPLEMENTED = 3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,9 +47,6 @@ def main(argv: list[str] | None = None) -> int:
         results = {}
         for stage in build_stages():
             r = subprocess.run([*cli, "run", stage, "--capture", args.capture], env=env)
-            if r.returncode == STAGE_NOT_IMPLEMENTED:
-                results[stage] = "not implemented yet"
-                break
             if r.returncode != 0:
                 log.error("stage %s failed (exit %d)", stage, r.returncode)
                 return r.returncode

@@ -89,7 +89,7 @@ class LPIPSVGG(nn.Module):
                               f"({type(e).__name__})") from None
         mapped = {k: v for k, v in state.items() if k.startswith("features.")}
         mapped.update({f"lins.{i}.weight": state.get(f"lin{i}.model.1.weight") for i in range(5)})
-        missing = [k for k, v in mapped.items() if v is None]
+        missing = [f"lin{i}.model.1.weight" for i in range(5) if mapped[f"lins.{i}.weight"] is None]
         try:
             if missing:
                 raise RuntimeError(f"missing {', '.join(missing)}")

@@ -1,0 +1,159 @@
+"""Stage 6: the Gaussian rasteriser, rotations, LPIPS loading, and training with resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from conftest import cli, prepare_sampled, tiny_config
+from headavatar.contract.stage import read_manifest, run_stage
+from headavatar.errors import ConfigError
+from headavatar.gaussianhead.model import SuperResolution, matrix_to_quat
+from headavatar.gaussianhead.perceptual import LPIPSVGG, psnr, ssim
+from headavatar.layout import stage_prefix
+from headavatar.render.gaussian_raster import Splats, TorchGaussianRasterizer, knn_scale, quat_to_matrix
+from headavatar.stages import build_stages
+from headavatar.storage import ObjectStore
+from test_meshhead import _wait_for
+
+
+def _scene(dtype: torch.dtype = torch.float64) -> tuple[Splats, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    n = 6
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=g, dtype=dtype)
+
+    splats = Splats((rand(n, 3) - 0.5) * 0.4, torch.randn(n, 4, generator=g, dtype=dtype), rand(n, 3) * 0.05 + 0.03,
+                    rand(n) * 0.5 + 0.3, rand(n, 4))
+    view = torch.eye(4, dtype=dtype)
+    view[2, 3] = 2.0
+    k = torch.tensor([[40.0, 0, 15.5], [0, 40.0, 15.5], [0, 0, 1]], dtype=dtype)
+    return splats, view, k
+
+
+def test_gaussian_rasterizer_gradients_match_finite_differences() -> None:
+    splats, view, k = _scene()
+    raster = TorchGaussianRasterizer()
+    w = torch.rand(32, 32, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    wa = torch.rand(32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    fields = ("means", "quats", "scales", "opacities", "colors")
+
+    def loss(*tensors: torch.Tensor) -> torch.Tensor:
+        img, alpha = raster(Splats(*tensors), view, k, 32, 32)
+        return (img * w).sum() + (alpha * wa).sum()
+
+    args = [getattr(splats, f).clone().requires_grad_() for f in fields]
+    loss(*args).backward()
+    for i, arg in enumerate(args):
+        numeric = torch.zeros_like(arg)
+        for j in range(arg.numel()):
+            step = torch.zeros_like(arg).view(-1)
+            step[j] = 1e-6
+            plus = [a.detach() + (step.view_as(a) if n == i else 0) for n, a in enumerate(args)]
+            minus = [a.detach() - (step.view_as(a) if n == i else 0) for n, a in enumerate(args)]
+            numeric.view(-1)[j] = (loss(*plus) - loss(*minus)) / 2e-6
+        torch.testing.assert_close(arg.grad, numeric, atol=1e-5, rtol=1e-5, msg=fields[i])
+
+
+def test_one_gaussian_composites_as_3dgs_defines_it() -> None:
+    one = Splats(torch.zeros(1, 3), torch.tensor([[1.0, 0, 0, 0]]), torch.full((1, 3), 0.05), torch.tensor([0.8]),
+                 torch.ones(1, 2))
+    view = torch.eye(4)
+    view[2, 3] = 2.0
+    k = torch.tensor([[40.0, 0, 16.0], [0, 40.0, 16.0], [0, 0, 1]])
+    img, alpha = TorchGaussianRasterizer()(one, view, k, 33, 33)
+    var = (40 * 0.05 / 2) ** 2 + 0.3  # projected variance + the 0.3 px^2 low-pass
+    assert abs(alpha[16, 16].item() - 0.8) < 1e-6 and abs(img[16, 16, 1].item() - 0.8) < 1e-6
+    assert abs(alpha[16, 18].item() - 0.8 * np.exp(-0.5 * 4 / var)) < 1e-6
+    # Two splats on one ray: the front one hides the back one by its transmittance.
+    two = Splats(torch.tensor([[0, 0, 0.0], [0, 0, 0.5]]), torch.tensor([[1.0, 0, 0, 0]] * 2), torch.full((2, 3), 0.05),
+                 torch.tensor([0.6, 0.9]), torch.tensor([[1.0, 0], [0, 1.0]]))
+    img, alpha = TorchGaussianRasterizer()(two, view, k, 33, 33)
+    assert abs(img[16, 16, 0].item() - 0.6) < 1e-5 and abs(img[16, 16, 1].item() - 0.4 * 0.9) < 1e-5
+    assert abs(alpha[16, 16].item() - (1 - 0.4 * 0.1)) < 1e-5
+
+
+def test_rotation_and_knn_helpers_match_their_definitions() -> None:
+    q = torch.nn.functional.normalize(torch.randn(500, 4, generator=torch.Generator().manual_seed(0)), dim=-1)
+    back = matrix_to_quat(quat_to_matrix(q))
+    assert torch.allclose(back * torch.sign((back * q).sum(-1, keepdim=True)), q, atol=1e-5)
+    pts = torch.rand(300, 3, generator=torch.Generator().manual_seed(1))
+    d = np.linalg.norm(pts.numpy()[:, None] - pts.numpy()[None], axis=-1)
+    np.fill_diagonal(d, np.inf)
+    expected = np.sqrt((np.sort(d, 1)[:, :3] ** 2).mean(1))
+    np.testing.assert_allclose(knn_scale(pts, chunk=64).numpy(), expected, rtol=1e-4)
+
+
+def test_super_resolution_and_metrics() -> None:
+    sr = SuperResolution(32, 8, 4)
+    x = torch.rand(2, 32, 16, 16)
+    out = sr(x)
+    assert out.shape == (2, 3, 64, 64)
+    # Starts as the bilinear upsampling of the RGB channels (the residual's last layer is zero).
+    base = torch.nn.functional.interpolate(x[:, :3], scale_factor=4, mode="bilinear", align_corners=False)
+    assert torch.allclose(out, base)
+    with pytest.raises(ValueError):
+        SuperResolution(32, 8, 3)
+    a = torch.rand(1, 3, 32, 32)
+    assert psnr(a, a).item() > 90 and abs(ssim(a, a).item() - 1) < 1e-6
+    assert abs(psnr(a, (a + 0.1).clamp(0, 1)).item() - 20) < 1.5
+
+
+def test_lpips_weights_load_strictly(tmp_path: Path) -> None:
+    net = LPIPSVGG()
+    state = {k: v for k, v in net.state_dict().items() if k.startswith("features.")}
+    state.update({f"lin{i}.model.1.weight": torch.rand_like(net.lins[i].weight) for i in range(5)})
+    torch.save(state, tmp_path / "lpips_vgg.pth")
+    loaded = LPIPSVGG().load(tmp_path / "lpips_vgg.pth", "lpips_vgg.pth")
+    a, b = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64)
+    assert torch.allclose(loaded(a, a), torch.zeros(2)) and (loaded(a, b) > 0).all()
+    del state["lin4.model.1.weight"]
+    torch.save(state, tmp_path / "partial.pth")
+    with pytest.raises(ConfigError, match="lin4"):
+        LPIPSVGG().load(tmp_path / "partial.pth", "partial.pth")
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_training_resumes_after_sigkill_and_exports_a_better_avatar(store: ObjectStore, tiny_capture: Path,
+                                                                    s3_env: dict[str, str]) -> None:
+    prepare_sampled(store, tiny_capture)
+    cfg = tiny_config("meshhead.steps=60")
+    for stage in ("matting", "fitting", "meshhead"):
+        run_stage(build_stages()[stage], "018", cfg, store)
+    prefix = store.key(stage_prefix("018", "gaussianhead"))
+    args = ["run", "gaussianhead", "--capture", "018", "--profile", "demo", "--set", "meshhead.steps=60"]
+    proc = subprocess.Popen([sys.executable, "-m", "headavatar.cli", *args], env={**os.environ, **s3_env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(store, f"{prefix}/_state/checkpoint.pt", proc, timeout=300)  # step 100 of 200
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert read_manifest(store, "018", "gaussianhead") is None
+
+    r = cli(*args, env=s3_env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from the checkpoint at step 100" in r.stderr
+    m = read_manifest(store, "018", "gaussianhead")
+    history = json.loads(store.get_bytes(f"{prefix}/history.json"))
+    assert [h["step"] for h in history["losses"]] == list(range(10, 201, 10))
+    evals = history["holdout"]
+    assert [e["step"] for e in evals] == [0, 100, 200]
+    assert evals[-1]["holdout_psnr"] > evals[0]["holdout_psnr"] + 3, evals
+    assert evals[-1]["holdout_ssim"] > evals[0]["holdout_ssim"], evals
+    assert m.metrics["resumed_from_step"] == 100 and m.metrics["holdout_psnr"] == evals[-1]["holdout_psnr"]
+    avatar = json.loads(store.get_bytes(f"{prefix}/avatar/avatar.json"))
+    assert avatar["gaussians"] == m.metrics["gaussians"] > 300 and avatar["fine_size"] == 64
+    assert "avatar/avatar.pt" in m.files
+    sheet = cv2.imdecode(np.frombuffer(store.get_bytes(f"{prefix}/renders/0000.jpg"), np.uint8), 1)
+    assert sheet.shape == (2 * 64, 2 * 64, 3)  # 2 held-out cameras x (GT | render)
