@@ -27,7 +27,14 @@ from headavatar.synthetic.render import Camera, render
 from headavatar.training.views import Views
 
 
-def synthetic_views(frames: int, size: int) -> tuple[Views, np.ndarray]:
+def _render_one(job: tuple[np.ndarray, np.ndarray, np.ndarray, int]) -> tuple[np.ndarray, np.ndarray]:
+    vertices, k, extr, size = job
+    model = build_model()
+    r = render(vertices, model.faces, model.uv, Camera(k, extr, size, size), np.zeros((size, size, 3), np.uint8), LIGHT)
+    return r.image[..., ::-1], r.alpha
+
+
+def synthetic_views(frames: int, size: int, workers: int = 1) -> tuple[Views, np.ndarray]:
     spec = SyntheticSpec("018", frames=frames * 3)
     model = build_model()
     intr, extr = rig(spec)
@@ -36,13 +43,16 @@ def synthetic_views(frames: int, size: int) -> tuple[Views, np.ndarray]:
     k = crop.intrinsic(intr)
     idx = np.arange(0, frames * 3, 3)
     cams = list(spec.cameras)
-    images = np.zeros((frames, len(cams), size, size, 3), np.uint8)
-    masks = np.zeros((frames, len(cams), size, size), np.uint8)
-    for i, f in enumerate(idx):
-        for j, c in enumerate(cams):
-            r = render(truth["vertices"][f], model.faces, model.uv, Camera(k, extr[c], size, size),
-                       np.zeros((size, size, 3), np.uint8), LIGHT)
-            images[i, j], masks[i, j] = r.image[..., ::-1], r.alpha
+    jobs = [(truth["vertices"][f], k, extr[c], size) for f in idx for c in cams]
+    if workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers) as pool:
+            rendered = list(pool.map(_render_one, jobs))
+    else:
+        rendered = [_render_one(j) for j in jobs]
+    images = np.stack([r[0] for r in rendered]).reshape(frames, len(cams), size, size, 3)
+    masks = np.stack([r[1] for r in rendered]).reshape(frames, len(cams), size, size)
     centre = model.meanshape.mean(0)
     trans = np.stack([truth["translation"][f] + truth["scale"] * axis_angle_to_matrix(truth["rotation"][f]) @ centre
                       for f in idx])
