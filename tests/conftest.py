@@ -82,6 +82,24 @@ def tiny_capture(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def assert_gradients_match_finite_differences(loss, inputs: list, eps: float = 1e-6, tol: float = 1e-5) -> None:
+    """Autograd gradients of ``loss(*inputs)`` (float64 tensors) against central differences."""
+    import torch
+
+    args = [t.detach().clone().requires_grad_() for t in inputs]
+    loss(*args).backward()
+    for i, arg in enumerate(args):
+        numeric = torch.zeros_like(arg)
+        for j in range(arg.numel()):
+            step = torch.zeros_like(arg).view(-1)
+            step[j] = eps
+            plus = [a.detach() + (step.view_as(a) if k == i else 0) for k, a in enumerate(args)]
+            minus = [a.detach() - (step.view_as(a) if k == i else 0) for k, a in enumerate(args)]
+            numeric.view(-1)[j] = (loss(*plus) - loss(*minus)) / (2 * eps)
+        assert arg.grad.abs().max() > 1e-3, f"input {i} gets no gradient"
+        torch.testing.assert_close(arg.grad, numeric, atol=tol, rtol=tol, msg=f"input {i}")
+
+
 def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run the real console entry point in a subprocess, as a container would."""
     return subprocess.run(

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cli, prepare_sampled, tiny_config
+from conftest import assert_gradients_match_finite_differences, cli, prepare_sampled, tiny_config
 from headavatar.contract.stage import read_manifest, run_stage
 from headavatar.errors import ConfigError
 from headavatar.gaussianhead.model import SuperResolution, matrix_to_quat
@@ -45,23 +45,13 @@ def test_gaussian_rasterizer_gradients_match_finite_differences() -> None:
     raster = TorchGaussianRasterizer()
     w = torch.rand(32, 32, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     wa = torch.rand(32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    fields = ("means", "quats", "scales", "opacities", "colors")
 
     def loss(*tensors: torch.Tensor) -> torch.Tensor:
         img, alpha = raster(Splats(*tensors), view, k, 32, 32)
         return (img * w).sum() + (alpha * wa).sum()
 
-    args = [getattr(splats, f).clone().requires_grad_() for f in fields]
-    loss(*args).backward()
-    for i, arg in enumerate(args):
-        numeric = torch.zeros_like(arg)
-        for j in range(arg.numel()):
-            step = torch.zeros_like(arg).view(-1)
-            step[j] = 1e-6
-            plus = [a.detach() + (step.view_as(a) if n == i else 0) for n, a in enumerate(args)]
-            minus = [a.detach() - (step.view_as(a) if n == i else 0) for n, a in enumerate(args)]
-            numeric.view(-1)[j] = (loss(*plus) - loss(*minus)) / 2e-6
-        torch.testing.assert_close(arg.grad, numeric, atol=1e-5, rtol=1e-5, msg=fields[i])
+    fields = ("means", "quats", "scales", "opacities", "colors")
+    assert_gradients_match_finite_differences(loss, [getattr(splats, f) for f in fields])
 
 
 def test_one_gaussian_composites_as_3dgs_defines_it() -> None:

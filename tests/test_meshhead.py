@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cli, prepare_sampled, tiny_config
+from conftest import assert_gradients_match_finite_differences, cli, prepare_sampled, tiny_config
 from headavatar.contract.stage import read_manifest, run_stage
 from headavatar.layout import stage_prefix
 from headavatar.meshhead.tets import cube_tet_grid, marching_tets
@@ -38,18 +38,7 @@ def test_rasterizer_gradients_match_finite_differences() -> None:
         out = raster(p, z, faces, a, 16, 16)
         return (out.alpha[0] * wa).sum() + (out.attributes[0] * wc).sum()
 
-    args = [t.clone().requires_grad_() for t in (pix, depth, attr)]
-    loss(*args).backward()
-    for i, arg in enumerate(args):
-        numeric = torch.zeros_like(arg)
-        for j in range(arg.numel()):
-            step = torch.zeros_like(arg).view(-1)
-            step[j] = 1e-6
-            plus = [a.detach() + (step.view_as(a) if k == i else 0) for k, a in enumerate(args)]
-            minus = [a.detach() - (step.view_as(a) if k == i else 0) for k, a in enumerate(args)]
-            numeric.view(-1)[j] = (loss(*plus) - loss(*minus)) / 2e-6
-        assert arg.grad.abs().max() > 0.1
-        torch.testing.assert_close(arg.grad, numeric, atol=1e-6, rtol=1e-6)
+    assert_gradients_match_finite_differences(loss, [pix, depth, attr], tol=1e-6)
 
 
 def test_rasterizer_covers_depth_tests_and_interpolates_exactly() -> None:

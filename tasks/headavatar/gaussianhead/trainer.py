@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 
@@ -15,22 +10,16 @@ from headavatar.gaussianhead.model import GaussianHead, SuperResolution
 from headavatar.gaussianhead.perceptual import Perceptual, psnr, ssim
 from headavatar.render.gaussian_raster import GaussianRasterizer
 from headavatar.settings import GaussianHeadConfig
+from headavatar.training.loop import Trainer
 from headavatar.training.views import Views
 
-log = logging.getLogger(__name__)
 
+class GaussianHeadTrainer(Trainer):
+    name = "gaussianhead"
 
-@dataclass
-class TrainState:
-    step: int = 0
-    resumed_from: int = 0
-    history: list[dict[str, float]] = field(default_factory=list)
-    evals: list[dict[str, float]] = field(default_factory=list)
-
-
-class GaussianHeadTrainer:
     def __init__(self, head: GaussianHead, sr: SuperResolution, coarse: Views, fine: Views, cfg: GaussianHeadConfig,
                  raster: GaussianRasterizer, perceptual: Perceptual, device: torch.device):
+        super().__init__(cfg.seed)
         self.head, self.sr = head.to(device), sr.to(device)
         self.coarse, self.fine, self.cfg, self.raster, self.perceptual = coarse, fine, cfg, raster, perceptual
         self.device = device
@@ -41,14 +30,15 @@ class GaussianHeadTrainer:
         else:
             head.delta_pose.requires_grad_(False)
         self.opt = torch.optim.Adam(groups)
-        self.gen = torch.Generator().manual_seed(cfg.seed)
         held = set(coarse.camera_index(cfg.holdout_cameras))
         self.train_cams = [c for c in range(len(coarse.cameras)) if c not in held]
         self.held_cams = sorted(held)
         if not self.train_cams:
             raise PipelineError("gaussianhead.holdout_cameras leaves no camera to train on")
         self.scale = torch.tensor(coarse.scale, device=device)
-        self.state = TrainState()
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"head": self.head, "sr": self.sr}
 
     def _tensor(self, a: object) -> torch.Tensor:
         return torch.as_tensor(a, dtype=torch.float32, device=self.device)
@@ -100,43 +90,13 @@ class GaussianHeadTrainer:
                     scores["lpips"].append(float(self.perceptual.lpips(a, b)[0]))
         return {f"holdout_{k}": sum(v) / len(v) for k, v in scores.items() if v}
 
-    def state_dict(self) -> dict:
-        return {"step": self.state.step, "head": self.head.state_dict(), "sr": self.sr.state_dict(),
-                "optimizer": self.opt.state_dict(), "generator": self.gen.get_state(),
-                "history": self.state.history, "evals": self.state.evals}
-
-    def load_state_dict(self, s: dict) -> None:
-        self.head.load_state_dict(s["head"])
-        self.sr.load_state_dict(s["sr"])
-        self.opt.load_state_dict(s["optimizer"])
-        self.gen.set_state(s["generator"])
-        self.state = TrainState(s["step"], s["step"], s["history"], s["evals"])
-
-    def train(self, save: Callable[[dict], None], log_every: int = 10) -> TrainState:
-        cfg, n_frames = self.cfg, len(self.coarse.folders)
-        t0, since = time.monotonic(), self.state.step
-        if self.state.step == 0 and cfg.eval_every:
-            self.state.evals.append({"step": 0, **self.evaluate()})
-        for step in range(self.state.step, cfg.steps):
-            frames = torch.randint(n_frames, (cfg.views_per_step,), generator=self.gen)
-            cams = torch.randint(len(self.train_cams), (cfg.views_per_step,), generator=self.gen)
-            total, parts_sum = 0.0, {}
-            for f, c in zip(frames.tolist(), cams.tolist(), strict=True):
-                loss, parts = self.losses(f, self.train_cams[c])
-                total = total + loss / cfg.views_per_step
-                parts_sum = {k: parts_sum.get(k, 0.0) + v / cfg.views_per_step for k, v in parts.items()}
-            self.opt.zero_grad(set_to_none=True)
-            total.backward()
-            self.opt.step()
-            self.state.step = done = step + 1
-            if done % log_every == 0 or done == cfg.steps:
-                self.state.history.append({"step": done, **parts_sum})
-            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
-                self.state.evals.append({"step": done, **self.evaluate()})
-            if done % max(1, cfg.steps // 20) == 0:
-                rate = (done - since) / max(time.monotonic() - t0, 1e-9)
-                log.info("gaussianhead: step %d/%d loss %.4f (%.2f steps/s)", done, cfg.steps, parts_sum["loss"], rate)
-            if done % cfg.checkpoint_every == 0 and done < cfg.steps:
-                save(self.state_dict())
-        self.state.evals.append({"step": cfg.steps, **self.evaluate()})
-        return self.state
+    def step_loss(self) -> tuple[torch.Tensor, dict[str, float]]:
+        n = self.cfg.views_per_step
+        frames = torch.randint(len(self.coarse.folders), (n,), generator=self.gen)
+        cams = torch.randint(len(self.train_cams), (n,), generator=self.gen)
+        total, parts_sum = 0.0, {}
+        for f, c in zip(frames.tolist(), cams.tolist(), strict=True):
+            loss, parts = self.losses(f, self.train_cams[c])
+            total = total + loss / n
+            parts_sum = {k: parts_sum.get(k, 0.0) + v / n for k, v in parts.items()}
+        return total, parts_sum

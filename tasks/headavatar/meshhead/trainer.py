@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -15,6 +13,7 @@ from headavatar.fitting.geometry import axis_angle_to_matrix, project
 from headavatar.meshhead.model import MeshHead, laplacian, vertex_normals
 from headavatar.render.mesh_raster import MeshRasterizer
 from headavatar.settings import MeshHeadConfig
+from headavatar.training.loop import Trainer
 from headavatar.training.views import Views
 
 log = logging.getLogger(__name__)
@@ -101,48 +100,39 @@ def losses(model: MeshHead, raster: MeshRasterizer, batch: dict[str, torch.Tenso
     return total, {k: float(v.detach()) for k, v in parts.items()}
 
 
-@dataclass
-class TrainState:
-    step: int = 0
-    resumed_from: int = 0
-    history: list[dict[str, float]] = field(default_factory=list)  # losses every log step
-    evals: list[dict[str, float]] = field(default_factory=list)  # held-out IoU by step
+class MeshHeadTrainer(Trainer):
+    name = "meshhead"
 
-
-class MeshHeadTrainer:
     def __init__(self, model: MeshHead, views: Views, cfg: MeshHeadConfig, raster: MeshRasterizer,
                  device: torch.device):
+        super().__init__(cfg.seed)
         self.model, self.views, self.cfg, self.raster, self.device = model.to(device), views, cfg, raster, device
         net = [p for n, p in model.named_parameters() if n != "landmarks"]
         self.opt = torch.optim.Adam([{"params": net, "lr": cfg.lr_net},
                                      {"params": [model.landmarks], "lr": cfg.lr_landmarks}])
-        self.gen = torch.Generator().manual_seed(cfg.seed)
         held = set(views.camera_index(cfg.holdout_cameras))
         self.train_cams = [c for c in range(len(views.cameras)) if c not in held]
         self.held_cams = sorted(held)
         if not self.train_cams:
             raise PipelineError("meshhead.holdout_cameras leaves no camera to train on")
-        self.state = TrainState()
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"model": self.model}
 
     def batch(self, frames: torch.Tensor, cams: torch.Tensor) -> dict[str, torch.Tensor]:
         b = self.views.tensors(frames, cams, self.device)
         b["scale"] = torch.tensor(self.views.scale, device=self.device)
         return b
 
-    def state_dict(self) -> dict:
-        return {"step": self.state.step, "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
-                "generator": self.gen.get_state(), "history": self.state.history, "evals": self.state.evals}
-
-    def load_state_dict(self, s: dict) -> None:
-        self.model.load_state_dict(s["model"])
-        self.opt.load_state_dict(s["optimizer"])
-        self.gen.set_state(s["generator"])
-        self.state = TrainState(s["step"], s["step"], s["history"], s["evals"])
+    def step_loss(self) -> tuple[torch.Tensor, dict[str, float]]:
+        n = self.cfg.views_per_step
+        frames = torch.randint(len(self.views.folders), (n,), generator=self.gen)
+        cams = torch.tensor(self.train_cams)[torch.randint(len(self.train_cams), (n,), generator=self.gen)]
+        return losses(self.model, self.raster, self.batch(frames, cams), self.views.size, self.cfg)
 
     @torch.no_grad()
-    def evaluate(self, cams: list[int] | None = None) -> float:
-        """Mean silhouette IoU (matte > 0.5 vs render > 0.5) over held-out cameras and all frames."""
-        cams = self.held_cams if cams is None else cams
+    def silhouette_iou(self, cams: list[int]) -> float:
+        """Mean silhouette IoU (matte > 0.5 vs render > 0.5) over the given cameras and all frames."""
         if not cams:
             return float("nan")
         ious = []
@@ -154,28 +144,5 @@ class MeshHeadTrainer:
             ious.append(hard_iou(r.alpha * b["visible"], b["mask"] * b["visible"]).cpu())
         return float(torch.cat(ious).mean())
 
-    def train(self, save: Callable[[dict], None], log_every: int = 10) -> TrainState:
-        cfg, n_frames = self.cfg, len(self.views.folders)
-        t0, since = time.monotonic(), self.state.step
-        if self.state.step == 0 and cfg.eval_every:
-            self.state.evals.append({"step": 0, "holdout_iou": self.evaluate()})  # the initial ellipsoid
-        for step in range(self.state.step, cfg.steps):
-            frames = torch.randint(n_frames, (cfg.views_per_step,), generator=self.gen)
-            cams = torch.tensor(self.train_cams)[torch.randint(len(self.train_cams), (cfg.views_per_step,),
-                                                               generator=self.gen)]
-            loss, parts = losses(self.model, self.raster, self.batch(frames, cams), self.views.size, cfg)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
-            self.state.step = done = step + 1
-            if done % log_every == 0 or done == cfg.steps:
-                self.state.history.append({"step": done, **parts})
-            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
-                self.state.evals.append({"step": done, "holdout_iou": self.evaluate()})
-            if done % max(1, cfg.steps // 20) == 0:
-                rate = (done - since) / max(time.monotonic() - t0, 1e-9)
-                log.info("meshhead: step %d/%d loss %.4f (%.2f steps/s)", done, cfg.steps, parts["loss"], rate)
-            if done % cfg.checkpoint_every == 0 and done < cfg.steps:
-                save(self.state_dict())
-        self.state.evals.append({"step": cfg.steps, "holdout_iou": self.evaluate()})
-        return self.state
+    def evaluate(self) -> dict[str, float]:
+        return {"holdout_iou": self.silhouette_iou(self.held_cams)}
