@@ -36,6 +36,19 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedS3]:
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def mlflow_server(s3: EmbeddedS3, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real ``mlflow server`` (SQLite store, artifacts proxied into the test bucket); yields its URI."""
+    from headavatar.devserver.mlflow_server import EmbeddedMLflow
+
+    server = EmbeddedMLflow(tmp_path_factory.mktemp("mlflow"), s3.env(), BUCKET)
+    server.start()
+    try:
+        yield server.uri
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def s3_env(s3: EmbeddedS3, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """Environment of a stage process: endpoint + admin credentials, a prefix unique to the test."""

@@ -160,8 +160,10 @@ def uploaded(store: ObjectStore, tiny_capture: Path) -> Iterator[ObjectStore]:
 @pytest.mark.s3
 @pytest.mark.slow
 def test_triggered_run_executes_all_six_stages_and_a_rerun_hits_the_cache(
-        airflow_home: Path, uploaded: ObjectStore, s3_env: dict[str, str]) -> None:
-    env = {"AIRFLOW_CONN_HEADAVATAR_S3": _env(airflow_home, s3_env)["AIRFLOW_CONN_HEADAVATAR_S3"]}
+        airflow_home: Path, uploaded: ObjectStore, s3_env: dict[str, str], mlflow_server: str) -> None:
+    env = {"AIRFLOW_CONN_HEADAVATAR_S3": _env(airflow_home, s3_env)["AIRFLOW_CONN_HEADAVATAR_S3"],
+           "AIRFLOW_CONN_HEADAVATAR_MLFLOW": json.dumps({"conn_type": "http",
+                                                         "extra": {"tracking_uri": mlflow_server}})}
     conf = json.dumps({"id": "018", "profile": "demo", "meshhead_steps": 20, "gaussianhead_steps": 20})
     first = _airflow(airflow_home, env, "dags", "test", "headavatar_capture", "--conf", conf)
     log = first.stdout + first.stderr
@@ -171,7 +173,27 @@ def test_triggered_run_executes_all_six_stages_and_a_rerun_hits_the_cache(
     # The form's overrides reached the stages' config.
     assert read(uploaded, "meshhead").config["meshhead"]["steps"] == 20
     assert read(uploaded, "gaussianhead").config["gaussianhead"]["steps"] == 20
-    assert [x["state"] for x in _runs(airflow_home, env) if x["run_id"].startswith("manual__")] == ["success"]
+    manual = [x for x in _runs(airflow_home, env) if x["run_id"].startswith("manual__")]
+    assert [x["state"] for x in manual] == ["success"]
+
+    # MLflow: one parent run for the DAG run, one child per stage, with metrics, curves and pictures.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("headavatar")
+    parents = client.search_runs([exp.experiment_id], filter_string=(
+        f"tags.`headavatar.kind` = 'pipeline' and tags.`airflow.run_id` = '{manual[0]['run_id']}'"))
+    assert len(parents) == 1 and parents[0].data.tags["airflow.dag_id"] == "headavatar_capture"
+    children = {c.data.tags["headavatar.stage"]: c for c in client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")}
+    assert sorted(children) == sorted(names)
+    gh = children["gaussianhead"]
+    assert gh.data.metrics["holdout_psnr"] == read(uploaded, "gaussianhead").metrics["holdout_psnr"]
+    assert gh.data.tags["airflow.try_number"] == "1"
+    curve = client.get_metric_history(children["meshhead"].info.run_id, "train/loss")
+    assert [m.step for m in curve] == [10, 20]
+    assert [a.path for a in client.list_artifacts(gh.info.run_id, "pictures/renders")] == [
+        "pictures/renders/0000.jpg", "pictures/renders/0012.jpg"]
 
     # A second run (what clearing a task and its downstream amounts to): every stage is a cache hit.
     second = _airflow(airflow_home, env, "dags", "test", "headavatar_capture", "--conf", conf)

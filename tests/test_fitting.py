@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -159,7 +161,9 @@ def test_offline_detector_on_synthetic_renders_reports_what_it_found(store: Obje
     finds is recorded and scored against the true landmarks; nothing found is a clear failure."""
     prepare_sampled(store, tiny_capture)
     r = cli("run", "fitting", "--capture", "018", "--profile", "demo", "--set", "landmarks.detector=dlib", env=s3_env)
-    detections = json.loads(store.get_bytes(store.key(stage_prefix("018", "fitting"), "landmarks/detections.json")))
+    report = store.key(stage_prefix("018", "fitting"), "landmarks/detections.json")
+    assert store.exists(report), (r.returncode, r.stdout[-2000:], r.stderr[-3000:])
+    detections = json.loads(store.get_bytes(report))
     found = sum(v is not None for per in detections["score_of_found_face"].values() for v in per.values())
     assert detections["detector"] == "dlib" and len(detections["score_of_found_face"]) == 7
     if r.returncode == 0:
@@ -167,6 +171,16 @@ def test_offline_detector_on_synthetic_renders_reports_what_it_found(store: Obje
         assert metrics["faces_found"] == found and "detection_error_px_mean" in metrics
     else:
         assert r.returncode == 2 and f"({found} faces found in 112 images" in r.stderr, r.stderr[-2000:]
+
+
+def test_offline_detector_is_safe_to_share_between_threads() -> None:
+    """The fitting stage detects in a thread pool; dlib objects shared between threads segfault."""
+    code = ("import numpy as np; from concurrent.futures import ThreadPoolExecutor; from skimage import data; "
+            "from headavatar.landmarks.dlib68 import DlibDetector; d = DlibDetector(); img = data.astronaut(); "
+            "r = list(ThreadPoolExecutor(4).map(lambda i: d.detect(np.roll(img, i, 1)[::2, ::2].copy()), range(200))); "
+            "print(sum(x is not None for x in r))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "200", (r.returncode, r.stderr[-2000:])
 
 
 # iBUG-68 indices under a horizontal flip (jaw, brows, nose, eyes, mouth mirrored).

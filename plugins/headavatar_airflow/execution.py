@@ -22,6 +22,7 @@ class ExecutionSettings:
     cpu_image: str = field(default_factory=lambda: _env("HEADAVATAR_CPU_IMAGE", "headavatar/preprocess:0.1.0"))
     cuda_image: str = field(default_factory=lambda: _env("HEADAVATAR_CUDA_IMAGE", "headavatar/cuda:0.1.0"))
     s3_conn_id: str = field(default_factory=lambda: _env("HEADAVATAR_S3_CONN_ID", "headavatar_s3"))
+    mlflow_conn_id: str = field(default_factory=lambda: _env("HEADAVATAR_MLFLOW_CONN_ID", "headavatar_mlflow"))
     gpu_pool: str = field(default_factory=lambda: _env("HEADAVATAR_GPU_POOL", "headavatar_gpu"))
     docker_url: str = field(default_factory=lambda: _env("HEADAVATAR_DOCKER_URL", "unix://var/run/docker.sock"))
     docker_network: str | None = field(default_factory=lambda: os.environ.get("HEADAVATAR_DOCKER_NETWORK"))

@@ -48,6 +48,19 @@ def fail(stage: str, code: int, message: str) -> AirflowException:
     return cls(f"headavatar run {stage} exited with {code}: {message}")
 
 
+def run_environment(context: Any, mlflow_conn_id: str) -> dict[str, str]:
+    """Which DAG run and try the stage belongs to (MLflow parent-run key) and the tracking URI, if any."""
+    ti = context["ti"]
+    env = {"HEADAVATAR_RUN_ID": str(context["run_id"]), "HEADAVATAR_DAG_ID": str(ti.dag_id),
+           "HEADAVATAR_TRY_NUMBER": str(ti.try_number)}
+    try:
+        conn = BaseHook.get_connection(mlflow_conn_id)
+    except Exception:  # no tracking server configured: stages run untracked
+        return env
+    env["MLFLOW_TRACKING_URI"] = conn.extra_dejson.get("tracking_uri") or f"http://{conn.host}:{conn.port or 5000}"
+    return env
+
+
 def _result(last_line: str) -> dict[str, Any] | None:
     """The stage prints one JSON line when it succeeds (manifest URI, cached or not): XCom it."""
     try:
@@ -70,7 +83,7 @@ class LocalStageOperator(BaseOperator):
     def execute(self, context: Any) -> dict[str, Any] | None:
         params = context["params"]
         public, secret = s3_environment(self.settings.s3_conn_id)
-        env = {**os.environ, **public, **secret}
+        env = {**os.environ, **public, **secret, **run_environment(context, self.settings.mlflow_conn_id)}
         if self.stage.gpu and params.get("gpu") is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(params["gpu"])
         cmd = [sys.executable, "-m", "headavatar.cli", *cli_args(self.stage.name, params)]
@@ -112,7 +125,8 @@ def _docker_operator() -> type:
             params = context["params"]
             self.command = cli_args(self.stage.name, params)
             public, secret = s3_environment(self.settings.s3_conn_id)
-            self.environment = {**self.environment, **public}
+            self.environment = {**self.environment, **public,
+                                **run_environment(context, self.settings.mlflow_conn_id)}
             self._private_environment = secret  # DockerOperator keeps these out of templates and logs
             if self.stage.gpu:
                 gpu = params.get("gpu")

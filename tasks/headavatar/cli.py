@@ -73,12 +73,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from headavatar.contract.stage import run_stage
     from headavatar.stages import build_stages
     from headavatar.storage import ObjectStore
+    from headavatar.tracking import track_stage
 
     capture = validate_capture_id(args.capture)
     config = _config(args)
     store = ObjectStore(config.storage)
     try:
         result = run_stage(build_stages()[args.stage], capture, config, store, force=args.force)
+        track_stage(result, store)
     finally:
         store.close()
     print(json.dumps({"stage": result.stage, "capture": result.capture, "cached": result.cached,

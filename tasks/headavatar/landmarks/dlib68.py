@@ -4,11 +4,15 @@ Both models ship inside registry packages (``dlib-bin``, Boost licence; ``face_r
 whose 68-point model was trained on iBUG 300-W, a dataset licensed for non-commercial use only),
 so nothing is downloaded at run time. dlib gives no per-point confidence: every point of a found
 face gets 1.0 and the detector's SVM margin is kept as the face score.
+
+dlib's detector and predictor objects crash (SIGSEGV) when two threads call the same instance, so
+every detection thread gets its own pair.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -38,15 +42,23 @@ class DlibDetector(LandmarkDetector):
             import dlib
         except ImportError:
             raise ConfigError(f"landmarks.detector=dlib needs dlib: {INSTALL}") from None
-        self.faces = dlib.get_frontal_face_detector()
-        self.shape = dlib.shape_predictor(str(shape_predictor_path()))
+        self._dlib, self._predictor_path = dlib, str(shape_predictor_path())
+        self._local = threading.local()
+        self._models()  # fail here, not in a worker thread, if the files are bad
         self.upsample = upsample
 
+    def _models(self) -> tuple:
+        if not hasattr(self._local, "models"):
+            self._local.models = (self._dlib.get_frontal_face_detector(),
+                                  self._dlib.shape_predictor(self._predictor_path))
+        return self._local.models
+
     def detect(self, rgb: np.ndarray) -> Landmarks | None:
-        rects, scores, _ = self.faces.run(np.ascontiguousarray(rgb), self.upsample, 0.0)
+        faces, shape = self._models()
+        rects, scores, _ = faces.run(np.ascontiguousarray(rgb), self.upsample, 0.0)
         if not len(rects):
             return None
         best = int(np.argmax(scores))
-        parts = self.shape(rgb, rects[best]).parts()
+        parts = shape(rgb, rects[best]).parts()
         points = np.array([[p.x, p.y] for p in parts], np.float64)
         return Landmarks(points, np.ones(len(points)), float(scores[best]))
