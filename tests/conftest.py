@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import subprocess
 import sys
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -74,6 +76,23 @@ def upload_capture(store: ObjectStore, root: Path) -> None:
     store.upload_tree(root / RAW, store.key(RAW))
     if (root / GROUND_TRUTH).exists():
         store.upload_tree(root / GROUND_TRUTH, store.key(GROUND_TRUTH))
+
+
+def zip_capture(raw: Path, capture: str, out: Path) -> dict[str, str]:
+    """The local raw layout of capture 018 as .zip archives for ``capture``, in the two shapes
+    deliveries come in: entries under a top folder named like the archive, or not.
+    Returns {raw-relative key: sha256} of every file the archives hold."""
+    out.mkdir(parents=True, exist_ok=True)
+    expected = {}
+    for top in sorted(p for p in raw.iterdir() if p.is_dir()):
+        nested = top.name == "sequence_BACKGROUND_part-1"  # this one carries its own top folder
+        with zipfile.ZipFile(out / f"{top.name}.zip", "w", zipfile.ZIP_DEFLATED) as zf:
+            for f in sorted(top.rglob("*")):
+                if f.is_file():
+                    rel = f.relative_to(top).as_posix().replace("018", capture)
+                    zf.write(f, f"{top.name}/{rel}" if nested else rel)
+                    expected[f"{top.name}/{rel}"] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return expected
 
 
 def prepare_sampled(store: ObjectStore, root: Path, *overrides: str) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import upload_capture
+from conftest import upload_capture, zip_capture
 from headavatar.capture_id import CAPTURE_ID_PATTERN
 from headavatar.cli import build_parser
 from headavatar.contract.manifest import Manifest
@@ -124,7 +124,7 @@ def test_production_backends_isolate_stages_and_request_gpus(airflow_home: Path,
     facts = _python(airflow_home, LOAD + """
     out = {}
     for t in dag.tasks:
-        d = {"type": type(t).__name__, "image": t.image}
+        d = {"type": type(t).__name__, "image": t.image, "links": [link.name for link in t.operator_extra_links]}
         if hasattr(t, "auto_remove"):
             d.update(auto_remove=t.auto_remove, mounts=t.mounts, tmp=t.mount_tmp_dir, privileged=t.privileged,
                      env=t.environment, private=t._private_environment)
@@ -132,21 +132,28 @@ def test_production_backends_isolate_stages_and_request_gpus(airflow_home: Path,
             r = t.container_resources
             d.update(cmds=t.cmds, gpus=(r.limits or {}).get("nvidia.com/gpu") if r else None,
                      selector=t.node_selector, tolerations=len(t.tolerations or []),
-                     secret=[e.secret_ref.name for e in t.env_from], finish=str(t.on_finish_action),
-                     non_root=t.security_context.run_as_non_root, env=[e.name for e in t.env_vars])
+                     secret=[e.secret_ref.name for e in t.env_from if e.secret_ref],
+                     settings=[e.config_map_ref.name for e in t.env_from if e.config_map_ref],
+                     finish=str(t.on_finish_action), non_root=t.security_context.run_as_non_root,
+                     seccomp=t.security_context.seccomp_profile.type,
+                     escalation=t.container_security_context.allow_privilege_escalation,
+                     env=[e.name for e in t.env_vars])
         out[t.task_id] = d
     print(json.dumps(out, default=str))
     """, backend=backend)
     for stage in STAGES:
         t = facts[stage.name]
         assert t["image"] == ("headavatar/cuda:0.1.0" if stage.gpu else "headavatar/preprocess:0.1.0")
+        assert t["links"] == ["MLflow run"]
         if backend == "docker":
             assert t["type"] == "DockerStageOperator" and t["auto_remove"] == "force"
             assert t["mounts"] == [] and t["tmp"] is False and t["privileged"] is False
             assert t["env"] == {"PYTHONUNBUFFERED": "1"} and not t["private"]  # secrets only at run time
         else:
             assert t["type"] == "KubernetesStageOperator" and t["cmds"] == ["headavatar"]
-            assert t["secret"] == ["headavatar-s3"] and t["non_root"] is True and "DELETE_POD" in t["finish"].upper()
+            assert t["secret"] == ["headavatar-s3"] and t["settings"] == ["headavatar-settings"]
+            assert t["non_root"] is True and t["seccomp"] == "RuntimeDefault" and t["escalation"] is False
+            assert "DELETE_POD" in t["finish"].upper()
             assert t["gpus"] == ("1" if stage.gpu else None) and t["tolerations"] == (1 if stage.gpu else 0)
             assert not any("SECRET" in name or "KEY" in name for name in t["env"])
 
@@ -161,9 +168,11 @@ def uploaded(store: ObjectStore, tiny_capture: Path) -> Iterator[ObjectStore]:
 @pytest.mark.slow
 def test_triggered_run_executes_all_six_stages_and_a_rerun_hits_the_cache(
         airflow_home: Path, uploaded: ObjectStore, s3_env: dict[str, str], mlflow_server: str) -> None:
+    models = f"{s3_env['HEADAVATAR_S3_PREFIX']}-avatar-"
     env = {"AIRFLOW_CONN_HEADAVATAR_S3": _env(airflow_home, s3_env)["AIRFLOW_CONN_HEADAVATAR_S3"],
-           "AIRFLOW_CONN_HEADAVATAR_MLFLOW": json.dumps({"conn_type": "http",
-                                                         "extra": {"tracking_uri": mlflow_server}})}
+           "AIRFLOW_CONN_HEADAVATAR_MLFLOW": json.dumps({"conn_type": "http", "extra": {
+               "tracking_uri": mlflow_server, "ui_url": "https://mlflow.example.org/"}}),
+           "HEADAVATAR_MLFLOW_MODEL_PREFIX": models}
     conf = json.dumps({"id": "018", "profile": "demo", "meshhead_steps": 20, "gaussianhead_steps": 20})
     first = _airflow(airflow_home, env, "dags", "test", "headavatar_capture", "--conf", conf)
     log = first.stdout + first.stderr
@@ -194,12 +203,27 @@ def test_triggered_run_executes_all_six_stages_and_a_rerun_hits_the_cache(
     assert [m.step for m in curve] == [10, 20]
     assert [a.path for a in client.list_artifacts(gh.info.run_id, "pictures/renders")] == [
         "pictures/renders/0000.jpg", "pictures/renders/0012.jpg"]
+    # Each task links to its child run (the "MLflow run" extra link, stored as XCom by the worker).
+    links = _python(airflow_home, f"""
+        import json
+        from airflow.models.xcom import XComModel
+        from airflow.utils.session import create_session
+        with create_session() as s:
+            rows = s.query(XComModel).filter_by(run_id={manual[0]['run_id']!r}, key="_link_MLflowRunLink").all()
+            print(json.dumps({{r.task_id: r.value for r in rows}}))
+    """)
+    assert {k: json.loads(v) if v.startswith('"') else v for k, v in links.items()} == {
+        stage: f"https://mlflow.example.org/#/experiments/{exp.experiment_id}/runs/{children[stage].info.run_id}"
+        for stage in names}
+    version = client.search_model_versions(f"name = '{models}018'")
+    assert [(v.version, v.run_id) for v in version] == [("1", gh.info.run_id)]
 
     # A second run (what clearing a task and its downstream amounts to): every stage is a cache hit.
     second = _airflow(airflow_home, env, "dags", "test", "headavatar_capture", "--conf", conf)
     log2 = second.stdout + second.stderr
     for stage in names:
         assert f"018/{stage}: cache hit" in log2, log2[-3000:]
+    assert len(client.search_model_versions(f"name = '{models}018'")) == 1  # the same avatar: no new version
     # A bad id never reaches a stage: the form's schema rejects it before any task runs.
     before = len(_runs(airflow_home, env))
     bad = _airflow(airflow_home, env, "dags", "test", "headavatar_capture", "--conf", json.dumps({"id": "../018"}))
@@ -217,17 +241,25 @@ def read(store: ObjectStore, stage: str) -> Manifest | None:
 
 
 @pytest.mark.s3
-def test_ingestion_triggers_one_run_per_pending_capture(airflow_home: Path, store: ObjectStore,
-                                                        s3_env: dict[str, str]) -> None:
-    for cid in ("018", "019", "020"):
-        store.put_bytes(store.key("raw/camera_params", cid, "camera_params.json"), b"{}")
-    store.put_bytes(store.key("raw/camera_params/bad..id/camera_params.json"), b"{}")
+def test_ingestion_triggers_one_run_per_pending_capture(airflow_home: Path, store: ObjectStore, tiny_capture: Path,
+                                                        s3_env: dict[str, str], tmp_path: Path) -> None:
+    upload_capture(store, tiny_capture)  # 018: complete, never run
+    raw = store.key("raw")
+    for o in store.list(raw):  # 019: complete and already done
+        if "/018/" in o.key:
+            store.copy(o.key, o.key.replace("/018/", "/019/"))
     done = Manifest(stage="gaussianhead", capture="019", package_version="0", config_digest="x", config={},
                     inputs={}, files={}, metrics={}, started_at="", finished_at="", wall_time_s=0.0)
     store.put_bytes(manifest_key(store, "019", "gaussianhead"), done.to_json())
+    zip_capture(tiny_capture / "raw", "020", tmp_path / "zips")  # 020: delivered as NeRSemble archives
+    for z in (tmp_path / "zips").glob("*.zip"):
+        store.upload_file(z, f"{raw}/{z.name}")
+    store.put_bytes(f"{raw}/camera_params/021/camera_params.json", b"{}")  # 021: upload not finished
+    store.put_bytes(f"{raw}/camera_params/bad..id/camera_params.json", b"{}")
     env = {"AIRFLOW_CONN_HEADAVATAR_S3": _env(airflow_home, s3_env)["AIRFLOW_CONN_HEADAVATAR_S3"]}
     r = _airflow(airflow_home, env, "dags", "test", "headavatar_ingest")
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     runs = _runs(airflow_home, env)
     ingested = {x["run_id"] for x in runs if x["run_id"].startswith("ingest__")}
     assert ingested == {"ingest__018", "ingest__020"}
+    assert store.exists(f"{raw}/sequence_EXP-1-head_part-1/020/EXP-1-head/cam_222200036.mp4")  # unpacked

@@ -115,6 +115,13 @@ def test_demo_profile_training_resumes_after_sigkill_and_fits_held_out_views(
     assert m.metrics["resumed_from_step"] == 100 and m.metrics["steps"] == 300
     history = json.loads(store.get_bytes(f"{prefix}/history.json"))
     assert [h["step"] for h in history["losses"]] == list(range(10, 301, 10))  # nothing lost, nothing twice
+    assert [h["step"] for h in history["system"]] == list(range(10, 301, 10))
+    assert all(h["cpu_percent"] > 0 and 0.1 < h["rss_gb"] < 24 for h in history["system"])
+    # Published checkpoints: the killed attempt's (step 100) is still listed, the resumed one added step 200.
+    published = sorted(f for f in m.files if f.startswith("checkpoints/"))
+    assert published == ["checkpoints/step-00000100.pt", "checkpoints/step-00000200.pt"]
+    first = torch.load(io.BytesIO(store.get_bytes(f"{prefix}/{published[0]}")), weights_only=False)
+    assert first["step"] == 100 and len(first["history"]) == 10
     ious = [e["holdout_iou"] for e in history["holdout"]]
     assert [e["step"] for e in history["holdout"]] == [0, 100, 200, 300]
     assert all(b >= a for a, b in itertools.pairwise(ious)), ious  # more steps, better held-out fit

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -62,3 +64,65 @@ def test_unreachable_tracking_server_never_fails_a_stage(store: ObjectStore, tin
     assert r.returncode == 0, r.stderr[-2000:]
     assert "MLflow tracking at" in r.stderr and "the stage's outputs are unaffected" in r.stderr
     assert read_manifest(store, "018", "extract") is not None
+
+
+TRAINING = ["--set", "meshhead.steps=20", "--set", "meshhead.eval_every=10", "--set", "meshhead.checkpoint_every=10",
+            "--set", "meshhead.keep_checkpoint_every=10", "--set", "gaussianhead.steps=20"]
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_training_runs_are_registered_once_each_and_compared(store: ObjectStore, tiny_capture: Path,
+                                                            s3_env: dict[str, str], mlflow_server: str,
+                                                            tmp_path: Path) -> None:
+    upload_capture(store, tiny_capture)
+    models = f"{s3_env['HEADAVATAR_S3_PREFIX']}-avatar-"
+    env = {**s3_env, "MLFLOW_TRACKING_URI": mlflow_server, "HEADAVATAR_MLFLOW_MODEL_PREFIX": models}
+
+    def run(stage: str, key: str, *extra: str) -> dict:
+        r = cli("run", stage, "--capture", "018", "--profile", "demo", *TRAINING, *extra,
+                env={**env, "HEADAVATAR_RUN_ID": key})
+        assert r.returncode == 0, r.stderr[-3000:]
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    for stage in ("extract", "sample", "matting", "fitting", "meshhead"):
+        run(stage, "first")
+    first = run("gaussianhead", "first")
+    assert first["mlflow"]["model_version"] == "1"
+    again = run("gaussianhead", "second")  # another DAG run, a cache hit: the same avatar, no new version
+    assert again["mlflow"]["run_id"] != first["mlflow"]["run_id"] and again["mlflow"]["model_version"] == "1"
+    longer = run("gaussianhead", "third", "--set", "gaussianhead.steps=30")  # a new training run
+    assert longer["mlflow"]["model_version"] == "2"
+
+    client = MlflowClient(mlflow_server)
+    versions = sorted(client.search_model_versions(f"name = '{models}018'"), key=lambda v: int(v.version))
+    assert [(v.version, v.run_id) for v in versions] == [("1", first["mlflow"]["run_id"]),
+                                                         ("2", longer["mlflow"]["run_id"])]
+    local = Path(client.download_artifacts(first["mlflow"]["run_id"], "avatar"))
+    assert sorted(p.name for p in local.iterdir()) == ["avatar.json", "avatar.pt"]
+    assert json.loads((local / "avatar.json").read_text())["capture"] == "018"
+    assert float(versions[1].tags["holdout_psnr"]) == read_manifest(store, "018", "gaussianhead").metrics[
+        "holdout_psnr"]  # the manifest now holds the 30-step avatar
+
+    parent = client.get_run(client.get_run(first["mlflow"]["run_id"]).data.tags["mlflow.parentRunId"])
+    assert parent.data.tags["headavatar.run_key"] == "first"
+    assert len(parent.data.tags["headavatar.config_digest"]) == 16 and parent.data.tags["mlflow.source.git.commit"]
+    mesh = runs(client, **{"mlflow.parentRunId": parent.info.run_id, "headavatar.stage": "meshhead"})[0]
+    assert mesh.data.tags["headavatar.checkpoint.step-00000010"].endswith("/meshhead/checkpoints/step-00000010.pt")
+    cpu = client.get_metric_history(mesh.info.run_id, "system/cpu_percent")
+    assert [m.step for m in cpu] == [10, 20] and all(m.value > 0 for m in cpu)
+
+    out = tmp_path / "report"
+    r = cli("compare", "--capture", "018", "--out", str(out), env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.strip().splitlines()
+    ours = [line for line in lines[1:] if first["mlflow"]["run_id"] in line or longer["mlflow"]["run_id"] in line]
+    assert lines[0].split()[:3] == ["capture", "run_name", "run_id"] and "holdout_psnr" in lines[0] and len(ours) == 2
+    table = list(csv.DictReader((out / "compare.csv").open()))
+    mine = {row["run_id"]: row for row in table}
+    assert float(mine[longer["mlflow"]["run_id"]]["steps"]) == 30
+    assert again["mlflow"]["run_id"] not in mine  # the cache hit is the same avatar: one row
+    page = (out / "compare.html").read_text()
+    assert page.count("<svg") >= 2 and first["mlflow"]["run_id"] in page
+    missing = cli("compare", "--capture", "999", env=env)
+    assert missing.returncode == 2 and "no tracked gaussianhead run for 999" in missing.stderr

@@ -28,6 +28,7 @@ class ExecutionSettings:
     docker_network: str | None = field(default_factory=lambda: os.environ.get("HEADAVATAR_DOCKER_NETWORK"))
     k8s_namespace: str = field(default_factory=lambda: _env("HEADAVATAR_K8S_NAMESPACE", "headavatar"))
     k8s_s3_secret: str = field(default_factory=lambda: _env("HEADAVATAR_K8S_S3_SECRET", "headavatar-s3"))
+    k8s_settings: str = field(default_factory=lambda: _env("HEADAVATAR_K8S_SETTINGS", "headavatar-settings"))
     k8s_gpu_node_selector: str = field(default_factory=lambda: _env("HEADAVATAR_K8S_GPU_NODES",
                                                                     "nvidia.com/gpu.present=true"))
 

@@ -17,7 +17,7 @@ import subprocess
 import sys
 from typing import Any
 
-from airflow.sdk import BaseHook, BaseOperator
+from airflow.sdk import BaseHook, BaseOperator, BaseOperatorLink
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from headavatar_airflow.execution import ExecutionSettings
@@ -48,32 +48,62 @@ def fail(stage: str, code: int, message: str) -> AirflowException:
     return cls(f"headavatar run {stage} exited with {code}: {message}")
 
 
+def mlflow_endpoints(conn_id: str) -> tuple[str, str] | None:
+    """(tracking URI the stages use, URL a browser opens) from the MLflow connection, or None when unset.
+
+    Extra ``tracking_uri`` (else ``http://host:port``); extra ``ui_url`` when the browser reaches the
+    server under another name than the workers do (compose service names, cluster DNS).
+    """
+    try:
+        conn = BaseHook.get_connection(conn_id)
+    except Exception:  # no tracking server configured: stages run untracked
+        return None
+    extra = conn.extra_dejson
+    uri = extra.get("tracking_uri") or f"http://{conn.host}:{conn.port or 5000}"
+    return uri, (extra.get("ui_url") or uri).rstrip("/")
+
+
 def run_environment(context: Any, mlflow_conn_id: str) -> dict[str, str]:
     """Which DAG run and try the stage belongs to (MLflow parent-run key) and the tracking URI, if any."""
     ti = context["ti"]
     env = {"HEADAVATAR_RUN_ID": str(context["run_id"]), "HEADAVATAR_DAG_ID": str(ti.dag_id),
            "HEADAVATAR_TRY_NUMBER": str(ti.try_number)}
-    try:
-        conn = BaseHook.get_connection(mlflow_conn_id)
-    except Exception:  # no tracking server configured: stages run untracked
-        return env
-    env["MLFLOW_TRACKING_URI"] = conn.extra_dejson.get("tracking_uri") or f"http://{conn.host}:{conn.port or 5000}"
+    if (endpoints := mlflow_endpoints(mlflow_conn_id)) is not None:
+        env["MLFLOW_TRACKING_URI"] = endpoints[0]
     return env
 
 
-def _result(last_line: str) -> dict[str, Any] | None:
-    """The stage prints one JSON line when it succeeds (manifest URI, cached or not): XCom it."""
+def _result(last_line: Any) -> dict[str, Any] | None:
+    """The stage prints one JSON line when it succeeds (manifest URI, cached or not, MLflow run): XCom it."""
     try:
         out = json.loads(last_line)
-    except ValueError:
+    except (TypeError, ValueError):
         return None
     return out if isinstance(out, dict) else None
+
+
+class MLflowRunLink(BaseOperatorLink):
+    """"MLflow run" on the task: the stage's child run. Computed by the worker when the task ends
+    (Airflow 3 stores it as XCom), from the run the stage reported."""
+
+    name = "MLflow run"
+
+    def get_link(self, operator: BaseOperator, *, ti_key: Any) -> str:
+        return getattr(operator, "mlflow_run_url", "") or ""
+
+
+def remember_mlflow_run(operator: BaseOperator, result: dict[str, Any] | None, mlflow_conn_id: str) -> None:
+    run = (result or {}).get("mlflow")
+    endpoints = mlflow_endpoints(mlflow_conn_id)
+    if run and endpoints:
+        operator.mlflow_run_url = f"{endpoints[1]}/#/experiments/{run['experiment_id']}/runs/{run['run_id']}"
 
 
 class LocalStageOperator(BaseOperator):
     """The stage CLI as a subprocess of the worker, its output streamed into the task log."""
 
     ui_color = "#e8f4ea"
+    operator_extra_links = (MLflowRunLink(),)
 
     def __init__(self, *, stage: StageSpec, settings: ExecutionSettings, **kwargs: Any):
         super().__init__(**kwargs)
@@ -98,7 +128,9 @@ class LocalStageOperator(BaseOperator):
             last = line.strip() or last
         if (rc := self._proc.wait()) != 0:
             raise fail(self.stage.name, rc, last)
-        return _result(last)
+        result = _result(last)
+        remember_mlflow_run(self, result, self.settings.mlflow_conn_id)
+        return result
 
     def on_kill(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
@@ -112,6 +144,8 @@ def _docker_operator() -> type:
 
     class DockerStageOperator(DockerOperator):
         """One container per attempt: the image's entrypoint is the stage CLI; removed afterwards."""
+
+        operator_extra_links = (MLflowRunLink(),)
 
         def __init__(self, *, stage: StageSpec, settings: ExecutionSettings, **kwargs: Any):
             super().__init__(
@@ -133,27 +167,40 @@ def _docker_operator() -> type:
                 self.device_requests = [DeviceRequest(device_ids=[str(gpu)], capabilities=[["gpu"]]) if gpu is not None
                                         else DeviceRequest(count=1, capabilities=[["gpu"]])]
             try:
-                return super().execute(context)
+                last = super().execute(context)  # the container's last output line
             except DockerContainerFailedException as e:
                 code = re.search(r"'StatusCode': (\d+)", str(e))
                 last = next((str(x).strip() for x in reversed(e.logs or []) if str(x).strip()), "")
                 raise fail(self.stage.name, int(code.group(1)) if code else 1, last) from e
+            result = _result(last.decode() if isinstance(last, bytes) else last)
+            remember_mlflow_run(self, result, self.settings.mlflow_conn_id)
+            return result
 
     return DockerStageOperator
+
+
+XCOM_RESULT = "/airflow/xcom/return.json"  # where KubernetesPodOperator's sidecar reads a pod's XCom
 
 
 def _kubernetes_operator() -> type:
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from kubernetes.client import (
+        V1Capabilities,
+        V1ConfigMapEnvSource,
         V1EnvFromSource,
+        V1EnvVar,
         V1PodSecurityContext,
         V1ResourceRequirements,
+        V1SeccompProfile,
         V1SecretEnvSource,
+        V1SecurityContext,
         V1Toleration,
     )
 
     class KubernetesStageOperator(KubernetesPodOperator):
         """One pod per attempt; GPU stages request ``nvidia.com/gpu`` on GPU nodes; pod deleted afterwards."""
+
+        operator_extra_links = (MLflowRunLink(),)
 
         def __init__(self, *, stage: StageSpec, settings: ExecutionSettings, **kwargs: Any):
             gpu = {}
@@ -165,14 +212,23 @@ def _kubernetes_operator() -> type:
             super().__init__(
                 name=f"headavatar-{stage.name}", namespace=settings.k8s_namespace,
                 image=settings.cuda_image if stage.gpu else settings.cpu_image, cmds=["headavatar"], arguments=[],
-                env_from=[V1EnvFromSource(secret_ref=V1SecretEnvSource(name=settings.k8s_s3_secret))],
-                security_context=V1PodSecurityContext(run_as_non_root=True), on_finish_action="delete_pod",
-                get_logs=True, **gpu, **kwargs)
-            self.stage = stage
+                env_from=[V1EnvFromSource(secret_ref=V1SecretEnvSource(name=settings.k8s_s3_secret)),
+                          V1EnvFromSource(config_map_ref=V1ConfigMapEnvSource(name=settings.k8s_settings))],
+                security_context=V1PodSecurityContext(run_as_non_root=True, run_as_user=10001, run_as_group=10001,
+                                                      seccomp_profile=V1SeccompProfile(type="RuntimeDefault")),
+                container_security_context=V1SecurityContext(allow_privilege_escalation=False,
+                                                             capabilities=V1Capabilities(drop=["ALL"])),
+                on_finish_action="delete_pod",
+                get_logs=True, do_xcom_push=True, **gpu, **kwargs)
+            self.stage, self.mlflow_conn_id = stage, settings.mlflow_conn_id
 
         def execute(self, context: Any) -> Any:
-            self.arguments = cli_args(self.stage.name, context["params"])
-            return super().execute(context)
+            self.arguments = [*cli_args(self.stage.name, context["params"]), "--result-file", XCOM_RESULT]
+            run_env = run_environment(context, self.mlflow_conn_id)  # the tracking URI may also come from
+            self.env_vars = [V1EnvVar(name=k, value=v) for k, v in run_env.items()]  # the settings ConfigMap
+            result = super().execute(context)  # read back from the pod by the xcom sidecar
+            remember_mlflow_run(self, result if isinstance(result, dict) else None, self.mlflow_conn_id)
+            return result
 
     return KubernetesStageOperator
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
 
 from headavatar import __version__
 from headavatar.capture_id import validate_capture_id
-from headavatar.errors import PipelineError
+from headavatar.errors import ConfigError, PipelineError
 from headavatar.settings import PipelineConfig, load_config
 from headavatar.stages import STAGE_NAMES
 
@@ -35,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("stage", choices=STAGE_NAMES)
     run.add_argument("--capture", required=True, help="capture id, e.g. 018")
     run.add_argument("--force", action="store_true", help="recompute even on a cache hit")
+    run.add_argument("--result-file", type=Path,
+                     help="also write the result line here (Kubernetes: /airflow/xcom/return.json)")
     _config_args(run)
 
     synth = sub.add_parser("synth", help="write a synthetic NeRSemble capture with ground truth")
@@ -59,7 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("stages", help="list the stages in pipeline order")
 
-    caps = sub.add_parser("captures", help="list the raw captures in the bucket as JSON")
+    cmp = sub.add_parser("compare", help="held-out metrics of trained avatars, from the MLflow server")
+    cmp.add_argument("--capture", action="append", help="capture id (repeatable); default: every capture")
+    cmp.add_argument("--stage", choices=("gaussianhead", "meshhead"), default="gaussianhead")
+    cmp.add_argument("--out", type=Path, help="folder to write compare.csv and compare.html into")
+    cmp.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+                     help="MLflow server (default: $MLFLOW_TRACKING_URI)")
+
+    unpack = sub.add_parser("unpack", help="unpack the .zip archives under raw/ into the raw layout (S3 to S3)")
+    unpack.add_argument("--workers", type=int, default=4, help="members unpacked in parallel")
+    _config_args(unpack)
+
+    caps = sub.add_parser("captures", help="list the complete raw captures in the bucket as JSON")
     caps.add_argument("--pending", action="store_true", help="only those whose last stage is not done")
     _config_args(caps)
     return parser
@@ -71,7 +85,7 @@ def _config(args: argparse.Namespace) -> PipelineConfig:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from headavatar.contract.stage import run_stage
-    from headavatar.stages import build_stages
+    from headavatar.stages import build_stage
     from headavatar.storage import ObjectStore
     from headavatar.tracking import track_stage
 
@@ -79,13 +93,38 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _config(args)
     store = ObjectStore(config.storage)
     try:
-        result = run_stage(build_stages()[args.stage], capture, config, store, force=args.force)
-        track_stage(result, store)
+        result = run_stage(build_stage(args.stage), capture, config, store, force=args.force)
+        tracked = track_stage(result, store, config)
     finally:
         store.close()
-    print(json.dumps({"stage": result.stage, "capture": result.capture, "cached": result.cached,
-                      "manifest": result.manifest_uri, "files": len(result.manifest.files),
-                      "wall_time_s": result.manifest.wall_time_s}))
+    out = {"stage": result.stage, "capture": result.capture, "cached": result.cached,
+           "manifest": result.manifest_uri, "files": len(result.manifest.files),
+           "wall_time_s": result.manifest.wall_time_s}
+    if tracked is not None:
+        out["mlflow"] = {"experiment_id": tracked.experiment_id, "run_id": tracked.run_id,
+                         "model_version": tracked.model_version}
+    if args.result_file:
+        args.result_file.parent.mkdir(parents=True, exist_ok=True)
+        args.result_file.write_text(json.dumps(out))
+    print(json.dumps(out))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from headavatar.compare import as_table, collect, write_reports
+
+    if not args.tracking_uri:
+        raise ConfigError("compare needs the MLflow server: --tracking-uri or MLFLOW_TRACKING_URI")
+    captures = [validate_capture_id(c) for c in args.capture or []]
+    rows = collect(args.tracking_uri, captures or None, args.stage)
+    if not rows:
+        raise PipelineError(f"no tracked {args.stage} run for {', '.join(captures) or 'any capture'} "
+                            f"at {args.tracking_uri}")
+    print(as_table(rows))
+    if args.out:
+        title = f"{args.stage}: {', '.join(captures) or 'all captures'}"
+        for path in write_reports(rows, args.out, title):
+            print(path, file=sys.stderr)
     return 0
 
 
@@ -136,12 +175,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from headavatar.contract.stage import read_manifest
-    from headavatar.stages import build_stages
     from headavatar.storage import ObjectStore
 
     capture = validate_capture_id(args.capture)
     store = ObjectStore(_config(args).storage)
-    for name in build_stages():
+    for name in STAGE_NAMES:
         m = read_manifest(store, capture, name)
         state = "missing" if m is None else f"done {m.finished_at} ({len(m.files)} files, {m.wall_time_s:.1f}s)"
         print(f"{name:13s} {state}")
@@ -152,11 +190,27 @@ def cmd_captures(args: argparse.Namespace) -> int:
     from headavatar.ingest import pending_captures, raw_captures
     from headavatar.storage import ObjectStore
 
-    store = ObjectStore(_config(args).storage)
+    config = _config(args)
+    store = ObjectStore(config.storage)
     try:
-        print(json.dumps((pending_captures if args.pending else raw_captures)(store)))
+        print(json.dumps((pending_captures if args.pending else raw_captures)(store, config)))
     finally:
         store.close()
+    return 0
+
+
+def cmd_unpack(args: argparse.Namespace) -> int:
+    from headavatar.archives import unpack_all
+    from headavatar.storage import ObjectStore
+
+    store = ObjectStore(_config(args).storage)
+    try:
+        result = unpack_all(store, args.workers)
+    finally:
+        store.close()
+    print(json.dumps(result))
+    if result["failed"]:
+        raise PipelineError(f"{len(result['failed'])} archive(s) could not be unpacked; first: {result['failed'][0]}")
     return 0
 
 
@@ -173,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("boto3").setLevel(logging.WARNING)
     signal.signal(signal.SIGTERM, _terminate)
     commands = {"run": cmd_run, "synth": cmd_synth, "validate": cmd_validate, "status": cmd_status,
-                "captures": cmd_captures,
+                "captures": cmd_captures, "compare": cmd_compare, "unpack": cmd_unpack,
                 "stages": lambda _a: print("\n".join(STAGE_NAMES)) or 0}
     try:
         return commands[args.command](args)

@@ -167,7 +167,8 @@ class MeshHeadConfig(Section):
     rasterizer: Literal["torch"] = "torch"
     holdout_cameras: tuple[str, ...] = ("222200039", "222200044")  # never trained on; scored and pictured
     eval_every: Annotated[int, Field(ge=0)] = 1000  # held-out silhouette IoU every N steps (0 = at the end only)
-    checkpoint_every: Annotated[int, Field(ge=1)] = 500
+    checkpoint_every: Annotated[int, Field(ge=1)] = 500  # resumable state, overwritten
+    keep_checkpoint_every: Annotated[int, Field(ge=0)] = 2500  # also published as checkpoints/step-N.pt (0 = never)
     seed: int = 0
     device: DeviceName = "auto"
 
@@ -197,7 +198,8 @@ class GaussianHeadConfig(Section):
     rasterizer: Literal["auto", "gsplat", "torch"] = "auto"  # auto = gsplat on CUDA when installed
     holdout_cameras: tuple[str, ...] = ("222200039", "222200044")
     eval_every: Annotated[int, Field(ge=0)] = 5000
-    checkpoint_every: Annotated[int, Field(ge=1)] = 1000
+    checkpoint_every: Annotated[int, Field(ge=1)] = 1000  # resumable state, overwritten
+    keep_checkpoint_every: Annotated[int, Field(ge=0)] = 25_000  # also published as checkpoints/step-N.pt (0 = never)
     seed: int = 0
     device: DeviceName = "auto"
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 import boto3
 from boto3.s3.transfer import TransferConfig
@@ -113,6 +113,15 @@ class ObjectStore:
     def upload_file(self, path: Path, key: str) -> None:
         """Multipart above the threshold; a failed multipart upload is aborted by s3transfer."""
         self._call("write", key, lambda: self.client.upload_file(str(path), self.bucket, key, Config=self.transfer))
+
+    def upload_stream(self, stream: BinaryIO, key: str) -> None:
+        """From any readable stream (an archive member), multipart above the threshold, never whole in memory."""
+        self._call("write", key, lambda: self.client.upload_fileobj(stream, self.bucket, key, Config=self.transfer))
+
+    def get_range(self, key: str, start: int, end: int) -> bytes:
+        """Bytes ``start``..``end`` inclusive."""
+        return self._call("read", key, lambda: self.client.get_object(
+            Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end}")["Body"].read())
 
     def download_file(self, key: str, path: Path) -> Path:
         """Download to ``path`` atomically: a partial download never appears under its name."""

@@ -5,27 +5,73 @@ Enabled by ``MLFLOW_TRACKING_URI``. The parent run is found by its tags (capture
 one DAG run logs under the same parent. A stage is logged into ONE child run per parent: a retried
 or cleared task that finishes again logs into the same child (tag ``headavatar.attempts`` counts
 them) and a cache hit of an already logged manifest logs nothing new. What is logged comes from
-the stage's manifest and outputs: config as params, metrics, loss curves by step, and the pictures
-(``overlays/``, ``renders/``). Tracking never fails a stage: any error is one warning line.
+the stage's manifest and outputs: config as params, metrics, loss and CPU/GPU usage curves by step,
+the pictures (``overlays/``, ``renders/``) and the published checkpoints (tags holding their S3
+URIs). Stage 6's avatar is logged as artifacts and registered as a new version of the model
+``headavatar-<capture>`` (experiment and model prefix: $HEADAVATAR_MLFLOW_EXPERIMENT,
+$HEADAVATAR_MLFLOW_MODEL_PREFIX). The ``headavatar.manifest`` tag is set last, so a tracking attempt cut
+short is redone by the next one. Tracking never fails a stage: any error is one warning line.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 from headavatar.contract.stage import StageResult
 from headavatar.layout import stage_prefix
+from headavatar.settings import PipelineConfig
 from headavatar.storage import ObjectStore
 
 log = logging.getLogger(__name__)
-EXPERIMENT = "headavatar"
+EXPERIMENT_ENV, MODEL_PREFIX_ENV = "HEADAVATAR_MLFLOW_EXPERIMENT", "HEADAVATAR_MLFLOW_MODEL_PREFIX"
 PICTURE_DIRS = ("overlays/", "renders/")
+AVATAR_DIR = "avatar/"
+CHECKPOINT_DIR = "checkpoints/"
+
+
+@dataclass(frozen=True)
+class TrackedRun:
+    experiment_id: str
+    run_id: str
+    model_version: str | None = None
+
+
+def experiment_name() -> str:
+    return os.environ.get(EXPERIMENT_ENV) or "headavatar"
+
+
+def model_name(capture: str) -> str:
+    """One registered model per capture id: ``headavatar-<id>`` unless the deployment sets another prefix."""
+    return f"{os.environ.get(MODEL_PREFIX_ENV) or 'headavatar-'}{capture}"
+
+
+@cache
+def code_version() -> str:
+    """The git commit the code came from: baked into images as HEADAVATAR_GIT_COMMIT, else a checkout's HEAD."""
+    if os.environ.get("HEADAVATAR_GIT_COMMIT"):
+        return os.environ["HEADAVATAR_GIT_COMMIT"]
+    try:
+        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                           text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return r.stdout.strip() if r.returncode == 0 else "unknown"
+
+
+def pipeline_digest(config: PipelineConfig) -> str:
+    """Digest of everything but storage (which says where, not what)."""
+    body = config.model_dump(mode="json", exclude={"storage"})
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -39,8 +85,8 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def track_stage(result: StageResult, store: ObjectStore) -> str | None:
-    """Log a finished stage; returns the child run id, or None when tracking is off or failed."""
+def track_stage(result: StageResult, store: ObjectStore, config: PipelineConfig) -> TrackedRun | None:
+    """Log a finished stage; returns its child run, or None when tracking is off or failed."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         return None
@@ -48,45 +94,49 @@ def track_stage(result: StageResult, store: ObjectStore) -> str | None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     try:
-        return _track(uri, result, store)
+        return _track(uri, result, store, config)
     except Exception as e:  # tracking must never fail a stage or lose its outputs
         log.warning("MLflow tracking at %s failed (%s: %s); the stage's outputs are unaffected",
                     uri, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
         return None
 
 
-def _parent(client: Any, experiment_id: str, capture: str, run_key: str) -> str:
+def _parent(client: Any, experiment_id: str, capture: str, run_key: str, config: PipelineConfig) -> str:
     runs = client.search_runs([experiment_id], filter_string=(
         f"tags.`headavatar.kind` = 'pipeline' and tags.`headavatar.capture` = '{capture}' "
         f"and tags.`headavatar.run_key` = '{run_key}'"), max_results=1)
     if runs:
         return runs[0].info.run_id
+    from headavatar import __version__
+
     tags = {"headavatar.kind": "pipeline", "headavatar.capture": capture, "headavatar.run_key": run_key,
-            "mlflow.runName": f"{capture} {run_key}"}
-    for env, tag in (("HEADAVATAR_DAG_ID", "airflow.dag_id"), ("HEADAVATAR_RUN_ID", "airflow.run_id")):
+            "mlflow.runName": f"{capture} {run_key}", "headavatar.package_version": __version__,
+            "mlflow.source.git.commit": code_version(), "headavatar.config_digest": pipeline_digest(config)}
+    for env, tag in (("HEADAVATAR_DAG_ID", "airflow.dag_id"), ("HEADAVATAR_RUN_ID", "airflow.run_id"),
+                     ("HEADAVATAR_TRY_NUMBER", "airflow.try_number")):
         if os.environ.get(env):
             tags[tag] = os.environ[env]
     return client.create_run(experiment_id, tags=tags).info.run_id
 
 
-def _track(uri: str, result: StageResult, store: ObjectStore) -> str:
+def _track(uri: str, result: StageResult, store: ObjectStore, config: PipelineConfig) -> TrackedRun:
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
     from headavatar import __version__
 
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(os.environ.get("HEADAVATAR_MLFLOW_EXPERIMENT", EXPERIMENT))
-    experiment_id = exp.experiment_id if exp else client.create_experiment(EXPERIMENT)
+    exp = client.get_experiment_by_name(experiment_name())
+    experiment_id = exp.experiment_id if exp else client.create_experiment(experiment_name())
     m = result.manifest
-    parent = _parent(client, experiment_id, result.capture, os.environ.get("HEADAVATAR_RUN_ID") or "manual")
+    parent = _parent(client, experiment_id, result.capture, os.environ.get("HEADAVATAR_RUN_ID") or "manual", config)
     digest = m.content_digest
     found = client.search_runs([experiment_id], filter_string=(
         f"tags.`headavatar.kind` = 'stage' and tags.`mlflow.parentRunId` = '{parent}' "
         f"and tags.`headavatar.stage` = '{result.stage}'"), max_results=1)
     if found and found[0].data.tags.get("headavatar.manifest") == digest:
         log.info("%s/%s: already tracked in MLflow run %s", result.capture, result.stage, found[0].info.run_id)
-        return found[0].info.run_id
+        return TrackedRun(experiment_id, found[0].info.run_id, found[0].data.tags.get("headavatar.model_version"))
     if found:
         run_id = found[0].info.run_id
         attempts = int(found[0].data.tags.get("headavatar.attempts", "1")) + 1
@@ -95,10 +145,11 @@ def _track(uri: str, result: StageResult, store: ObjectStore) -> str:
             "mlflow.parentRunId": parent, "headavatar.kind": "stage", "headavatar.stage": result.stage,
             "headavatar.capture": result.capture}).info.run_id
         attempts = 1
-    for key, value in {"headavatar.manifest": digest, "headavatar.attempts": str(attempts),
+    for key, value in {"headavatar.attempts": str(attempts),
                        "headavatar.cached": str(result.cached), "headavatar.package_version": __version__,
                        "headavatar.config_digest": m.config_digest, "headavatar.manifest_uri": result.manifest_uri,
-                       "airflow.try_number": os.environ.get("HEADAVATAR_TRY_NUMBER", "")}.items():
+                       "airflow.try_number": os.environ.get("HEADAVATAR_TRY_NUMBER", ""),
+                       **_checkpoint_tags(store, result)}.items():
         client.set_tag(run_id, key, value)
     known = set(client.get_run(run_id).data.params)
     params = [Param(k, v) for k, v in flatten(m.config).items() if k not in known]
@@ -111,11 +162,13 @@ def _track(uri: str, result: StageResult, store: ObjectStore) -> str:
     for i in range(0, len(metrics), 900):
         client.log_batch(run_id, metrics=metrics[i : i + 900])
     _pictures(client, run_id, store, result)
+    version = _register_avatar(client, run_id, store, result) if result.stage == "gaussianhead" else None
+    client.set_tag(run_id, "headavatar.manifest", digest)
     client.set_terminated(run_id)
     if result.stage == "gaussianhead":
         client.set_terminated(parent)
     log.info("%s/%s: tracked in MLflow run %s (parent %s)", result.capture, result.stage, run_id, parent)
-    return run_id
+    return TrackedRun(experiment_id, run_id, version)
 
 
 def _curves(store: ObjectStore, result: StageResult, now: int) -> list:
@@ -125,18 +178,60 @@ def _curves(store: ObjectStore, result: StageResult, now: int) -> list:
         return []
     history = json.loads(store.get_bytes(store.key(stage_prefix(result.capture, result.stage), "history.json")))
     out = []
-    for series, prefix in (("losses", "train/"), ("holdout", "")):
+    for series, prefix in (("losses", "train/"), ("holdout", ""), ("system", "system/")):
         for row in history.get(series, []):
             out += [Metric(f"{prefix}{k}", float(v), now, int(row["step"])) for k, v in row.items()
                     if k != "step" and isinstance(v, (int, float))]
     return out
 
 
-def _pictures(client: Any, run_id: str, store: ObjectStore, result: StageResult) -> None:
+def _checkpoint_tags(store: ObjectStore, result: StageResult) -> dict[str, str]:
+    """Published checkpoints are referenced, not copied: they can be large and already live in S3."""
+    prefix = stage_prefix(result.capture, result.stage)
+    return {f"headavatar.checkpoint.{Path(f).stem}": store.uri(store.key(prefix, f))
+            for f in result.manifest.files if f.startswith(CHECKPOINT_DIR)}
+
+
+def _log_files(client: Any, run_id: str, store: ObjectStore, result: StageResult, names: list[str],
+               artifact_dir: str) -> None:
     prefix = store.key(stage_prefix(result.capture, result.stage))
-    names = sorted(f for f in result.manifest.files if f.startswith(PICTURE_DIRS) and f.endswith(".jpg"))
     with tempfile.TemporaryDirectory(prefix="headavatar-mlflow-") as tmp:
         for rel in names:
             path = Path(tmp) / rel
             store.download_file(f"{prefix}/{rel}", path)
-            client.log_artifact(run_id, str(path), artifact_path=f"pictures/{Path(rel).parent}")
+            parent = str(Path(rel).parent)
+            client.log_artifact(run_id, str(path), artifact_path=f"{artifact_dir}/{parent}" if artifact_dir
+                                else parent)
+
+
+def _pictures(client: Any, run_id: str, store: ObjectStore, result: StageResult) -> None:
+    names = sorted(f for f in result.manifest.files if f.startswith(PICTURE_DIRS) and f.endswith(".jpg"))
+    _log_files(client, run_id, store, result, names, "pictures")
+
+
+def _register_avatar(client: Any, run_id: str, store: ObjectStore, result: StageResult) -> str | None:
+    """A new version of ``headavatar-<capture>`` per trained avatar (one per child run and manifest)."""
+    from mlflow.exceptions import MlflowException
+
+    names = sorted(f for f in result.manifest.files if f.startswith(AVATAR_DIR))
+    if not names:
+        return None
+    name, digest = model_name(result.capture), result.manifest.content_digest
+    try:
+        client.create_registered_model(name, tags={"headavatar.capture": result.capture},
+                                       description=f"Gaussian head avatars of capture {result.capture}")
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    for mv in client.search_model_versions(f"name = '{name}'"):
+        if mv.tags.get("headavatar.manifest") == digest:  # this very avatar (a cache hit, or a cut-short attempt)
+            client.set_tag(run_id, "headavatar.model_version", mv.version)
+            return mv.version
+    _log_files(client, run_id, store, result, names, "")
+    metrics = {k: str(v) for k, v in result.manifest.metrics.items() if k.startswith("holdout_")}
+    mv = client.create_model_version(name, source=f"{client.get_run(run_id).info.artifact_uri}/avatar",
+                                     run_id=run_id, tags={"headavatar.manifest": digest, **metrics},
+                                     description=f"avatar of {result.capture}, manifest {digest[:12]}")
+    client.set_tag(run_id, "headavatar.model_version", mv.version)
+    log.info("%s/gaussianhead: registered as model %s version %s", result.capture, name, mv.version)
+    return mv.version

@@ -1,28 +1,30 @@
-"""The six stages, in pipeline order. Each is one ``headavatar run <stage>`` subcommand."""
+"""The six stages, in pipeline order. Each is one ``headavatar run <stage>`` subcommand.
+
+Stages are imported one at a time, by name: the CPU image (stages 1-2, ingestion) carries no
+PyTorch, and a command that only names stages loads neither OpenCV nor PyAV.
+"""
 
 from __future__ import annotations
 
+from importlib import import_module
+
 from headavatar.contract.stage import Stage
+
+_CLASSES = {
+    "extract": "headavatar.stages.extract:Extract",
+    "sample": "headavatar.stages.sample:Sample",
+    "matting": "headavatar.stages.matting:Matting",
+    "fitting": "headavatar.stages.fitting:Fitting",
+    "meshhead": "headavatar.stages.meshhead:MeshHeadStage",
+    "gaussianhead": "headavatar.stages.gaussianhead:GaussianHeadStage",
+}
+STAGE_NAMES = tuple(_CLASSES)
+
+
+def build_stage(name: str) -> Stage:
+    module, cls = _CLASSES[name].split(":")
+    return getattr(import_module(module), cls)()
 
 
 def build_stages() -> dict[str, Stage]:
-    # Imported here so that commands which only name stages do not load OpenCV/PyAV.
-    from headavatar.stages.extract import Extract
-    from headavatar.stages.fitting import Fitting
-    from headavatar.stages.gaussianhead import GaussianHeadStage
-    from headavatar.stages.matting import Matting
-    from headavatar.stages.meshhead import MeshHeadStage
-    from headavatar.stages.sample import Sample
-
-    stages: list[Stage] = [
-        Extract(),
-        Sample(),
-        Matting(),
-        Fitting(),
-        MeshHeadStage(),
-        GaussianHeadStage(),
-    ]
-    return {s.name: s for s in stages}
-
-
-STAGE_NAMES = ("extract", "sample", "matting", "fitting", "meshhead", "gaussianhead")
+    return {name: build_stage(name) for name in STAGE_NAMES}

@@ -2,9 +2,9 @@
 
 Outputs: ``avatar/avatar.pt`` (Gaussian head, super-resolution net, per-frame pose corrections)
 and ``avatar/avatar.json`` (what rendering it needs: config, expression size, the frames and
-cameras it was trained on, its held-out scores), ``history.json`` (losses, held-out PSNR/SSIM
-[/LPIPS] by step) and ``renders/<NNNN>.jpg`` (GT | render for every held-out camera).
-Checkpoint/resume as stage 5.
+cameras it was trained on, its held-out scores), ``history.json`` (losses and CPU/GPU usage,
+held-out PSNR/SSIM[/LPIPS] by step) and ``renders/<NNNN>.jpg`` (GT | render for every held-out
+camera). Checkpoints (resumable and published) as stage 5.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class GaussianHeadStage(Stage):
                                 mesh.to_canonical(mesh.landmarks), mesh.box_center, float(mesh.box_half.max()))
         sr = SuperResolution(cfg.features, cfg.sr_channels, cfg.fine_size // cfg.coarse_size)
         trainer = GaussianHeadTrainer(head, sr, coarse, fine, cfg, raster, Perceptual(lpips), device)
-        checkpoints = Checkpoints(ctx)
+        checkpoints = Checkpoints(ctx, cfg.keep_checkpoint_every)
         saved = checkpoints.load()
         if saved is not None:
             trainer.load_state_dict(saved)
@@ -105,7 +105,8 @@ class GaussianHeadStage(Stage):
             "render": "headavatar.gaussianhead.model.GaussianHead.splats(exp, pose, scale, frame) -> "
                       "headavatar.render.gaussian_raster -> SuperResolution",
         }, indent=1).encode())
-        ctx.outputs.put_bytes("history.json", json.dumps({"losses": state.history, "holdout": state.evals}).encode())
+        ctx.outputs.put_bytes("history.json", json.dumps({"losses": state.history, "holdout": state.evals,
+                                                          "system": state.system}).encode())
         self._pictures(ctx, trainer)
         ctx.metrics.update({"steps": cfg.steps, "resumed_from_step": state.resumed_from, "gaussians": len(head.xyz),
                             **{k: v for k, v in final.items() if k != "step"},

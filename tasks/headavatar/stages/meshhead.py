@@ -2,9 +2,10 @@
 
 Outputs: ``model.pt`` (weights + what is needed to rebuild the model), ``neutral_mesh.npz``
 (neutral surface in canonical 3DMM units: ``vertices``, ``faces``; stage 6 starts from it),
-``history.json`` (losses every 10 steps, held-out IoU by step) and ``renders/<NNNN>.jpg``
-(GT | render | normals for every held-out camera). Training state is checkpointed every
-``meshhead.checkpoint_every`` steps; a retried task resumes from the last checkpoint.
+``history.json`` (losses and CPU/GPU usage every 10 steps, held-out IoU by step),
+``renders/<NNNN>.jpg`` (GT | render | normals for every held-out camera) and
+``checkpoints/step-<N>.pt`` every ``meshhead.keep_checkpoint_every`` steps. Training state is
+checkpointed every ``meshhead.checkpoint_every`` steps; a retried task resumes from the last one.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class MeshHeadStage(Stage):
         model = init_model(cfg, views, np.load(io.BytesIO(ctx.store.get_bytes(first))))
         raster = build_mesh_rasterizer(cfg.rasterizer, cfg.edge_softness_px)
         trainer = MeshHeadTrainer(model, views, cfg, raster, device)
-        checkpoints = Checkpoints(ctx)
+        checkpoints = Checkpoints(ctx, cfg.keep_checkpoint_every)
         saved = checkpoints.load()
         if saved is not None:
             trainer.load_state_dict(saved)
@@ -59,7 +60,8 @@ class MeshHeadStage(Stage):
         ctx.outputs.put_bytes("model.pt", buf.getvalue())
         ctx.outputs.put_bytes("neutral_mesh.npz", npz_bytes(vertices=model.to_canonical(verts).cpu().numpy().astype(
             np.float32), faces=faces.cpu().numpy().astype(np.int32)))
-        ctx.outputs.put_bytes("history.json", json.dumps({"losses": state.history, "holdout": state.evals}).encode())
+        ctx.outputs.put_bytes("history.json", json.dumps({"losses": state.history, "holdout": state.evals,
+                                                          "system": state.system}).encode())
         self._pictures(ctx, trainer)
         last = state.history[-1]
         ctx.metrics.update({

@@ -1,8 +1,8 @@
 """The training loop both training stages share: sampling, logging, held-out evaluation, checkpoints.
 
 Everything a resumed attempt needs is in ``state_dict``: the modules, the optimiser, the sampler's
-random state and the loss/evaluation history, so a run killed after a checkpoint continues with
-the very batches it would have drawn and its history has every step exactly once.
+random state and the loss/evaluation/system-usage history, so a run killed after a checkpoint
+continues with the very batches it would have drawn and its history has every step exactly once.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from headavatar.training.system import SystemSampler
+
 log = logging.getLogger(__name__)
 
 
@@ -25,12 +27,14 @@ class TrainState:
     resumed_from: int = 0
     history: list[dict[str, float]] = field(default_factory=list)  # losses every log step
     evals: list[dict[str, float]] = field(default_factory=list)  # held-out metrics by step (0 = before training)
+    system: list[dict[str, float]] = field(default_factory=list)  # CPU/memory/GPU usage every log step
 
 
 class Trainer(ABC):
     name: str
-    cfg: Any  # a stage config with steps, eval_every, checkpoint_every
+    cfg: Any  # a stage config with steps, eval_every, checkpoint_every, keep_checkpoint_every
     opt: torch.optim.Optimizer
+    device: torch.device
 
     def __init__(self, seed: int):
         self.gen = torch.Generator().manual_seed(seed)
@@ -49,7 +53,7 @@ class Trainer(ABC):
 
     def state_dict(self) -> dict:
         return {"step": self.state.step, "optimizer": self.opt.state_dict(), "generator": self.gen.get_state(),
-                "history": self.state.history, "evals": self.state.evals,
+                "history": self.state.history, "evals": self.state.evals, "system": self.state.system,
                 **{k: m.state_dict() for k, m in self.modules().items()}}
 
     def load_state_dict(self, s: dict) -> None:
@@ -57,11 +61,13 @@ class Trainer(ABC):
             m.load_state_dict(s[k])
         self.opt.load_state_dict(s["optimizer"])
         self.gen.set_state(s["generator"])
-        self.state = TrainState(s["step"], s["step"], s["history"], s["evals"])
+        self.state = TrainState(s["step"], s["step"], s["history"], s["evals"], s.get("system", []))
 
     def train(self, save: Callable[[dict], None], log_every: int = 10) -> TrainState:
         cfg = self.cfg
         t0, since = time.monotonic(), self.state.step
+        system = SystemSampler(self.device)
+        keep = getattr(cfg, "keep_checkpoint_every", 0)
         if self.state.step == 0 and cfg.eval_every:
             self.state.evals.append({"step": 0, **self.evaluate()})
         for step in range(self.state.step, cfg.steps):
@@ -72,12 +78,13 @@ class Trainer(ABC):
             self.state.step = done = step + 1
             if done % log_every == 0 or done == cfg.steps:
                 self.state.history.append({"step": done, **parts})
+                self.state.system.append({"step": done, **system.sample()})
             if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
                 self.state.evals.append({"step": done, **self.evaluate()})
             if done % max(1, cfg.steps // 20) == 0:
                 rate = (done - since) / max(time.monotonic() - t0, 1e-9)
                 log.info("%s: step %d/%d loss %.4f (%.2f steps/s)", self.name, done, cfg.steps, parts["loss"], rate)
-            if done % cfg.checkpoint_every == 0 and done < cfg.steps:
+            if (done % cfg.checkpoint_every == 0 or (keep and done % keep == 0)) and done < cfg.steps:
                 save(self.state_dict())
         self.state.evals.append({"step": cfg.steps, **self.evaluate()})
         return self.state

@@ -1,0 +1,143 @@
+"""Unpack NeRSemble ``.zip`` deliveries under ``raw/`` into the raw layout, S3 to S3.
+
+Archives are read through ranged GETs (a zip's directory is at its end, so it needs random access,
+not a download) and each member is streamed into a multipart upload; members are unpacked in
+parallel, each thread with its own reader. Where a member lands: an archive
+``raw/<dir>/<name>.zip`` whose entries start with ``<name>/`` unpacks into ``raw/<dir>/``; one
+whose entries do not (``018/EXP-1-head/cam_*.mp4`` inside ``sequence_EXP-1-head_part-1.zip``)
+unpacks into ``raw/<dir>/<name>/``. A marker under ``ingest/unpacked/`` records the archive's
+ETag once every member is in place, so a finished archive is skipped and a half-unpacked one
+(killed, S3 gone) is redone. The archive itself is never deleted: it is the user's upload.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+from headavatar.errors import RawCaptureError, StorageError
+from headavatar.layout import RAW
+from headavatar.storage import MB, ObjectInfo, ObjectStore
+
+log = logging.getLogger(__name__)
+MARKERS = "ingest/unpacked"
+IGNORED = ("__MACOSX/", ".DS_Store")
+
+
+class S3RangeReader(io.RawIOBase):
+    """A seekable, read-only file over one S3 object (ranged GETs), for ``zipfile``."""
+
+    def __init__(self, store: ObjectStore, key: str, size: int):
+        self.store, self.key, self.size, self.pos = store, key, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def readinto(self, buffer: memoryview) -> int:
+        n = min(len(buffer), self.size - self.pos)
+        if n <= 0:
+            return 0
+        data = self.store.get_range(self.key, self.pos, self.pos + n - 1)
+        buffer[: len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+
+def open_archive(store: ObjectStore, obj: ObjectInfo) -> zipfile.ZipFile:
+    reader = io.BufferedReader(S3RangeReader(store, obj.key, obj.size), buffer_size=8 * MB)
+    try:
+        return zipfile.ZipFile(reader)
+    except zipfile.BadZipFile as e:
+        raise RawCaptureError(f"{store.uri(obj.key)}: not a readable zip archive ({e})") from None
+
+
+@dataclass(frozen=True)
+class Member:
+    name: str  # path inside the archive
+    dest: str  # key it unpacks to
+    size: int
+
+
+def plan(store: ObjectStore, obj: ObjectInfo, zf: zipfile.ZipFile) -> list[Member]:
+    """Where every member goes; refuses paths that would leave the raw prefix (zip-slip)."""
+    raw_root = store.key(RAW)
+    rel = PurePosixPath(obj.key[len(raw_root) + 1:])
+    stem, parent = rel.stem, rel.parent
+    files = [i for i in zf.infolist() if not i.is_dir() and not i.filename.startswith(IGNORED)
+             and PurePosixPath(i.filename).name not in IGNORED]
+    for i in files:
+        parts = PurePosixPath(i.filename).parts
+        if i.filename.startswith("/") or "\\" in i.filename or any(p in ("..", ".", "") for p in parts):
+            raise RawCaptureError(f"{store.uri(obj.key)}: unsafe path {i.filename!r} in the archive")
+    nested = all(PurePosixPath(i.filename).parts[0] == stem for i in files)
+    base = parent if nested else parent / stem
+    return [Member(i.filename, "/".join(p for p in (raw_root, str(base), i.filename) if p not in ("", ".")),
+                   i.file_size) for i in files]
+
+
+def marker_key(store: ObjectStore, obj: ObjectInfo) -> str:
+    return store.key(MARKERS, obj.key[len(store.key(RAW)) + 1:] + ".json")
+
+
+def unpack(store: ObjectStore, obj: ObjectInfo, workers: int = 4) -> int:
+    """Unpack one archive; returns the number of members written (0 when it was done before)."""
+    mkey = marker_key(store, obj)
+    if store.exists(mkey) and json.loads(store.get_bytes(mkey)).get("etag") == obj.etag:
+        return 0
+    with open_archive(store, obj) as zf:
+        members = plan(store, obj, zf)
+    if not members:
+        raise RawCaptureError(f"{store.uri(obj.key)}: the archive holds no file")
+    local = threading.local()
+
+    def put(m: Member) -> None:
+        if not hasattr(local, "zf"):
+            local.zf = open_archive(store, obj)
+        try:
+            with local.zf.open(m.name) as src:
+                store.upload_stream(src, m.dest)
+        except (zipfile.BadZipFile, EOFError, OSError) as e:  # CRC mismatch, truncated member
+            raise RawCaptureError(f"{store.uri(obj.key)}: member {m.name!r} is damaged ({e})") from None
+
+    done = 0
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="unpack") as pool:
+        for _ in pool.map(put, members):
+            done += 1
+            if done % 8 == 0 or done == len(members):
+                log.info("%s: %d/%d members unpacked", store.uri(obj.key), done, len(members))
+    store.put_bytes(mkey, json.dumps({"archive": obj.key, "etag": obj.etag, "size": obj.size,
+                                      "members": {m.name: m.dest for m in members}}).encode())
+    return len(members)
+
+
+def unpack_all(store: ObjectStore, workers: int = 4) -> dict[str, list[str]]:
+    """Every ``.zip`` under ``raw/``: {"unpacked": [...], "skipped": [...], "failed": ["key: why", ...]}."""
+    out: dict[str, list[str]] = {"unpacked": [], "skipped": [], "failed": []}
+    for obj in store.list(store.key(RAW)):
+        if not obj.key.lower().endswith(".zip"):
+            continue
+        try:
+            n = unpack(store, obj, workers)
+        except (RawCaptureError, StorageError) as e:
+            log.error("%s", e)
+            out["failed"].append(str(e))
+            continue
+        out["unpacked" if n else "skipped"].append(store.uri(obj.key))
+    return out
