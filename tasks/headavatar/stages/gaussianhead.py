@@ -108,7 +108,8 @@ class GaussianHeadStage(Stage):
         ctx.outputs.put_bytes("history.json", json.dumps({"losses": state.history, "holdout": state.evals,
                                                           "system": state.system}).encode())
         self._pictures(ctx, trainer)
-        ctx.metrics.update({"steps": cfg.steps, "resumed_from_step": state.resumed_from, "gaussians": len(head.xyz),
+        ctx.metrics.update({"steps": cfg.steps, "resumed_from_step": state.resumed_from,
+            "train_steps_per_s": state.steps_per_s, "gaussians": len(head.xyz),
                             **{k: v for k, v in final.items() if k != "step"},
                             **{f"final_{k}": v for k, v in state.history[-1].items() if k != "step"}})
         log.info("%s/gaussianhead: held-out %s", ctx.capture,

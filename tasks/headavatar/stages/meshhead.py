@@ -65,7 +65,8 @@ class MeshHeadStage(Stage):
         self._pictures(ctx, trainer)
         last = state.history[-1]
         ctx.metrics.update({
-            "steps": cfg.steps, "resumed_from_step": state.resumed_from, "holdout_iou": state.evals[-1]["holdout_iou"],
+            "steps": cfg.steps, "resumed_from_step": state.resumed_from,
+            "train_steps_per_s": state.steps_per_s, "holdout_iou": state.evals[-1]["holdout_iou"],
             "train_iou": trainer.silhouette_iou(trainer.train_cams[:: max(1, len(trainer.train_cams) // 4)]),
             "mesh_vertices": len(verts), "mesh_faces": len(faces),
             **{f"final_{k}": v for k, v in last.items() if k != "step"},

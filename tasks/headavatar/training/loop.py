@@ -28,6 +28,12 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)  # losses every log step
     evals: list[dict[str, float]] = field(default_factory=list)  # held-out metrics by step (0 = before training)
     system: list[dict[str, float]] = field(default_factory=list)  # CPU/memory/GPU usage every log step
+    step_seconds: float = 0.0  # time in training steps only (no evaluation, no checkpoints), all attempts
+    timed_steps: int = 0
+
+    @property
+    def steps_per_s(self) -> float:
+        return self.timed_steps / self.step_seconds if self.step_seconds else 0.0
 
 
 class Trainer(ABC):
@@ -54,6 +60,7 @@ class Trainer(ABC):
     def state_dict(self) -> dict:
         return {"step": self.state.step, "optimizer": self.opt.state_dict(), "generator": self.gen.get_state(),
                 "history": self.state.history, "evals": self.state.evals, "system": self.state.system,
+                "timing": [self.state.step_seconds, self.state.timed_steps],
                 **{k: m.state_dict() for k, m in self.modules().items()}}
 
     def load_state_dict(self, s: dict) -> None:
@@ -61,7 +68,8 @@ class Trainer(ABC):
             m.load_state_dict(s[k])
         self.opt.load_state_dict(s["optimizer"])
         self.gen.set_state(s["generator"])
-        self.state = TrainState(s["step"], s["step"], s["history"], s["evals"], s.get("system", []))
+        self.state = TrainState(s["step"], s["step"], s["history"], s["evals"], s.get("system", []),
+                                *s.get("timing", (0.0, 0)))
 
     def train(self, save: Callable[[dict], None], log_every: int = 10) -> TrainState:
         cfg = self.cfg
@@ -71,10 +79,14 @@ class Trainer(ABC):
         if self.state.step == 0 and cfg.eval_every:
             self.state.evals.append({"step": 0, **self.evaluate()})
         for step in range(self.state.step, cfg.steps):
+            t_step = time.perf_counter()  # loss terms are floats: each step waits for the previous one
             loss, parts = self.step_loss()
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
+            if step > since:  # the first step of an attempt warms up (kernel compilation, allocator)
+                self.state.step_seconds += time.perf_counter() - t_step
+                self.state.timed_steps += 1
             self.state.step = done = step + 1
             if done % log_every == 0 or done == cfg.steps:
                 self.state.history.append({"step": done, **parts})
