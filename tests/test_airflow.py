@@ -229,9 +229,14 @@ def test_triggered_run_executes_all_six_stages_and_a_rerun_hits_the_cache(
     bad = _airflow(airflow_home, env, "dags", "test", "headavatar_capture", "--conf", json.dumps({"id": "../018"}))
     assert bad.returncode != 0 and "../018" in bad.stdout + bad.stderr
     assert len(_runs(airflow_home, env)) == before
+    # The S3 secret key appears nowhere a person can read: task logs, MLflow params and tags, manifests.
     secret = s3_env["AWS_SECRET_ACCESS_KEY"]
     assert secret not in log and secret not in log2
     assert not any(secret in p.read_text(errors="ignore") for p in (airflow_home / "logs").rglob("*") if p.is_file())
+    for run in [*parents, *children.values()]:
+        assert secret not in json.dumps({"params": run.data.params, "tags": run.data.tags})
+    for stage in names:
+        assert secret not in uploaded.get_bytes(manifest_key(uploaded, "018", stage)).decode()
 
 
 def read(store: ObjectStore, stage: str) -> Manifest | None:

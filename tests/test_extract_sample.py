@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import cv2
@@ -11,7 +12,7 @@ import pytest
 
 from conftest import TINY, tiny_config, upload_capture
 from headavatar.bench.reference import reference_extract, reference_sample
-from headavatar.contract.stage import run_stage
+from headavatar.contract.stage import read_manifest, run_stage
 from headavatar.errors import RawCaptureError
 from headavatar.imaging import CropResize
 from headavatar.layout import RAW, stage_prefix
@@ -152,6 +153,18 @@ def test_camera_missing_from_a_sequence_is_an_error(store: ObjectStore, tmp_path
     with pytest.raises(RawCaptureError, match=r"sequence_EXP-2-eyes_part-1 of capture 103 has no video for camera\(s\) "
                                               r"222200040"):
         run_both(store, "103")
+
+
+def test_videos_of_different_resolutions_are_an_error(store: ObjectStore, tmp_path: Path) -> None:
+    root = _synth(tmp_path / "a", "104")
+    other = _synth(tmp_path / "b", "104", width=200, height=292)
+    cam = "sequence_EXP-1-head_part-1/104/EXP-1-head/cam_222200041.mp4"
+    shutil.copy(other / RAW / cam, root / RAW / cam)
+    upload_capture(store, root)
+    odd = r"capture 104: videos differ in resolution: s3://.*/cam_222200041\.mp4 is 200x292 \(the others are 256x372\)"
+    with pytest.raises(RawCaptureError, match=odd):
+        run_both(store, "104")
+    assert read_manifest(store, "104", "extract") is None
 
 
 def test_sample_copies_server_side(store: ObjectStore, tiny_capture: Path) -> None:

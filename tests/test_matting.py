@@ -45,10 +45,13 @@ def test_classical_matte_matches_ground_truth(store: ObjectStore, tiny_capture: 
 
 
 @pytest.mark.s3
-def test_missing_weights_fail_before_any_frame(store: ObjectStore, tiny_capture: Path, s3_env: dict[str, str],
+def test_missing_or_wrong_weights_fail_before_any_frame(store: ObjectStore, tiny_capture: Path, s3_env: dict[str, str],
                                                tmp_path: Path) -> None:
     prepare_sampled(store, tiny_capture)
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint" * 100)
     for weights, message in ((str(tmp_path / "nope.pth"), "nope.pth does not exist"),
+                             (str(junk), "junk.pth are not a PyTorch checkpoint"),
                              ("s3://headavatar-test/none.pth", "none.pth does not exist"),
                              (None, "needs matting.weights")):
         args = ["run", "matting", "--capture", "018", "--profile", "demo", "--set", "matting.method=bmv2"]

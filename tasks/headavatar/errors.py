@@ -23,6 +23,19 @@ class MissingObject(StorageError):
     pass
 
 
+class StorageUnavailable(StorageError):
+    """The object store did not answer (down, timing out, 5xx) after the client's retries: a later
+    attempt may succeed, so the task is retried rather than failed for good."""
+
+    exit_code = 75  # EX_TEMPFAIL
+
+
+class StageBusy(PipelineError):
+    """Another process holds the stage's lock for this capture (a concurrent run): retry later."""
+
+    exit_code = 75
+
+
 class AccessDenied(StorageError):
     pass
 
@@ -34,3 +47,9 @@ class RawCaptureError(PipelineError):
 class UpstreamMissing(PipelineError):
     """A stage's declared input has no manifest yet."""
 
+
+
+class ScratchFull(PipelineError):
+    """The local scratch disk ran out of space; another worker (or a cleaned disk) may succeed."""
+
+    exit_code = 75

@@ -41,6 +41,7 @@ class StorageConfig(Section):
     multipart_threshold_mb: Annotated[int, Field(ge=5, le=5120)] = 16
     multipart_chunk_mb: Annotated[int, Field(ge=5, le=5120)] = 16
     max_attempts: Annotated[int, Field(ge=1, le=50)] = 10
+    lock_ttl_s: Annotated[float, Field(ge=5, le=3600)] = 90  # a stage lease not renewed this long is free
 
     @field_validator("prefix")
     @classmethod

@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import BinaryIO, TypeVar
 
 import boto3
+from boto3.exceptions import S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from headavatar.errors import AccessDenied, MissingObject, StorageError
+from headavatar.errors import AccessDenied, MissingObject, StorageError, StorageUnavailable
 from headavatar.settings import StorageConfig
 
 log = logging.getLogger(__name__)
@@ -93,7 +95,13 @@ class ObjectStore:
                 return MissingObject(f"bucket {self.bucket!r} does not exist ({self.uri(key)})")
             if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch") or status == 403:
                 return AccessDenied(f"access denied to {action} {self.uri(key)} ({code})")
+            if code in ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout") or (status or 0) >= 500:
+                return StorageUnavailable(f"cannot {action} {self.uri(key)}: the object store answered "
+                                          f"{code or status}")
             return StorageError(f"cannot {action} {self.uri(key)}: {code or status}")
+        if isinstance(exc, (BotoConnectionError, HTTPClientError)):  # refused, reset, timed out: after all retries
+            return StorageUnavailable(f"cannot {action} {self.uri(key)}: object store unreachable "
+                                      f"({type(exc).__name__})")
         return StorageError(f"cannot {action} {self.uri(key)}: {type(exc).__name__}: {exc}")
 
     def _call(self, action: str, key: str, fn: Callable[[], T]) -> T:
@@ -101,6 +109,13 @@ class ObjectStore:
             return fn()
         except (ClientError, BotoCoreError) as e:
             raise self._error(e, key, action) from e
+        except S3UploadFailedError as e:  # s3transfer's wrapper (it has aborted the multipart upload)
+            cause = e.__cause__ or e.__context__
+            if isinstance(cause, (ClientError, BotoCoreError)):
+                raise self._error(cause, key, action) from e
+            transient = any(c in str(e) for c in ("InternalError", "ServiceUnavailable", "SlowDown", "connect"))
+            cls = StorageUnavailable if transient else StorageError
+            raise cls(f"cannot {action} {self.uri(key)}: {str(e).rsplit(': ', 1)[-1][:200]}") from e
 
     # --- single objects ------------------------------------------------------------------
     def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None:
@@ -156,6 +171,16 @@ class ObjectStore:
 
     def delete(self, key: str) -> None:
         self._call("delete", key, lambda: self.client.delete_object(Bucket=self.bucket, Key=key))
+
+    def abort_multipart_uploads(self, prefix: str) -> int:
+        """Abort unfinished multipart uploads under ``prefix`` (parts a killed process left behind)."""
+        prefix = prefix.rstrip("/") + "/"
+        uploads = self._call("list uploads under", prefix, lambda: self.client.list_multipart_uploads(
+            Bucket=self.bucket, Prefix=prefix).get("Uploads", []))
+        for u in uploads:
+            self._call("abort upload of", u["Key"], lambda u=u: self.client.abort_multipart_upload(
+                Bucket=self.bucket, Key=u["Key"], UploadId=u["UploadId"]))
+        return len(uploads)
 
     # --- many objects --------------------------------------------------------------------
     def list(self, prefix: str) -> Iterator[ObjectInfo]:

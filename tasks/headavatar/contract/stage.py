@@ -10,10 +10,14 @@
    cache hit: the stage is skipped unless forced.
 5. Local scratch space lives in one directory removed at the end, also on errors and SIGTERM; a
    directory left by a SIGKILLed run is removed by the next run on the host.
+6. One run at a time computes a (capture, stage): a lease in the bucket (``contract/lock.py``);
+   a concurrent run exits 75 (retried later, then a cache hit), and a run that lost its lease
+   does not write its manifest.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -27,9 +31,10 @@ from typing import ClassVar
 
 from headavatar import __version__
 from headavatar.capture_id import validate_capture_id
+from headavatar.contract.lock import StageLock
 from headavatar.contract.manifest import Manifest, digest
 from headavatar.contract.outputs import RESERVED_PREFIX, OutputWriter
-from headavatar.errors import MissingObject, UpstreamMissing
+from headavatar.errors import MissingObject, ScratchFull, UpstreamMissing
 from headavatar.layout import MANIFEST, stage_prefix
 from headavatar.settings import PipelineConfig
 from headavatar.storage import ObjectStore
@@ -134,7 +139,6 @@ def run_stage(stage: Stage, capture: str, config: PipelineConfig, store: ObjectS
               force: bool = False) -> StageResult:
     capture = validate_capture_id(capture)
     prefix = store.key(stage_prefix(capture, stage.name))
-    mkey = f"{prefix}/{MANIFEST}"
 
     upstream: dict[str, Manifest] = {}
     inputs: dict[str, str] = stage.raw_inputs(store, capture, config)
@@ -151,16 +155,41 @@ def run_stage(stage: Stage, capture: str, config: PipelineConfig, store: ObjectS
         inputs[dep] = m.content_digest
     cdigest, sections = config_digest(stage, config)
 
+    cached = _cache_hit(store, stage, capture, prefix, inputs, cdigest, force)
+    if cached is not None:
+        return cached
+    lock = StageLock(store, f"{prefix}/{RESERVED_PREFIX}state/lock.json", f"capture {capture} stage {stage.name}",
+                     ttl=config.storage.lock_ttl_s)
+    lock.acquire()
+    try:
+        # A concurrent run may have finished while this one was starting: its result is ours.
+        cached = _cache_hit(store, stage, capture, prefix, inputs, cdigest, force)
+        if cached is not None:
+            return cached
+        return _compute(stage, capture, config, store, force, prefix, upstream, inputs, cdigest, sections, lock)
+    finally:
+        lock.release()
+
+
+def _cache_hit(store: ObjectStore, stage: Stage, capture: str, prefix: str, inputs: dict[str, str], cdigest: str,
+               force: bool) -> StageResult | None:
+    mkey = f"{prefix}/{MANIFEST}"
     existing = read_manifest(store, capture, stage.name)
     if existing is not None and not force and existing.matches(inputs, cdigest):
         if _outputs_present(store, prefix, existing):
             log.info("%s/%s: cache hit (%d files, %s)", capture, stage.name, len(existing.files), store.uri(mkey))
             return StageResult(stage.name, capture, True, existing, store.uri(mkey))
         log.warning("%s/%s: manifest matches but outputs are missing; recomputing", capture, stage.name)
+    return None
 
-    # From here on the stage is "not done" until the new manifest lands.
-    if existing is not None:
-        store.delete(mkey)
+
+def _compute(stage: Stage, capture: str, config: PipelineConfig, store: ObjectStore, force: bool, prefix: str,
+             upstream: dict[str, Manifest], inputs: dict[str, str], cdigest: str, sections: dict,
+             lock: StageLock) -> StageResult:
+    mkey = f"{prefix}/{MANIFEST}"
+    store.delete(mkey)  # from here on the stage is "not done" until the new manifest lands
+    if aborted := store.abort_multipart_uploads(prefix):  # we hold the lease: no one else uploads here
+        log.info("%s/%s: aborted %d unfinished multipart uploads of an earlier attempt", capture, stage.name, aborted)
 
     scratch_root = Path(os.environ.get(SCRATCH_ENV) or tempfile.gettempdir())
     scratch_root.mkdir(parents=True, exist_ok=True)
@@ -175,6 +204,11 @@ def run_stage(stage: Stage, capture: str, config: PipelineConfig, store: ObjectS
     try:
         stage.run(ctx)
         writer.wait()
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise ScratchFull(f"{capture}/{stage.name}: the scratch directory {scratch_root} is full ({e.strerror}); "
+                          f"free space there or point {SCRATCH_ENV} at a larger disk") from None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -193,6 +227,7 @@ def run_stage(stage: Stage, capture: str, config: PipelineConfig, store: ObjectS
         config=sections, inputs=inputs, files=dict(sorted(writer.entries.items())), metrics=metrics,
         started_at=started.isoformat(), finished_at=datetime.now(UTC).isoformat(), wall_time_s=round(wall, 3),
     )
+    lock.check()
     store.put_bytes(mkey, manifest.to_json(), content_type="application/json")
     log.info("%s/%s: done in %.1fs, %d files -> %s", capture, stage.name, wall, len(writer.entries), store.uri(mkey))
     return StageResult(stage.name, capture, False, manifest, store.uri(mkey))

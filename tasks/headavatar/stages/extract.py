@@ -18,6 +18,7 @@ import logging
 import multiprocessing
 import os
 import time
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -205,10 +206,14 @@ class Extract(Stage):
         store.download_many(pairs)
         keys = {(s.label, cam): o.key for s in raw.sequences for cam, o in s.videos.items()}
         infos = {k: probe_video(p, store.uri(keys[k])) for k, p in local.items()}
-        sizes = {(i.width, i.height) for i in infos.values()}
-        if len(sizes) > 1:
-            detail = ", ".join(f"{k[1]}:{i.width}x{i.height}" for k, i in sorted(infos.items())[:6])
-            raise RawCaptureError(f"capture {ctx.capture}: videos differ in resolution ({detail} ...)")
+        counts = Counter((i.width, i.height) for i in infos.values())
+        if len(counts) > 1:
+            (w, h), _ = counts.most_common(1)[0]
+            odd = [f"{store.uri(keys[k])} is {i.width}x{i.height}" for k, i in sorted(infos.items())
+                   if (i.width, i.height) != (w, h)]
+            raise RawCaptureError(f"capture {ctx.capture}: videos differ in resolution: {'; '.join(odd[:4])}"
+                                  f"{' ...' if len(odd) > 4 else ''} (the others are {w}x{h})")
+        sizes = set(counts)
 
         plan = plan_frames(raw, infos, cfg.frame_stride, ctx.config.sample.frame_stride)
         crop = CropResize.from_config(cfg)

@@ -73,6 +73,10 @@ class Trainer(ABC):
 
     def train(self, save: Callable[[dict], None], log_every: int = 10) -> TrainState:
         cfg = self.cfg
+        if torch.device(self.device).type == "cpu":
+            # Bit-reproducible on the CPU (a resumed run equals an undisturbed one); on CUDA the
+            # rasterisers' atomics make runs differ in the last bits whatever this says.
+            torch.use_deterministic_algorithms(True, warn_only=True)
         t0, since = time.monotonic(), self.state.step
         system = SystemSampler(self.device)
         keep = getattr(cfg, "keep_checkpoint_every", 0)

@@ -1,0 +1,282 @@
+"""Faults injected for real into running stages; nothing half-written is taken as done, nothing is lost.
+
+`pytest -m faults` runs this suite alone. It has its own SeaweedFS server (so it can stop it
+mid-run without disturbing other tests) and compares every faulted capture with an undisturbed
+run of the same settings, file by file (content digests from the manifests). Faults:
+
+* every stage SIGKILLed twice at a random point of its computation, then retried;
+* the S3 server stopped for a while and restarted in the middle of every stage;
+* a large multipart upload and a download with the S3 server restarted half-way;
+* two runs of one stage for one capture at once;
+* the scratch disk full (a 256 KiB tmpfs);
+* the MLflow server stopped while a stage trains.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import upload_capture
+from headavatar.contract.stage import read_manifest
+from headavatar.devserver.seaweed import EmbeddedS3
+from headavatar.errors import StorageUnavailable
+from headavatar.layout import stage_prefix
+from headavatar.settings import load_config
+from headavatar.stages import STAGE_NAMES
+from headavatar.storage import ObjectStore
+
+pytestmark = [pytest.mark.faults, pytest.mark.s3, pytest.mark.slow]
+BUCKET = "faults"
+FAST = ["--profile", "demo", "--set", "meshhead.steps=60", "--set", "meshhead.checkpoint_every=15",
+        "--set", "meshhead.eval_every=30", "--set", "meshhead.keep_checkpoint_every=0",
+        "--set", "gaussianhead.steps=40", "--set", "gaussianhead.checkpoint_every=10",
+        "--set", "gaussianhead.eval_every=20", "--set", "gaussianhead.keep_checkpoint_every=0"]
+# Written anew by every attempt with run-dependent content (CPU usage samples, timings).
+VOLATILE = ("history.json",)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedS3]:
+    s3 = EmbeddedS3(tmp_path_factory.mktemp("faults-s3")).start()
+    s3.create_bucket(BUCKET)
+    try:
+        yield s3
+    finally:
+        s3.stop()
+
+
+def env_for(server: EmbeddedS3, prefix: str, **extra: str) -> dict[str, str]:
+    return {**os.environ, **server.env(), "HEADAVATAR_S3_BUCKET": BUCKET, "HEADAVATAR_S3_PREFIX": prefix,
+            **extra}
+
+
+def store_for(env: dict[str, str], *overrides: str) -> ObjectStore:
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        return ObjectStore(load_config(None, list(overrides)).storage)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+class StageProcess:
+    """One ``headavatar run`` subprocess whose stderr is watched for the moment it starts computing."""
+
+    def __init__(self, env: dict[str, str], stage: str, *extra: str):
+        self.proc = subprocess.Popen([sys.executable, "-m", "headavatar.cli", "run", stage, "--capture", "018",
+                                      *FAST, *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, start_new_session=True)
+        self.lines: list[str] = []
+        self.computing = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            if ": running (inputs" in line:
+                self.computing.set()
+
+    def wait(self, timeout: float = 600) -> int:
+        rc = self.proc.wait(timeout)
+        self._reader.join(10)
+        return rc
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.lines)
+
+
+def done_or_absent(store: ObjectStore, stage: str) -> bool:
+    """The invariant after any fault: no manifest, or one whose every file is there at its size."""
+    m = read_manifest(store, "018", stage)
+    if m is None:
+        return True
+    prefix = store.key(stage_prefix("018", stage))
+    sizes = {o.key[len(prefix) + 1:]: o.size for o in store.list(prefix)}
+    return all(sizes.get(rel) == e.size for rel, e in m.files.items())
+
+
+def undo(store: ObjectStore, stage: str) -> None:
+    """If an earlier attempt got to the end before its fault, make the stage "not done" again (as a
+    cleared task whose inputs changed would be) so the next fault lands in a computation. Kept
+    checkpoints still count: a training stage resumes."""
+    store.delete(store.key(stage_prefix("018", stage), "manifest.json"))
+
+
+def outputs(store: ObjectStore, stage: str) -> dict[str, str]:
+    m = read_manifest(store, "018", stage)
+    assert m is not None, f"{stage} not done"
+    out = {rel: e.sha256 for rel, e in m.files.items() if rel not in VOLATILE}
+    if "avatar/avatar.json" in out:  # its provenance names upstream manifests, which hold history.json digests
+        avatar = json.loads(store.get_bytes(store.key(stage_prefix("018", stage), "avatar/avatar.json")))
+        out["avatar/avatar.json"] = json.dumps({k: v for k, v in avatar.items() if k != "inputs"}, sort_keys=True)
+    return out
+
+
+def test_faults_in_every_stage_lose_nothing(server: EmbeddedS3, tiny_capture: Path, tmp_path: Path) -> None:
+    rng = random.Random(20261124)
+    ref_env, env = env_for(server, "reference"), env_for(server, "faulted")
+    ref, store = store_for(ref_env), store_for(env)
+    upload_capture(ref, tiny_capture)
+    upload_capture(store, tiny_capture)
+    faults: list[str] = []
+
+    for stage in STAGE_NAMES:
+        undisturbed = StageProcess(ref_env, stage)
+        assert undisturbed.wait() == 0, undisturbed.stderr[-3000:]
+        wall = read_manifest(ref, "018", stage).wall_time_s
+
+        for attempt in range(2):  # SIGKILL somewhere in the computation, then the retry goes on
+            undo(store, stage)
+            run = StageProcess(env, stage)
+            assert run.computing.wait(120), run.stderr[-3000:]
+            time.sleep(rng.uniform(0.05, 0.7) * wall)
+            if run.proc.poll() is None:
+                os.killpg(run.proc.pid, signal.SIGKILL)
+                faults.append(f"{stage}: SIGKILL #{attempt + 1}")
+            run.wait()
+            assert done_or_absent(store, stage)
+
+        undo(store, stage)
+        run = StageProcess(env, stage)  # the object store goes away for a while in the middle
+        assert run.computing.wait(120), run.stderr[-3000:]
+        time.sleep(rng.uniform(0.05, 0.5) * wall)
+        if run.proc.poll() is None:
+            server.stop()
+            time.sleep(2)
+            server.start()
+            faults.append(f"{stage}: S3 restarted")
+        rc = run.wait()
+        assert rc in (0, 75), run.stderr[-3000:]  # survived by retrying, or a retryable one-line failure
+        if rc == 75:
+            assert run.stderr.strip().splitlines()[-1].startswith("error: "), run.stderr[-2000:]
+        assert done_or_absent(store, stage)
+
+        final = StageProcess(env, stage)
+        assert final.wait() == 0, final.stderr[-3000:]
+        assert outputs(store, stage) == outputs(ref, stage), stage
+        assert store.abort_multipart_uploads(store.key(stage_prefix("018", stage))) == 0
+
+    # Two runs of one stage at once: one computes, the other is told to come back (exit 75).
+    first = StageProcess(env, "meshhead", "--force")
+    assert first.computing.wait(120)
+    second = StageProcess(env, "meshhead", "--force")
+    assert second.wait() == 75 and "is being computed by another run" in second.stderr, second.stderr[-2000:]
+    assert first.wait() == 0
+    faults.append("meshhead: concurrent run")
+    later = StageProcess(env, "meshhead")  # Airflow's retry of the second run: the first run's result
+    assert later.wait() == 0 and "cache hit" in later.stderr
+    assert outputs(store, "meshhead") == outputs(ref, "meshhead")
+
+    faults += disk_full(server, tiny_capture, tmp_path)
+    faults += multipart_transfers_across_a_restart(server, store, tmp_path)
+    print("\n".join(faults))
+    assert len(faults) >= 20, faults
+
+
+def disk_full(server: EmbeddedS3, tiny_capture: Path, tmp_path: Path) -> list[str]:
+    scratch = tmp_path / "tiny-scratch"
+    scratch.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(scratch)],
+                      capture_output=True).returncode != 0:
+        pytest.fail("cannot mount a tmpfs for the disk-full fault (needs root, as on CI)")
+    try:
+        env = env_for(server, "diskfull", HEADAVATAR_SCRATCH=str(scratch))
+        store = store_for(env)
+        upload_capture(store, tiny_capture)
+        run = StageProcess(env, "extract")
+        assert run.wait() == 75, run.stderr[-2000:]
+        last = run.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: 018/extract: the scratch directory") and "is full" in last, last
+        assert read_manifest(store, "018", "extract") is None
+        assert list(scratch.iterdir()) == []  # the attempt's scratch directory is gone
+    finally:
+        subprocess.run(["umount", str(scratch)], check=True)
+    return ["extract: scratch disk full"]
+
+
+def multipart_transfers_across_a_restart(server: EmbeddedS3, store: ObjectStore, tmp_path: Path) -> list[str]:
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(48 * 2**20))
+    key = store.key("transfers", "big.bin")
+    small_parts = store_for(env_for(server, "faulted"), "storage.multipart_threshold_mb=5",
+                            "storage.multipart_chunk_mb=5")
+    out = []
+    for direction in ("upload", "download"):
+        errors: list[BaseException] = []
+        target = tmp_path / "back.bin"
+
+        def transfer(direction: str = direction, target: Path = target, errors: list = errors) -> None:
+            try:
+                if direction == "upload":
+                    small_parts.upload_file(big, key)
+                else:
+                    small_parts.download_file(key, target)
+            except StorageUnavailable as e:
+                errors.append(e)
+
+        t = threading.Thread(target=transfer)
+        t.start()
+        time.sleep(0.3)
+        server.stop()
+        time.sleep(2)
+        server.start()
+        t.join(300)
+        out.append(f"S3 restarted during a multipart {direction}")
+        if errors:  # given up cleanly: redo it, as a retried task would
+            assert not target.exists() or direction == "upload"
+            transfer()
+        small_parts.abort_multipart_uploads(store.key("transfers"))  # what the next attempt of a stage does
+        uploads = small_parts.client.list_multipart_uploads(Bucket=BUCKET, Prefix=store.key("transfers") + "/")
+        assert not uploads.get("Uploads"), uploads
+    assert (tmp_path / "back.bin").read_bytes() == big.read_bytes()
+    return out
+
+
+def test_tracking_server_down_during_training_loses_no_run(server: EmbeddedS3, tiny_capture: Path,
+                                                           tmp_path: Path) -> None:
+    """The stage finishes and says what was not tracked; the next run of the task logs it."""
+    from mlflow.tracking import MlflowClient
+
+    from headavatar.devserver.mlflow_server import EmbeddedMLflow
+
+    mlflow = EmbeddedMLflow(tmp_path / "mlflow", server.env(), BUCKET)
+    mlflow.start()
+    try:
+        env = env_for(server, "mlflow-down", MLFLOW_TRACKING_URI=mlflow.uri, HEADAVATAR_RUN_ID="faulted")
+        store = store_for(env)
+        upload_capture(store, tiny_capture)
+        for stage in ("extract", "sample", "matting", "fitting"):
+            assert StageProcess(env, stage).wait() == 0
+        run = StageProcess(env, "meshhead")
+        assert run.computing.wait(120)
+        mlflow.stop()
+        assert run.wait() == 0, run.stderr[-3000:]
+        assert "MLflow tracking at" in run.stderr and "the stage's outputs are unaffected" in run.stderr
+        assert read_manifest(store, "018", "meshhead") is not None
+
+        mlflow.start()  # back (on another port): the retried task is a cache hit and logs what was missed
+        env["MLFLOW_TRACKING_URI"] = mlflow.uri
+        again = StageProcess(env, "meshhead")
+        assert again.wait() == 0 and "cache hit" in again.stderr and "tracked in MLflow run" in again.stderr
+        client = MlflowClient(mlflow.uri)
+        exp = client.get_experiment_by_name("headavatar")
+        runs = client.search_runs([exp.experiment_id], filter_string="tags.`headavatar.stage` = 'meshhead'")
+        assert len(runs) == 1 and runs[0].data.metrics["holdout_iou"] == read_manifest(
+            store, "018", "meshhead").metrics["holdout_iou"]
+    finally:
+        mlflow.stop()
