@@ -6,7 +6,6 @@ SeaweedFS enforces per-identity actions on key patterns (``Read:bucket/prefix/*`
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 from collections.abc import Iterator
@@ -39,10 +38,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedS3]:
 
 
 @pytest.mark.s3
-def test_a_stage_needs_only_its_own_prefixes(server: EmbeddedS3, tiny_capture: Path) -> None:
+def test_a_stage_needs_only_its_own_prefixes(server: EmbeddedS3, tiny_capture: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
     base = {"HEADAVATAR_S3_BUCKET": BUCKET, "HEADAVATAR_S3_PREFIX": PREFIX}
     admin_env = {**server.env(), **base}
-    os.environ.update(admin_env)
+    for k, v in admin_env.items():
+        monkeypatch.setenv(k, v)
     admin = ObjectStore(load_config().storage)
     upload_capture(admin, tiny_capture)
 
@@ -56,7 +57,8 @@ def test_a_stage_needs_only_its_own_prefixes(server: EmbeddedS3, tiny_capture: P
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode == 2 and last.startswith("error: access denied to") and "/avatars/018/sample/" in last, last
     assert read_manifest(admin, "018", "sample") is None
-    os.environ.update(env)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
     limited = ObjectStore(load_config().storage)
     with pytest.raises(Exception, match="access denied to write"):
         limited.put_bytes(limited.key("raw", "camera_params", "018", "camera_params.json"), b"{}")

@@ -132,10 +132,10 @@ def main(argv: list[str] | None = None) -> int:
                                 "--frames", str(args.frames), "--sequence", "EXP-1-head"], env=env, check=True)
                 results["stages"]["synth"] = {"wall_s": round(time.monotonic() - t0, 1)}
             elif stage == "compare":  # also run before the main stage 6 when "gaussianhead" is asked for
-                results["rasterizer_comparison"] = compare_rasterizers(env, args.compare_steps)
+                results["rasterizer_comparison"] = compare_rasterizers(env, store, args.compare_steps)
             else:
                 if stage == "gaussianhead" and "compare" not in args.stages:
-                    results["rasterizer_comparison"] = compare_rasterizers(env, args.compare_steps)
+                    results["rasterizer_comparison"] = compare_rasterizers(env, store, args.compare_steps)
                 out = run_stage(env, stage, steps.get(stage, []))
                 out["metrics"] = read_manifest(store, CAPTURE, stage).metrics
                 results["stages"][stage] = out
@@ -152,14 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def compare_rasterizers(env: dict[str, str], n: int) -> dict:
+def compare_rasterizers(env: dict[str, str], store: ObjectStore, n: int) -> dict:
     """Stage 6 on the same inputs with each rasteriser for ``n`` steps: training steps/s and memory.
     Each run replaces stage 6's outputs; the main run that follows replaces them again."""
     out = {}
     for name in ("torch", "gsplat"):
         r = run_stage(env, "gaussianhead", [f"gaussianhead.steps={n}", f"gaussianhead.rasterizer={name}",
                                             "gaussianhead.eval_every=0"])
-        m = read_manifest(ObjectStore(load_config().storage), CAPTURE, "gaussianhead").metrics
+        m = read_manifest(store, CAPTURE, "gaussianhead").metrics
         out[name] = {"train_steps_per_s": round(m["train_steps_per_s"], 3),
                      "ms_per_step": round(1000 / m["train_steps_per_s"], 1), "peak_gpu_mib": r["peak_gpu_mib"]}
         log.info("stage 6 with %s: %s", name, out[name])

@@ -28,7 +28,8 @@ from headavatar.storage import ObjectStore
 log = logging.getLogger(__name__)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host still runs (one owned by another user counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -80,7 +81,7 @@ class StageLock:
     def _expired(self, holder: dict) -> bool:
         if time.time() - holder.get("renewed", 0) > holder.get("ttl", self.ttl):
             return True
-        return holder.get("host") == self.owner["host"] and not _pid_alive(int(holder.get("pid", 0)))
+        return holder.get("host") == self.owner["host"] and not pid_alive(int(holder.get("pid", 0)))
 
     def acquire(self) -> None:
         self.etag = self._put(IfNoneMatch="*")

@@ -70,10 +70,13 @@ class OutputWriter:
 
     def wait(self) -> None:
         """Block until every transfer is done; raise the first failure."""
+        if (first := self.drain()) is not None:
+            raise first
+
+    def drain(self) -> BaseException | None:
+        """Block until every transfer is done; return (not raise) the first failure."""
         futures, self._futures = self._futures, []
         first = None
         for f in futures:
-            exc = f.exception()
-            first = first or exc
-        if first is not None:
-            raise first
+            first = first or f.exception()
+        return first

@@ -31,7 +31,7 @@ from typing import ClassVar
 
 from headavatar import __version__
 from headavatar.capture_id import validate_capture_id
-from headavatar.contract.lock import StageLock
+from headavatar.contract.lock import StageLock, pid_alive
 from headavatar.contract.manifest import Manifest, digest
 from headavatar.contract.outputs import RESERVED_PREFIX, OutputWriter
 from headavatar.errors import MissingObject, ScratchFull, UpstreamMissing
@@ -121,18 +121,9 @@ def _outputs_present(store: ObjectStore, prefix: str, manifest: Manifest) -> boo
 def _clean_stale_scratch(root: Path) -> None:
     for d in root.glob("headavatar-*-pid*"):
         pid = d.name.rsplit("-pid", 1)[-1]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(d, ignore_errors=True)
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def run_stage(stage: Stage, capture: str, config: PipelineConfig, store: ObjectStore,
@@ -204,8 +195,11 @@ def _compute(stage: Stage, capture: str, config: PipelineConfig, store: ObjectSt
     try:
         stage.run(ctx)
         writer.wait()
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
+    except BaseException as e:
+        # Uploads already under way end before scratch goes and the error propagates, so what a
+        # failed stage did write (a report to read) is complete; no manifest follows either way.
+        writer.drain()
+        if not isinstance(e, OSError) or e.errno != errno.ENOSPC:
             raise
         raise ScratchFull(f"{capture}/{stage.name}: the scratch directory {scratch_root} is full ({e.strerror}); "
                           f"free space there or point {SCRATCH_ENV} at a larger disk") from None

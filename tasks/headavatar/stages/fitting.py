@@ -113,8 +113,7 @@ class Fitting(Stage):
         for e in excluded:
             log.warning("%s/fitting: frame %s excluded: a face in %d camera(s), %d needed",
                         ctx.capture, e["folder"], e["cameras_with_face"], cfg.min_views)
-        if not len(keep):
-            ctx.outputs.wait()  # the detection report stays for the user to read (no manifest: not done)
+        if not len(keep):  # the detection report stays for the user to read (no manifest: not done)
             raise PipelineError(
                 f"no frame of {ctx.capture} has landmarks in at least {cfg.min_views} cameras "
                 f"({len(found)} faces found in {len(frames) * len(cams)} images, "
