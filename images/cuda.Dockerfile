@@ -21,7 +21,7 @@ ARG DIFF_GAUSSIAN_REPO=https://github.com/graphdeco-inria/diff-gaussian-rasteriz
 ARG WITH_SIMPLE_KNN=0
 ARG SIMPLE_KNN_REF=git+https://gitlab.inria.fr/bkerbl/simple-knn.git
 ARG WITH_PYTORCH3D=0
-ARG PYTORCH3D_REF=git+https://github.com/facebookresearch/pytorch3d.git@v0.7.8
+ARG PYTORCH3D_REF=git+https://github.com/facebookresearch/pytorch3d.git@9381c4016376345bb795b97c45a6c2de66db354a
 ARG WITH_KAOLIN=0
 ARG KAOLIN_VERSION=0.18.0
 ARG KAOLIN_INDEX=https://nvidia-kaolin.s3.us-east-2.amazonaws.com/torch-2.8.0_cu128.html
@@ -43,12 +43,14 @@ RUN pip install --requirement /tmp/requirements.txt
 RUN pip install --no-build-isolation --no-binary gsplat gsplat==${GSPLAT_VERSION} \
     && python -c "import importlib.util as u; assert u.find_spec('gsplat.csrc'), 'gsplat kernels not built'"
 # The reference renders 32 feature channels: the rasteriser's NUM_CHANNELS is a compile-time constant.
+# These are the builds measured on CUDA 13 + torch 2.11 (README, Stages 5 and 6).
 # Git sources are pinned by their *_REF/*_REPO build args, which hadolint cannot see.
 # hadolint ignore=DL3013
 RUN if [ "${WITH_DIFF_GAUSSIAN}" = 1 ]; then \
       git clone --recursive --depth 1 "${DIFF_GAUSSIAN_REPO}" /tmp/dgr \
       && sed -i 's/#define NUM_CHANNELS 3/#define NUM_CHANNELS 32/' /tmp/dgr/cuda_rasterizer/config.h \
       && grep -q "NUM_CHANNELS 32" /tmp/dgr/cuda_rasterizer/config.h \
+      && sed -i '1i #include <cstdint>' /tmp/dgr/cuda_rasterizer/rasterizer_impl.h \
       && pip install --no-build-isolation /tmp/dgr && rm -rf /tmp/dgr; fi \
     && if [ "${WITH_SIMPLE_KNN}" = 1 ]; then pip install --no-build-isolation "${SIMPLE_KNN_REF}"; fi \
     && if [ "${WITH_PYTORCH3D}" = 1 ]; then pip install --no-build-isolation "${PYTORCH3D_REF}"; fi \

@@ -16,11 +16,18 @@ import torch
 
 from conftest import assert_gradients_match_finite_differences, cli, prepare_sampled, tiny_config
 from headavatar.contract.stage import read_manifest, run_stage
-from headavatar.errors import ConfigError
+from headavatar.errors import ConfigError, PipelineError
 from headavatar.gaussianhead.model import SuperResolution, matrix_to_quat
 from headavatar.gaussianhead.perceptual import LPIPSVGG, psnr, ssim
 from headavatar.layout import stage_prefix
-from headavatar.render.gaussian_raster import Splats, TorchGaussianRasterizer, knn_scale, quat_to_matrix
+from headavatar.render.gaussian_raster import (
+    Splats,
+    TorchGaussianRasterizer,
+    build_gaussian_rasterizer,
+    knn_scale,
+    projection_matrix,
+    quat_to_matrix,
+)
 from headavatar.stages import build_stages
 from headavatar.storage import ObjectStore
 from test_meshhead import _wait_for
@@ -81,6 +88,32 @@ def test_rotation_and_knn_helpers_match_their_definitions() -> None:
     np.fill_diagonal(d, np.inf)
     expected = np.sqrt((np.sort(d, 1)[:, :3] ** 2).mean(1))
     np.testing.assert_allclose(knn_scale(pts, chunk=64).numpy(), expected, rtol=1e-4)
+
+
+def test_projection_matrix_puts_points_where_the_intrinsics_do() -> None:
+    """The 3DGS-style backends (dgr) go through clip space and ndc2Pix; the matrix must land every
+    point on the OpenCV pixel fx x/z + cx, also with an off-centre principal point."""
+    k = torch.tensor([[610.0, 0, 231.7], [0, 655.0, 301.2], [0, 0, 1]])
+    width, height = 512, 640
+    view = torch.eye(4)
+    view[:3, :3] = quat_to_matrix(torch.tensor([0.9, 0.1, -0.2, 0.3]))
+    view[:3, 3] = torch.tensor([0.05, -0.02, 1.2])
+    pts = (torch.rand(100, 3, generator=torch.Generator().manual_seed(1)) - 0.5) * 0.3
+    clip = torch.cat([pts, torch.ones(100, 1)], 1) @ (projection_matrix(k, width, height) @ view).T
+    ndc = clip[:, :3] / clip[:, 3:]
+    pixels = torch.stack([((ndc[:, 0] + 1) * width - 1) / 2, ((ndc[:, 1] + 1) * height - 1) / 2], -1)
+    cam = pts @ view[:3, :3].T + view[:3, 3]
+    expected = cam[:, :2] / cam[:, 2:] * torch.stack([k[0, 0], k[1, 1]]) + torch.stack([k[0, 2], k[1, 2]])
+    torch.testing.assert_close(pixels, expected, atol=1e-3, rtol=0)
+    assert ((ndc[:, 2] > 0) & (ndc[:, 2] < 1)).all()  # depth inside the [near, far] range
+
+
+def test_rasterizer_choice_is_explicit_about_what_is_missing() -> None:
+    cpu = torch.device("cpu")
+    assert build_gaussian_rasterizer("auto", cpu).name == "torch"
+    for name in ("gsplat", "dgr"):
+        with pytest.raises(PipelineError, match=f"rasterizer={name} needs a CUDA device"):
+            build_gaussian_rasterizer(name, cpu)
 
 
 def test_super_resolution_and_metrics() -> None:

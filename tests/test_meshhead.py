@@ -19,9 +19,12 @@ import torch
 
 from conftest import assert_gradients_match_finite_differences, cli, prepare_sampled, tiny_config
 from headavatar.contract.stage import read_manifest, run_stage
+from headavatar.devices import installed
+from headavatar.errors import PipelineError
 from headavatar.layout import stage_prefix
 from headavatar.meshhead.tets import cube_tet_grid, marching_tets
-from headavatar.render.mesh_raster import TorchRasterizer
+from headavatar.render.indexing import gather
+from headavatar.render.mesh_raster import TorchRasterizer, build_mesh_rasterizer
 from headavatar.stages import build_stages
 from headavatar.storage import ObjectStore
 
@@ -63,6 +66,24 @@ def test_rasterizer_covers_depth_tests_and_interpolates_exactly() -> None:
     assert 0.2 < alpha[20, 10] < 0.8  # on the edge: soft
     culled = TorchRasterizer(sigma=0.5)(pix, depth, faces[:, [0, 2, 1]], pix.clone(), 40, 40)
     assert (culled.face_index == -1).all() and culled.alpha.max() < 1e-6  # back faces are not drawn
+
+
+@pytest.mark.skipif(installed("pytorch3d"), reason="checks the message for a missing pytorch3d")
+def test_mesh_rasterizer_choice_is_explicit_about_what_is_missing() -> None:
+    assert build_mesh_rasterizer("torch", 0.5).name == "torch"
+    with pytest.raises(PipelineError, match="pytorch3d is not installed"):
+        build_mesh_rasterizer("pytorch3d", 0.5)
+
+
+def test_gather_equals_indexing_in_value_and_gradient() -> None:
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(3, 7, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    index = torch.randint(0, 7, (5, 3), generator=g)  # repeated indices accumulate
+    upstream = torch.randn(3, 5, 3, 2, generator=g, dtype=torch.float64)
+    ours = torch.autograd.grad((gather(values, index, dim=1) * upstream).sum(), values)[0]
+    plain = torch.autograd.grad((values[:, index] * upstream).sum(), values)[0]
+    torch.testing.assert_close(gather(values, index, dim=-2), values[:, index])
+    torch.testing.assert_close(ours, plain)
 
 
 def test_marching_tets_gives_a_closed_outward_sphere_with_sdf_gradients() -> None:

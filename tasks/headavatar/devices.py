@@ -1,6 +1,8 @@
-"""Torch device selection shared by the GPU-capable stages."""
+"""Torch device selection and optional-backend discovery shared by the GPU-capable stages."""
 
 from __future__ import annotations
+
+import importlib.util
 
 import torch
 
@@ -10,3 +12,8 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def installed(module: str) -> bool:
+    """Whether an optional backend can be imported, without importing it (CUDA extensions are slow)."""
+    return importlib.util.find_spec(module) is not None

@@ -165,7 +165,8 @@ class MeshHeadConfig(Section):
     w_offset: Annotated[float, Field(ge=0)] = 0.01
     w_laplacian: Annotated[float, Field(ge=0)] = 100.0
     edge_softness_px: Annotated[float, Field(gt=0, le=8)] = 0.5  # soft-silhouette sigma
-    rasterizer: Literal["torch"] = "torch"
+    # torch runs anywhere and was the faster on an H100 (README, Stage 5); pytorch3d (BSD) when installed
+    rasterizer: Literal["torch", "pytorch3d"] = "torch"
     holdout_cameras: tuple[str, ...] = ("222200039", "222200044")  # never trained on; scored and pictured
     eval_every: Annotated[int, Field(ge=0)] = 1000  # held-out silhouette IoU every N steps (0 = at the end only)
     checkpoint_every: Annotated[int, Field(ge=1)] = 500  # resumable state, overwritten
@@ -196,7 +197,8 @@ class GaussianHeadConfig(Section):
     w_rgb_high: Annotated[float, Field(ge=0)] = 1.0
     w_perceptual: Annotated[float, Field(ge=0)] = 0.1
     lpips_weights: str | None = Field(None, description="LPIPS-VGG weights (path or s3://); unset = SSIM stand-in")
-    rasterizer: Literal["auto", "gsplat", "torch"] = "auto"  # auto = gsplat on CUDA when installed
+    # auto = gsplat on CUDA when installed; dgr = diff-gaussian-rasterization built with 32 channels (non-commercial)
+    rasterizer: Literal["auto", "gsplat", "dgr", "torch"] = "auto"
     holdout_cameras: tuple[str, ...] = ("222200039", "222200044")
     eval_every: Annotated[int, Field(ge=0)] = 5000
     checkpoint_every: Annotated[int, Field(ge=1)] = 1000  # resumable state, overwritten

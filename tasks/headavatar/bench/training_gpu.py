@@ -87,7 +87,8 @@ def bench_fitting(views: Views, device: torch.device) -> dict:
 def bench_meshhead(views: Views, vertices: np.ndarray, cfg: MeshHeadConfig, device: torch.device, steps: int) -> dict:
     torch.manual_seed(0)
     model = init_model(cfg, views, vertices)
-    trainer = MeshHeadTrainer(model, views, cfg, build_mesh_rasterizer(cfg.rasterizer, cfg.edge_softness_px), device)
+    raster = build_mesh_rasterizer(cfg.rasterizer, cfg.edge_softness_px)
+    trainer = MeshHeadTrainer(model, views, cfg, raster, device)
     iou0 = trainer.evaluate()["holdout_iou"]
     warm = 5
     cfg_run = cfg.model_copy(update={"steps": warm, "eval_every": 0, "checkpoint_every": 10**9})
@@ -106,7 +107,7 @@ def bench_meshhead(views: Views, vertices: np.ndarray, cfg: MeshHeadConfig, devi
             "steps_per_s": round((steps - warm) / dt, 2),
             "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
             "holdout_iou_initial": round(iou0, 4), "holdout_iou_after": round(trainer.evaluate()["holdout_iou"], 4),
-            "mesh_faces": len(model.neutral()[1])}
+            "mesh_faces": len(model.neutral()[1]), "rasterizer": raster.name}
 
 
 def main(argv: list[str] | None = None) -> int:

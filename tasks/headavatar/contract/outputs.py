@@ -66,7 +66,7 @@ class OutputWriter:
         """Server-side copy of an object whose size and digest an upstream manifest vouches for."""
         key = self.key(rel)
         self.record(rel, entry)
-        self._submit(self.store.copy, src_key, key)
+        self._submit(self.store.copy, src_key, key, entry.size)
 
     def wait(self) -> None:
         """Block until every transfer is done; raise the first failure."""

@@ -43,15 +43,15 @@ class GaussianHeadTrainer(Trainer):
     def _tensor(self, a: object) -> torch.Tensor:
         return torch.as_tensor(a, dtype=torch.float32, device=self.device)
 
-    def render(self, frame: int, cam: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Coarse features (C, h, w), coarse alpha (h, w) and the super-resolved RGB (3, H, W)."""
+    def render(self, frame: int, cam: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Coarse features (C, h, w) and the super-resolved RGB (3, H, W)."""
         v = self.coarse
         splats = self.head.splats(self._tensor(v.exp[frame]), self._tensor(v.pose[frame]), self.scale, frame)
         view = torch.eye(4, device=self.device)
         view[:3] = self._tensor(v.extrinsics[frame, cam])
-        img, alpha = self.raster(splats, view, self._tensor(v.intrinsics[frame, cam]), v.size, v.size)
+        img, _ = self.raster(splats, view, self._tensor(v.intrinsics[frame, cam]), v.size, v.size, with_alpha=False)
         feats = img.permute(2, 0, 1)
-        return feats, alpha, self.sr(feats[None])[0]
+        return feats, self.sr(feats[None])[0]
 
     def targets(self, frame: int, cam: int) -> dict[str, torch.Tensor]:
         out = {}
@@ -62,7 +62,7 @@ class GaussianHeadTrainer(Trainer):
         return out
 
     def losses(self, frame: int, cam: int) -> tuple[torch.Tensor, dict[str, float]]:
-        feats, _, sr = self.render(frame, cam)
+        feats, sr = self.render(frame, cam)
         t = self.targets(frame, cam)
         vc, vf = t["coarse_visible"], t["fine_visible"]
         low = F.l1_loss(feats[:3] * vc, t["coarse"] * vc)
@@ -81,7 +81,7 @@ class GaussianHeadTrainer(Trainer):
         scores: dict[str, list[float]] = {"psnr": [], "ssim": [], "lpips": []}
         for f in range(len(self.coarse.folders)):
             for c in self.held_cams:
-                _, _, sr = self.render(f, c)
+                _, sr = self.render(f, c)
                 t = self.targets(f, c)
                 a, b = (sr.clamp(0, 1) * t["fine_visible"])[None], (t["fine"] * t["fine_visible"])[None]
                 scores["psnr"].append(float(psnr(a, b)[0]))

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from headavatar.meshhead.tets import cube_tet_grid, marching_tets
+from headavatar.render.indexing import gather
 from headavatar.settings import MeshHeadConfig
 
 
@@ -121,14 +122,14 @@ def laplacian(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
     count = torch.zeros_like(verts[:, :1])
     for i in range(3):
         a, b, c = faces[:, i], faces[:, (i + 1) % 3], faces[:, (i + 2) % 3]
-        term = term.index_add(0, a, verts[b] + verts[c] - 2 * verts[a])
+        term = term.index_add(0, a, gather(verts, b) + gather(verts, c) - 2 * gather(verts, a))
         count = count.index_add(0, a, torch.full_like(verts[a, :1], 2.0))
     return ((term / count.clamp_min(1)) ** 2).mean()
 
 
 def vertex_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
     """(..., N, 3) area-weighted unit normals of (..., N, 3) vertices."""
-    v0, v1, v2 = verts[..., faces[:, 0], :], verts[..., faces[:, 1], :], verts[..., faces[:, 2], :]
+    v0, v1, v2 = (gather(verts, faces[:, i], dim=-2) for i in range(3))
     fn = torch.cross(v1 - v0, v2 - v0, dim=-1)
     n = torch.zeros_like(verts)
     for i in range(3):

@@ -12,6 +12,8 @@ import itertools
 
 import torch
 
+from headavatar.render.indexing import gather
+
 TET_EDGES = torch.tensor([[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]])
 
 
@@ -73,9 +75,9 @@ def marching_tets(pos: torch.Tensor, sdf: torch.Tensor, tets: torch.Tensor) -> t
         edge_to_vertex = torch.full(edges.shape[:2], -1, dtype=torch.long, device=device)
         edge_to_vertex[crossing] = inverse
     # Zero crossing on each unique edge: differentiable in sdf and pos.
-    sa, sb = sdf[unique[:, 0]], sdf[unique[:, 1]]
+    sa, sb = gather(sdf, unique[:, 0]), gather(sdf, unique[:, 1])
     wa = sb / (sb - sa)
-    verts = pos[unique[:, 0]] * wa[:, None] + pos[unique[:, 1]] * (1 - wa[:, None])
+    verts = gather(pos, unique[:, 0]) * wa[:, None] + gather(pos, unique[:, 1]) * (1 - wa[:, None])
 
     with torch.no_grad():
         table, counts = TRIANGLES.to(device)[code_a], TRIANGLE_COUNT.to(device)[code_a]

@@ -1,7 +1,9 @@
 """Differentiable triangle-mesh rasterisation.
 
-The interface takes vertices already in pixel coordinates plus camera depth, so any backend (this
-pure-PyTorch one; a CUDA library in the GPU image) can sit behind it.
+The interface takes vertices already in pixel coordinates plus camera depth, so any backend can sit
+behind it: ``torch`` (pure PyTorch, anywhere) and ``pytorch3d`` (BSD; its CUDA rasteriser finds
+the faces near each pixel, the differentiable part stays the PyTorch code below, so both backends
+have the same gradients by construction).
 
 The pure-PyTorch backend is exact where it matters for training and cheap enough for the CPU
 demo: visibility is a hard z-buffer (no gradient, as in every rasteriser); attributes are
@@ -19,6 +21,10 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
+
+from headavatar.devices import installed
+from headavatar.errors import PipelineError
+from headavatar.render.indexing import gather
 
 
 @dataclass
@@ -93,20 +99,29 @@ class TorchRasterizer(MeshRasterizer):
     def __init__(self, sigma: float = 0.5, cull_backfaces: bool = True):
         self.sigma, self.cull = sigma, cull_backfaces
 
+    @property
+    def reach(self) -> int:
+        """Pixels beyond a face's edge that its soft silhouette still touches."""
+        return math.ceil(3 * self.sigma)
+
+    def _drawn(self, pix: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+        """Faces to draw: outward-wound closed meshes have negative screen area (y down) when seen
+        from behind, and those are culled."""
+        if not self.cull:
+            return torch.ones(len(faces), dtype=torch.bool, device=pix.device)
+        tri = pix[faces]
+        return _edge_terms(tri[:, 0], tri[:, 0], tri[:, 1], tri[:, 2])[3] > 0
+
     @torch.no_grad()
-    def _pairs(self, pix: torch.Tensor, faces: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, ...]:
+    def _pairs(self, pix: torch.Tensor, depth: torch.Tensor, faces: torch.Tensor, height: int,
+               width: int) -> tuple[torch.Tensor, ...]:
         """(face, pixel) pairs within reach of each drawn face, as face indices and pixel x, y, and
         which edges of each face are open (on the silhouette)."""
-        reach = math.ceil(3 * self.sigma)
-        tri = pix[faces]
-        if self.cull:  # outward-wound closed meshes: back faces have negative area on screen (y down)
-            _, _, _, den = _edge_terms(tri[:, 0], tri[:, 0], tri[:, 1], tri[:, 2])
-            drawn = den > 0
-        else:
-            drawn = torch.ones(len(faces), dtype=torch.bool, device=pix.device)
+        reach = self.reach
+        drawn = self._drawn(pix, faces)
         open_edges = _open_edges(faces, drawn)
         keep = torch.nonzero(drawn).squeeze(1)
-        tri = tri[keep]
+        tri = pix[faces[keep]]
         lo = (tri.min(1).values.floor() - reach).long()
         hi = (tri.max(1).values.ceil() + reach).long()
         lo[:, 0].clamp_(0, width - 1), lo[:, 1].clamp_(0, height - 1)
@@ -125,11 +140,11 @@ class TorchRasterizer(MeshRasterizer):
         out_attr, out_alpha, out_face = [], [], []
         n_pix = height * width
         for pix, z, attr in zip(pixels, depth, attributes, strict=True):
-            face, x, y, open_edges = self._pairs(pix.detach(), faces, height, width)
+            face, x, y, open_edges = self._pairs(pix.detach(), z.detach(), faces, height, width)
             q = torch.stack([x, y], -1).to(pix.dtype)
             pixel = y * width + x
             f = faces[face]
-            a, b, c = pix[f[:, 0]], pix[f[:, 1]], pix[f[:, 2]]
+            a, b, c = gather(pix, f[:, 0]), gather(pix, f[:, 1]), gather(pix, f[:, 2])
             with torch.no_grad():  # hard visibility: the nearest covering face per pixel
                 w0, w1, w2, den = _edge_terms(q, a.detach(), b.detach(), c.detach())
                 inside = (w0 >= 0) & (w1 >= 0) & (w2 >= 0) & (den.abs() > 1e-12)
@@ -150,17 +165,50 @@ class TorchRasterizer(MeshRasterizer):
             grid = torch.stack([torch.arange(n_pix, device=pix.device) % width,
                                 torch.arange(n_pix, device=pix.device) // width], -1).to(pix.dtype)
             vf = faces[visible.clamp_min(0)]
-            w0, w1, w2, _ = _edge_terms(grid, pix[vf[:, 0]], pix[vf[:, 1]], pix[vf[:, 2]])
-            w = torch.stack([w0 / z[vf[:, 0]], w1 / z[vf[:, 1]], w2 / z[vf[:, 2]]], -1)
+            w0, w1, w2, _ = _edge_terms(grid, gather(pix, vf[:, 0]), gather(pix, vf[:, 1]), gather(pix, vf[:, 2]))
+            w = torch.stack([w0 / gather(z, vf[:, 0]), w1 / gather(z, vf[:, 1]), w2 / gather(z, vf[:, 2])], -1)
             w = w / w.sum(-1, keepdim=True).clamp_min(1e-12)
-            values = (w[..., None] * attr[vf]).sum(1) * hit[:, None]
+            values = (w[..., None] * gather(attr, vf)).sum(1) * hit[:, None]
             out_attr.append(values.reshape(height, width, -1))
             out_alpha.append(alpha.reshape(height, width))
             out_face.append(visible.reshape(height, width))
         return RasterOutput(torch.stack(out_attr), torch.stack(out_alpha), torch.stack(out_face))
 
 
+class PyTorch3DRasterizer(TorchRasterizer):
+    """pytorch3d (BSD) finds, per pixel, the ``faces_per_pixel`` nearest drawn faces within 3 sigma
+    (coarse-to-fine binning in CUDA) instead of enumerating every face's grown bounding box. Faces
+    beyond those at a pixel are dropped from its soft silhouette."""
+
+    name = "pytorch3d"
+
+    def __init__(self, sigma: float = 0.5, cull_backfaces: bool = True, faces_per_pixel: int = 32):
+        super().__init__(sigma, cull_backfaces)
+        from pytorch3d.renderer.mesh.rasterize_meshes import rasterize_meshes
+        from pytorch3d.structures import Meshes
+
+        self._rasterize, self._meshes, self.k = rasterize_meshes, Meshes, faces_per_pixel
+
+    @torch.no_grad()
+    def _pairs(self, pix: torch.Tensor, depth: torch.Tensor, faces: torch.Tensor, height: int,
+               width: int) -> tuple[torch.Tensor, ...]:
+        drawn = self._drawn(pix, faces)
+        keep = torch.nonzero(drawn).squeeze(1)
+        s = min(height, width)  # pytorch3d NDC: +x left, +y up, the short side spans [-1, 1]
+        ndc = torch.stack([(width - 1 - 2 * pix[:, 0]) / s, (height - 1 - 2 * pix[:, 1]) / s, depth], -1)
+        pix_to_face, _, _, _ = self._rasterize(
+            self._meshes(verts=[ndc.float()], faces=[faces[keep]]), image_size=(height, width),
+            blur_radius=(6 * self.sigma / s) ** 2, faces_per_pixel=self.k, max_faces_per_bin=max(len(keep), 1),
+            perspective_correct=False, cull_backfaces=False)
+        at = torch.nonzero(pix_to_face[0] >= 0)
+        return keep[pix_to_face[0][at[:, 0], at[:, 1], at[:, 2]]], at[:, 1], at[:, 0], _open_edges(faces, drawn)
+
+
 def build_mesh_rasterizer(name: str, sigma: float, cull_backfaces: bool = True) -> MeshRasterizer:
     if name == "torch":
         return TorchRasterizer(sigma, cull_backfaces)
+    if name == "pytorch3d":
+        if not installed("pytorch3d"):
+            raise PipelineError("meshhead.rasterizer=pytorch3d: the Python package pytorch3d is not installed")
+        return PyTorch3DRasterizer(sigma, cull_backfaces)
     raise ValueError(f"unknown mesh rasterizer {name!r}")

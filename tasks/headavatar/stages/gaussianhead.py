@@ -123,7 +123,7 @@ class GaussianHeadStage(Stage):
         for f in sorted({0, len(frames) - 1}):
             rows = []
             for c in cams:
-                _, _, sr = trainer.render(f, c)
+                _, sr = trainer.render(f, c)
                 gt = trainer.targets(f, c)["fine"]
                 rows.append(torch.cat([gt, sr], 2).permute(1, 2, 0).cpu().numpy())
             sheet = (np.clip(np.vstack(rows), 0, 1) * 255).astype(np.uint8)[..., ::-1]
