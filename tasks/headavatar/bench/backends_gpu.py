@@ -27,6 +27,7 @@ from headavatar.render.gaussian_raster import (
     DiffGaussianRasterizer,
     GsplatRasterizer,
     TorchGaussianRasterizer,
+    exact_knn_scale,
     knn_scale,
 )
 from headavatar.render.mesh_raster import PyTorch3DRasterizer, TorchRasterizer
@@ -55,7 +56,8 @@ def gaussian_backends(frames: int, mesh_steps: int, steps: int) -> dict:
 
 def knn_backends(n: int = 40_000) -> dict:
     pts = torch.rand(n, 3, generator=torch.Generator().manual_seed(0)).cuda() * 0.3
-    exact = knn_scale(pts.cpu()).cuda()
+    exact = exact_knn_scale(pts)
+    torch.cuda.synchronize()
     t = time.perf_counter()
     fast = knn_scale(pts)
     torch.cuda.synchronize()

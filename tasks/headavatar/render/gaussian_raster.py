@@ -230,15 +230,20 @@ def build_gaussian_rasterizer(name: str, device: torch.device) -> GaussianRaster
 
 
 
-def knn_scale(points: torch.Tensor, k: int = 3, chunk: int = 4096) -> torch.Tensor:
-    """Root mean squared distance to the k nearest other points (3DGS's scale init).
+def knn_scale(points: torch.Tensor) -> torch.Tensor:
+    """Root mean squared distance to the 3 nearest other points (3DGS's scale init).
 
-    simple-knn's ``distCUDA2`` (3 neighbours, CUDA) when it is installed and a GPU is present;
-    otherwise exact chunked distances in PyTorch, on the points' own device."""
-    if k == 3 and torch.cuda.is_available() and installed("simple_knn"):
+    simple-knn's ``distCUDA2`` when it is installed and a GPU is present, else :func:`exact_knn_scale`."""
+    if torch.cuda.is_available() and installed("simple_knn"):
         from simple_knn._C import distCUDA2
 
         return distCUDA2(points.float().cuda()).clamp_min(1e-12).sqrt().to(points.device, points.dtype)
+    return exact_knn_scale(points)
+
+
+def exact_knn_scale(points: torch.Tensor, k: int = 3, chunk: int = 4096) -> torch.Tensor:
+    """Root mean squared distance to the k nearest other points: chunked distances in PyTorch, on
+    the points' own device."""
     out = []
     for s in range(0, len(points), chunk):
         d2 = torch.cdist(points[s : s + chunk], points).pow(2)

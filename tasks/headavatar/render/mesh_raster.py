@@ -2,8 +2,8 @@
 
 The interface takes vertices already in pixel coordinates plus camera depth, so any backend can sit
 behind it: ``torch`` (pure PyTorch, anywhere) and ``pytorch3d`` (BSD; its CUDA rasteriser finds
-the faces near each pixel, the differentiable part stays the PyTorch code below, so both backends
-have the same gradients by construction).
+the faces near each pixel, the differentiable part stays the PyTorch code below, so the two differ
+only in which faces reach a pixel's soft silhouette).
 
 The pure-PyTorch backend is exact where it matters for training and cheap enough for the CPU
 demo: visibility is a hard z-buffer (no gradient, as in every rasteriser); attributes are
@@ -104,12 +104,11 @@ class TorchRasterizer(MeshRasterizer):
         """Pixels beyond a face's edge that its soft silhouette still touches."""
         return math.ceil(3 * self.sigma)
 
-    def _drawn(self, pix: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
-        """Faces to draw: outward-wound closed meshes have negative screen area (y down) when seen
-        from behind, and those are culled."""
+    def _drawn(self, tri: torch.Tensor) -> torch.Tensor:
+        """Which of the screen triangles (F, 3, 2) to draw: outward-wound closed meshes have negative
+        screen area (y down) when seen from behind, and those are culled."""
         if not self.cull:
-            return torch.ones(len(faces), dtype=torch.bool, device=pix.device)
-        tri = pix[faces]
+            return torch.ones(len(tri), dtype=torch.bool, device=tri.device)
         return _edge_terms(tri[:, 0], tri[:, 0], tri[:, 1], tri[:, 2])[3] > 0
 
     @torch.no_grad()
@@ -118,10 +117,11 @@ class TorchRasterizer(MeshRasterizer):
         """(face, pixel) pairs within reach of each drawn face, as face indices and pixel x, y, and
         which edges of each face are open (on the silhouette)."""
         reach = self.reach
-        drawn = self._drawn(pix, faces)
+        tri = pix[faces]
+        drawn = self._drawn(tri)
         open_edges = _open_edges(faces, drawn)
         keep = torch.nonzero(drawn).squeeze(1)
-        tri = pix[faces[keep]]
+        tri = tri[keep]
         lo = (tri.min(1).values.floor() - reach).long()
         hi = (tri.max(1).values.ceil() + reach).long()
         lo[:, 0].clamp_(0, width - 1), lo[:, 1].clamp_(0, height - 1)
@@ -192,7 +192,7 @@ class PyTorch3DRasterizer(TorchRasterizer):
     @torch.no_grad()
     def _pairs(self, pix: torch.Tensor, depth: torch.Tensor, faces: torch.Tensor, height: int,
                width: int) -> tuple[torch.Tensor, ...]:
-        drawn = self._drawn(pix, faces)
+        drawn = self._drawn(pix[faces])
         keep = torch.nonzero(drawn).squeeze(1)
         s = min(height, width)  # pytorch3d NDC: +x left, +y up, the short side spans [-1, 1]
         ndc = torch.stack([(width - 1 - 2 * pix[:, 0]) / s, (height - 1 - 2 * pix[:, 1]) / s, depth], -1)
