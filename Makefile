@@ -39,7 +39,7 @@ test: lint
 	$(PY) -m pytest -q
 
 bench: install
-	$(PY) -m headavatar.bench.extract_bench --out benchmarks/results
+	$(PY) -m headavatar.bench.extract_bench --repeat 3 --out benchmarks/results
 
 # Needs a Docker engine (not on the development machines). GIT_COMMIT is recorded in the images
 # and in every MLflow run they log.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -11,13 +12,14 @@ import numpy as np
 import pytest
 
 from conftest import TINY, tiny_config, upload_capture
-from headavatar.bench.reference import reference_extract, reference_sample
+from headavatar.bench.reference import pad_crop, reference_extract, reference_sample
 from headavatar.contract.stage import read_manifest, run_stage
 from headavatar.errors import RawCaptureError
 from headavatar.imaging import CropResize
 from headavatar.layout import RAW, stage_prefix
-from headavatar.settings import ExtractConfig
+from headavatar.settings import ExtractConfig, StorageConfig
 from headavatar.stages import build_stages
+from headavatar.stages.extract import worker_pool
 from headavatar.storage import ObjectStore
 from headavatar.synthetic.capture import SyntheticSpec, rig, write_capture
 
@@ -85,9 +87,21 @@ def test_stage1_writes_only_what_stage2_keeps(store: ObjectStore, tiny_capture: 
     assert again.cached
 
 
+@pytest.mark.parametrize("left,top,size", [(-200, 304, 2600), (10, 20, 50), (-30, -40, 200), (90, 5, 40),
+                                           (500, 500, 64)])
+def test_crop_pads_with_black_exactly_as_the_reference(left: int, top: int, size: int) -> None:
+    """Inside, overlapping every edge, crossing one edge, and missing the source entirely."""
+    image = np.random.default_rng(0).integers(1, 256, (100, 120, 3), dtype=np.uint8)
+    ours = CropResize(left, top, size, size, size).crop(image)
+    assert np.array_equal(ours, pad_crop(image, left, top, size))
+
+
 def test_visible_masks_mark_padding() -> None:
     crop = CropResize.from_config(ExtractConfig())
-    vis = crop.visible(3208, 2200)[..., 0]
+    vis3 = crop.visible(3208, 2200)
+    white = np.full((3208, 2200, 3), 255, np.uint8)
+    assert np.array_equal(vis3, cv2.resize(pad_crop(white, -200, 304, 2600), (2048, 2048)))  # as the reference
+    vis = vis3[..., 0]
     # The crop starts 200 px left of the source: the first ~157 output columns are padding.
     assert vis[1024, :150].max() == 0 and vis[1024, 170:1800].min() == 255
     assert vis.shape == (2048, 2048)
@@ -176,3 +190,16 @@ def test_sample_copies_server_side(store: ObjectStore, tiny_capture: Path) -> No
     shared = set(ext) & set(smp) - {"manifest.json", "frames.json"}
     assert len(shared) == 16 + 2 * 16 * 5
     assert all(ext[k] == smp[k] for k in shared)  # same bytes, as vouched for by the manifests
+
+
+def test_camera_workers_see_the_callers_current_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers fork from a long-lived server whose environment is frozen when it starts; credentials
+    set later in this process (a rotated key, a least-privilege identity) must still reach them."""
+    storage = StorageConfig(endpoint_url="http://127.0.0.1:9")  # a client is made, nothing is contacted
+    seen = []
+    for value in ("first", "second"):
+        monkeypatch.setenv("HEADAVATAR_TEST_MARKER", value)
+        with worker_pool(2, storage) as pool:
+            seen.append(sorted({f.result() for f in [pool.submit(os.getenv, "HEADAVATAR_TEST_MARKER")
+                                                     for _ in range(4)]}))
+    assert seen == [["first"], ["second"]]

@@ -21,6 +21,7 @@ from headavatar.errors import RawCaptureError
 from headavatar.layout import BACKGROUND_NAME, BACKGROUND_SEQUENCE, RAW, VIDEO_NAME, background_key, camera_params_key
 from headavatar.settings import PipelineConfig
 from headavatar.storage import ObjectInfo, ObjectStore
+from headavatar.video import open_video
 
 log = logging.getLogger(__name__)
 SEQUENCE_DIR = re.compile(r"^sequence_(.+)_part-(\d+)$")
@@ -174,7 +175,7 @@ class VideoInfo:
 def probe_video(path: Path, name: str) -> VideoInfo:
     """Frame count and size from the container, with a one-line error for unreadable files."""
     try:
-        with av.open(str(path)) as c:
+        with open_video(str(path)) as c:
             if not c.streams.video:
                 raise RawCaptureError(f"{name}: no video stream")
             s = c.streams.video[0]

@@ -49,6 +49,19 @@ def sha256_file(path: Path, chunk: int = 4 * MB) -> str:
     return h.hexdigest()
 
 
+def gather(futures: Iterable[Future[T]]) -> list[T]:
+    """Results in order; the first error is raised only after every future has finished."""
+    results, first_error = [], None
+    for f in futures:
+        try:
+            results.append(f.result())
+        except Exception as e:
+            first_error = first_error or e
+    if first_error is not None:
+        raise first_error
+    return results
+
+
 class ObjectStore:
     """One bucket, seen through a key prefix. Thread-safe: boto3 clients may be shared."""
 
@@ -235,18 +248,13 @@ class ObjectStore:
                 self._pool = ThreadPoolExecutor(self.cfg.max_concurrency, thread_name_prefix="s3")
             return self._pool
 
+    def submit_all(self, fn: Callable[..., T], *iterables: Iterable) -> list[Future[T]]:
+        """Start ``fn`` over the items on the shared pool; :func:`gather` collects them."""
+        return [self.pool.submit(fn, *args) for args in zip(*iterables, strict=True)]
+
     def map(self, fn: Callable[..., T], *iterables: Iterable) -> list[T]:
         """Run ``fn`` over the items concurrently; the first error is raised after all finish."""
-        futures: list[Future[T]] = [self.pool.submit(fn, *args) for args in zip(*iterables, strict=True)]
-        results, first_error = [], None
-        for f in futures:
-            try:
-                results.append(f.result())
-            except Exception as e:
-                first_error = first_error or e
-        if first_error is not None:
-            raise first_error
-        return results
+        return gather(self.submit_all(fn, *iterables))
 
     def download_many(self, pairs: Iterable[tuple[str, Path]]) -> list[Path]:
         pairs = list(pairs)

@@ -6,6 +6,10 @@ not wanted themselves are skipped inside the decoder (FFmpeg's ``skip_frame = NO
 packet by packet. Frames are identified by presentation timestamp rank, found in a cheap first
 pass over the packets (no decoding), so no frame-rate assumption is made. The BGR conversion is
 FFmpeg's swscale, the same path as ``cv2.VideoCapture`` (pixel-identical, see tests).
+
+Containers are opened with :func:`open_video`: a plain ``av.open`` decodes frames of H.264 to
+guess codec parameters (up to 7 frames while it guesses the B-frame delay, about 50 ms per open
+at 2200x3208), which is work thrown away when the caller decodes or only reads the header.
 """
 
 from __future__ import annotations
@@ -18,10 +22,15 @@ import numpy as np
 from headavatar.errors import RawCaptureError
 
 
+def open_video(path: str) -> av.container.InputContainer:
+    """``av.open`` without the stream-info decode: size and frame count come from the header."""
+    return av.open(path, options={"skip_frame": "nonkey"})
+
+
 def presentation_order(path: str, name: str) -> list[int]:
     """Packet pts of the first video stream, sorted: index k is video frame k."""
     try:
-        with av.open(path) as c:
+        with open_video(path) as c:
             s = c.streams.video[0]
             pts = sorted(p.pts for p in c.demux(s) if p.pts is not None and p.size)
     except (av.FFmpegError, OSError, IndexError, ValueError) as e:
@@ -33,33 +42,47 @@ def decode_frames(path: str, wanted: set[int], name: str,
                   stats: dict[str, int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(frame index, BGR image)`` for each wanted frame, in presentation order.
 
-    ``stats["decoded"]`` counts every frame the decoder produced (wanted or referenced).
+    ``stats["decoded"]`` counts every frame the decoder produced (wanted or referenced), and
+    ``stats["fed"]`` every packet it was given (skipped ones included).
     Raises RawCaptureError if a wanted frame is missing or the stream is corrupt.
     """
     stats = stats if stats is not None else {}
     stats.setdefault("decoded", 0)
+    stats.setdefault("fed", 0)
     if not wanted:
         return
     index = {p: k for k, p in enumerate(presentation_order(path, name))}
     missing = sorted(wanted - set(index.values()))
     if missing:
         raise RawCaptureError(f"{name}: has {len(index)} frames, frame {missing[0]} was requested (truncated video)")
-    found = 0
+    found, unsent = 0, set(wanted)
+
+    def output(frames: list[av.VideoFrame]) -> Iterator[tuple[int, np.ndarray]]:
+        nonlocal found
+        for frame in frames:
+            stats["decoded"] += 1
+            k = index.get(frame.pts)
+            if k in wanted:
+                found += 1
+                yield k, frame.to_ndarray(format="bgr24")
+
     try:
-        with av.open(path) as c:
+        with open_video(path) as c:
             s = c.streams.video[0]
             s.thread_type = "NONE"  # per-packet skip_frame needs a decoder without frame threads
             cc = s.codec_context
             for packet in c.demux(s):
+                k = index.get(packet.pts)
                 if packet.pts is not None:
-                    cc.skip_frame = "DEFAULT" if index.get(packet.pts) in wanted else "NONREF"
-                for frame in cc.decode(packet):  # the final empty packet flushes the decoder
-                    stats["decoded"] += 1
-                    k = index.get(frame.pts)
-                    if k in wanted:
-                        found += 1
-                        yield k, frame.to_ndarray(format="bgr24")
-                if found == len(wanted):
+                    cc.skip_frame = "DEFAULT" if k in wanted else "NONREF"
+                stats["fed"] += 1
+                yield from output(cc.decode(packet))  # the final empty packet flushes the decoder
+                unsent.discard(k)
+                if not unsent:
+                    # Every wanted frame is in the decoder, and with it every frame it references
+                    # (references precede their users in decode order): flush out the wanted frames
+                    # still held for reordering instead of decoding the frames that follow.
+                    yield from output(cc.decode(None))
                     break
     except av.FFmpegError as e:
         raise RawCaptureError(f"{name}: corrupt video data ({type(e).__name__}: {e})") from None

@@ -20,7 +20,7 @@ from headavatar.layout import BACKGROUND_SEQUENCE
 from headavatar.settings import PipelineConfig
 
 
-def _pad_crop(image: np.ndarray, left: int, top: int, size: int) -> np.ndarray:
+def pad_crop(image: np.ndarray, left: int, top: int, size: int) -> np.ndarray:
     h, w = image.shape[:2]
     pad = ((max(0, -top), max(0, top + size - h)), (max(0, -left), max(0, left + size - w)), (0, 0))
     padded = np.pad(image, pad)
@@ -30,7 +30,7 @@ def _pad_crop(image: np.ndarray, left: int, top: int, size: int) -> np.ndarray:
 
 def _crop_resize(image: np.ndarray, cfg: PipelineConfig) -> np.ndarray:
     e = cfg.extract
-    return cv2.resize(_pad_crop(image, e.crop_left, e.crop_top, e.crop_size), (e.output_size, e.output_size))
+    return cv2.resize(pad_crop(image, e.crop_left, e.crop_top, e.crop_size), (e.output_size, e.output_size))
 
 
 def reference_extract(raw_root: Path, capture: str, out: Path, cfg: PipelineConfig) -> Path:

@@ -80,6 +80,13 @@ class Stage(ABC):
     inputs: ClassVar[tuple[str, ...]]  # upstream stage names, or ("raw",)
     config_sections: ClassVar[tuple[str, ...]]
 
+    def prepare(self, config: PipelineConfig) -> None:
+        """Start slow set-up that needs no input (worker processes), overlapping the cache check.
+
+        It may be wasted: the stage can still turn out to be a cache hit.
+        """
+        return None
+
     def raw_inputs(self, store: ObjectStore, capture: str, config: PipelineConfig) -> dict[str, str]:
         """Digests of non-stage inputs (the raw capture); stages reading only stages have none."""
         return {}
@@ -131,6 +138,7 @@ def run_stage(stage: Stage, capture: str, config: PipelineConfig, store: ObjectS
     capture = validate_capture_id(capture)
     prefix = store.key(stage_prefix(capture, stage.name))
 
+    stage.prepare(config)
     upstream: dict[str, Manifest] = {}
     inputs: dict[str, str] = stage.raw_inputs(store, capture, config)
     for dep in stage.inputs:

@@ -1,13 +1,14 @@
 """Stage 1: frames from the 16 synchronized videos, cropped and resized (GHA layout).
 
 Speed comes from doing only necessary work: each video is decoded once, cameras run in parallel
-processes (started while the raw data downloads), frames nothing needs and nothing references
-are skipped inside the decoder (:mod:`headavatar.video`), and only the extracted frames that
-stage 2 will keep (every ``sample.frame_stride``-th of every ``extract.frame_stride``-th video
-frame) are converted, cropped, encoded and uploaded. The frame index
-(``frames.json``) still records every extracted frame, so stage 2 selects by index and copies
-server-side. Peak memory per worker is one decoded frame, its crop and the bounded upload queue:
-it does not grow with the number of frames.
+processes (forked from a server that imports their modules while the cache check, the lease and
+the raw download run), frames nothing needs and nothing references are skipped inside the
+decoder, which is flushed as soon as the last wanted frame is in (:mod:`headavatar.video`), and
+only the extracted frames that stage 2 will keep (every ``sample.frame_stride``-th of every
+``extract.frame_stride``-th video frame) are converted, cropped, encoded and uploaded. The frame
+index (``frames.json``) still records every extracted frame, so stage 2 selects by index and
+copies server-side. Peak memory per worker is one decoded frame, its crop and the bounded upload
+queue: it does not grow with the number of frames (``worker_peak_rss_mb`` in the manifest).
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import json
 import logging
 import multiprocessing
 import os
+import resource
 import time
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, as_completed, wait
 from dataclasses import dataclass
+from multiprocessing import forkserver
 from pathlib import Path
 
 import cv2
@@ -36,7 +39,7 @@ from headavatar.imaging import CropResize, encode_jpg, npz_bytes
 from headavatar.layout import FRAMES_INDEX
 from headavatar.raw import RawCapture, VideoInfo, discover, probe_video
 from headavatar.settings import PipelineConfig, StorageConfig
-from headavatar.storage import ObjectStore
+from headavatar.storage import ObjectStore, gather
 from headavatar.video import decode_frames
 
 log = logging.getLogger(__name__)
@@ -135,12 +138,14 @@ class CameraResult:
     decoded: int
     written: int
     seconds: float
+    peak_rss_mb: float  # of the worker process so far: flat in the number of frames
 
 
 def extract_camera(job: CameraJob) -> CameraResult:
     """Decode every video of one camera once; crop, encode and upload the frames to keep."""
     t0 = time.monotonic()
-    store = ObjectStore(job.storage)
+    shared = _worker_store if _worker_store is not None and _worker_store.cfg == job.storage else None
+    store = shared or ObjectStore(job.storage)
     out = OutputWriter(store, job.prefix)
     cam, q = job.camera, job.jpeg_quality
     try:
@@ -164,12 +169,18 @@ def extract_camera(job: CameraJob) -> CameraResult:
             log.info("camera %s: %s decoded, %d frames written so far", cam, seq, written)
         out.wait()
     finally:
-        store.close()
-    return CameraResult(cam, out.entries, stats["decoded"], written, time.monotonic() - t0)
+        if shared is None:
+            store.close()
+    return CameraResult(cam, out.entries, stats["decoded"], written, time.monotonic() - t0,
+                        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0))
 
 
 def worker_count(configured: int) -> int:
-    return configured or len(os.sched_getaffinity(0))
+    return configured or cpu_count()
 
 
 class Extract(Stage):
@@ -180,6 +191,10 @@ class Extract(Stage):
     def __init__(self) -> None:
         self._raw: RawCapture | None = None
 
+    def prepare(self, config: PipelineConfig) -> None:
+        if worker_count(config.extract.workers) > 1:
+            start_worker_server()
+
     def raw_inputs(self, store: ObjectStore, capture: str, config: PipelineConfig) -> dict[str, str]:
         self._raw = discover(store, capture, config)
         return {"raw": self._raw.digest()}
@@ -187,23 +202,29 @@ class Extract(Stage):
     def run(self, ctx: StageContext) -> None:
         cfg = ctx.config.extract
         raw = self._raw or discover(ctx.store, ctx.capture, ctx.config)
-        workers = min(worker_count(cfg.workers), len(raw.cameras))
-        with worker_pool(workers) as pool:  # workers start (and import) while the raw data downloads
-            self._extract(ctx, raw, pool)
-
-    def _extract(self, ctx: StageContext, raw: RawCapture, pool: ProcessPoolExecutor | None) -> None:
-        cfg, store = ctx.config.extract, ctx.store
-        # Fetch every video and plate concurrently, then check them all before decoding any.
-        local: dict[tuple[str, str], Path] = {}
-        pairs = []
-        for seq in raw.sequences:
-            for cam, obj in seq.videos.items():
-                local[(seq.label, cam)] = ctx.scratch / "videos" / seq.label / f"cam_{cam}.mp4"
-                pairs.append((obj.key, local[(seq.label, cam)]))
-        for cam, obj in raw.backgrounds.items():
-            pairs.append((obj.key, ctx.scratch / "background" / f"image_{cam}.jpg"))
+        # Fetch every video and plate concurrently while the camera workers start.
+        local = {(s.label, cam): ctx.scratch / "videos" / s.label / f"cam_{cam}.mp4"
+                 for s in raw.sequences for cam in s.videos}
+        pairs = [(o.key, local[(s.label, cam)]) for s in raw.sequences for cam, o in s.videos.items()]
+        pairs += [(o.key, self._plate(ctx, cam)) for cam, o in raw.backgrounds.items()]
         log.info("%s: fetching %d raw objects", ctx.capture, len(pairs))
-        store.download_many(pairs)
+        fetching = ctx.store.submit_all(ctx.store.download_file, *zip(*pairs, strict=True))
+        try:
+            workers = min(worker_count(cfg.workers), len(raw.cameras))
+            with worker_pool(workers, ctx.store.cfg) as pool:
+                gather(fetching)
+                self._extract(ctx, raw, local, pool, workers)
+        finally:
+            wait(fetching)  # nothing may still write into scratch when it is removed
+
+    @staticmethod
+    def _plate(ctx: StageContext, cam: str) -> Path:
+        return ctx.scratch / "background" / f"image_{cam}.jpg"
+
+    def _extract(self, ctx: StageContext, raw: RawCapture, local: dict[tuple[str, str], Path],
+                 pool: ProcessPoolExecutor | None, workers: int) -> None:
+        """Check every video, plan the frames, then extract the cameras in parallel."""
+        cfg, store = ctx.config.extract, ctx.store
         keys = {(s.label, cam): o.key for s in raw.sequences for cam, o in s.videos.items()}
         infos = {k: probe_video(p, store.uri(keys[k])) for k, p in local.items()}
         counts = Counter((i.width, i.height) for i in infos.values())
@@ -225,12 +246,15 @@ class Extract(Stage):
             CameraJob(
                 camera=cam, storage=store.cfg, prefix=ctx.outputs.prefix,
                 videos=tuple((s.label, str(local[(s.label, cam)]), plan.written(s)) for s in plan.sequences),
-                background=str(ctx.scratch / "background" / f"image_{cam}.jpg"), crop=crop,
+                background=str(self._plate(ctx, cam)), crop=crop,
                 intrinsic=raw.camera_params.intrinsic, extrinsic=raw.camera_params.world_to_cam[cam][:3],
                 jpeg_quality=cfg.jpeg_quality, visible=visible_jpg, visible_lowres=visible_lowres_jpg,
             )
             for cam in raw.cameras
         ]
+        log.info("%s: %d sequence(s), %d of %d extracted frames to write; %d cameras on %d worker(s)", ctx.capture,
+                 len(plan.sequences), sum(len(plan.written(s)) for s in plan.sequences), plan.total_extracted,
+                 len(jobs), workers)
         results = run_jobs(pool, extract_camera, jobs, f"extract {ctx.capture}")
         for r in results:
             for rel, entry in r.entries.items():
@@ -243,24 +267,49 @@ class Extract(Stage):
             "extracted_frames": plan.total_extracted,
             "frames_written": sum(len(plan.written(s)) for s in plan.sequences),
             "images_written": sum(r.written for r in results),
+            "worker_peak_rss_mb": round(max(r.peak_rss_mb for r in results), 1),
         })
 
 
-def _init_worker(level: int) -> None:
+_worker_store: ObjectStore | None = None  # one per camera worker process, made by _init_worker
+
+
+def _init_worker(level: int, storage: StorageConfig, environ: dict[str, str], cv_threads: int) -> None:
+    """Make the S3 client (about 0.1 s of CPU) while the parent downloads.
+
+    A forkserver child inherits the server's environment, frozen when the server started;
+    the caller's current one (credentials included) is what this run must use.
+    """
+    global _worker_store
+    os.environ.clear()
+    os.environ.update(environ)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import av  # noqa: F401 - pay the import cost while the parent downloads
-    import boto3  # noqa: F401
+    cv2.setNumThreads(cv_threads)  # cameras are the parallelism: OpenCV gets only the cores left over
+    _worker_store = ObjectStore(storage)
+
+
+def start_worker_server() -> multiprocessing.context.ForkServerContext:
+    """Start the server that camera workers fork from, if it is not running (it does not block)."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__, "av"])
+    forkserver.ensure_running()
+    return ctx
 
 
 @contextlib.contextmanager
-def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
-    """Spawned (not forked: the parent holds S3 transfer threads) camera worker processes."""
+def worker_pool(workers: int, storage: StorageConfig) -> Iterator[ProcessPoolExecutor | None]:
+    """Camera worker processes, forked from a clean single-threaded server that has imported them.
+
+    Not forked from this process, which holds S3 transfer and lease threads. Not spawned either:
+    every spawned worker imports numpy, OpenCV, PyAV and boto3 again (about 0.6 s of CPU each).
+    """
     if workers <= 1:
         yield None
         return
+    ctx = start_worker_server()
     level = logging.getLogger().getEffectiveLevel()
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_init_worker, initargs=(level,)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=(level, storage, dict(os.environ), max(1, cpu_count() // workers))) as pool:
         for _ in range(workers):
             pool.submit(int)  # start every worker now
         yield pool
