@@ -87,11 +87,12 @@ def test_stage1_writes_only_what_stage2_keeps(store: ObjectStore, tiny_capture: 
     assert again.cached
 
 
-@pytest.mark.parametrize("left,top,size", [(-200, 304, 2600), (10, 20, 50), (-30, -40, 200), (90, 5, 40),
+@pytest.mark.parametrize("left,top,size", [(-10, 5, 140), (10, 20, 50), (-30, -40, 200), (90, 5, 40),
                                            (500, 500, 64)])
 def test_crop_pads_with_black_exactly_as_the_reference(left: int, top: int, size: int) -> None:
-    """Inside, overlapping every edge, crossing one edge, and missing the source entirely."""
-    image = np.random.default_rng(0).integers(1, 256, (100, 120, 3), dtype=np.uint8)
+    """Wider than the source but inside it vertically (the NeRSemble case), inside, overlapping
+    every edge, crossing one edge, and missing the source entirely."""
+    image = np.random.default_rng(0).integers(1, 256, (150, 120, 3), dtype=np.uint8)
     ours = CropResize(left, top, size, size, size).crop(image)
     assert np.array_equal(ours, pad_crop(image, left, top, size))
 
