@@ -144,7 +144,7 @@ class CameraResult:
 def extract_camera(job: CameraJob) -> CameraResult:
     """Decode every video of one camera once; crop, encode and upload the frames to keep."""
     t0 = time.monotonic()
-    shared = _worker_store if _worker_store is not None and _worker_store.cfg == job.storage else None
+    shared = _worker_store  # made by the pool's initializer from this job's storage config
     store = shared or ObjectStore(job.storage)
     out = OutputWriter(store, job.prefix)
     cam, q = job.camera, job.jpeg_quality
