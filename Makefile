@@ -1,11 +1,26 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Everything else is optional.
+#
+# Images (docs/containers.md), tag $(IMAGE_TAG) = 0.1.0:
+#   headavatar/preprocess:0.1.0  stages 1-2 + ingestion (images/preprocess.Dockerfile)       make images
+#   headavatar/cpu:0.1.0         stages 3-6 on CPU (images/cuda.Dockerfile, CPU build args)   make images
+#   headavatar/cuda:0.1.0        stages 3-6 on CUDA (images/cuda.Dockerfile; needs a registry) make images-cuda
+#   headavatar/base:bookworm     Debian bookworm + Python 3.11 from Debian packages, the base where no
+#                                registry answers (images/base/build.sh, cached by recipe)   make image-base
+# BASE=auto|public|local picks the Python base of `make images` (auto: public where a registry answers).
+# The Docker engine: `make docker-engine` installs Debian's docker.io (root + apt-get) and starts the
+# project's own dockerd (data under .headavatar/docker; DOCKER_HOST=$(DOCKER_HOST)).
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
+BACKEND ?= docker
+BASE ?= auto
+DOCKER_HOST ?= unix://$(CURDIR)/.headavatar/docker/run/docker.sock
+export DOCKER_HOST BASE BACKEND
 
-.PHONY: install tools demo demo-ui test lint bench images lock clean
+.PHONY: install tools demo demo-ui test lint bench images images-cuda image-base docker-install docker-engine \
+	docker-engine-stop lock clean
 
 install: $(VENV)/.installed
 
@@ -16,11 +31,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-demo: install
-	$(PY) -m headavatar.devserver.demo
+# BACKEND=docker (default): every task a container; the engine and images are set up on first use.
+# BACKEND=local: the same commands as subprocesses of Airflow, no Docker.
+demo: install $(if $(filter docker,$(BACKEND)),docker-install)
+	$(PY) -m headavatar.devserver.demo --backend $(BACKEND)
 
+# The Airflow UI (api-server, scheduler, dag-processor, triggerer) beside the demo's S3 and MLflow, until Ctrl-C.
 demo-ui: install
-	$(PY) -m headavatar.devserver.demo --serve
+	$(PY) -m headavatar.devserver.airflow_ui
 
 # docker-compose (v1, Debian's package) validates infra/compose offline; hadolint and helm come with
 # the dev extra. Installs Debian's package when missing and apt-get is usable (CI, these machines).
@@ -35,21 +53,46 @@ lint: install tools
 	docker-compose -f infra/compose/docker-compose.yml --env-file infra/compose/.env.example config -q
 	$(VENV)/bin/helm lint --strict infra/k8s/headavatar
 
-test: lint
+test: lint docs
 	$(PY) -m pytest -q
+
+# The docs site (mkdocs.yml, docs/): warnings are errors; tables and the config reference are generated.
+.PHONY: docs
+docs: install
+	$(PY) -m headavatar.config_reference --check
+	$(VENV)/bin/mkdocs build --strict --site-dir site
 
 bench: install
 	$(PY) -m headavatar.bench.extract_bench --repeat 3 --out benchmarks/results
 
-# Needs a Docker engine (not on the development machines). GIT_COMMIT is recorded in the images
-# and in every MLflow run they log.
+# Debian's docker.io (engine + CLI) and mmdebstrap (the local base image) where apt-get is usable as root.
+docker-install:
+	@{ command -v dockerd >/dev/null && command -v docker >/dev/null && command -v mmdebstrap >/dev/null; } || \
+	  { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get update -qq \
+	    && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker.io mmdebstrap \
+	       >/dev/null; } || { echo "Docker missing: install Debian's docker.io and mmdebstrap" >&2; exit 1; }
+
+# Starts the project's dockerd unless one answers at DOCKER_HOST; `make docker-engine-stop` stops it by PID.
+docker-engine: install docker-install
+	$(PY) -m headavatar.devserver.docker_engine start
+
+docker-engine-stop: install
+	$(PY) -m headavatar.devserver.docker_engine stop
+
+image-base: docker-engine
+	images/base/build.sh
+
+# The stage images the docker backend runs on a CPU machine (demo, tests, CI). GIT_COMMIT (HEAD) is
+# recorded in the images' label and environment, and with it in every MLflow run they log.
 IMAGE_TAG ?= 0.1.0
 GIT_COMMIT ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
-images:
-	docker build -f images/preprocess.Dockerfile --build-arg GIT_COMMIT=$(GIT_COMMIT) -t headavatar/preprocess:$(IMAGE_TAG) .
-	docker build -f images/cuda.Dockerfile --build-arg GIT_COMMIT=$(GIT_COMMIT) -t headavatar/cuda:$(IMAGE_TAG) .
-	docker build -f images/airflow.Dockerfile --build-arg GIT_COMMIT=$(GIT_COMMIT) -t headavatar/airflow:$(IMAGE_TAG) .
-	docker build -f images/mlflow.Dockerfile -t headavatar/mlflow:3.17.2 .
+images: docker-engine
+	$(PY) -m headavatar.devserver.images --tag $(IMAGE_TAG) --base $(BASE)
+
+# Needs a registry (nvidia/cuda bases) and a CUDA toolchain's worth of disk; not built on the CPU machines.
+images-cuda:
+	DOCKER_BUILDKIT=1 docker build -f images/cuda.Dockerfile --build-arg GIT_COMMIT=$(GIT_COMMIT) \
+	  -t headavatar/cuda:$(IMAGE_TAG) .
 
 # Re-pin images/requirements/preprocess.txt from pyproject.toml's core dependencies.
 lock:

@@ -1,7 +1,9 @@
 """
 ### Scheduled ingestion
 
-Every 15 minutes (`HEADAVATAR_INGEST_SCHEDULE`), lists the captures under `raw/` whose last stage
+Every 15 minutes (`HEADAVATAR_INGEST_SCHEDULE`), unpacks new `.zip` deliveries under `raw/` (task
+`unpack`, on the stages' backend: a container of the preprocess image under `docker`; an archive that
+cannot be unpacked fails that task), then lists the captures under `raw/` whose last stage
 has no manifest and triggers `headavatar_capture` once per capture (run id `ingest__<id>`; an
 existing run of that id is left alone, so a failed capture is not retried forever: clear or
 re-trigger it by hand).
@@ -13,7 +15,7 @@ from datetime import datetime
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import DAG
 
-from headavatar_airflow.ingest import find_pending_captures
+from headavatar_airflow.ingest import find_pending_captures, unpack_operator
 
 with DAG(
     dag_id="headavatar_ingest",
@@ -25,6 +27,8 @@ with DAG(
     tags=["headavatar"],
     doc_md=__doc__,
 ):
+    pending = find_pending_captures()
+    unpack_operator() >> pending
     TriggerDagRunOperator.partial(
         task_id="trigger_capture_runs", trigger_dag_id="headavatar_capture", skip_when_already_exists=True,
-    ).expand_kwargs(find_pending_captures())
+    ).expand_kwargs(pending)

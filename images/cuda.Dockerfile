@@ -1,20 +1,29 @@
-# syntax=docker/dockerfile:1.7
-# CUDA image: stages 3-6 (matting, fitting, meshhead, gaussianhead). PyTorch with CUDA, gsplat
-# compiled ahead of time (no nvcc needed at run time), the reference's face_alignment detector.
-# Optional backends, off by default (build args = 1 to include):
+# Stage image for stages 3-6 (matting, fitting, meshhead, gaussianhead), in two flavours from this
+# one file; build from the repository root with `make images` (CPU) or `make images-cuda` (CUDA).
+#   CUDA (defaults; needs a registry): nvidia/cuda bases, a standalone CPython 3.11 (uv), PyTorch
+#     from the cu128 index, gsplat compiled ahead of time (no nvcc at run time), face_alignment.
+#   CPU (headavatar/cpu; what the demo, the tests and CI run): BUILD_IMAGE=RUNTIME_IMAGE=a Debian
+#     Python 3.11 image (public python:3.11 slim, or the project's own headavatar/base), PYTHON_VERSION=system,
+#     BUILD_PACKAGES="", WITH_GSPLAT=0 WITH_FAN=0, TORCH_INDEX = the CPU index (or a local wheel index).
+# Optional CUDA backends, off by default (build args = 1 to include):
 #   WITH_DIFF_GAUSSIAN  diff-gaussian-rasterization built with 32 channels (NON-COMMERCIAL licence)
 #   WITH_SIMPLE_KNN     simple-knn (nearest-neighbour scale initialisation)
 #   WITH_PYTORCH3D      pytorch3d (BSD)          WITH_KAOLIN  kaolin (Apache-2.0)
 #   WITH_DLIB           dlib + its 68-point model (model trained on non-commercial data)
-# Build from the repository root:  make images
-ARG CUDA_VERSION=12.8.1
-ARG UBUNTU_VERSION=ubuntu24.04
+# Layers: toolchain, PyTorch and the locked requirements first; the code (every commit) and the
+# commit label last, so a code-only change rebuilds two small layers in seconds.
+ARG BUILD_IMAGE=nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04
+ARG RUNTIME_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
-FROM nvidia/cuda:${CUDA_VERSION}-cudnn-devel-${UBUNTU_VERSION} AS build
+FROM ${BUILD_IMAGE} AS deps
 ARG PYTHON_VERSION=3.11.11
+ARG UV_VERSION=0.9.5
+ARG BUILD_PACKAGES="git ca-certificates build-essential python3 python3-venv"
 ARG TORCH_VERSION=2.11.0
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
+ARG WITH_GSPLAT=1
 ARG GSPLAT_VERSION=1.5.3
+ARG WITH_FAN=1
 ARG TORCH_CUDA_ARCH_LIST="8.0;8.6;8.9;9.0"
 ARG WITH_DIFF_GAUSSIAN=0
 ARG DIFF_GAUSSIAN_REPO=https://github.com/graphdeco-inria/diff-gaussian-rasterization.git
@@ -29,19 +38,31 @@ ARG WITH_DLIB=0
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     UV_PYTHON_INSTALL_DIR=/opt/python TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST} MAX_JOBS=8
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-WORKDIR /src
-RUN apt-get update && apt-get install -y --no-install-recommends git ca-certificates build-essential \
-    && rm -rf /var/lib/apt/lists/*
-# A standalone CPython (python-build-standalone via uv): the same 3.11 as the CPU image and CI.
-COPY --from=ghcr.io/astral-sh/uv:0.9.5 /uv /usr/local/bin/uv
-RUN uv python install ${PYTHON_VERSION} && uv venv --python ${PYTHON_VERSION} --seed /opt/venv
-ENV PATH=/opt/venv/bin:$PATH
-RUN pip install --index-url ${TORCH_INDEX} torch==${TORCH_VERSION}
-COPY images/requirements/preprocess.txt /tmp/requirements.txt
-RUN pip install --requirement /tmp/requirements.txt
+# hadolint ignore=DL3008
+RUN if [ -n "${BUILD_PACKAGES}" ]; then apt-get update \
+      && apt-get install -y --no-install-recommends ${BUILD_PACKAGES} && rm -rf /var/lib/apt/lists/*; fi
+# CUDA: a standalone CPython (python-build-standalone via uv from PyPI), the same 3.11 as the CPU
+# image and CI. CPU: the base image's own Python 3.11 (PYTHON_VERSION=system).
+RUN mkdir -p /opt/python && if [ "${PYTHON_VERSION}" = system ]; then python3 -m venv /opt/venv; else \
+      python3 -m venv /opt/uv && /opt/uv/bin/pip install "uv==${UV_VERSION}" \
+      && /opt/uv/bin/uv python install "${PYTHON_VERSION}" \
+      && /opt/uv/bin/uv venv --python "${PYTHON_VERSION}" --seed /opt/venv && rm -rf /opt/uv; fi
+# The host's locally added CAs (images/ca/, e.g. a TLS-inspecting proxy's), for pip in this stage only.
+COPY images/ca/ /usr/local/share/ca-certificates/
+RUN if command -v update-ca-certificates >/dev/null; then update-ca-certificates >/dev/null; fi
+ENV PATH=/opt/venv/bin:$PATH PIP_CERT=/etc/ssl/certs/ca-certificates.crt
+COPY images/requirements/torch-deps.txt /tmp/torch-deps.txt
+# torch's own dependencies pinned from PyPI first, so the torch index only has to serve torch.
+RUN pip install --requirement /tmp/torch-deps.txt \
+    && pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}" \
+    && python -c "import torch; print('torch', torch.__version__)"
+COPY images/requirements/preprocess.txt images/requirements/train.txt /tmp/
+RUN pip install --requirement /tmp/preprocess.txt --requirement /tmp/train.txt \
+    && python -c "import torch; assert torch.__version__.startswith('${TORCH_VERSION}'), torch.__version__"
 # gsplat from its source distribution, so its CUDA kernels are compiled here, once.
-RUN pip install --no-build-isolation --no-binary gsplat gsplat==${GSPLAT_VERSION} \
-    && python -c "import importlib.util as u; assert u.find_spec('gsplat.csrc'), 'gsplat kernels not built'"
+RUN if [ "${WITH_GSPLAT}" = 1 ]; then \
+      pip install --no-build-isolation --no-binary gsplat "gsplat==${GSPLAT_VERSION}" \
+      && python -c "import importlib.util as u; assert u.find_spec('gsplat.csrc'), 'gsplat kernels not built'"; fi
 # The reference renders 32 feature channels: the rasteriser's NUM_CHANNELS is a compile-time constant.
 # These are the builds measured on CUDA 13 + torch 2.11 (README, Stages 5 and 6).
 # Git sources are pinned by their *_REF/*_REPO build args, which hadolint cannot see.
@@ -55,24 +76,30 @@ RUN if [ "${WITH_DIFF_GAUSSIAN}" = 1 ]; then \
     && if [ "${WITH_SIMPLE_KNN}" = 1 ]; then pip install --no-build-isolation "${SIMPLE_KNN_REF}"; fi \
     && if [ "${WITH_PYTORCH3D}" = 1 ]; then pip install --no-build-isolation "${PYTORCH3D_REF}"; fi \
     && if [ "${WITH_KAOLIN}" = 1 ]; then pip install "kaolin==${KAOLIN_VERSION}" --find-links "${KAOLIN_INDEX}"; fi \
-    && if [ "${WITH_DLIB}" = 1 ]; then pip install dlib-bin==20.0.1.post1 face_recognition_models==0.3.0; fi
-COPY pyproject.toml README.md ./
-COPY tasks/ tasks/
-RUN pip install --no-deps . && pip install face-alignment==1.5.0 && headavatar stages
+    && if [ "${WITH_DLIB}" = 1 ]; then pip install dlib-bin==20.0.1.post1 face_recognition_models==0.3.0; fi \
+    && if [ "${WITH_FAN}" = 1 ]; then pip install face-alignment==1.5.0; fi
 
-FROM nvidia/cuda:${CUDA_VERSION}-cudnn-runtime-${UBUNTU_VERSION}
+FROM ${RUNTIME_IMAGE}
+ARG FLAVOUR=cuda
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 \
+    HEADAVATAR_CONFIG_DIR=/opt/headavatar/config HEADAVATAR_SCRATCH=/scratch \
+    NVIDIA_VISIBLE_DEVICES=all NVIDIA_DRIVER_CAPABILITIES=compute,utility
+RUN groupadd --gid 10001 headavatar && useradd --uid 10001 --gid 10001 --create-home headavatar \
+    && mkdir /scratch && chown 10001:10001 /scratch
+VOLUME /scratch
+COPY --from=deps /opt/python /opt/python
+COPY --from=deps /opt/venv /opt/venv
+COPY config/ /opt/headavatar/config/
+COPY pyproject.toml README.md /opt/headavatar/src/
+COPY tasks/ /opt/headavatar/src/tasks/
+RUN pip install --no-deps --no-build-isolation --no-compile /opt/headavatar/src \
+    && rm -rf /opt/headavatar/src/build && headavatar stages
 ARG GIT_COMMIT=unknown
-LABEL org.opencontainers.image.title="headavatar-cuda" \
-      org.opencontainers.image.description="NeRSemble -> Gaussian Head Avatar: stages 3-6 on CUDA" \
+LABEL org.opencontainers.image.title="headavatar-${FLAVOUR}" \
+      org.opencontainers.image.description="NeRSemble -> Gaussian Head Avatar: stages 3-6 on ${FLAVOUR}" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.revision="${GIT_COMMIT}"
-RUN groupadd --gid 10001 headavatar && useradd --uid 10001 --gid 10001 --create-home headavatar
-COPY --from=build /opt/python /opt/python
-COPY --from=build /opt/venv /opt/venv
-COPY config/ /opt/headavatar/config/
-ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 HEADAVATAR_CONFIG_DIR=/opt/headavatar/config \
-    HEADAVATAR_GIT_COMMIT=${GIT_COMMIT} HEADAVATAR_SCRATCH=/tmp NVIDIA_VISIBLE_DEVICES=all \
-    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+ENV HEADAVATAR_GIT_COMMIT=${GIT_COMMIT}
 USER 10001:10001
 WORKDIR /home/headavatar
 ENTRYPOINT ["headavatar"]

@@ -114,6 +114,15 @@ def tiny_capture(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def tiny_capture_v2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tiny_capture`` in the NeRSemble v2 layout (raw/v2/018/), recorded through a colour calibration."""
+    root = tmp_path_factory.mktemp("capture018v2")
+    write_capture(SyntheticSpec("018", frames=20, sequences=("EXP-1-head", "EXP-2-eyes"), layout="v2", **TINY),
+                  root / RAW)
+    return root
+
+
 def assert_gradients_match_finite_differences(loss, inputs: list, eps: float = 1e-6, tol: float = 1e-5) -> None:
     """Autograd gradients of ``loss(*inputs)`` (float64 tensors) against central differences."""
     import torch

@@ -107,6 +107,13 @@ def test_dags_parse_and_declare_six_retried_stages(airflow_home: Path) -> None:
     assert facts["types"] == ["LocalStageOperator"]
     assert facts["id_pattern"] == DAG_PATTERN == CAPTURE_ID_PATTERN
     assert len(facts["rejected"]) == 7 and facts["ok"] == "018"
+    ingest = _python(airflow_home, LOAD.replace('"headavatar_capture"', '"headavatar_ingest"') + """
+    print(json.dumps({t.task_id: [type(t).__name__, sorted(t.upstream_task_ids), str(t.trigger_rule.value)]
+                      for t in dag.tasks}))
+    """)
+    # Unpacking runs on the stages' backend, as its own task; the listing runs whatever its outcome.
+    assert ingest["unpack"][:2] == ["LocalStageOperator", []]
+    assert ingest["find_pending_captures"][1:] == [["unpack"], "all_done"]
 
 
 def test_every_command_the_dag_sends_is_one_the_stage_cli_accepts() -> None:

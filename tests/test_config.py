@@ -56,3 +56,42 @@ def test_storage_comes_from_environment(monkeypatch: pytest.MonkeyPatch) -> None
     # Credentials have no place in the schema at all.
     with pytest.raises(ConfigError, match="unknown key"):
         load_config(None, ["storage.secret_key=abc"])
+
+
+def test_sequence_selection_defaults_are_the_reference_exclusions() -> None:
+    from headavatar.settings import sequence_selected
+
+    c = load_config().capture
+    names = ["BACKGROUND", "GLASSES", "EXP-1-head", "EXP-6-tongue-1", "EXP-7-tongue-2", "EXP-9-jaw-2", "HAIR", "FREE",
+             "EMO-1-shout+laugh", "SEN-01-cramp_small_danger"]
+    used = [n for n in names if sequence_selected(n, c.include_sequences, c.exclude_sequences)]
+    assert used == ["EXP-1-head", "EXP-9-jaw-2", "HAIR", "EMO-1-shout+laugh", "SEN-01-cramp_small_danger"]
+    only_sen = load_config(None, ["capture.include_sequences=[SEN-*]"]).capture
+    assert [n for n in names if sequence_selected(n, only_sen.include_sequences, only_sen.exclude_sequences)] == [
+        "SEN-01-cramp_small_danger"]
+    assert load_config().extract.color_correction is True
+    assert load_config(None, ["capture.cameras=[222200036, 222200037]"]).capture.cameras == ("222200036", "222200037")
+    with pytest.raises(ConfigError, match=r"capture.include_sequences.0"):
+        load_config(None, ["capture.include_sequences=['../x']"])
+
+
+def test_held_out_sequences_are_split_from_training_frames() -> None:
+    import numpy as np
+
+    from headavatar.training.views import Views, split_sequences
+
+    n, c = 6, 2
+    seqs = ["EXP-1-head", "EXP-1-head", "EXP-2-eyes", "SEN-01-a", "SEN-01-a", "SEN-02-b"]
+    views = Views([f"{i * 10:04d}" for i in range(n)], ["1", "2"], np.zeros((n, c, 4, 4, 3), np.uint8),
+                  np.zeros((n, c, 4, 4), np.uint8), np.zeros((n, c, 4, 4), np.uint8), np.zeros((n, c, 3, 3)),
+                  np.zeros((n, c, 3, 4)), np.arange(n)[:, None] * np.ones((1, 6)), 1.0, np.zeros((n, 3)),
+                  np.zeros((n, 68, 3)), seqs)
+    same, none = split_sequences(views, (), "meshhead.holdout_sequences")
+    assert same is views and none is None
+    train, held = split_sequences(views, ("SEN-*",), "meshhead.holdout_sequences")
+    assert train.folders == ["0000", "0010", "0020"] and held.folders == ["0030", "0040", "0050"]
+    assert held.sequences == ["SEN-01-a", "SEN-01-a", "SEN-02-b"] and held.pose[:, 0].tolist() == [3, 4, 5]
+    with pytest.raises(ConfigError, match=r"^meshhead.holdout_sequences: EXP-9 matches none of the fitted sequences"):
+        split_sequences(views, ("EXP-9",), "meshhead.holdout_sequences")
+    with pytest.raises(ConfigError, match="nothing is left to train on"):
+        split_sequences(views, ("*",), "gaussianhead.holdout_sequences")

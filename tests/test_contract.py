@@ -137,4 +137,4 @@ def test_manifest_json_is_readable(store: ObjectStore) -> None:
     run_stage(Numbers(), "018", tiny_config("sample.frame_stride=1"), store)
     doc = json.loads(store.get_bytes(store.key(stage_prefix("018", "extract"), "manifest.json")))
     assert {"stage", "capture", "package_version", "config_digest", "inputs", "files", "metrics",
-            "wall_time_s", "content_digest"} <= doc.keys()
+            "wall_time_s", "content_digest", "code_version", "volatile"} <= doc.keys()

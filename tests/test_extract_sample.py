@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY, tiny_config, upload_capture
-from headavatar.bench.reference import pad_crop, reference_extract, reference_sample
+from headavatar.bench.reference import dataset_color_correction, pad_crop, reference_extract, reference_sample
 from headavatar.contract.stage import read_manifest, run_stage
 from headavatar.errors import RawCaptureError
 from headavatar.imaging import CropResize
@@ -46,12 +46,18 @@ def run_both(store: ObjectStore, capture: str, *overrides: str) -> None:
     run_stage(stages["sample"], capture, cfg, store)
 
 
-def test_outputs_equal_reference_file_for_file(store: ObjectStore, tiny_capture: Path, tmp_path: Path) -> None:
-    upload_capture(store, tiny_capture)
+@pytest.mark.parametrize("layout", ["v1", "v2"])
+def test_outputs_equal_reference_file_for_file(layout: str, store: ObjectStore, tmp_path: Path,
+                                               request: pytest.FixtureRequest) -> None:
+    """v2: the reference colour-corrects each whole frame with colour-science first (the dataset's procedure)."""
+    capture = request.getfixturevalue("tiny_capture" if layout == "v1" else "tiny_capture_v2")
+    upload_capture(store, capture)
     run_both(store, "018")
     ours = download_stage(store, "018", "sample", tmp_path / "ours")
     cfg = tiny_config(*STRIDES)
-    ref = reference_sample(reference_extract(tiny_capture / RAW, "018", tmp_path / "ref1", cfg), tmp_path / "ref2", cfg)
+    correct = dataset_color_correction(capture / RAW, "018") if layout == "v2" else None
+    ref = reference_sample(reference_extract(capture / RAW, "018", tmp_path / "ref1", cfg, correct),
+                           tmp_path / "ref2", cfg)
 
     def listing(root: Path) -> set[str]:
         return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
@@ -73,6 +79,9 @@ def test_outputs_equal_reference_file_for_file(store: ObjectStore, tiny_capture:
     # Frame 0010 is the 4th extracted frame of the second (sorted) sequence: video frame 9.
     index = json.loads((ours / "frames.json").read_text())
     assert index["frames"][1] == {"folder": "0010", "sequence": "EXP-2-eyes_part-1", "video_frame": 9}
+    extract = read_manifest(store, "018", "extract")
+    assert extract.metrics["raw_layout_version"] == int(layout[1])
+    assert extract.metrics["color_corrected"] == (layout == "v2")
 
 
 def test_stage1_writes_only_what_stage2_keeps(store: ObjectStore, tiny_capture: Path) -> None:

@@ -95,14 +95,24 @@ def test_stage_writes_reference_layout_and_scores_against_truth(store: ObjectSto
     lmk = np.load(io.BytesIO(store.get_bytes(f"{prefix}/landmarks/0000/lmk_222200041.npy")))
     assert lmk.shape == (68, 3) and np.all(lmk[:, 2] == 1)
 
-    # Independent check of one frame: fitted 3D landmarks against the truth (folder 0004 = video frame 12).
-    truth = np.load(tiny_capture / GROUND_TRUTH / "018" / "EXP-1-head" / "params.npz")
-    lmk3d = np.load(io.BytesIO(store.get_bytes(f"{prefix}/params/0004/lmk_3d.npy")))
-    assert np.linalg.norm(lmk3d - truth["landmarks_3d"][12], axis=1).mean() < 2e-3  # metres
+    # Independent check of every frame: fitted 3D landmarks against the truth, which the fit never saw
+    # (it saw 2D points with 1 px noise). Folders are every 3rd video frame of the sampled frames.
+    index = json.loads(store.get_bytes(store.key(stage_prefix("018", "sample"), "frames.json")))
+    for f in index["frames"]:
+        seq = f["sequence"].rsplit("_part-", 1)[0]
+        truth = np.load(tiny_capture / GROUND_TRUTH / "018" / seq / "params.npz")
+        lmk3d = np.load(io.BytesIO(store.get_bytes(f"{prefix}/params/{f['folder']}/lmk_3d.npy")))
+        err = np.linalg.norm(lmk3d - truth["landmarks_3d"][f["video_frame"]], axis=1).mean()
+        assert err < 2e-3, (f, err)  # metres
     mx = m.metrics
     assert mx["frames_fitted"] == 7 and mx["frames_excluded"] == 0
     assert mx["reprojection_error_px_mean"] < 2.0 and mx["rotation_error_deg_max"] < 1.0, mx
-    assert mx["scale_error_pct"] < 1.0 and 0.5 < mx["detection_error_px_mean"] < 2.0, mx
+    assert mx["scale_error_pct"] < 1.0, mx
+    # The detection score is calibrated: the stand-in detector's points carry N(0, 1 px) noise per axis,
+    # whose mean 2D distance is sqrt(pi/2) px; scoring in the wrong pixel space or against the wrong
+    # points lands far from it.
+    assert cfg.landmarks.truth_noise_px == 1.0
+    assert mx["detection_error_px_mean"] == pytest.approx(np.sqrt(np.pi / 2), rel=0.05), mx
 
     report = json.loads(store.get_bytes(f"{prefix}/report.json"))
     assert sorted(report["frames"]) == folders and all(len(v) == 16 for v in report["frames"].values())
@@ -157,20 +167,23 @@ def test_all_frames_excluded_and_bad_face_models_fail_clearly(store: ObjectStore
 @pytest.mark.slow
 def test_offline_detector_on_synthetic_renders_reports_what_it_found(store: ObjectStore, tiny_capture: Path,
                                                                      s3_env: dict[str, str]) -> None:
-    """dlib's HOG detector is trained on photographs; the synthetic head is a cartoon. Whatever it
-    finds is recorded and scored against the true landmarks; nothing found is a clear failure."""
+    """dlib's HOG detector is trained on photographs; the synthetic head is a cartoon: it finds a face
+    in at most one camera per frame (1 of 112 images when measured), so no frame can be fitted. That is
+    a clear one-line failure (exit 2, no manifest), and what it found is still recorded for the operator."""
     prepare_sampled(store, tiny_capture)
     r = cli("run", "fitting", "--capture", "018", "--profile", "demo", "--set", "landmarks.detector=dlib", env=s3_env)
     report = store.key(stage_prefix("018", "fitting"), "landmarks/detections.json")
     assert store.exists(report), (r.returncode, r.stdout[-2000:], r.stderr[-3000:])
     detections = json.loads(store.get_bytes(report))
-    found = sum(v is not None for per in detections["score_of_found_face"].values() for v in per.values())
-    assert detections["detector"] == "dlib" and len(detections["score_of_found_face"]) == 7
-    if r.returncode == 0:
-        metrics = read_manifest(store, "018", "fitting").metrics
-        assert metrics["faces_found"] == found and "detection_error_px_mean" in metrics
-    else:
-        assert r.returncode == 2 and f"({found} faces found in 112 images" in r.stderr, r.stderr[-2000:]
+    per_frame = detections["score_of_found_face"]
+    assert detections["detector"] == "dlib" and len(per_frame) == 7 and all(len(v) == 16 for v in per_frame.values())
+    found = sum(v is not None for per in per_frame.values() for v in per.values())
+    assert all(sum(v is not None for v in per.values()) < 2 for per in per_frame.values()), per_frame
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: no frame of 018 has landmarks in at least 2 cameras ({found} faces found in 112 images, "
+        "landmarks.detector=dlib)"), r.stderr[-2000:]
+    assert read_manifest(store, "018", "fitting") is None
 
 
 def test_offline_detector_is_safe_to_share_between_threads() -> None:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import av
 import cv2
 import numpy as np
 import pytest
@@ -150,7 +151,8 @@ def test_lpips_weights_load_strictly(tmp_path: Path) -> None:
 @pytest.mark.s3
 @pytest.mark.slow
 def test_training_resumes_after_sigkill_and_exports_a_better_avatar(store: ObjectStore, tiny_capture: Path,
-                                                                    s3_env: dict[str, str]) -> None:
+                                                                    s3_env: dict[str, str],
+                                                                    tmp_path_factory: pytest.TempPathFactory) -> None:
     prepare_sampled(store, tiny_capture)
     cfg = tiny_config("meshhead.steps=60")
     for stage in ("matting", "fitting", "meshhead"):
@@ -182,3 +184,28 @@ def test_training_resumes_after_sigkill_and_exports_a_better_avatar(store: Objec
     assert "avatar/avatar.pt" in m.files
     sheet = cv2.imdecode(np.frombuffer(store.get_bytes(f"{prefix}/renders/0000.jpg"), np.uint8), 1)
     assert sheet.shape == (2 * 64, 2 * 64, 3)  # 2 held-out cameras x (GT | render)
+    # The named evaluation protocol and the avatar videos (issue 22).
+    assert avatar["eval_protocol"] == "headavatar-eval/1"
+    assert {"novel_view_psnr_matte", "novel_view_ssim_matte"} <= set(m.metrics)
+    assert m.metrics["novel_view_psnr"] == m.metrics["holdout_psnr"]
+    frames = {}
+    for name in ("reenactment", "turntable"):
+        assert f"videos/{name}.mp4" in m.files
+        path = tmp_path_factory.mktemp("videos") / f"{name}.mp4"
+        path.write_bytes(store.get_bytes(f"{prefix}/videos/{name}.mp4"))
+        with av.open(str(path)) as c:
+            assert c.streams.video[0].codec_context.name == "h264"
+            frames[name] = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    assert len(frames["turntable"]) == 72 and frames["turntable"][0].shape == (64, 64, 3)
+    assert frames["reenactment"][0].shape == (64, 128, 3)  # GT | avatar
+    assert len(frames["reenactment"]) == len(avatar["frames"])  # no held-out sequence: the training frames
+    # `headavatar render` rebuilds the same avatar from the bucket and renders the same videos.
+    out = tmp_path_factory.mktemp("render")
+    r = cli("render", "--capture", "018", "--profile", "demo", "--set", "meshhead.steps=60", "--out", str(out),
+            env=s3_env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    info = json.loads(r.stdout.strip().splitlines()[-1])
+    assert info["turntable"]["frames"] == 72 and info["reenactment"]["frames"] == len(avatar["frames"])
+    with av.open(str(out / "turntable.mp4")) as c:
+        first = next(iter(c.decode(video=0))).to_ndarray(format="rgb24")
+    assert np.abs(first.astype(int) - frames["turntable"][0]).mean() < 0.5

@@ -98,9 +98,16 @@ def test_bad_capture_id_on_the_command_line(bad: str, s3_env: dict[str, str]) ->
     assert r.stderr.strip().startswith("error: invalid capture id") and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_good_capture_validates(small_capture: Path, tmp_path: Path, store: ObjectStore,
+@pytest.mark.parametrize("layout", ["v1", "v2"])
+def test_good_capture_validates(layout: str, small_capture: Path, tmp_path: Path, store: ObjectStore,
                                 s3_env: dict[str, str]) -> None:
-    upload_capture(store, _variant(small_capture, tmp_path, "200", lambda raw: None))
+    if layout == "v1":
+        upload_capture(store, _variant(small_capture, tmp_path, "200", lambda raw: None))
+    else:
+        write_capture(SyntheticSpec("200", frames=4, layout="v2", **TINY), tmp_path / RAW, workers=2)
+        upload_capture(store, tmp_path)
     r = cli("validate", "--capture", "200", "--profile", "demo", env=s3_env)
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["sequences"] == ["EXP-1-head_part-1"]
+    out = json.loads(r.stdout)
+    assert out["sequences"] == ["EXP-1-head_part-1"] and out["layout"] == layout
+    assert out["color_calibration"] is (layout == "v2")

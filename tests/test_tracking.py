@@ -103,6 +103,10 @@ def test_training_runs_are_registered_once_each_and_compared(store: ObjectStore,
     assert json.loads((local / "avatar.json").read_text())["capture"] == "018"
     assert float(versions[1].tags["holdout_psnr"]) == read_manifest(store, "018", "gaussianhead").metrics[
         "holdout_psnr"]  # the manifest now holds the 30-step avatar
+    videos = Path(client.download_artifacts(longer["mlflow"]["run_id"], "videos"))  # issue 22: linked videos
+    assert sorted(p.name for p in videos.iterdir()) == ["reenactment.mp4", "turntable.mp4"]
+    assert versions[1].tags["headavatar.video.turntable"].endswith("/videos/turntable.mp4")
+    assert "novel_view_psnr_matte" in versions[1].tags
 
     parent = client.get_run(client.get_run(first["mlflow"]["run_id"]).data.tags["mlflow.parentRunId"])
     assert parent.data.tags["headavatar.run_key"] == "first"

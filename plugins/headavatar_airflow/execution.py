@@ -1,9 +1,11 @@
 """Where stage commands run, read once when the DAG file is parsed (environment, never secrets).
 
-``HEADAVATAR_EXECUTION``: ``docker`` (default; one container per task), ``kubernetes`` (one pod
-per task) or ``local`` (a subprocess of the worker; the embedded default and the tests, since
-development machines have no Docker engine). Credentials come from the Airflow connection
-``headavatar_s3`` (docker, local) or the Kubernetes Secret named below (kubernetes) at run time.
+``HEADAVATAR_EXECUTION``: ``docker`` (default; one container per task; ``make demo`` and the
+``docker`` tests run it on the project's own engine), ``kubernetes`` (one pod per task) or ``local``
+(a subprocess of the worker; ``make demo BACKEND=local``). Credentials come from the Airflow
+connection ``headavatar_s3`` (docker, local) or the Kubernetes Secret named below (kubernetes) at
+run time. ``HEADAVATAR_DOCKER_GPUS=0`` runs the GPU stages' image without a GPU request (the CPU
+stage image, ``headavatar/cpu``, on a machine without GPUs).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class ExecutionSettings:
     gpu_pool: str = field(default_factory=lambda: _env("HEADAVATAR_GPU_POOL", "headavatar_gpu"))
     docker_url: str = field(default_factory=lambda: _env("HEADAVATAR_DOCKER_URL", "unix://var/run/docker.sock"))
     docker_network: str | None = field(default_factory=lambda: os.environ.get("HEADAVATAR_DOCKER_NETWORK"))
+    docker_gpus: bool = field(default_factory=lambda: _env("HEADAVATAR_DOCKER_GPUS", "1") != "0")
     k8s_namespace: str = field(default_factory=lambda: _env("HEADAVATAR_K8S_NAMESPACE", "headavatar"))
     k8s_s3_secret: str = field(default_factory=lambda: _env("HEADAVATAR_K8S_S3_SECRET", "headavatar-s3"))
     k8s_settings: str = field(default_factory=lambda: _env("HEADAVATAR_K8S_SETTINGS", "headavatar-settings"))

@@ -1,4 +1,4 @@
-"""The ingestion DAG's one computing task: ask the stage CLI which captures still need the pipeline."""
+"""The ingestion DAG's tasks: unpack new deliveries (on the stages' backend), then list what is pending."""
 
 from __future__ import annotations
 
@@ -9,25 +9,32 @@ import subprocess
 import sys
 from typing import Any
 
-from airflow.sdk import task
+from airflow.sdk import BaseOperator, task
 
 from headavatar_airflow.execution import ExecutionSettings
-from headavatar_airflow.operators import s3_environment
+from headavatar_airflow.operators import s3_environment, stage_operator
+from headavatar_airflow.pipeline import StageSpec
 
 log = logging.getLogger(__name__)
 
+# `headavatar unpack` runs where the stages run (the preprocess image on docker/kubernetes), not in the
+# worker: it reads and writes whole archives. Its exit code is the task's: an archive that cannot be
+# unpacked fails the task (the pending list still runs, so complete captures are not held back).
+UNPACK = StageSpec("unpack", gpu=False)
 
-@task(retries=2)
+
+def unpack_operator(settings: ExecutionSettings | None = None, **kwargs: Any) -> BaseOperator:
+    return stage_operator(UNPACK, settings, command=["unpack"], retries=2, **kwargs)
+
+
+@task(retries=2, trigger_rule="all_done")
 def find_pending_captures() -> list[dict[str, Any]]:
-    """Unpack new .zip deliveries, then one TriggerDagRunOperator argument set per complete capture
-    without a finished run (needs the headavatar package). A broken archive is logged and leaves its
-    capture incomplete; it does not hold back the others."""
+    """One TriggerDagRunOperator argument set per complete capture without a finished run (a listing:
+    the stage CLI in the worker, which needs the headavatar package). Runs after ``unpack`` whatever
+    its outcome: a broken archive leaves its capture incomplete but does not hold back the others."""
     public, secret = s3_environment(ExecutionSettings().s3_conn_id)
     env = {**os.environ, **public, **secret}
     cli = [sys.executable, "-m", "headavatar.cli"]
-    unpacked = subprocess.run([*cli, "unpack"], capture_output=True, text=True, env=env)
-    for line in (unpacked.stdout + unpacked.stderr).strip().splitlines():
-        log.info("%s", line)
     out = subprocess.run([*cli, "captures", "--pending"], check=True, capture_output=True, text=True, env=env).stdout
     captures = json.loads(out.strip().splitlines()[-1])
     return [{"conf": {"id": c}, "trigger_run_id": f"ingest__{c}"} for c in captures]

@@ -42,10 +42,15 @@ def s3_environment(conn_id: str) -> tuple[dict[str, str], dict[str, str]]:
 FINAL_EXIT_CODES = (2,)
 
 
-def fail(stage: str, code: int, message: str) -> AirflowException:
+def fail(command: str, code: int, message: str) -> AirflowException:
     """Final errors fail the task at once; anything else (crash, OOM kill, lost S3) is retried."""
     cls = AirflowFailException if code in FINAL_EXIT_CODES else AirflowException
-    return cls(f"headavatar run {stage} exited with {code}: {message}")
+    return cls(f"headavatar {command} exited with {code}: {message}")
+
+
+def task_command(stage: StageSpec, params: dict[str, Any], command: list[str] | None) -> list[str]:
+    """The CLI arguments of a task: a fixed command (ingestion's ``unpack``) or the stage's run."""
+    return list(command) if command is not None else cli_args(stage.name, params)
 
 
 def mlflow_endpoints(conn_id: str) -> tuple[str, str] | None:
@@ -71,6 +76,17 @@ def run_environment(context: Any, mlflow_conn_id: str) -> dict[str, str]:
     if (endpoints := mlflow_endpoints(mlflow_conn_id)) is not None:
         env["MLFLOW_TRACKING_URI"] = endpoints[0]
     return env
+
+
+def mlflow_credentials(conn_id: str) -> dict[str, str]:
+    """MLFLOW_TRACKING_USERNAME/PASSWORD from the MLflow connection's login/password (a server behind
+    basic auth, as in the compose stack): secrets, handed over like the S3 keys. Empty when unset."""
+    try:
+        conn = BaseHook.get_connection(conn_id)
+    except Exception:  # no tracking server configured
+        return {}
+    creds = {"MLFLOW_TRACKING_USERNAME": conn.login, "MLFLOW_TRACKING_PASSWORD": conn.password}
+    return {k: str(v) for k, v in creds.items() if v}
 
 
 def _result(last_line: Any) -> dict[str, Any] | None:
@@ -105,19 +121,22 @@ class LocalStageOperator(BaseOperator):
     ui_color = "#e8f4ea"
     operator_extra_links = (MLflowRunLink(),)
 
-    def __init__(self, *, stage: StageSpec, settings: ExecutionSettings, **kwargs: Any):
+    def __init__(self, *, stage: StageSpec, settings: ExecutionSettings, command: list[str] | None = None,
+                 **kwargs: Any):
         super().__init__(**kwargs)
-        self.stage, self.settings = stage, settings
+        self.stage, self.settings, self.cli_command = stage, settings, command
         self._proc: subprocess.Popen | None = None
 
     def execute(self, context: Any) -> dict[str, Any] | None:
         params = context["params"]
         public, secret = s3_environment(self.settings.s3_conn_id)
-        env = {**os.environ, **public, **secret, **run_environment(context, self.settings.mlflow_conn_id)}
+        env = {**os.environ, **public, **secret, **mlflow_credentials(self.settings.mlflow_conn_id),
+               **run_environment(context, self.settings.mlflow_conn_id)}
         if self.stage.gpu and params.get("gpu") is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(params["gpu"])
-        cmd = [sys.executable, "-m", "headavatar.cli", *cli_args(self.stage.name, params)]
-        self.log.info("running: headavatar %s", " ".join(cmd[3:]))
+        args = task_command(self.stage, params, self.cli_command)
+        cmd = [sys.executable, "-m", "headavatar.cli", *args]
+        self.log.info("running: headavatar %s", " ".join(args))
         self._proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                       start_new_session=True)
         last = ""
@@ -127,7 +146,7 @@ class LocalStageOperator(BaseOperator):
             self.log.info("%s", line)
             last = line.strip() or last
         if (rc := self._proc.wait()) != 0:
-            raise fail(self.stage.name, rc, last)
+            raise fail(" ".join(args[:2]), rc, last)
         result = _result(last)
         remember_mlflow_run(self, result, self.settings.mlflow_conn_id)
         return result
@@ -137,44 +156,81 @@ class LocalStageOperator(BaseOperator):
             os.killpg(self._proc.pid, signal.SIGTERM)  # the CLI unwinds on SIGTERM and removes its scratch space
 
 
+SCRATCH = "/scratch"  # the images' HEADAVATAR_SCRATCH, declared as a VOLUME there
+# Worker settings a container needs too (the local backend inherits the whole environment).
+PASSED_THROUGH = ("HEADAVATAR_MLFLOW_EXPERIMENT", "HEADAVATAR_MLFLOW_MODEL_PREFIX")
+
+
 def _docker_operator() -> type:
+    import uuid
+
     from airflow.providers.docker.exceptions import DockerContainerFailedException
     from airflow.providers.docker.operators.docker import DockerOperator
-    from docker.types import DeviceRequest
+    from docker.errors import APIError
+    from docker.types import DeviceRequest, Mount
 
     class DockerStageOperator(DockerOperator):
-        """One container per attempt: the image's entrypoint is the stage CLI; removed afterwards."""
+        """One container per attempt: the image's entrypoint is the stage CLI, its output streamed
+        into the task log. Scratch space (stage 1's decoded frames) is a named volume made for the
+        attempt, not the container's writable layer; container and volume are removed afterwards,
+        also when the task is killed (``on_kill`` stops the container: the CLI unwinds on SIGTERM)."""
 
         operator_extra_links = (MLflowRunLink(),)
 
-        def __init__(self, *, stage: StageSpec, settings: ExecutionSettings, **kwargs: Any):
+        def __init__(self, *, stage: StageSpec, settings: ExecutionSettings, command: list[str] | None = None,
+                     **kwargs: Any):
             super().__init__(
                 image=settings.cuda_image if stage.gpu else settings.cpu_image,
                 docker_url=settings.docker_url, network_mode=settings.docker_network,
                 auto_remove="force", mount_tmp_dir=False, mounts=[], privileged=False, tty=False,
                 environment={"PYTHONUNBUFFERED": "1"}, **kwargs)
-            self.stage, self.settings = stage, settings
+            self.stage, self.settings, self.cli_command = stage, settings, command
+            self.scratch_volume: str | None = None
 
         def execute(self, context: Any) -> Any:
             params = context["params"]
-            self.command = cli_args(self.stage.name, params)
+            self.command = task_command(self.stage, params, self.cli_command)
             public, secret = s3_environment(self.settings.s3_conn_id)
             self.environment = {**self.environment, **public,
+                                **{k: os.environ[k] for k in PASSED_THROUGH if os.environ.get(k)},
                                 **run_environment(context, self.settings.mlflow_conn_id)}
-            self._private_environment = secret  # DockerOperator keeps these out of templates and logs
-            if self.stage.gpu:
+            # DockerOperator keeps these out of templates and logs
+            self._private_environment = {**secret, **mlflow_credentials(self.settings.mlflow_conn_id)}
+            ti = context["ti"]
+            self.labels = {"headavatar.dag_id": str(ti.dag_id), "headavatar.task_id": str(self.task_id),
+                           "headavatar.run_id": str(context["run_id"])}
+            if self.stage.gpu and self.settings.docker_gpus:
                 gpu = params.get("gpu")
                 self.device_requests = [DeviceRequest(device_ids=[str(gpu)], capabilities=[["gpu"]]) if gpu is not None
                                         else DeviceRequest(count=1, capabilities=[["gpu"]])]
+            self.scratch_volume = f"headavatar-scratch-{ti.dag_id}-{self.task_id}-{uuid.uuid4().hex[:12]}"
+            self.cli.create_volume(self.scratch_volume, labels={**self.labels, "headavatar.scratch": "1"})
+            self.mounts = [Mount(target=SCRATCH, source=self.scratch_volume, type="volume")]
             try:
                 last = super().execute(context)  # the container's last output line
             except DockerContainerFailedException as e:
                 code = re.search(r"'StatusCode': (\d+)", str(e))
                 last = next((str(x).strip() for x in reversed(e.logs or []) if str(x).strip()), "")
-                raise fail(self.stage.name, int(code.group(1)) if code else 1, last) from e
+                raise fail(" ".join(self.command[:2]), int(code.group(1)) if code else 1, last) from e
+            finally:
+                self._remove_scratch()
             result = _result(last.decode() if isinstance(last, bytes) else last)
             remember_mlflow_run(self, result, self.settings.mlflow_conn_id)
             return result
+
+        def on_kill(self) -> None:
+            super().on_kill()  # stops (SIGTERM, then SIGKILL after 10 s) and removes the container
+            self._remove_scratch()
+
+        def _remove_scratch(self) -> None:
+            if self.scratch_volume is None:
+                return
+            try:
+                self.cli.remove_volume(self.scratch_volume, force=True)
+            except APIError as e:  # still in use by a container being removed: logged, not fatal
+                self.log.warning("could not remove scratch volume %s: %s", self.scratch_volume, e)
+            else:
+                self.scratch_volume = None
 
     return DockerStageOperator
 
@@ -202,7 +258,8 @@ def _kubernetes_operator() -> type:
 
         operator_extra_links = (MLflowRunLink(),)
 
-        def __init__(self, *, stage: StageSpec, settings: ExecutionSettings, **kwargs: Any):
+        def __init__(self, *, stage: StageSpec, settings: ExecutionSettings, command: list[str] | None = None,
+                     **kwargs: Any):
             gpu = {}
             if stage.gpu:
                 key, _, value = settings.k8s_gpu_node_selector.partition("=")
@@ -219,14 +276,18 @@ def _kubernetes_operator() -> type:
                 container_security_context=V1SecurityContext(allow_privilege_escalation=False,
                                                              capabilities=V1Capabilities(drop=["ALL"])),
                 on_finish_action="delete_pod",
-                get_logs=True, do_xcom_push=True, **gpu, **kwargs)
-            self.stage, self.mlflow_conn_id = stage, settings.mlflow_conn_id
+                get_logs=True, do_xcom_push=command is None, **gpu, **kwargs)
+            self.stage, self.mlflow_conn_id, self.cli_command = stage, settings.mlflow_conn_id, command
 
         def execute(self, context: Any) -> Any:
-            self.arguments = [*cli_args(self.stage.name, context["params"]), "--result-file", XCOM_RESULT]
+            self.arguments = task_command(self.stage, context["params"], self.cli_command)
+            if self.cli_command is None:  # a stage run reports its result through the xcom sidecar
+                self.arguments += ["--result-file", XCOM_RESULT]
             run_env = run_environment(context, self.mlflow_conn_id)  # the tracking URI may also come from
             self.env_vars = [V1EnvVar(name=k, value=v) for k, v in run_env.items()]  # the settings ConfigMap
             result = super().execute(context)  # read back from the pod by the xcom sidecar
+            if self.cli_command is not None:
+                return None
             remember_mlflow_run(self, result if isinstance(result, dict) else None, self.mlflow_conn_id)
             return result
 
@@ -234,10 +295,11 @@ def _kubernetes_operator() -> type:
 
 
 def stage_operator(stage: StageSpec, settings: ExecutionSettings | None = None, **kwargs: Any) -> BaseOperator:
-    """The task for one stage. GPU stages share the GPU pool, sized to the GPUs available."""
+    """The task for one stage. GPU stages share the GPU pool, sized to the GPUs available.
+    ``command=[...]`` runs another CLI command in the stage's image (ingestion's ``unpack``)."""
     settings = settings or ExecutionSettings()
     if stage.gpu:
         kwargs.setdefault("pool", settings.gpu_pool)
     cls = {"local": lambda: LocalStageOperator, "docker": _docker_operator,
            "kubernetes": _kubernetes_operator}[settings.backend]()
-    return cls(task_id=stage.name, stage=stage, settings=settings, **kwargs)
+    return cls(task_id=kwargs.pop("task_id", stage.name), stage=stage, settings=settings, **kwargs)

@@ -50,17 +50,31 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--noise", type=float, default=2.0, help="sensor noise std in 8-bit levels (0 = clean CG)")
     synth.add_argument("--workers", type=int, default=0)
+    synth.add_argument("--layout", choices=("v1", "v2"), default="v1",
+                       help="raw layout: v1 (NeRSemble archives) or v2 (nersemble-data download, colour-calibrated)")
     _config_args(synth)
 
     val = sub.add_parser("validate", help="check that a raw capture is complete and readable")
     val.add_argument("--capture", required=True)
     _config_args(val)
 
-    status = sub.add_parser("status", help="show the manifests of a capture's stages")
+    status = sub.add_parser("status", help="show which stages of a capture are done, stale or missing "
+                                           "(use the config the runs used: --profile/--set)")
     status.add_argument("--capture", required=True)
     _config_args(status)
 
     sub.add_parser("stages", help="list the stages in pipeline order")
+
+    cfg = sub.add_parser("config", help="configuration: 'config show' prints the effective settings as YAML")
+    cfg.add_argument("action", choices=("show",))
+    cfg.add_argument("--section", help="only this section, e.g. meshhead")
+    _config_args(cfg)
+
+    costs = sub.add_parser("costs", help="measured cost of a capture per stage (wall/CPU/GPU s, memory, disk, "
+                                         "bytes stored), from its manifests")
+    costs.add_argument("--capture", required=True)
+    costs.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _config_args(costs)
 
     cmp = sub.add_parser("compare", help="held-out metrics of trained avatars, from the MLflow server")
     cmp.add_argument("--capture", action="append", help="capture id (repeatable); default: every capture")
@@ -69,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                      help="MLflow server (default: $MLFLOW_TRACKING_URI)")
 
+    rnd = sub.add_parser("render", help="videos of a capture's trained avatar: re-enactment (GT | avatar) from a "
+                                        "held-out camera and a turntable, H.264 mp4")
+    rnd.add_argument("--capture", required=True)
+    rnd.add_argument("--out", type=Path, required=True, help="folder to write reenactment.mp4 and turntable.mp4 into")
+    _config_args(rnd)
+
     unpack = sub.add_parser("unpack", help="unpack the .zip archives under raw/ into the raw layout (S3 to S3)")
     unpack.add_argument("--workers", type=int, default=4, help="members unpacked in parallel")
     _config_args(unpack)
@@ -76,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     caps = sub.add_parser("captures", help="list the complete raw captures in the bucket as JSON")
     caps.add_argument("--pending", action="store_true", help="only those whose last stage is not done")
     _config_args(caps)
+
+    assets = sub.add_parser("assets", help="model files a real run needs: list, put (checked) into the bucket, get")
+    assets.add_argument("action", choices=("list", "put", "get"))
+    assets.add_argument("name", nargs="?", help="asset name (see: headavatar assets list)")
+    assets.add_argument("source", nargs="?", help="put: a local path or an http(s) URL")
+    assets.add_argument("--to", type=Path, help="get: folder to download into (e.g. $TORCH_HOME/hub/checkpoints)")
+    _config_args(assets)
     return parser
 
 
@@ -128,6 +155,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_render(args: argparse.Namespace) -> int:
+    from headavatar.render_avatar import render_capture
+    from headavatar.storage import ObjectStore
+
+    capture = validate_capture_id(args.capture)
+    config = _config(args)
+    store = ObjectStore(config.storage)
+    try:
+        print(json.dumps(render_capture(store, capture, config, args.out)))
+    finally:
+        store.close()
+    return 0
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     import tempfile
 
@@ -140,7 +181,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     try:
         spec = SyntheticSpec(capture, width=args.width, height=args.height, frames=args.frames,
                              sequences=tuple(args.sequences or ("EXP-1-head",)),
-                             cameras=config.capture.cameras, seed=args.seed, noise=args.noise)
+                             cameras=config.capture.cameras, seed=args.seed, noise=args.noise, layout=args.layout)
     except ValueError as e:
         raise PipelineError(f"synth: {e}") from None
     if args.out:
@@ -168,21 +209,100 @@ def cmd_validate(args: argparse.Namespace) -> int:
     config = _config(args)
     store = ObjectStore(config.storage)
     raw = discover(store, args.capture, config)
-    print(json.dumps({"capture": raw.capture, "cameras": len(raw.cameras),
-                      "sequences": [s.label for s in raw.sequences], "digest": raw.digest()}))
+    from headavatar.assets import lacking
+
+    missing = lacking(store, config)  # before any stage runs: the model files this configured run cannot find
+    for m in missing:
+        print(f"warning: the configured run lacks asset {m['asset']}: {m['why']}", file=sys.stderr)
+    print(json.dumps({"capture": raw.capture, "layout": raw.layout, "color_calibration": raw.color_matrices is not None,
+                      "cameras": len(raw.cameras), "sequences": [s.label for s in raw.sequences],
+                      "digest": raw.digest(), "assets_lacking": [m["asset"] for m in missing]}))
     return 0
 
 
+def cmd_assets(args: argparse.Namespace) -> int:
+    """List the model files with their state, put one into the bucket (checked), or get one from it."""
+    import tempfile
+
+    from headavatar.assets import CATALOG, asset_state, get_asset, put_asset
+    from headavatar.storage import ObjectStore
+
+    config = _config(args)
+    store = ObjectStore(config.storage)
+    try:
+        if args.action == "list":
+            rows = [{**asset_state(store, s), "needed": s.needed(config), "setting": s.setting, "what": s.what,
+                     "obtain": s.obtain} for s in CATALOG.values()]
+            for r in rows:
+                state = "verified" if r["verified"] else "present, unverified" if r["present"] else "missing"
+                need = "needed" if r["needed"] else "not used by this config"
+                print(f"{r['asset']:18s} {state:20s} {need:24s} {r['uri']}", file=sys.stderr)
+            print(json.dumps(rows))
+            return 0
+        if args.name not in CATALOG:
+            raise ConfigError(f"unknown asset {args.name!r}; one of {', '.join(CATALOG)}")
+        if args.action == "put":
+            if not args.source:
+                raise ConfigError("assets put needs NAME and SOURCE (a local path or an http(s) URL)")
+            store.ensure_bucket()
+            with tempfile.TemporaryDirectory(prefix="headavatar-asset-") as tmp:
+                print(json.dumps(put_asset(store, CATALOG[args.name], args.source, Path(tmp))))
+            return 0
+        if not args.to:
+            raise ConfigError("assets get needs --to FOLDER")
+        print(get_asset(store, CATALOG[args.name], args.to))
+        return 0
+    finally:
+        store.close()
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    from headavatar.contract.stage import read_manifest
+    from headavatar.contract.status import capture_status
+    from headavatar.stages import build_stage
+    from headavatar.storage import ObjectStore
+
+    capture = validate_capture_id(args.capture)
+    config = _config(args)
+    stages = {}
+    for name in STAGE_NAMES:  # the CPU image cannot load the GPU stages' code: those show "unknown"
+        try:
+            stages[name] = build_stage(name)
+        except ImportError as e:
+            stages[name] = e
+    store = ObjectStore(config.storage)
+    try:
+        for st in capture_status(stages, capture, config, store):
+            print(st.line())
+    finally:
+        store.close()
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    data = _config(args).model_dump(mode="json")
+    if args.section:
+        if args.section not in data:
+            raise ConfigError(f"config show: unknown section {args.section!r} (one of {', '.join(data)})")
+        data = {args.section: data[args.section]}
+    print(yaml.safe_dump(data, sort_keys=False, width=120), end="")
+    return 0
+
+
+def cmd_costs(args: argparse.Namespace) -> int:
+    from headavatar.costs import as_table, capture_costs
     from headavatar.storage import ObjectStore
 
     capture = validate_capture_id(args.capture)
     store = ObjectStore(_config(args).storage)
-    for name in STAGE_NAMES:
-        m = read_manifest(store, capture, name)
-        state = "missing" if m is None else f"done {m.finished_at} ({len(m.files)} files, {m.wall_time_s:.1f}s)"
-        print(f"{name:13s} {state}")
+    try:
+        rows = capture_costs(store, capture, list(STAGE_NAMES))
+    finally:
+        store.close()
+    if not rows:
+        raise PipelineError(f"no finished stage for capture {capture} (no manifest under avatars/{capture}/)")
+    print(json.dumps(rows) if args.json else as_table(rows))
     return 0
 
 
@@ -227,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("boto3").setLevel(logging.WARNING)
     signal.signal(signal.SIGTERM, _terminate)
     commands = {"run": cmd_run, "synth": cmd_synth, "validate": cmd_validate, "status": cmd_status,
-                "captures": cmd_captures, "compare": cmd_compare, "unpack": cmd_unpack,
+                "captures": cmd_captures, "compare": cmd_compare, "unpack": cmd_unpack, "assets": cmd_assets,
+                "config": cmd_config, "costs": cmd_costs, "render": cmd_render,
                 "stages": lambda _a: print("\n".join(STAGE_NAMES)) or 0}
     try:
         return commands[args.command](args)

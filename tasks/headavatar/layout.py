@@ -1,10 +1,18 @@
-"""Where things live in the bucket: the NeRSemble raw layout and the per-stage output folders.
+"""Where things live in the bucket: the NeRSemble raw layouts and the per-stage output folders.
 
-Raw (as NeRSemble ships it, under ``<prefix>/raw/``)::
+Raw, NeRSemble v1 (as its archives unpack, under ``<prefix>/raw/``)::
 
     camera_params/<id>/camera_params.json
     sequence_BACKGROUND_part-1/<id>/BACKGROUND/image_<cam>.jpg
     sequence_<SEQ>_part-<n>/<id>/<SEQ>/cam_<cam>.mp4
+
+Raw, NeRSemble v2 (a participant folder of ``nersemble-data download``, synced as is to
+``<prefix>/raw/v2/<id>/``)::
+
+    calibration/camera_params.json
+    calibration/color_calibration.json
+    sequences/BACKGROUND/image_<cam>.jpg
+    sequences/<SEQ>/images/cam_<cam>.mp4
 
 Stage outputs: ``<prefix>/avatars/<id>/<stage>/...`` with ``manifest.json`` written last.
 """
@@ -22,6 +30,9 @@ FRAMES_INDEX = "frames.json"  # which source frame each output frame folder hold
 BACKGROUND_SEQUENCE = "sequence_BACKGROUND_part-1"
 GROUND_TRUTH = "synthetic_ground_truth"
 
+V2 = "v2"  # raw/v2/<id>/ holds a v2 participant folder
+LAYOUTS = ("v1", "v2")
+
 VIDEO_NAME = re.compile(r"^cam_(\d+)\.mp4$")
 BACKGROUND_NAME = re.compile(r"^image_(\d+)\.jpg$")
 
@@ -36,6 +47,26 @@ def background_key(capture: str, camera: str) -> str:
 
 def video_key(capture: str, sequence: str, camera: str, part: int = 1) -> str:
     return f"{RAW}/sequence_{sequence}_part-{part}/{validate_capture_id(capture)}/{sequence}/cam_{camera}.mp4"
+
+
+def v2_root(capture: str) -> str:
+    return f"{RAW}/{V2}/{validate_capture_id(capture)}"
+
+
+def v2_camera_params_key(capture: str) -> str:
+    return f"{v2_root(capture)}/calibration/camera_params.json"
+
+
+def v2_color_calibration_key(capture: str) -> str:
+    return f"{v2_root(capture)}/calibration/color_calibration.json"
+
+
+def v2_background_key(capture: str, camera: str) -> str:
+    return f"{v2_root(capture)}/sequences/BACKGROUND/image_{camera}.jpg"
+
+
+def v2_video_key(capture: str, sequence: str, camera: str) -> str:
+    return f"{v2_root(capture)}/sequences/{sequence}/images/cam_{camera}.mp4"
 
 
 def stage_prefix(capture: str, stage: str) -> str:

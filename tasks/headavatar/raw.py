@@ -1,4 +1,4 @@
-"""Discover and validate a raw NeRSemble capture in object storage.
+"""Discover and validate a raw NeRSemble capture in object storage, in the v1 or the v2 layout.
 
 Everything a stage needs to trust about the raw data is checked here, before any frame is
 decoded, and each problem is reported as one line naming the key at fault.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,10 +17,22 @@ import av
 import numpy as np
 
 from headavatar.capture_id import validate_capture_id
+from headavatar.color import parse_color_calibration
 from headavatar.contract.manifest import digest
 from headavatar.errors import RawCaptureError
-from headavatar.layout import BACKGROUND_NAME, BACKGROUND_SEQUENCE, RAW, VIDEO_NAME, background_key, camera_params_key
-from headavatar.settings import PipelineConfig
+from headavatar.layout import (
+    BACKGROUND_NAME,
+    BACKGROUND_SEQUENCE,
+    RAW,
+    VIDEO_NAME,
+    background_key,
+    camera_params_key,
+    v2_background_key,
+    v2_camera_params_key,
+    v2_color_calibration_key,
+    v2_root,
+)
+from headavatar.settings import PipelineConfig, sequence_selected
 from headavatar.storage import ObjectInfo, ObjectStore
 from headavatar.video import open_video
 
@@ -57,11 +70,16 @@ class RawCapture:
     backgrounds: dict[str, ObjectInfo]
     sequences: tuple[Sequence, ...]  # deterministic (sorted) order
     params_object: ObjectInfo
+    layout: str = "v1"  # which NeRSemble raw layout the capture was found in (headavatar.layout.LAYOUTS)
+    color_matrices: dict[str, np.ndarray] | None = None  # camera -> 3xT (v2 color_calibration.json)
+    color_object: ObjectInfo | None = None
 
     def digest(self) -> str:
         """Content identity of everything stage 1 reads (keys, sizes, ETags)."""
         objs = [self.params_object, *self.backgrounds.values(),
                 *(v for s in self.sequences for v in s.videos.values())]
+        if self.color_object is not None:
+            objs.append(self.color_object)
         return digest(sorted((o.key, o.size, o.etag) for o in objs))
 
 
@@ -99,44 +117,122 @@ def _matrix(value: object, shape: tuple[int, int], what: str) -> np.ndarray:
 
 
 def discover(store: ObjectStore, capture: str, config: PipelineConfig) -> RawCapture:
+    """The capture in whichever layout it was uploaded in (v1 or v2; both at once is an error)."""
     capture = validate_capture_id(capture)
     raw_root = store.key(RAW)
-    skip = config.capture.skip_sequence_keywords
-    cameras = config.capture.cameras
+    v2_objs = list(store.list(store.key(v2_root(capture))))
+    v1_params = store.head(store.key(camera_params_key(capture)))
+    v1_found: dict[str, list[ObjectInfo]] = {}
+    for d in store.list_dirs(raw_root):
+        if SEQUENCE_DIR.match(d) and (objs := list(store.list(f"{raw_root}/{d}/{capture}"))):
+            v1_found[d] = objs
+    if v2_objs and (v1_params is not None or v1_found):
+        raise RawCaptureError(
+            f"capture {capture} is in both raw layouts ({store.uri(store.key(v2_root(capture)))}/ and "
+            f"{store.uri(raw_root)}/camera_params|sequence_*/{capture}/): remove one of them")
+    if v2_objs:
+        return _discover_v2(store, capture, config, v2_objs)
+    if v1_params is None and not v1_found:
+        raise RawCaptureError(f"unknown capture {capture!r}: nothing under {store.uri(raw_root)}/*/{capture}/ "
+                              f"(v1 layout) or {store.uri(store.key(v2_root(capture)))}/ (v2 layout)")
+    return _discover_v1(store, capture, config, v1_params, v1_found)
 
+
+def _discover_v1(store: ObjectStore, capture: str, config: PipelineConfig, params_obj: ObjectInfo | None,
+                 found: dict[str, list[ObjectInfo]]) -> RawCapture:
     pkey = store.key(camera_params_key(capture))
-    params_obj = store.head(pkey)
-    seq_dirs = [d for d in store.list_dirs(raw_root) if SEQUENCE_DIR.match(d)]
-    found: dict[str, list[ObjectInfo]] = {}
-    for d in seq_dirs:
-        objs = list(store.list(f"{raw_root}/{d}/{capture}"))
-        if objs:
-            found[d] = objs
-    if params_obj is None and not found:
-        raise RawCaptureError(f"unknown capture {capture!r}: nothing under {store.uri(raw_root)}/*/{capture}/")
     if params_obj is None:
         raise RawCaptureError(f"capture {capture}: missing {store.uri(pkey)}")
-    params = parse_camera_params(store.get_bytes(pkey), store.uri(pkey))
-    missing = [c for c in cameras if c not in params.world_to_cam]
-    if missing:
-        raise RawCaptureError(f"{store.uri(pkey)}: no world_2_cam for camera(s) {', '.join(missing)}")
-
+    params = _load_params(store, pkey, config)
     bg_objs = {m.group(1): o for o in found.get(BACKGROUND_SEQUENCE, [])
                if (m := BACKGROUND_NAME.match(o.key.rsplit("/", 1)[-1]))}
-    for cam in cameras:
+    backgrounds = _backgrounds(store, capture, config, bg_objs, lambda cam: background_key(capture, cam))
+    by_sequence: dict[tuple[str, int], list[ObjectInfo]] = {}
+    for d, objs in found.items():
+        if d != BACKGROUND_SEQUENCE:
+            name, part = SEQUENCE_DIR.match(d).groups()
+            by_sequence[(name, int(part))] = objs
+    sequences = _sequences(store, capture, config, params, pkey, by_sequence, "sequence_{name}_part-{part}")
+    if not sequences:
+        where = f"{store.uri(store.key(RAW))}/sequence_*/{capture}/"
+        raise RawCaptureError(f"capture {capture}: no usable sequence under {where}{_selection_hint(config)}")
+    return RawCapture(capture, tuple(config.capture.cameras), params, backgrounds, tuple(sequences), params_obj)
+
+
+def _discover_v2(store: ObjectStore, capture: str, config: PipelineConfig, objs: list[ObjectInfo]) -> RawCapture:
+    """A ``nersemble-data download`` participant folder: calibration/ and sequences/<SEQ>/."""
+    root = store.key(v2_root(capture))
+    by_rel = {o.key[len(root) + 1:]: o for o in objs}
+    pkey, ckey = store.key(v2_camera_params_key(capture)), store.key(v2_color_calibration_key(capture))
+    params_obj = by_rel.get("calibration/camera_params.json")
+    if params_obj is None:
+        raise RawCaptureError(f"capture {capture} (v2 layout): missing {store.uri(pkey)}")
+    params = _load_params(store, pkey, config)
+    color_obj = by_rel.get("calibration/color_calibration.json")
+    color = None
+    if color_obj is not None:
+        color = parse_color_calibration(store.get_bytes(ckey), store.uri(ckey))
+        missing = [c for c in config.capture.cameras if c not in color]
+        if missing:
+            raise RawCaptureError(f"{store.uri(ckey)}: no colour-correction matrix for camera(s) {', '.join(missing)}")
+    bg_objs, by_sequence = {}, {}
+    for rel, o in by_rel.items():
+        parts = rel.split("/")
+        if len(parts) == 3 and parts[:2] == ["sequences", "BACKGROUND"] and (m := BACKGROUND_NAME.match(parts[2])):
+            bg_objs[m.group(1)] = o
+        elif len(parts) == 4 and parts[0] == "sequences" and parts[2] == "images" and parts[1] != "BACKGROUND":
+            by_sequence.setdefault((parts[1], 1), []).append(o)
+    backgrounds = _backgrounds(store, capture, config, bg_objs, lambda cam: v2_background_key(capture, cam))
+    sequences = _sequences(store, capture, config, params, pkey, by_sequence, "sequences/{name}")
+    if not sequences:
+        raise RawCaptureError(f"capture {capture}: no usable sequence under {store.uri(root)}/sequences/*/images/"
+                              f"{_selection_hint(config)}")
+    return RawCapture(capture, tuple(config.capture.cameras), params, backgrounds, tuple(sequences), params_obj,
+                      layout="v2", color_matrices={c: color[c] for c in config.capture.cameras} if color else None,
+                      color_object=color_obj)
+
+
+def _load_params(store: ObjectStore, pkey: str, config: PipelineConfig) -> CameraParams:
+    params = parse_camera_params(store.get_bytes(pkey), store.uri(pkey))
+    missing = [c for c in config.capture.cameras if c not in params.world_to_cam]
+    if missing:
+        raise RawCaptureError(f"{store.uri(pkey)}: no world_2_cam for camera(s) {', '.join(missing)}")
+    return params
+
+
+def _backgrounds(store: ObjectStore, capture: str, config: PipelineConfig, bg_objs: dict[str, ObjectInfo],
+                 key_of: Callable[[str], str]) -> dict[str, ObjectInfo]:
+    for cam in config.capture.cameras:
         if cam not in bg_objs:
-            plate = store.uri(store.key(background_key(capture, cam)))
-            raise RawCaptureError(f"capture {capture}: missing background plate {plate}")
+            raise RawCaptureError(f"capture {capture}: missing background plate {store.uri(store.key(key_of(cam)))}"
+                                  f"{_camera_hint(bg_objs)}")
         if bg_objs[cam].size == 0:
             raise RawCaptureError(f"capture {capture}: empty background plate {store.uri(bg_objs[cam].key)}")
+    return {c: bg_objs[c] for c in config.capture.cameras}
 
+
+def _camera_hint(present: dict[str, object]) -> str:
+    """For a partial download: which cameras there are, and the setting that selects them."""
+    if not present:
+        return ""
+    return (f" (cameras present: {', '.join(sorted(present))}; set capture.cameras to the ones downloaded, "
+            "e.g. --set 'capture.cameras=[...]')")
+
+
+def _selection_hint(config: PipelineConfig) -> str:
+    c = config.capture
+    return f" (capture.include_sequences={list(c.include_sequences)}, exclude_sequences={list(c.exclude_sequences)})"
+
+
+def _sequences(store: ObjectStore, capture: str, config: PipelineConfig, params: CameraParams, pkey: str,
+               by_sequence: dict[tuple[str, int], list[ObjectInfo]], where: str) -> list[Sequence]:
+    """The selected sequences, each with a non-empty video from every configured camera, sorted."""
+    cameras = config.capture.cameras
     sequences = []
-    for d, objs in sorted(found.items()):
-        if d == BACKGROUND_SEQUENCE:
-            continue
-        name, part = SEQUENCE_DIR.match(d).groups()
-        if any(k in d for k in skip):
-            log.info("capture %s: skipping sequence %s (matches %s)", capture, d, skip)
+    for (name, part), objs in sorted(by_sequence.items()):
+        label = where.format(name=name, part=part)
+        if not sequence_selected(name, config.capture.include_sequences, config.capture.exclude_sequences):
+            log.info("capture %s: skipping sequence %s (capture.include_sequences / exclude_sequences)", capture, label)
             continue
         videos: dict[str, ObjectInfo] = {}
         for o in objs:
@@ -151,18 +247,16 @@ def discover(store: ObjectStore, capture: str, config: PipelineConfig) -> RawCap
         absent = [c for c in cameras if c not in videos]
         if absent:
             raise RawCaptureError(
-                f"sequence {d} of capture {capture} has no video for camera(s) {', '.join(absent)}; "
-                "frames must be synchronous across cameras, so it cannot be used (remove it or add the videos)"
+                f"sequence {label} of capture {capture} has no video for camera(s) {', '.join(absent)}; "
+                "frames must be synchronous across cameras, so it cannot be used (remove it, add the videos, "
+                "exclude it with capture.exclude_sequences or narrow capture.cameras)"
             )
         for o in videos.values():
             if o.size == 0:
                 raise RawCaptureError(f"{store.uri(o.key)}: zero-length video")
-        sequences.append(Sequence(name, int(part), videos))
-    if not sequences:
-        where = f"{store.uri(raw_root)}/sequence_*/{capture}/"
-        raise RawCaptureError(f"capture {capture}: no usable sequence under {where}")
+        sequences.append(Sequence(name, part, videos))
     sequences.sort(key=lambda s: s.sort_key)
-    return RawCapture(capture, tuple(cameras), params, {c: bg_objs[c] for c in cameras}, tuple(sequences), params_obj)
+    return sequences
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,8 @@ digest of exactly the sections it declares (:data:`headavatar.stages.Stage.confi
 from __future__ import annotations
 
 import os
+import re
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -33,15 +35,24 @@ class Section(BaseModel):
 class StorageConfig(Section):
     """Where data lives. Credentials are never here: boto3 takes them from the environment."""
 
-    endpoint_url: str | None = Field(None, description="S3 endpoint; None means AWS S3")
-    bucket: str = Field("headavatar", min_length=3, max_length=63)
-    prefix: str = Field("nersemble", description="key prefix for raw/ and avatars/")
-    region: str = "us-east-1"
-    max_concurrency: Annotated[int, Field(ge=1, le=256)] = 16
-    multipart_threshold_mb: Annotated[int, Field(ge=5, le=5120)] = 16
-    multipart_chunk_mb: Annotated[int, Field(ge=5, le=5120)] = 16
-    max_attempts: Annotated[int, Field(ge=1, le=50)] = 10
-    lock_ttl_s: Annotated[float, Field(ge=5, le=3600)] = 90  # a stage lease not renewed this long is free
+    endpoint_url: str | None = Field(
+        None, description="S3 endpoint URL; null = AWS S3. $HEADAVATAR_S3_ENDPOINT overrides")
+    bucket: str = Field(
+        "headavatar", min_length=3, max_length=63,
+        description="bucket holding raw captures and every stage's outputs. $HEADAVATAR_S3_BUCKET overrides")
+    prefix: str = Field(
+        "nersemble", description="key prefix under which raw/ and avatars/ live. $HEADAVATAR_S3_PREFIX overrides")
+    region: str = Field("us-east-1", description="S3 region name given to boto3")
+    max_concurrency: Annotated[int, Field(ge=1, le=256)] = Field(
+        16, description="objects transferred at once in a batch upload/download")
+    multipart_threshold_mb: Annotated[int, Field(ge=5, le=5120)] = Field(
+        16, description="files above this size (MB) go as multipart uploads and copies")
+    multipart_chunk_mb: Annotated[int, Field(ge=5, le=5120)] = Field(
+        16, description="part size (MB) of multipart uploads")
+    max_attempts: Annotated[int, Field(ge=1, le=50)] = Field(
+        10, description="boto3 attempts per request (with backoff) before a stage exits 75 (retryable)")
+    lock_ttl_s: Annotated[float, Field(ge=5, le=3600)] = Field(
+        90, description="a stage lease not renewed for this many seconds is free (its holder died)")
 
     @field_validator("prefix")
     @classmethod
@@ -52,11 +63,34 @@ class StorageConfig(Section):
         return v
 
 
-class CaptureConfig(Section):
-    """What a raw NeRSemble capture holds and which parts of it are used."""
+SequencePattern = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_*?\[\]!+.-]+$")]
 
-    cameras: tuple[str, ...] = NERSEMBLE_CAMERAS
-    skip_sequence_keywords: tuple[str, ...] = ("tongue", "GLASSES", "FREE", "BACKGROUND")
+
+class CaptureConfig(Section):
+    """What a raw NeRSemble capture holds and which parts of it are used.
+
+    Sequences are selected by name (``EXP-1-head``, ``SEN-01-...``; the same in both raw layouts)
+    with shell-style patterns, case-sensitive: a sequence is used when it matches an
+    ``include_sequences`` pattern and no ``exclude_sequences`` pattern. The default exclusions
+    are the reference's: tongue sequences, GLASSES, FREE and the background plates.
+    """
+
+    cameras: tuple[str, ...] = Field(
+        NERSEMBLE_CAMERAS,
+        description="the capture's camera serials; every one must have a video per used sequence and "
+        "a background plate")
+    include_sequences: tuple[SequencePattern, ...] = Field(
+        ("*",), description="sequence name patterns (shell-style, case-sensitive) to use")
+    exclude_sequences: tuple[SequencePattern, ...] = Field(
+        ("*tongue*", "GLASSES*", "FREE*", "BACKGROUND*"),
+        description="sequence name patterns never used, even when included")
+
+    @field_validator("cameras", mode="before")
+    @classmethod
+    def _serials_as_text(cls, v: Any) -> Any:
+        """``--set 'capture.cameras=[222200036, ...]'`` parses serials as YAML integers."""
+        return [str(c) if isinstance(c, int) and not isinstance(c, bool) else c for c in v] \
+            if isinstance(v, list | tuple) else v
 
     @field_validator("cameras")
     @classmethod
@@ -69,39 +103,59 @@ class CaptureConfig(Section):
 class ExtractConfig(Section):
     """Stage 1. Crop box in source pixels, then a resize to ``output_size`` (reference values)."""
 
-    frame_stride: PositiveInt = 3
-    crop_left: int = -200
-    crop_top: int = 304
-    crop_size: PositiveInt = 2600
-    output_size: PositiveInt = 2048
-    lowres_size: PositiveInt = 256
-    jpeg_quality: Annotated[int, Field(ge=50, le=100)] = 95
-    workers: Annotated[int, Field(ge=0, le=256)] = Field(0, description="0 = one per core")
+    frame_stride: PositiveInt = Field(3, description="every N-th video frame is an extracted frame")
+    crop_left: int = Field(
+        -200, description="left edge of the square crop box in source pixels (may be negative: black padding)")
+    crop_top: int = Field(304, description="top edge of the crop box in source pixels")
+    crop_size: PositiveInt = Field(2600, description="side of the square crop box in source pixels")
+    output_size: PositiveInt = Field(2048, description="side of the images written (px), resized from the crop")
+    lowres_size: PositiveInt = Field(
+        256, description="side of the low-resolution copies (px), resized from the output image")
+    jpeg_quality: Annotated[int, Field(ge=50, le=100)] = Field(
+        95, description="JPEG quality of the images written (95 = cv2.imwrite's default, as the reference)")
+    workers: Annotated[int, Field(ge=0, le=256)] = Field(
+        0, description="camera processes decoding in parallel; 0 = one per core")
+    # NeRSemble v2 ships color_calibration.json (one matrix per camera); the dataset authors recommend applying it.
+    color_correction: bool = Field(True, description="apply color_calibration.json to frames and plates when present")
 
 
 class SampleConfig(Section):
     """Stage 2: keep every ``frame_stride``-th extracted frame."""
 
-    frame_stride: PositiveInt = 10
+    frame_stride: PositiveInt = Field(
+        10, description="keep every N-th extracted frame (with extract.frame_stride 3: video frames 0, 30, 60, ...)")
 
 
 class MattingConfig(Section):
     """Stage 3. ``bmv2`` = BackgroundMattingV2 MattingRefine (reference settings); ``classical`` needs no weights."""
 
-    method: Literal["bmv2", "classical"] = "bmv2"
+    method: Literal["bmv2", "classical"] = Field(
+        "bmv2",
+        description="bmv2 = BackgroundMattingV2 MattingRefine (needs weights); classical = "
+        "background difference, no weights")
     weights: str | None = Field(None, description="checkpoint path or s3://bucket/key (pytorch_resnet101.pth)")
-    backbone: Literal["resnet101", "resnet50"] = "resnet101"
-    backbone_scale: Annotated[float, Field(gt=0, le=0.5)] = 0.25
-    refine_mode: Literal["sampling", "thresholding", "full"] = "sampling"
-    refine_sample_pixels: Annotated[int, Field(ge=16, le=16_777_216)] = 80_000
-    refine_threshold: Annotated[float, Field(ge=0, le=1)] = 0.1
-    batch_size: Annotated[int, Field(ge=1, le=64)] = 8
-    precision: Literal["fp32", "fp16"] = "fp16"  # fp16 only takes effect on CUDA
-    device: DeviceName = "auto"
-    classical_threshold: Annotated[float, Field(ge=0, le=255)] = 0.0  # 0 = automatic (Otsu)
-    classical_low_threshold: Annotated[float, Field(ge=0, le=255)] = 4.0  # hysteresis floor
-    guided_radius: Annotated[int, Field(ge=1, le=64)] = 8
-    guided_eps: Annotated[float, Field(gt=0, le=1)] = 1e-3
+    backbone: Literal["resnet101", "resnet50"] = Field(
+        "resnet101", description="MattingRefine backbone; must match the checkpoint")
+    backbone_scale: Annotated[float, Field(gt=0, le=0.5)] = Field(
+        0.25, description="the coarse pass runs at this fraction of the image size")
+    refine_mode: Literal["sampling", "thresholding", "full"] = Field(
+        "sampling", description="which pixels the refiner recomputes at full resolution")
+    refine_sample_pixels: Annotated[int, Field(ge=16, le=16_777_216)] = Field(
+        80_000, description="pixels refined per image in the 'sampling' refine mode")
+    refine_threshold: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.1, description="error threshold of the 'thresholding' refine mode")
+    batch_size: Annotated[int, Field(ge=1, le=64)] = Field(8, description="frames per GPU batch")
+    precision: Literal["fp32", "fp16"] = Field(
+        "fp16", description="fp16 takes effect on CUDA only; the CPU always runs fp32")
+    device: DeviceName = Field("auto", description="auto | cpu | cuda | cuda:N (auto = CUDA when present)")
+    classical_threshold: Annotated[float, Field(ge=0, le=255)] = Field(
+        0.0, description="classical: difference to the plate (8-bit levels) that counts as subject; 0 = Otsu")
+    classical_low_threshold: Annotated[float, Field(ge=0, le=255)] = Field(
+        4.0, description="classical: hysteresis floor; fainter differences count only where they join clear ones")
+    guided_radius: Annotated[int, Field(ge=1, le=64)] = Field(
+        8, description="classical: guided-filter radius at 2048 px (scaled with the image)")
+    guided_eps: Annotated[float, Field(gt=0, le=1)] = Field(
+        1e-3, description="classical: guided-filter regularisation; smaller follows image edges more closely")
 
 
 class LandmarksConfig(Section):
@@ -113,14 +167,23 @@ class LandmarksConfig(Section):
     the fitting and for the demo, where no real face is filmed.
     """
 
-    detector: Literal["face_alignment", "dlib", "ground_truth"] = "face_alignment"
-    detect_size: Annotated[int, Field(ge=64, le=4096)] = 512  # images are downscaled to this for detection
-    min_confidence: Annotated[float, Field(ge=0, le=1)] = 0.2  # mean point confidence below = no face
-    truth_noise_px: Annotated[float, Field(ge=0, le=50)] = 1.0
-    truth_max_angle_deg: Annotated[float, Field(gt=0, le=180)] = 90.0  # face turned further from a camera = missed
-    fan_face_detector: Literal["blazeface", "sfd"] = "blazeface"  # face_alignment's face detector (reference)
-    device: DeviceName = "auto"
-    overlay_frames: Annotated[int, Field(ge=0, le=100)] = 3  # contact sheets written (first, ..., last frame)
+    detector: Literal["face_alignment", "dlib", "ground_truth"] = Field(
+        "face_alignment",
+        description="face_alignment = 2D-FAN (downloads weights once); dlib = offline; ground_truth "
+        "= synthetic captures")
+    detect_size: Annotated[int, Field(ge=64, le=4096)] = Field(
+        512, description="images are downscaled to this side (px) for detection; points are scaled back")
+    min_confidence: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.2, description="a face whose mean point confidence is below this counts as missing")
+    truth_noise_px: Annotated[float, Field(ge=0, le=50)] = Field(
+        1.0, description="ground_truth: Gaussian noise (px) added to the projected true landmarks")
+    truth_max_angle_deg: Annotated[float, Field(gt=0, le=180)] = Field(
+        90.0, description="ground_truth: a camera the face is turned further from than this misses the face")
+    fan_face_detector: Literal["blazeface", "sfd"] = Field(
+        "blazeface", description="face_alignment's face detector (blazeface as the reference)")
+    device: DeviceName = Field("auto", description="auto | cpu | cuda | cuda:N (auto = CUDA when present)")
+    overlay_frames: Annotated[int, Field(ge=0, le=100)] = Field(
+        3, description="landmark and fit contact sheets written (first, ..., last frame)")
 
 
 class FittingConfig(Section):
@@ -128,83 +191,143 @@ class FittingConfig(Section):
 
     face_model: str | None = Field(
         None, description="BFM09_model_info.mat: path, s3://bucket/key, or 'synthetic' (the synthetic capture's)")
-    min_views: Annotated[int, Field(ge=2, le=64)] = 2  # cameras with a face needed to fit a frame
-    exclude_landmarks: tuple[Annotated[int, Field(ge=0, le=67)], ...] = (48, 54)  # as the reference
-    reg_id_weight: Annotated[float, Field(ge=0)] = 1e-7
-    reg_exp_weight: Annotated[float, Field(ge=0)] = 1e-7
-    pose_steps: Annotated[int, Field(ge=0, le=100_000)] = 1000  # Adam on pose + scale only
-    pose_lr: Annotated[float, Field(gt=0, le=1)] = 1e-2
-    scale_lr: Annotated[float, Field(gt=0, le=1)] = 1e-3
-    all_steps: Annotated[int, Field(ge=0, le=100_000)] = 4000  # Adam on everything
-    all_lr: Annotated[float, Field(gt=0, le=1)] = 1e-3
-    tolerance: Annotated[float, Field(ge=0)] = 1e-10  # stop a phase when the loss changes less than this
-    device: DeviceName = "auto"
+    min_views: Annotated[int, Field(ge=2, le=64)] = Field(
+        2, description="cameras with a detected face needed to fit a frame; other frames are excluded")
+    exclude_landmarks: tuple[Annotated[int, Field(ge=0, le=67)], ...] = Field(
+        (48, 54), description="landmark indices left out of the fit (48, 54: mouth corners, as the reference)")
+    reg_id_weight: Annotated[float, Field(ge=0)] = Field(
+        1e-7, description="L2 regularisation of the identity coefficients")
+    reg_exp_weight: Annotated[float, Field(ge=0)] = Field(
+        1e-7, description="L2 regularisation of the expression coefficients")
+    pose_steps: Annotated[int, Field(ge=0, le=100_000)] = Field(
+        1000, description="Adam steps on pose + scale only (phase 1)")
+    pose_lr: Annotated[float, Field(gt=0, le=1)] = Field(1e-2, description="phase 1 learning rate of the pose")
+    scale_lr: Annotated[float, Field(gt=0, le=1)] = Field(1e-3, description="phase 1 learning rate of the scale")
+    all_steps: Annotated[int, Field(ge=0, le=100_000)] = Field(
+        4000, description="Adam steps on every parameter (phase 2)")
+    all_lr: Annotated[float, Field(gt=0, le=1)] = Field(1e-3, description="phase 2 learning rate")
+    tolerance: Annotated[float, Field(ge=0)] = Field(
+        1e-10, description="a phase stops when the loss changes less than this")
+    device: DeviceName = Field("auto", description="auto | cpu | cuda | cuda:N (auto = CUDA when present)")
 
 
 class MeshHeadConfig(Section):
     """Stage 5: GHA mesh head (reference values: train_meshhead_N031.yaml; loss weights from its trainer)."""
 
-    steps: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
-    views_per_step: Annotated[int, Field(ge=1, le=64)] = 4
-    render_size: Annotated[int, Field(ge=16, le=2048)] = 256
-    grid_resolution: Annotated[int, Field(ge=4, le=256)] = 64  # cubes per side; 6 tetrahedra per cube
-    bbox_margin: Annotated[float, Field(ge=1, le=4)] = 1.3  # model box = fitted head box grown by this
-    pos_freqs: Annotated[int, Field(ge=0, le=16)] = 4
-    hidden: Annotated[int, Field(ge=8, le=1024)] = 256
-    geo_layers: Annotated[int, Field(ge=1, le=16)] = 5
-    features: Annotated[int, Field(ge=1, le=512)] = 128
-    deform_scale: Annotated[float, Field(gt=0, le=1)] = 0.3  # max expression/pose offset, fraction of box half-size
-    near_face: Annotated[float, Field(ge=0, le=2)] = 0.1  # pose deformation fades in from here (box units) ...
-    far_from_face: Annotated[float, Field(ge=0, le=2)] = 0.25  # ... to here, measured from the nearest landmark
-    lr_net: Annotated[float, Field(gt=0, le=1)] = 1e-3
-    lr_landmarks: Annotated[float, Field(gt=0, le=1)] = 1e-4
-    w_rgb: Annotated[float, Field(ge=0)] = 0.1
-    w_silhouette: Annotated[float, Field(ge=0)] = 0.1
-    w_landmark_deform: Annotated[float, Field(ge=0)] = 1.0
-    w_landmark_sdf: Annotated[float, Field(ge=0)] = 0.1
-    w_offset: Annotated[float, Field(ge=0)] = 0.01
-    w_laplacian: Annotated[float, Field(ge=0)] = 100.0
-    edge_softness_px: Annotated[float, Field(gt=0, le=8)] = 0.5  # soft-silhouette sigma
+    steps: Annotated[int, Field(ge=1, le=1_000_000)] = Field(10_000, description="training steps")
+    views_per_step: Annotated[int, Field(ge=1, le=64)] = Field(4, description="random training views per step")
+    render_size: Annotated[int, Field(ge=16, le=2048)] = Field(
+        256, description="side (px) the training views are rendered and compared at")
+    grid_resolution: Annotated[int, Field(ge=4, le=256)] = Field(
+        64, description="cubes per side of the deformable tetrahedral grid (6 tetrahedra per cube)")
+    bbox_margin: Annotated[float, Field(ge=1, le=4)] = Field(
+        1.3, description="the model box is the fitted head's box grown by this factor")
+    pos_freqs: Annotated[int, Field(ge=0, le=16)] = Field(
+        4, description="positional-encoding frequencies of the MLP inputs")
+    hidden: Annotated[int, Field(ge=8, le=1024)] = Field(256, description="width of the MLPs")
+    geo_layers: Annotated[int, Field(ge=1, le=16)] = Field(5, description="layers of the geometry (SDF) MLP")
+    features: Annotated[int, Field(ge=1, le=512)] = Field(
+        128, description="feature channels per surface point (passed on to stage 6)")
+    deform_scale: Annotated[float, Field(gt=0, le=1)] = Field(
+        0.3, description="largest expression/pose offset, as a fraction of the box half-size")
+    near_face: Annotated[float, Field(ge=0, le=2)] = Field(
+        0.1, description="pose deformation fades in from this distance to the nearest landmark (box units) ...")
+    far_from_face: Annotated[float, Field(ge=0, le=2)] = Field(
+        0.25, description="... and is full from this distance on")
+    lr_net: Annotated[float, Field(gt=0, le=1)] = Field(1e-3, description="learning rate of the networks")
+    lr_landmarks: Annotated[float, Field(gt=0, le=1)] = Field(
+        1e-4, description="learning rate of the canonical 3D landmarks")
+    w_rgb: Annotated[float, Field(ge=0)] = Field(0.1, description="weight of the RGB L1 loss")
+    w_silhouette: Annotated[float, Field(ge=0)] = Field(0.1, description="weight of the soft-silhouette IoU loss")
+    w_landmark_deform: Annotated[float, Field(ge=0)] = Field(1.0, description="weight of the landmark deformation loss")
+    w_landmark_sdf: Annotated[float, Field(ge=0)] = Field(0.1, description="weight of the SDF-at-landmarks loss")
+    w_offset: Annotated[float, Field(ge=0)] = Field(0.01, description="weight of the offset regulariser")
+    w_laplacian: Annotated[float, Field(ge=0)] = Field(
+        100.0, description="weight of the uniform Laplacian smoothness loss")
+    edge_softness_px: Annotated[float, Field(gt=0, le=8)] = Field(0.5, description="soft-silhouette sigma (px)")
     # torch runs anywhere and was the faster on an H100 (README, Stage 5); pytorch3d (BSD) when installed
-    rasterizer: Literal["torch", "pytorch3d"] = "torch"
-    holdout_cameras: tuple[str, ...] = ("222200039", "222200044")  # never trained on; scored and pictured
-    eval_every: Annotated[int, Field(ge=0)] = 1000  # held-out silhouette IoU every N steps (0 = at the end only)
-    checkpoint_every: Annotated[int, Field(ge=1)] = 500  # resumable state, overwritten
-    keep_checkpoint_every: Annotated[int, Field(ge=0)] = 2500  # also published as checkpoints/step-N.pt (0 = never)
-    seed: int = 0
-    device: DeviceName = "auto"
+    rasterizer: Literal["torch", "pytorch3d"] = Field(
+        "torch", description="torch (anywhere; the faster on an H100) or pytorch3d (BSD, when installed)")
+    precision: Literal["fp32", "bf16"] = Field(
+        "bf16", description="bf16 = MLP matmuls under autocast on CUDA (geometry stays fp32); fp32 everywhere else")
+    holdout_cameras: tuple[str, ...] = Field(
+        ("222200039", "222200044"), description="cameras never trained on; scored (silhouette IoU) and pictured")
+    # Sequences (name patterns) never trained on; every camera of them is scored (self-reenactment).
+    holdout_sequences: tuple[SequencePattern, ...] = Field(
+        (), description="sequence name patterns never trained on; every camera of them is scored (self-reenactment)")
+    eval_every: Annotated[int, Field(ge=0)] = Field(
+        1000, description="held-out evaluation every N steps (0 = at the end only)")
+    checkpoint_every: Annotated[int, Field(ge=1)] = Field(
+        500, description="resumable state (_state/checkpoint.pt) every N steps, overwritten")
+    keep_checkpoint_every: Annotated[int, Field(ge=0)] = Field(
+        2500, description="also published as checkpoints/step-N.pt every N steps (0 = never)")
+    seed: int = Field(0, description="random seed (sampler, initialisation); CPU training is bit-reproducible")
+    device: DeviceName = Field("auto", description="auto | cpu | cuda | cuda:N (auto = CUDA when present)")
 
 
 class GaussianHeadConfig(Section):
     """Stage 6: GHA Gaussian head + super-resolution (reference: train_gaussianhead_N031.yaml and its trainer)."""
 
-    steps: Annotated[int, Field(ge=1, le=10_000_000)] = 100_000
-    views_per_step: Annotated[int, Field(ge=1, le=64)] = 1
-    coarse_size: Annotated[int, Field(ge=16, le=4096)] = 512  # 32-channel splatting resolution
-    fine_size: Annotated[int, Field(ge=16, le=4096)] = 2048  # super-resolution output (must be coarse * 2^k)
-    features: Annotated[int, Field(ge=1, le=256)] = 32  # channels rendered; the first 3 are RGB
-    mouth_points: Annotated[int, Field(ge=0, le=100_000)] = 3000
-    hidden: Annotated[int, Field(ge=8, le=1024)] = 256
-    pos_freqs: Annotated[int, Field(ge=0, le=16)] = 4
-    deform_scale: Annotated[float, Field(gt=0, le=1)] = 0.3
-    attributes_scale: Annotated[float, Field(gt=0, le=1)] = 0.2
-    near_face: Annotated[float, Field(ge=0, le=2)] = 0.1
-    far_from_face: Annotated[float, Field(ge=0, le=2)] = 0.25
-    sr_channels: Annotated[int, Field(ge=4, le=512)] = 32
-    lr_net: Annotated[float, Field(gt=0, le=1)] = 1e-4
-    lr_pose: Annotated[float, Field(ge=0, le=1)] = 1e-5  # per-frame pose refinement (0 = off)
-    w_rgb_low: Annotated[float, Field(ge=0)] = 1.0
-    w_rgb_high: Annotated[float, Field(ge=0)] = 1.0
-    w_perceptual: Annotated[float, Field(ge=0)] = 0.1
+    steps: Annotated[int, Field(ge=1, le=10_000_000)] = Field(100_000, description="training steps")
+    views_per_step: Annotated[int, Field(ge=1, le=64)] = Field(1, description="random training views per step")
+    coarse_size: Annotated[int, Field(ge=16, le=4096)] = Field(
+        512, description="side (px) of the 32-channel splatted image")
+    fine_size: Annotated[int, Field(ge=16, le=4096)] = Field(
+        2048, description="side (px) of the super-resolved output; must be coarse_size * 2^k")
+    features: Annotated[int, Field(ge=1, le=256)] = Field(
+        32, description="channels rendered per Gaussian; the first 3 are RGB")
+    mouth_points: Annotated[int, Field(ge=0, le=100_000)] = Field(
+        3000, description="extra Gaussians filling the mouth box around landmarks 48-65")
+    hidden: Annotated[int, Field(ge=8, le=1024)] = Field(256, description="width of the MLPs")
+    pos_freqs: Annotated[int, Field(ge=0, le=16)] = Field(
+        4, description="positional-encoding frequencies of the MLP inputs")
+    deform_scale: Annotated[float, Field(gt=0, le=1)] = Field(
+        0.3, description="largest expression/pose offset, as a fraction of the box half-size")
+    attributes_scale: Annotated[float, Field(gt=0, le=1)] = Field(
+        0.2, description="largest change of scale/rotation/opacity the MLPs may apply")
+    near_face: Annotated[float, Field(ge=0, le=2)] = Field(
+        0.1, description="pose deformation fades in from this distance to the nearest landmark (box units) ...")
+    far_from_face: Annotated[float, Field(ge=0, le=2)] = Field(
+        0.25, description="... and is full from this distance on")
+    sr_channels: Annotated[int, Field(ge=4, le=512)] = Field(32, description="channels of the super-resolution network")
+    lr_net: Annotated[float, Field(gt=0, le=1)] = Field(
+        1e-4, description="learning rate of the networks (reference 1e-4)")
+    lr_pose: Annotated[float, Field(ge=0, le=1)] = Field(
+        1e-5, description="learning rate of the per-frame pose correction (0 = off)")
+    w_rgb_low: Annotated[float, Field(ge=0)] = Field(1.0, description="weight of the L1 loss on the coarse RGB")
+    w_rgb_high: Annotated[float, Field(ge=0)] = Field(
+        1.0, description="weight of the L1 loss on the super-resolved image")
+    w_perceptual: Annotated[float, Field(ge=0)] = Field(
+        0.1, description="weight of the perceptual loss (LPIPS-VGG, or 1 - SSIM without weights)")
     lpips_weights: str | None = Field(None, description="LPIPS-VGG weights (path or s3://); unset = SSIM stand-in")
     # auto = gsplat on CUDA when installed; dgr = diff-gaussian-rasterization built with 32 channels (non-commercial)
-    rasterizer: Literal["auto", "gsplat", "dgr", "torch"] = "auto"
-    holdout_cameras: tuple[str, ...] = ("222200039", "222200044")
-    eval_every: Annotated[int, Field(ge=0)] = 5000
-    checkpoint_every: Annotated[int, Field(ge=1)] = 1000  # resumable state, overwritten
-    keep_checkpoint_every: Annotated[int, Field(ge=0)] = 25_000  # also published as checkpoints/step-N.pt (0 = never)
-    seed: int = 0
-    device: DeviceName = "auto"
+    rasterizer: Literal["auto", "gsplat", "dgr", "torch"] = Field(
+        "auto",
+        description="auto = gsplat on CUDA when installed, else torch; dgr = 32-channel diff-gaussian-rasterization")
+    precision: Literal["fp32", "bf16"] = Field(
+        "bf16", description="bf16 = MLPs + super-resolution under autocast on CUDA; fp32 everywhere else")
+    holdout_cameras: tuple[str, ...] = Field(
+        ("222200039", "222200044"), description="cameras never trained on; scored (PSNR, SSIM, LPIPS) and pictured")
+    holdout_sequences: tuple[SequencePattern, ...] = Field(
+        (), description="sequence name patterns never trained on, as meshhead.holdout_sequences")
+    eval_every: Annotated[int, Field(ge=0)] = Field(
+        5000, description="held-out evaluation every N steps (0 = at the end only)")
+    checkpoint_every: Annotated[int, Field(ge=1)] = Field(
+        1000, description="resumable state (_state/checkpoint.pt) every N steps, overwritten")
+    keep_checkpoint_every: Annotated[int, Field(ge=0)] = Field(
+        25_000, description="also published as checkpoints/step-N.pt every N steps (0 = never)")
+    seed: int = Field(0, description="random seed (sampler, initialisation); CPU training is bit-reproducible")
+    device: DeviceName = Field("auto", description="auto | cpu | cuda | cuda:N (auto = CUDA when present)")
+
+
+def sequence_selected(name: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> bool:
+    """Whether a sequence name passes include/exclude patterns (shell-style, case-sensitive)."""
+    return any(fnmatchcase(name, p) for p in include) and not any(fnmatchcase(name, p) for p in exclude)
+
+
+def sequence_name(label: str) -> str:
+    """``EXP-1-head_part-1`` (a frame index label) -> ``EXP-1-head``."""
+    return re.sub(r"_part-\d+$", "", label)
 
 
 class PipelineConfig(Section):

@@ -162,6 +162,7 @@ def _track(uri: str, result: StageResult, store: ObjectStore, config: PipelineCo
     for i in range(0, len(metrics), 900):
         client.log_batch(run_id, metrics=metrics[i : i + 900])
     _pictures(client, run_id, store, result)
+    _log_files(client, run_id, store, result, _videos(result), "")
     version = _register_avatar(client, run_id, store, result) if result.stage == "gaussianhead" else None
     client.set_tag(run_id, "headavatar.manifest", digest)
     client.set_terminated(run_id)
@@ -209,6 +210,11 @@ def _pictures(client: Any, run_id: str, store: ObjectStore, result: StageResult)
     _log_files(client, run_id, store, result, names, "pictures")
 
 
+def _videos(result: StageResult) -> list[str]:
+    """Stage 6's avatar videos (``videos/*.mp4``), logged as run artifacts and linked from the model version."""
+    return sorted(f for f in result.manifest.files if f.startswith("videos/") and f.endswith(".mp4"))
+
+
 def _register_avatar(client: Any, run_id: str, store: ObjectStore, result: StageResult) -> str | None:
     """A new version of ``headavatar-<capture>`` per trained avatar (one per child run and manifest)."""
     from mlflow.exceptions import MlflowException
@@ -228,9 +234,12 @@ def _register_avatar(client: Any, run_id: str, store: ObjectStore, result: Stage
             client.set_tag(run_id, "headavatar.model_version", mv.version)
             return mv.version
     _log_files(client, run_id, store, result, names, "")
-    metrics = {k: str(v) for k, v in result.manifest.metrics.items() if k.startswith("holdout_")}
-    mv = client.create_model_version(name, source=f"{client.get_run(run_id).info.artifact_uri}/avatar",
-                                     run_id=run_id, tags={"headavatar.manifest": digest, **metrics},
+    metrics = {k: str(v) for k, v in result.manifest.metrics.items()
+               if k.startswith(("holdout_", "novel_view_", "self_reenactment_"))}
+    artifacts = client.get_run(run_id).info.artifact_uri
+    videos = {f"headavatar.video.{Path(f).stem}": f"{artifacts}/{f}" for f in _videos(result)}
+    mv = client.create_model_version(name, source=f"{artifacts}/avatar",
+                                     run_id=run_id, tags={"headavatar.manifest": digest, **metrics, **videos},
                                      description=f"avatar of {result.capture}, manifest {digest[:12]}")
     client.set_tag(run_id, "headavatar.model_version", mv.version)
     log.info("%s/gaussianhead: registered as model %s version %s", result.capture, name, mv.version)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from headavatar.bench.gaussianhead_gpu import TrainingSetup, compare_rasterizers, timed
+from headavatar.bench.provenance import stamp
 from headavatar.bench.training_gpu import bench_meshhead, synthetic_views
 from headavatar.devices import installed
 from headavatar.meshhead.trainer import init_model, losses, render
@@ -113,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     result = json.loads(args.out.read_text()) if args.out.exists() else {}
     result.update({"device": torch.cuda.get_device_name(), "torch": torch.__version__})
+    stamp(result, "headavatar.bench.backends_gpu", argv)
     parts = args.parts.split(",")
     if "gaussian" in parts and installed("diff_gaussian_rasterization"):
         result["gaussian"] = gaussian_backends(args.frames, args.mesh_steps, args.steps)

@@ -25,6 +25,7 @@ import threading
 import time
 from pathlib import Path
 
+from headavatar.bench.provenance import stamp
 from headavatar.contract.stage import read_manifest
 from headavatar.devserver.seaweed import EmbeddedS3
 from headavatar.settings import load_config
@@ -146,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         store.close()
     finally:
         s3.stop()
+    stamp(results, "headavatar.bench.e2e_gpu", argv)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "e2e_gpu.json").write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from headavatar.bench.provenance import stamp
 from headavatar.bench.training_gpu import synthetic_views
 from headavatar.gaussianhead.model import GaussianHead, SuperResolution
 from headavatar.gaussianhead.perceptual import Perceptual
@@ -150,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "rasterizers": [compare_rasterizers(n, s, 32, [TorchGaussianRasterizer(), GsplatRasterizer()])
                               for n, s in ((20_000, 512), (50_000, 1024))]}
+    stamp(result, "headavatar.bench.gaussianhead_gpu", argv)
     print(json.dumps(result, indent=1), flush=True)
     args.out.write_text(json.dumps(result, indent=1))
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from headavatar.bench.provenance import stamp
 from headavatar.matting.bmv2 import MattingRefine
 
 
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         "fp16_vs_fp32_alpha_abs_diff": {"max": round(diff.max().item(), 4), "mean": round(diff.mean().item(), 6),
                                         "pixels_over_1_level": round((diff > 1 / 255).float().mean().item(), 6)},
     }
+    stamp(result, "headavatar.bench.matting_gpu", argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from headavatar.layout import BACKGROUND_SEQUENCE
-from headavatar.settings import PipelineConfig
+from headavatar.settings import PipelineConfig, sequence_selected
 
 
 def pad_crop(image: np.ndarray, left: int, top: int, size: int) -> np.ndarray:
@@ -33,19 +34,31 @@ def _crop_resize(image: np.ndarray, cfg: PipelineConfig) -> np.ndarray:
     return cv2.resize(pad_crop(image, e.crop_left, e.crop_top, e.crop_size), (e.output_size, e.output_size))
 
 
-def reference_extract(raw_root: Path, capture: str, out: Path, cfg: PipelineConfig) -> Path:
+def reference_extract(raw_root: Path, capture: str, out: Path, cfg: PipelineConfig,
+                      correct: Callable[[np.ndarray, str], np.ndarray] | None = None) -> Path:
+    """``correct(bgr, camera)``: the v2 colour correction, applied to each whole frame and plate first."""
     e = cfg.extract
-    camera = json.loads((raw_root / "camera_params" / capture / "camera_params.json").read_text())
+    v2 = raw_root / "v2" / capture  # NeRSemble v2 participant folder (headavatar.layout)
+    params = v2 / "calibration" if v2.is_dir() else raw_root / "camera_params" / capture
+    camera = json.loads((params / "camera_params.json").read_text())
     intr = np.array(camera["intrinsics"], dtype=np.float64)
     intr[0:2, 2] -= (e.crop_left, e.crop_top)
     intr[0, :] *= e.output_size / e.crop_size
     intr[1, :] *= e.output_size / e.crop_size
     lowres = (e.lowres_size, e.lowres_size)
-    skip = cfg.capture.skip_sequence_keywords
-    folders = [p for p in raw_root.glob(f"sequence_*/{capture}/*") if p.is_dir() and not any(k in str(p) for k in skip)]
-    folders.sort(key=lambda p: (p.name, int(p.parts[-3].rsplit("-", 1)[1])))  # (sequence, part)
+    sel = cfg.capture
+    if v2.is_dir():
+        folders = sorted(p / "images" for p in (v2 / "sequences").iterdir() if p.name != "BACKGROUND"
+                         and sequence_selected(p.name, sel.include_sequences, sel.exclude_sequences))
+        plates = v2 / "sequences" / "BACKGROUND"
+    else:
+        folders = [p for p in raw_root.glob(f"sequence_*/{capture}/*") if p.is_dir() and p.name != "BACKGROUND"
+                   and sequence_selected(p.name, sel.include_sequences, sel.exclude_sequences)]
+        folders.sort(key=lambda p: (p.name, int(p.parts[-3].rsplit("-", 1)[1])))  # (sequence, part)
+        plates = raw_root / BACKGROUND_SEQUENCE / capture / "BACKGROUND"
+    fix = correct or (lambda image, _cam: image)
     for cam in cfg.capture.cameras:
-        bg = cv2.imread(str(raw_root / BACKGROUND_SEQUENCE / capture / "BACKGROUND" / f"image_{cam}.jpg"))
+        bg = fix(cv2.imread(str(plates / f"image_{cam}.jpg")), cam)
         (out / "background").mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(out / "background" / f"image_{cam}.jpg"), _crop_resize(bg, cfg))
         extrinsic = np.array(camera["world_2_cam"][cam][:3])
@@ -60,7 +73,7 @@ def reference_extract(raw_root: Path, capture: str, out: Path, cfg: PipelineConf
                 count += 1
                 if count % e.frame_stride:
                     continue
-                image = _crop_resize(frame, cfg)
+                image = _crop_resize(fix(frame, cam), cfg)
                 visible = _crop_resize(np.full_like(frame, 255), cfg)
                 d = out / "images" / f"{fid:04d}"
                 d.mkdir(parents=True, exist_ok=True)
@@ -74,6 +87,22 @@ def reference_extract(raw_root: Path, capture: str, out: Path, cfg: PipelineConf
                 fid += 1
             cap.release()
     return out
+
+
+def dataset_color_correction(raw_root: Path, capture: str) -> Callable[[np.ndarray, str], np.ndarray]:
+    """The dataset authors' procedure with colour-science (float64, whole frame): ``correct(bgr, camera)``."""
+    import colour
+    from colour.characterisation import matrix_augmented_Cheung2004
+
+    doc = json.loads((raw_root / "v2" / capture / "calibration" / "color_calibration.json").read_text())
+
+    def correct(bgr: np.ndarray, cam: str) -> np.ndarray:
+        ccm = np.asarray(doc[cam], dtype=np.float64)
+        linear = colour.cctf_decoding(bgr[..., ::-1] / 255.0).reshape(-1, 3)
+        rgb = (ccm @ matrix_augmented_Cheung2004(linear, ccm.shape[1]).T).T.reshape(bgr.shape)
+        return np.ascontiguousarray(np.clip(colour.cctf_encoding(rgb) * 255, 0, 255).astype(np.uint8)[..., ::-1])
+
+    return correct
 
 
 def reference_sample(extracted: Path, out: Path, cfg: PipelineConfig) -> Path:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from headavatar.bench.provenance import stamp
 from headavatar.fitting.solver import Observations, fit
 from headavatar.imaging import CropResize
 from headavatar.meshhead.trainer import MeshHeadTrainer, init_model
@@ -34,11 +35,12 @@ def _render_one(job: tuple[np.ndarray, np.ndarray, np.ndarray, int]) -> tuple[np
     return r.image[..., ::-1], r.alpha
 
 
-def synthetic_views(frames: int, size: int, workers: int = 1) -> tuple[Views, np.ndarray]:
+def synthetic_views(frames: int, size: int, workers: int = 1, sequence: str = "EXP-1-head") -> tuple[Views, np.ndarray]:
+    """Every third frame of a synthetic sequence from all 16 cameras, rendered in memory (matte = exact alpha)."""
     spec = SyntheticSpec("018", frames=frames * 3)
     model = build_model()
     intr, extr = rig(spec)
-    truth = sequence_truth(spec, model, "EXP-1-head", frames * 3)
+    truth = sequence_truth(spec, model, sequence, frames * 3)
     crop = CropResize(-200, 304, 2600, size, size)
     k = crop.intrinsic(intr)
     idx = np.arange(0, frames * 3, 3)
@@ -121,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "frames": args.frames,
               "fitting": bench_fitting(views, device)}
     result["meshhead_default_profile"] = bench_meshhead(views, vertices, MeshHeadConfig(), device, args.steps)
+    stamp(result, "headavatar.bench.training_gpu", argv)
     args.out.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
     return 0

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 MANIFEST_SCHEMA = 1
+# Manifests written before stages had code versions were all made by version 1 of their stage.
+FIRST_CODE_VERSION = 1
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -39,18 +42,45 @@ class Manifest:
     finished_at: str = ""
     wall_time_s: float = 0.0
     schema: int = MANIFEST_SCHEMA
+    code_version: int = FIRST_CODE_VERSION
+    volatile: list[str] = field(default_factory=list)  # listed files left out of the content digest
 
     @property
     def content_digest(self) -> str:
-        """What downstream stages key their cache on: the files alone.
+        """What downstream stages key their cache on: the files alone, less the volatile ones.
 
-        Re-running a stage that rewrites byte-identical outputs therefore keeps every
-        downstream cache valid, while any changed byte invalidates them.
+        Re-running a stage that rewrites byte-identical outputs therefore keeps every downstream
+        cache valid, while any changed byte invalidates them. Volatile files (telemetry such as
+        CPU samples, different on every run) count by name only, so a recomputed identical model
+        does not invalidate downstream caches. A manifest without volatile files digests exactly
+        as before they existed.
         """
-        return digest({"stage": self.stage, "files": {k: asdict(v) for k, v in sorted(self.files.items())}})
+        volatile = set(self.volatile)
+        d: dict[str, Any] = {"stage": self.stage, "files": {
+            k: asdict(v) for k, v in sorted(self.files.items()) if k not in volatile}}
+        if volatile:
+            d["volatile"] = sorted(volatile)
+        return digest(d)
 
-    def matches(self, inputs: dict[str, str], config_digest: str) -> bool:
-        return self.schema == MANIFEST_SCHEMA and self.inputs == inputs and self.config_digest == config_digest
+    def stale_reasons(self, inputs: dict[str, str], config_digest: str, config: dict[str, Any],
+                      code_version: int) -> list[str]:
+        """Why this manifest is not what a run now would produce (empty: it still is)."""
+        reasons = []
+        if self.schema != MANIFEST_SCHEMA:
+            reasons.append(f"manifest schema {self.schema}, now {MANIFEST_SCHEMA}")
+        if self.code_version != code_version:
+            reasons.append(f"code version {self.code_version}, now {code_version}")
+        if self.config_digest != config_digest:
+            changed = sorted(_changed_keys(self.config, config)) or ["(digest)"]
+            reasons.append("config " + ", ".join(changed[:4]) + (" ..." if len(changed) > 4 else ""))
+        changed_inputs = sorted(k for k in {*self.inputs, *inputs} if self.inputs.get(k) != inputs.get(k))
+        if changed_inputs:
+            reasons.append("inputs " + ", ".join(changed_inputs))
+        return reasons
+
+    def matches(self, inputs: dict[str, str], config_digest: str, code_version: int) -> bool:
+        return (self.schema == MANIFEST_SCHEMA and self.code_version == code_version and self.inputs == inputs
+                and self.config_digest == config_digest)
 
     def to_json(self) -> bytes:
         d = asdict(self)
@@ -63,3 +93,12 @@ class Manifest:
         d.pop("content_digest", None)
         d["files"] = {k: FileEntry(**v) for k, v in d["files"].items()}
         return cls(**d)
+
+
+def _changed_keys(old: Any, new: Any, path: str = "") -> Iterable[str]:
+    """Dotted keys whose values differ between two nested config dicts."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted({*old, *new}):
+            yield from _changed_keys(old.get(k), new.get(k), f"{path}.{k}" if path else str(k))
+    elif canonical_json(old) != canonical_json(new):
+        yield path

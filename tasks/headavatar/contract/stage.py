@@ -1,13 +1,15 @@
 """The stage contract, enforced here so that no stage can break it.
 
-1. A stage declares its inputs (upstream stages, or the raw capture) and the config sections it
-   reads; its cache key is the content digests of those inputs plus the digest of those sections.
+1. A stage declares its inputs (upstream stages, or the raw capture), the config sections it
+   reads and its code version; its cache key is the content digests of those inputs, the digest of
+   those sections and the code version (bumped when the stage's outputs would change). Outputs it
+   declares volatile (telemetry) are listed but left out of the content digest downstream stages key on.
 2. It writes only under ``avatars/<capture>/<stage>/`` through :class:`OutputWriter`.
 3. The old manifest is deleted BEFORE any output is touched and the new one is written LAST, after
    every upload has succeeded and stale outputs are removed, so a stage killed half-way leaves no
    manifest and is never taken as done.
-4. A manifest that matches inputs + config, with every listed file present at its size, is a
-   cache hit: the stage is skipped unless forced.
+4. A manifest that matches inputs + config + code version, with every listed file present at its
+   size, is a cache hit: the stage is skipped unless forced. One that does not is stale.
 5. Local scratch space lives in one directory removed at the end, also on errors and SIGTERM; a
    directory left by a SIGKILLed run is removed by the next run on the host.
 6. One run at a time computes a (capture, stage): a lease in the bucket (``contract/lock.py``);
@@ -18,6 +20,7 @@
 from __future__ import annotations
 
 import errno
+import fnmatch
 import logging
 import os
 import shutil
@@ -32,8 +35,9 @@ from typing import ClassVar
 from headavatar import __version__
 from headavatar.capture_id import validate_capture_id
 from headavatar.contract.lock import StageLock, pid_alive
-from headavatar.contract.manifest import Manifest, digest
+from headavatar.contract.manifest import FIRST_CODE_VERSION, Manifest, digest
 from headavatar.contract.outputs import RESERVED_PREFIX, OutputWriter
+from headavatar.contract.usage import ResourceUsage
 from headavatar.errors import MissingObject, ScratchFull, UpstreamMissing
 from headavatar.layout import MANIFEST, stage_prefix
 from headavatar.settings import PipelineConfig
@@ -58,11 +62,12 @@ class StageContext:
     metrics: dict[str, float] = field(default_factory=dict)
     fresh: bool = False  # --force: start over, ignoring state kept from earlier attempts
     config_digest: str = ""
+    code_version: int = FIRST_CODE_VERSION
 
     @property
     def cache_key(self) -> str:
-        """What this attempt computes from: its inputs and its config sections."""
-        return digest({"inputs": self.inputs, "config": self.config_digest})
+        """What this attempt computes from: its inputs, its config sections and its code version."""
+        return digest({"inputs": self.inputs, "config": self.config_digest, "code": self.code_version})
 
     def state_key(self, rel: str) -> str:
         """Key for state that outlives one attempt (checkpoints): never in the manifest, never stale."""
@@ -79,6 +84,12 @@ class Stage(ABC):
     name: ClassVar[str]
     inputs: ClassVar[tuple[str, ...]]  # upstream stage names, or ("raw",)
     config_sections: ClassVar[tuple[str, ...]]
+    # Bump when a change to the stage's code would change its outputs (a bug fix, a new output):
+    # manifests of other versions are stale and recompute. Not for refactors or speed-ups.
+    code_version: ClassVar[int] = FIRST_CODE_VERSION
+    # Outputs (fnmatch patterns) whose bytes differ between runs of the same computation, such as
+    # CPU samples: listed with size and digest, but not part of the content digest.
+    volatile_outputs: ClassVar[tuple[str, ...]] = ()
 
     def prepare(self, config: PipelineConfig) -> None:
         """Start slow set-up that needs no input (worker processes), overlapping the cache check.
@@ -120,6 +131,41 @@ def config_digest(stage: Stage, config: PipelineConfig) -> tuple[str, dict]:
     return digest(sections), sections
 
 
+@dataclass(frozen=True)
+class Expected:
+    """What a run of a stage would compute from now: its cache key's parts."""
+
+    inputs: dict[str, str]
+    config_digest: str
+    config: dict
+    code_version: int
+    upstream: dict[str, Manifest]
+    missing: tuple[str, ...]  # upstream stages without a manifest
+
+
+def expected(stage: Stage, capture: str, config: PipelineConfig, store: ObjectStore) -> Expected:
+    """Inputs, config and code version a run of ``stage`` would use now (the cache key's parts)."""
+    upstream: dict[str, Manifest] = {}
+    missing: list[str] = []
+    inputs: dict[str, str] = stage.raw_inputs(store, capture, config)
+    for dep in stage.inputs:
+        if dep == "raw":
+            continue
+        m = read_manifest(store, capture, dep)
+        if m is None:
+            missing.append(dep)
+            continue
+        upstream[dep] = m
+        inputs[dep] = m.content_digest
+    cdigest, sections = config_digest(stage, config)
+    return Expected(inputs, cdigest, sections, stage.code_version, upstream, tuple(missing))
+
+
+def stale_reasons(manifest: Manifest, exp: Expected) -> list[str]:
+    """Why ``manifest`` is not what a run now would compute from (empty: a cache hit)."""
+    return manifest.stale_reasons(exp.inputs, exp.config_digest, exp.config, exp.code_version)
+
+
 def _outputs_present(store: ObjectStore, prefix: str, manifest: Manifest) -> bool:
     sizes = {o.key[len(prefix) + 1:]: o.size for o in store.list(prefix)}
     return all(sizes.get(rel) == e.size for rel, e in manifest.files.items())
@@ -139,22 +185,15 @@ def run_stage(stage: Stage, capture: str, config: PipelineConfig, store: ObjectS
     prefix = store.key(stage_prefix(capture, stage.name))
 
     stage.prepare(config)
-    upstream: dict[str, Manifest] = {}
-    inputs: dict[str, str] = stage.raw_inputs(store, capture, config)
-    for dep in stage.inputs:
-        if dep == "raw":
-            continue
-        m = read_manifest(store, capture, dep)
-        if m is None:
-            raise UpstreamMissing(
-                f"stage {stage.name!r} needs stage {dep!r} for capture {capture}: no "
-                f"{store.uri(manifest_key(store, capture, dep))}; run 'headavatar run {dep} --capture {capture}' first"
-            )
-        upstream[dep] = m
-        inputs[dep] = m.content_digest
-    cdigest, sections = config_digest(stage, config)
+    exp = expected(stage, capture, config, store)
+    if exp.missing:
+        dep = exp.missing[0]
+        raise UpstreamMissing(
+            f"stage {stage.name!r} needs stage {dep!r} for capture {capture}: no "
+            f"{store.uri(manifest_key(store, capture, dep))}; run 'headavatar run {dep} --capture {capture}' first"
+        )
 
-    cached = _cache_hit(store, stage, capture, prefix, inputs, cdigest, force)
+    cached = _cache_hit(store, stage, capture, prefix, exp, force)
     if cached is not None:
         return cached
     lock = StageLock(store, f"{prefix}/{RESERVED_PREFIX}state/lock.json", f"capture {capture} stage {stage.name}",
@@ -162,29 +201,33 @@ def run_stage(stage: Stage, capture: str, config: PipelineConfig, store: ObjectS
     lock.acquire()
     try:
         # A concurrent run may have finished while this one was starting: its result is ours.
-        cached = _cache_hit(store, stage, capture, prefix, inputs, cdigest, force)
+        cached = _cache_hit(store, stage, capture, prefix, exp, force)
         if cached is not None:
             return cached
-        return _compute(stage, capture, config, store, force, prefix, upstream, inputs, cdigest, sections, lock)
+        return _compute(stage, capture, config, store, force, prefix, exp, lock)
     finally:
         lock.release()
 
 
-def _cache_hit(store: ObjectStore, stage: Stage, capture: str, prefix: str, inputs: dict[str, str], cdigest: str,
+def _cache_hit(store: ObjectStore, stage: Stage, capture: str, prefix: str, exp: Expected,
                force: bool) -> StageResult | None:
     mkey = f"{prefix}/{MANIFEST}"
     existing = read_manifest(store, capture, stage.name)
-    if existing is not None and not force and existing.matches(inputs, cdigest):
+    if existing is None or force:
+        return None
+    if existing.matches(exp.inputs, exp.config_digest, exp.code_version):
         if _outputs_present(store, prefix, existing):
             log.info("%s/%s: cache hit (%d files, %s)", capture, stage.name, len(existing.files), store.uri(mkey))
             return StageResult(stage.name, capture, True, existing, store.uri(mkey))
         log.warning("%s/%s: manifest matches but outputs are missing; recomputing", capture, stage.name)
+    else:
+        log.info("%s/%s: stale (%s); recomputing", capture, stage.name, "; ".join(stale_reasons(existing, exp)))
     return None
 
 
 def _compute(stage: Stage, capture: str, config: PipelineConfig, store: ObjectStore, force: bool, prefix: str,
-             upstream: dict[str, Manifest], inputs: dict[str, str], cdigest: str, sections: dict,
-             lock: StageLock) -> StageResult:
+             exp: Expected, lock: StageLock) -> StageResult:
+    inputs, cdigest = exp.inputs, exp.config_digest
     mkey = f"{prefix}/{MANIFEST}"
     store.delete(mkey)  # from here on the stage is "not done" until the new manifest lands
     if aborted := store.abort_multipart_uploads(prefix):  # we hold the lease: no one else uploads here
@@ -197,12 +240,14 @@ def _compute(stage: Stage, capture: str, config: PipelineConfig, store: ObjectSt
                                     dir=scratch_root))
     started, t0 = datetime.now(UTC), time.monotonic()
     writer = OutputWriter(store, prefix)
-    ctx = StageContext(stage.name, capture, config, store, scratch, upstream, inputs, writer,
-                       fresh=force, config_digest=cdigest)
+    ctx = StageContext(stage.name, capture, config, store, scratch, exp.upstream, inputs, writer,
+                       fresh=force, config_digest=cdigest, code_version=exp.code_version)
     log.info("%s/%s: running (inputs %s)", capture, stage.name, ", ".join(inputs) or "none")
+    usage = ResourceUsage()
     try:
         stage.run(ctx)
         writer.wait()
+        used = usage.finish(scratch)  # cpu_s, peak_rss_mb, scratch_mb, gpu_s: docs/capacity.md
     except BaseException as e:
         # Uploads already under way end before scratch goes and the error propagates, so what a
         # failed stage did write (a report to read) is complete; no manifest follows either way.
@@ -223,11 +268,14 @@ def _compute(stage: Stage, capture: str, config: PipelineConfig, store: ObjectSt
 
     wall = time.monotonic() - t0
     metrics = {"files": float(len(writer.entries)),
-               "bytes": float(sum(e.size for e in writer.entries.values())), **ctx.metrics}
+               "bytes": float(sum(e.size for e in writer.entries.values())), **used, **ctx.metrics}
     manifest = Manifest(
         stage=stage.name, capture=capture, package_version=__version__, config_digest=cdigest,
-        config=sections, inputs=inputs, files=dict(sorted(writer.entries.items())), metrics=metrics,
+        config=exp.config, inputs=inputs, files=dict(sorted(writer.entries.items())), metrics=metrics,
         started_at=started.isoformat(), finished_at=datetime.now(UTC).isoformat(), wall_time_s=round(wall, 3),
+        code_version=exp.code_version,
+        volatile=sorted(rel for rel in writer.entries
+                        if any(fnmatch.fnmatchcase(rel, pat) for pat in stage.volatile_outputs)),
     )
     lock.check()
     store.put_bytes(mkey, manifest.to_json(), content_type="application/json")

@@ -1,113 +1,314 @@
-"""``make demo``: the per-capture DAG end to end on the embedded defaults, on a CPU-only machine.
+"""``make demo``: the per-capture DAG end to end on one machine, in containers, on a CPU.
 
-Starts the embedded services on 127.0.0.1 (SeaweedFS S3 and a real ``mlflow server``, data under
-``.headavatar/demo``), writes a small synthetic capture for id 018, and runs the Airflow DAG
-``headavatar_capture`` for it with ``airflow dags test`` and the ``local`` backend: every task
-runs the same ``headavatar run`` command a container would, with the ``demo`` config profile.
-``make demo-ui`` serves the same data again for a look at the MLflow runs.
+The mission's shape: the embedded services on 127.0.0.1 (SeaweedFS S3 and a real ``mlflow server``,
+data under ``.headavatar/demo``), a small synthetic capture 018, and the Airflow DAG
+``headavatar_capture`` run with ``airflow dags test`` on the ``docker`` backend: each of the six
+tasks is a container of the project's images (``make images``, built on first use), started by
+DockerOperator on the project's own Docker engine (started when none answers). ``--backend local``
+(``make demo BACKEND=local``) runs the same ``headavatar run`` commands as subprocesses instead.
+
+The console says up front what will happen and about how long, prints one line per phase and per
+stage, and ends with where everything is; Airflow's own output goes to a log file. Ports and the
+S3 key pair are those of ``make demo-ui`` (``state.json`` in the demo home), so the URLs printed
+here open once ``make demo-ui`` serves the same data.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from headavatar.contract.outputs import RESERVED_PREFIX
 from headavatar.contract.stage import read_manifest
+from headavatar.devserver.common import BUCKET, REPO, _port, airflow_env, load_state, save_state
 from headavatar.devserver.mlflow_server import EmbeddedMLflow
-from headavatar.devserver.seaweed import EmbeddedS3
+from headavatar.devserver.seaweed import EmbeddedS3, Identity
 from headavatar.layout import stage_prefix
 from headavatar.settings import load_config
 from headavatar.stages import STAGE_NAMES
 from headavatar.storage import ObjectStore
 
 log = logging.getLogger("headavatar.demo")
-BUCKET = "headavatar"
-REPO = Path(__file__).resolve().parents[3]  # a source checkout: dags/ and plugins/ live beside tasks/
+PICTURE_DIRS = ("overlays/", "renders/")  # the stages' contact sheets (tracking logs the same ones)
+# Measured on a quiet 2-core machine (docs/containers.md): minutes for (first run, later runs).
+ESTIMATE_MIN = {"docker": (12, 6), "local": (7, 6)}
 
 
-def airflow_env(home: Path, s3: dict[str, str], mlflow_uri: str) -> dict[str, str]:
-    """A self-contained Airflow (SQLite under ``home``) whose connections point at the embedded services."""
-    return {
-        "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
-        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "PYTHONPATH": os.pathsep.join([str(REPO / "plugins"), str(REPO / "tasks")]),
-        "HEADAVATAR_EXECUTION": "local",
-        "AIRFLOW_CONN_HEADAVATAR_S3": json.dumps({
-            "conn_type": "aws", "login": s3["AWS_ACCESS_KEY_ID"], "password": s3["AWS_SECRET_ACCESS_KEY"],
-            "extra": {"endpoint_url": s3["HEADAVATAR_S3_ENDPOINT"], "bucket": BUCKET, "region_name": "us-east-1"}}),
-        "AIRFLOW_CONN_HEADAVATAR_MLFLOW": json.dumps({"conn_type": "http", "extra": {"tracking_uri": mlflow_uri}}),
-    }
+class Console:
+    """What the person sees: short lines with elapsed times; everything also goes to the demo log."""
+
+    def __init__(self, logfile: Path):
+        logfile.parent.mkdir(parents=True, exist_ok=True)
+        self.logfile = logfile
+        self._log = open(logfile, "a", buffering=1)  # noqa: SIM115 - closed in close()
+        self.phases: dict[str, float] = {}
+
+    def say(self, text: str = "", end: str = "\n") -> None:
+        print(text, end=end, flush=True)
+        self._log.write(text + end)
+
+    @contextlib.contextmanager
+    def phase(self, name: str, what: str) -> Iterator[None]:
+        self.say(f"  {what:<58}", end="")
+        t = time.monotonic()
+        try:
+            yield
+        except BaseException:
+            self.say("failed")
+            raise
+        self.phases[name] = time.monotonic() - t
+        self.say(f"{_dur(self.phases[name]):>8}")
+
+    def close(self) -> None:
+        self._log.close()
+
+
+def _dur(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--capture", default="018")
     parser.add_argument("--home", type=Path, default=Path(".headavatar/demo"))
     parser.add_argument("--frames", type=int, default=60)
+    parser.add_argument("--backend", choices=["docker", "local"],
+                        default=os.environ.get("BACKEND") or "docker",
+                        help="docker (default): every task a container; local: subprocesses of Airflow")
     parser.add_argument("--serve", action="store_true", help="only serve the demo's S3 + MLflow until Ctrl-C")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, lambda signum, _f: sys.exit(128 + signum))  # stop the servers on SIGTERM too
 
     home = args.home.resolve()
-    s3 = EmbeddedS3(home / "s3").start()
-    mlflow = None
+    console = Console(home / "logs" / f"demo-{time.strftime('%Y%m%d-%H%M%S')}.log")
     try:
-        env = {**os.environ, **s3.env(), "HEADAVATAR_S3_BUCKET": BUCKET}
-        mlflow = EmbeddedMLflow(home / "mlflow", s3.env(), BUCKET)
-        mlflow.start()
-        if args.serve:
-            return _serve(mlflow.uri, s3.endpoint_url)
-        return _run(args, home, env, mlflow.uri)
+        with contextlib.ExitStack() as stack:
+            return _demo(args, home, console, stack)
     finally:
-        if mlflow is not None:
-            mlflow.stop()
-        s3.stop()
+        console.close()
 
 
-def _run(args: argparse.Namespace, home: Path, env: dict[str, str], mlflow_uri: str) -> int:
-    cli = [sys.executable, "-m", "headavatar.cli"]  # synth creates the bucket if needed
+def _demo(args: argparse.Namespace, home: Path, console: Console, stack: contextlib.ExitStack) -> int:
     t0 = time.monotonic()
-    subprocess.run([*cli, "synth", "--capture", args.capture, "--width", "256", "--height", "372",
-                    "--frames", str(args.frames), "--sequence", "EXP-1-head", "--sequence", "EXP-2-eyes"],
-                   env=env, check=True)
-    af = {**env, **airflow_env(home / "airflow", env, mlflow_uri)}
-    airflow = [sys.executable, "-m", "airflow"]
-    subprocess.run([*airflow, "db", "migrate"], env=af, check=True, stdout=subprocess.DEVNULL)
-    conf = json.dumps({"id": args.capture, "profile": "demo"})
-    log.info("running DAG headavatar_capture with conf %s (local backend)", conf)
-    dag = subprocess.run([*airflow, "dags", "test", "headavatar_capture", "--conf", conf], env=af)
+    first, later = ESTIMATE_MIN[args.backend]
+    fresh = not (home / "airflow" / "airflow.db").exists()
+    if not args.serve:
+        console.say(f"""headavatar demo: NeRSemble-style capture -> Gaussian head avatar, on this machine's CPU.
+  1. {'start the Docker engine and build the stage images (first time only: about 5-8 min)' if args.backend == 'docker'
+      else 'no containers (BACKEND=local): stages run as subprocesses of Airflow'}
+  2. start S3 (SeaweedFS) and MLflow on 127.0.0.1, write a synthetic capture {args.capture}
+     (16 cameras, 2 sequences x {args.frames} frames, 256x372)
+  3. run the Airflow DAG headavatar_capture: {' -> '.join(STAGE_NAMES)}
+     ({'each task a container' if args.backend == 'docker' else 'local backend'}; demo profile: tiny models)
+  4. copy each stage's pictures out and print where the runs, the model and the UIs are
+About {first if fresh else later} min on 2 free cores ({'first run' if fresh else 'data and images are cached'}); \
+longer if other work shares the CPU.
+Full log: {console.logfile}
+""")
+    docker_host = None
+    if args.backend == "docker" and not args.serve:
+        from headavatar.devserver.docker_engine import DockerEngine
+        from headavatar.devserver.images import build_images
+
+        engine = DockerEngine(REPO / ".headavatar" / "docker")
+        with console.phase("engine", "Docker engine"):
+            _quietly(console.logfile, engine.start)
+            stack.callback(engine.stop)  # only if this run started it
+        with console.phase("images", "images headavatar/preprocess + headavatar/cpu (cached)"):
+            _quietly(console.logfile, lambda: build_images(env=engine.env()))
+        docker_host = engine.url
+
+
+    state = load_state(home)
+    with console.phase("servers", "S3 + MLflow servers on 127.0.0.1"):
+        ports = state["ports"]
+        ports["s3"] = _port(state, "s3")
+        admin = Identity("admin", ["Admin"], access_key=state["s3_access_key"], secret_key=state["s3_secret_key"])
+        s3 = EmbeddedS3(home / "s3", identities=[admin], s3_port=ports["s3"]).start()
+        stack.callback(s3.stop)
+        mlflow = EmbeddedMLflow(home / "mlflow", s3.env(), BUCKET)
+        mlflow.port = ports["mlflow"] = _port(state, "mlflow")
+        stack.callback(mlflow.stop)
+        mlflow.start(timeout=300)  # its first start migrates the database: slow on a busy 2-core machine
+        save_state(home, state)
+    env = {**os.environ, **s3.env(), "HEADAVATAR_S3_BUCKET": BUCKET}
+    if args.serve:
+        return _serve(mlflow.uri, s3.endpoint_url)
+    return _run(args, home, env, mlflow.uri, console, docker_host, t0)
+
+
+def _quietly(logfile: Path, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` with this process's stdout/stderr (and its children's) appended to the log file."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(logfile, "ab") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        try:
+            return fn()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def _run(args: argparse.Namespace, home: Path, env: dict[str, str], mlflow_uri: str, console: Console,
+         docker_host: str | None, t0: float) -> int:
+    cli = [sys.executable, "-m", "headavatar.cli"]
+    with open(console.logfile, "ab") as logf:
+        have = subprocess.run([*cli, "captures"], env=env, capture_output=True, text=True)
+        captures = json.loads(have.stdout.strip().splitlines()[-1]) if have.returncode == 0 and have.stdout else []
+        with console.phase("capture", f"synthetic capture {args.capture}" + (" (in the bucket)"
+                                                                                 if args.capture in captures else "")):
+            if args.capture not in captures:  # synth creates the bucket if needed
+                subprocess.run([*cli, "synth", "--capture", args.capture, "--width", "256", "--height", "372",
+                                "--frames", str(args.frames), "--sequence", "EXP-1-head", "--sequence", "EXP-2-eyes"],
+                               env=env, check=True, stdout=logf, stderr=subprocess.STDOUT)
+        af_home = home / "airflow"
+        af = {**env, **airflow_env(af_home, env, mlflow_uri, args.backend, docker_host)}
+        airflow = [sys.executable, "-m", "airflow"]
+        with console.phase("airflow", "Airflow metadata database"):
+            subprocess.run([*airflow, "db", "migrate"], env=af, check=True, stdout=logf, stderr=subprocess.STDOUT)
+        conf = json.dumps({"id": args.capture, "profile": "demo"})
+        console.say(f"  DAG headavatar_capture {conf} on the {args.backend} backend:")
+        db = af_home / "airflow.db"
+        last_run = _last_run_id(db)
+        t_dag = time.monotonic()
+        dag = subprocess.Popen([*airflow, "dags", "test", "headavatar_capture", "--conf", conf], env=af,
+                               stdout=logf, stderr=subprocess.STDOUT)
+        monitor = _StageMonitor(db, last_run, console)
+        monitor.start()
+        rc = dag.wait()
+        monitor.stop()
+        console.phases["dag"] = time.monotonic() - t_dag
 
     os.environ.update(env)
     store = ObjectStore(load_config().storage)
     try:
         done = {s: read_manifest(store, args.capture, s) is not None for s in STAGE_NAMES}
-        if dag.returncode != 0 or not all(done.values()):
-            log.error("the DAG run failed (exit %d); stages done: %s; task logs under %s", dag.returncode,
-                      [s for s, ok in done.items() if ok], home / "airflow" / "logs")
-            return dag.returncode or 1
-        out = export(store, args.capture, STAGE_NAMES[-1], home / "output" / args.capture)
+        if rc != 0 or not all(done.values()):
+            console.say(f"\nThe DAG run failed (exit {rc}); stages done: {[s for s, ok in done.items() if ok]}.")
+            console.say(f"Airflow's output, with each task's log: {console.logfile}")
+            return rc or 1
+        with console.phase("export", f"copy pictures to {home / 'output' / args.capture}"):
+            pictures = {s: export(store, args.capture, s, home / "output" / args.capture / s,
+                                  everything=s == STAGE_NAMES[-1]) for s in STAGE_NAMES}
+        outputs = {s: store.uri(store.key(stage_prefix(args.capture, s))) + "/" for s in STAGE_NAMES}
     finally:
         store.close()
-    print(json.dumps({
-        "capture": args.capture, "stages": list(STAGE_NAMES), "seconds": round(time.monotonic() - t0, 1),
-        "outputs": f"s3://{BUCKET}/{load_config().storage.prefix}/avatars/{args.capture}/",
-        "local_copy_of_last_stage": str(out),
-        "mlflow": _parent_run(mlflow_uri, args.capture),
-        "browse": "make demo-ui  (serves this S3 data and the MLflow UI again until Ctrl-C)",
-    }, indent=1))
+    run = _mlflow_run(mlflow_uri, args.capture, monitor.run_id)
+    summary = {"capture": args.capture, "backend": args.backend, "seconds": round(time.monotonic() - t0, 1),
+               "phases": {k: round(v, 1) for k, v in console.phases.items()},
+               "stages": {s: round(v, 1) for s, v in monitor.durations.items()},
+               "outputs": outputs, "pictures": {s: str(p) for s, p in pictures.items()}, "mlflow": run,
+               "airflow_run_id": monitor.run_id, "log": str(console.logfile)}
+    (home / "summary.json").write_text(json.dumps(summary, indent=1))
+    _print_summary(console, summary, pictures, home)
     return 0
 
 
-def _parent_run(uri: str, capture: str) -> dict[str, str]:
+def _print_summary(console: Console, s: dict[str, Any], pictures: dict[str, Path], home: Path) -> None:
+    phases = ", ".join(f"{k} {_dur(v)}" for k, v in s["phases"].items())
+    console.say(f"\nDone in {_dur(s['seconds'])} ({phases}).")
+    console.say("Pictures of each stage (copied from the bucket; the outputs stay under s3://"
+                f"{BUCKET}/.../avatars/{s['capture']}/<stage>/):")
+    for stage, folder in pictures.items():
+        n = sum(1 for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
+        console.say(f"  {stage:<13} {folder}  ({n} files)" if n else f"  {stage:<13} (no pictures: "
+                    f"{s['outputs'][stage]})")
+    m = s["mlflow"]
+    console.say(f"MLflow run     {m['run']}: {m['url']}")
+    console.say(f"Avatar model   {m['registered_model']} version {m['version']}: {m['model_url']}")
+    console.say(f"Airflow run    headavatar_capture / {s['airflow_run_id']}")
+    console.say("Open them:     make demo-ui   (serves this data again: the Airflow UI, and MLflow at the URLs above;"
+                " Ctrl-C stops it)")
+    console.say(f"Summary JSON   {home / 'summary.json'}")
+
+
+class _StageMonitor(threading.Thread):
+    """One console line per task of the new DAG run, read from Airflow's metadata DB (SQLite)."""
+
+    def __init__(self, db: Path, after_run: int, console: Console):
+        super().__init__(daemon=True)
+        self.db, self.after_run, self.console = db, after_run, console
+        self.run_id: str | None = None
+        self.durations: dict[str, float] = {}
+        self._halt = threading.Event()
+        self._printed: set[str] = set()
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(10)
+        self._poll()  # the last task's line
+
+    def run(self) -> None:
+        while not self._halt.wait(1.0):
+            with contextlib.suppress(sqlite3.Error):
+                self._poll()
+
+    def _poll(self) -> None:
+        with contextlib.closing(sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=5)) as con:
+            row = con.execute("select id, run_id from dag_run where dag_id = 'headavatar_capture' and id > ? "
+                              "order by id limit 1", (self.after_run,)).fetchone()
+            if row is None:
+                return
+            self.run_id = row[1]
+            tasks = {r[0]: r[1:] for r in con.execute(
+                "select task_id, state, start_date, end_date, try_number from task_instance "
+                "where dag_id = 'headavatar_capture' and run_id = ?", (self.run_id,))}
+        for i, stage in enumerate(STAGE_NAMES, 1):
+            state, start, end, tries = tasks.get(stage, (None, None, None, 0))
+            if state == "up_for_retry" and f"{stage}/{tries}" not in self._printed:
+                self._printed.add(f"{stage}/{tries}")
+                self.console.say(f"    [{i}/{len(STAGE_NAMES)}] {stage:<13} try {tries} failed, retrying (see the log)")
+            if stage in self._printed or state not in ("success", "failed", "upstream_failed", "skipped"):
+                continue
+            seconds = _seconds(start, end)
+            if seconds is not None:
+                self.durations[stage] = seconds
+            took = _dur(seconds) if seconds is not None else "-"
+            retry = f" (try {tries})" if tries and tries > 1 else ""
+            self.console.say(f"    [{i}/{len(STAGE_NAMES)}] {stage:<13} {state:<16}{took:>10}{retry}")
+            self._printed.add(stage)
+
+
+def _seconds(start: str | None, end: str | None) -> float | None:
+    from datetime import datetime
+
+    if not start or not end:
+        return None
+    try:
+        return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+    except ValueError:
+        return None
+
+
+def _last_run_id(db: Path) -> int:
+    if not db.exists():
+        return 0
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+        row = con.execute("select max(id) from dag_run").fetchone()
+    return int(row[0] or 0)
+
+
+def _mlflow_run(uri: str, capture: str, airflow_run_id: str | None) -> dict[str, str]:
     from mlflow.tracking import MlflowClient
 
     from headavatar.tracking import experiment_name, model_name
@@ -118,8 +319,11 @@ def _parent_run(uri: str, capture: str) -> dict[str, str]:
         f"tags.`headavatar.kind` = 'pipeline' and tags.`headavatar.capture` = '{capture}'"),
         order_by=["attributes.start_time DESC"], max_results=1)
     versions = client.search_model_versions(f"name = '{model_name(capture)}'")
+    latest = max((int(v.version) for v in versions), default=0)
     return {"run": runs[0].info.run_name, "run_id": runs[0].info.run_id, "experiment_id": exp.experiment_id,
-            "registered_model": model_name(capture), "versions": str(len(versions))}
+            "url": f"{uri}/#/experiments/{exp.experiment_id}/runs/{runs[0].info.run_id}",
+            "registered_model": model_name(capture), "version": str(latest),
+            "model_url": f"{uri}/#/models/{model_name(capture)}/versions/{latest}"}
 
 
 def _serve(mlflow_uri: str, s3_url: str) -> int:
@@ -131,11 +335,12 @@ def _serve(mlflow_uri: str, s3_url: str) -> int:
         return 0
 
 
-def export(store: ObjectStore, capture: str, stage: str, dest: Path) -> Path:
-    """Copy a stage's outputs to a local folder so a person can look at them."""
+def export(store: ObjectStore, capture: str, stage: str, dest: Path, everything: bool = False) -> Path:
+    """Copy a stage's pictures (``overlays/``, ``renders/``), or all its outputs, to a local folder."""
     prefix = store.key(stage_prefix(capture, stage))
     rels = ((o.key, o.key[len(prefix) + 1:]) for o in store.list(prefix))
-    store.download_many((key, dest / rel) for key, rel in rels if not rel.startswith(RESERVED_PREFIX))
+    store.download_many((key, dest / rel) for key, rel in rels if not rel.startswith(RESERVED_PREFIX)
+                        and (everything or rel.startswith(PICTURE_DIRS)))
     return dest
 
 

@@ -30,7 +30,7 @@ class EmbeddedMLflow:
 
     def start(self, timeout: float = 90) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        self.port = self.port or free_port()  # a caller may pin it (stable URLs across restarts)
         env = {**os.environ, **self.s3_env, "MLFLOW_S3_ENDPOINT_URL": self.s3_env["HEADAVATAR_S3_ENDPOINT"]}
         cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
                "--workers", "1", "--backend-store-uri", f"sqlite:///{self.data_dir / 'mlflow.db'}",

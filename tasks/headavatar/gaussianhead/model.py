@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from headavatar.fitting.geometry import axis_angle_to_matrix
-from headavatar.meshhead.model import PositionalEncoding, mlp
+from headavatar.meshhead.model import PositionalEncoding, mlp, run_mlp
 from headavatar.render.gaussian_raster import Splats, knn_scale, quat_to_matrix
 from headavatar.settings import GaussianHeadConfig
 
@@ -41,6 +41,8 @@ def matrix_to_quat(m: torch.Tensor) -> torch.Tensor:
 
 
 class GaussianHead(nn.Module):
+    amp = False  # the trainer sets it: MLPs under bf16 autocast on CUDA, geometry in fp32
+
     def __init__(self, cfg: GaussianHeadConfig, n_exp: int, n_frames: int, xyz: torch.Tensor,
                  features: torch.Tensor, landmarks: torch.Tensor, center: torch.Tensor, unit: float):
         """xyz (N, 3) and landmarks (68, 3) in canonical units; features (N, F0) from the mesh head."""
@@ -93,12 +95,14 @@ class GaussianHead(nn.Module):
         w_pose = 1 - w_exp
         pe = self.pose_encoding(pose)[None].expand(n, -1)
         ex = exp[None].expand(n, -1)
-        color = self.exp_color(torch.cat([feat, ex], -1)) * w_exp + self.pose_color(torch.cat([feat, pe], -1)) * w_pose
-        attrs = (self.exp_attributes(torch.cat([feat, ex], -1)) * w_exp
-                 + self.pose_attributes(torch.cat([feat, pe], -1)) * w_pose) * self.cfg.attributes_scale
+        fe, fp = torch.cat([feat, ex], -1), torch.cat([feat, pe], -1)
+        color = run_mlp(self.exp_color, fe, self.amp) * w_exp + run_mlp(self.pose_color, fp, self.amp) * w_pose
+        attrs = (run_mlp(self.exp_attributes, fe, self.amp) * w_exp
+                 + run_mlp(self.pose_attributes, fp, self.amp) * w_pose) * self.cfg.attributes_scale
         enc = self.enc(self.xyz)
-        delta = (torch.tanh(self.exp_deform(torch.cat([enc, ex], -1))) * w_exp
-                 + torch.tanh(self.pose_deform(torch.cat([enc, pe], -1))) * w_pose) * self.cfg.deform_scale
+        delta = (torch.tanh(run_mlp(self.exp_deform, torch.cat([enc, ex], -1), self.amp)) * w_exp
+                 + torch.tanh(run_mlp(self.pose_deform, torch.cat([enc, pe], -1), self.amp)) * w_pose
+                 ) * self.cfg.deform_scale
         canonical = self.center + self.unit * (self.xyz + delta)
         rot = axis_angle_to_matrix(pose[:3])
         means = scale * canonical @ rot.T + pose[3:]
@@ -109,9 +113,31 @@ class GaussianHead(nn.Module):
         return Splats(means, quats, scales, opacities, color)
 
 
+def pixel_shuffle(x: torch.Tensor, r: int) -> torch.Tensor:
+    """``nn.PixelShuffle(r)`` that keeps a channels-last tensor channels-last (one copy, no layout change:
+    cuDNN's NCHW<->NHWC transposes around every bf16 convolution cost more than the convolutions' own
+    memory traffic at 2048²)."""
+    if not x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous():
+        return nn.functional.pixel_shuffle(x, r)
+    b, c4, h, w = x.shape
+    c = c4 // (r * r)
+    y = x.permute(0, 2, 3, 1).reshape(b, h, w, c, r, r).permute(0, 1, 4, 2, 5, 3).reshape(b, h * r, w * r, c)
+    return y.permute(0, 3, 1, 2)
+
+
+class PixelShuffle(nn.Module):
+    def __init__(self, r: int):
+        super().__init__()
+        self.r = r
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return pixel_shuffle(x, self.r)
+
+
 class SuperResolution(nn.Module):
     """32-channel coarse render -> RGB at ``factor`` x the size; the first 3 channels, upsampled,
-    are the starting point, so the network learns a residual."""
+    are the starting point, so the network learns a residual. On CUDA the trainer keeps it
+    channels-last (the rasteriser's (H, W, C) output already is)."""
 
     def __init__(self, channels_in: int, width: int, factor: int):
         super().__init__()
@@ -119,7 +145,7 @@ class SuperResolution(nn.Module):
             raise ValueError(f"super-resolution factor must be a power of two, got {factor}")
         layers: list[nn.Module] = [nn.Conv2d(channels_in, width, 3, padding=1), nn.LeakyReLU(0.2)]
         for _ in range(int(math.log2(factor))):
-            layers += [nn.Conv2d(width, width * 4, 3, padding=1), nn.PixelShuffle(2), nn.LeakyReLU(0.2)]
+            layers += [nn.Conv2d(width, width * 4, 3, padding=1), PixelShuffle(2), nn.LeakyReLU(0.2)]
         layers += [nn.Conv2d(width, width, 3, padding=1), nn.LeakyReLU(0.2), nn.Conv2d(width, 3, 3, padding=1)]
         self.net = nn.Sequential(*layers)
         nn.init.zeros_(self.net[-1].weight)

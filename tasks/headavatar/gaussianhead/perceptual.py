@@ -30,22 +30,29 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    """Per image mean SSIM (Wang et al. 2004, Gaussian window), (B, C, H, W) in [0, 1]."""
-    x = torch.arange(window, dtype=a.dtype, device=a.device) - window // 2
-    g = torch.exp(-(x**2) / (2 * sigma**2))
-    g = g / g.sum()
-    c = a.shape[1]
-    k = (g[:, None] * g[None, :]).expand(c, 1, window, window)
+    """Per image mean SSIM (Wang et al. 2004, Gaussian window, zero padding), (B, C, H, W) in [0, 1].
 
-    def blur(t: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(t, k, padding=window // 2, groups=c)
-
-    mu_a, mu_b = blur(a), blur(b)
-    var_a, var_b = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2
-    cov = blur(a * b) - mu_a * mu_b
-    c1, c2 = 0.01**2, 0.03**2
-    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-    return s.flatten(1).mean(1)
+    The five local moments are blurred together with the window's two 1-D factors (22 taps a pixel
+    instead of 121, two convolutions instead of five), in fp32 even under autocast: the variances are
+    differences of nearly equal numbers."""
+    with torch.autocast(a.device.type, enabled=False):
+        a, b = a.float(), b.float()
+        x = torch.arange(window, dtype=a.dtype, device=a.device) - window // 2
+        g = torch.exp(-(x**2) / (2 * sigma**2))
+        g = g / g.sum()
+        c = a.shape[1]
+        stack = torch.cat([a, b, a * a, b * b, a * b], 1)
+        bsz, n, h, w = stack.shape
+        # Channels as batch: a one-channel convolution (cuDNN) instead of a depthwise one (a slow generic kernel).
+        flat = stack.reshape(bsz * n, 1, h, w)
+        flat = F.conv2d(flat, g.view(1, 1, 1, window), padding=(0, window // 2))
+        flat = F.conv2d(flat, g.view(1, 1, window, 1), padding=(window // 2, 0))
+        mu_a, mu_b, aa, bb, ab = flat.reshape(bsz, n, h, w).split(c, 1)
+        var_a, var_b = aa - mu_a**2, bb - mu_b**2
+        cov = ab - mu_a * mu_b
+        c1, c2 = 0.01**2, 0.03**2
+        s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+        return s.flatten(1).mean(1)
 
 
 class LPIPSVGG(nn.Module):

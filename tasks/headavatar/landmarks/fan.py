@@ -10,7 +10,7 @@ import numpy as np
 
 from headavatar.devices import resolve_device
 from headavatar.errors import ConfigError
-from headavatar.landmarks.detector import LandmarkDetector, Landmarks
+from headavatar.landmarks.base import LandmarkDetector, Landmarks
 from headavatar.settings import LandmarksConfig
 
 

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from headavatar.devices import resolve_device
 from headavatar.errors import ConfigError
+from headavatar.matting.base import Matter
+from headavatar.settings import MattingConfig
 
 RESNET_LAYERS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}
 
@@ -243,3 +247,25 @@ def load_weights(model: MattingRefine, path: Path) -> MattingRefine:
         first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
         raise ConfigError(f"matting weights {path} do not match MattingRefine: {first[:200]}") from None
     return model
+
+
+class BMV2Matter(Matter):
+    """MattingRefine with the configured weights on the best device; fp16 on CUDA when configured."""
+
+    def __init__(self, cfg: MattingConfig, weights: Path):
+        self.device = resolve_device(cfg.device)
+        model = MattingRefine(cfg.backbone, cfg.backbone_scale, cfg.refine_mode, cfg.refine_sample_pixels,
+                              cfg.refine_threshold)
+        load_weights(model, weights)
+        self.dtype = torch.float16 if cfg.precision == "fp16" and self.device.type == "cuda" else torch.float32
+        self.model = model.eval().to(self.device, self.dtype)
+        self.batch_size = cfg.batch_size
+
+    def _tensor(self, batch: list[np.ndarray]) -> torch.Tensor:
+        t = torch.from_numpy(np.stack(batch)[..., ::-1].copy()).to(self.device, non_blocking=True)
+        return t.permute(0, 3, 1, 2).to(self.dtype).div_(255)
+
+    def __call__(self, images: list[np.ndarray], plates: list[np.ndarray]) -> list[np.ndarray]:
+        with torch.inference_mode():
+            pha, _ = self.model(self._tensor(images), self._tensor(plates))
+        return list(pha[:, 0].float().cpu().numpy())

@@ -9,14 +9,21 @@ guided filter (He et al., 2010), which gives a matte whose edges follow the subj
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
+from headavatar.matting.base import Matter
+from headavatar.settings import MattingConfig
+
 
 @dataclass(frozen=True)
-class ClassicalMatting:
+class BackgroundDifference:
+    """One image's matte from its difference to the plate; the parameters are ``matting.classical_*``."""
+
     threshold: float = 0.0  # difference threshold in 8-bit levels; 0 = Otsu, clamped to [10, 40]
     low_threshold: float = 4.0  # hysteresis floor in 8-bit levels (above sensor/codec noise)
     blur_sigma: float = 1.5
@@ -55,6 +62,20 @@ class ClassicalMatting:
         radius = max(1, round(self.guided_radius * scale))
         alpha = guided_filter(guide, mask.astype(np.float32), radius, self.guided_eps)
         return np.clip(alpha, 0.0, 1.0)
+
+
+
+class ClassicalMatter(Matter):
+    """One image per core at a time: OpenCV releases the GIL, so threads suffice."""
+
+    def __init__(self, cfg: MattingConfig):
+        self.fn = BackgroundDifference(cfg.classical_threshold, cfg.classical_low_threshold,
+                                       guided_radius=cfg.guided_radius, guided_eps=cfg.guided_eps)
+        self.batch_size = len(os.sched_getaffinity(0))
+        self.pool = ThreadPoolExecutor(self.batch_size, thread_name_prefix="matting")
+
+    def __call__(self, images: list[np.ndarray], plates: list[np.ndarray]) -> list[np.ndarray]:
+        return list(self.pool.map(self.fn, images, plates))
 
 
 def _keep_large_components(mask: np.ndarray, min_fraction: float) -> np.ndarray:

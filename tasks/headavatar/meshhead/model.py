@@ -50,7 +50,18 @@ def mlp(inputs: int, hidden: int, layers: int, outputs: int, zero_last: bool = T
     return nn.Sequential(*mods, last)
 
 
+def run_mlp(net: nn.Module, x: torch.Tensor, amp: bool) -> torch.Tensor:
+    """``net(x)`` in fp32, or with its matmuls in bf16 (CUDA autocast) when ``amp``; geometry around the MLPs
+    stays fp32 either way (a bf16 world transform would move points by millimetres)."""
+    if amp and x.is_cuda:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return net(x).float()
+    return net(x)
+
+
 class MeshHead(nn.Module):
+    amp = False  # the trainer sets it: MLPs under bf16 autocast on CUDA
+
     def __init__(self, cfg: MeshHeadConfig, n_exp: int, center: torch.Tensor, half: torch.Tensor,
                  ellipsoid: torch.Tensor, landmarks: torch.Tensor):
         """center/half: the box in canonical units; ellipsoid: semi-axes of the initial head and
@@ -84,7 +95,7 @@ class MeshHead(nn.Module):
 
     def query(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """SDF (...,), grid deformation (..., 3) and features (..., F) at box points."""
-        out = self.geo(self.enc(x))
+        out = run_mlp(self.geo, self.enc(x), self.amp)
         sdf = self.prior_sdf(x) + out[..., 0]
         deform = torch.tanh(out[..., 1:4]) / self.cfg.grid_resolution  # at most half a cell (cell = 2/res)
         return sdf, deform, out[..., 4:]
@@ -101,8 +112,8 @@ class MeshHead(nn.Module):
         pts = points.expand(b, -1, -1) if points.dim() == 2 else points
         enc = self.enc(pts)
         m = pts.shape[1]
-        exp_off = self.exp_deform(torch.cat([enc, exp[:, None].expand(-1, m, -1)], -1))
-        pose_off = self.pose_deform(torch.cat([enc, pose[:, None].expand(-1, m, -1)], -1))
+        exp_off = run_mlp(self.exp_deform, torch.cat([enc, exp[:, None].expand(-1, m, -1)], -1), self.amp)
+        pose_off = run_mlp(self.pose_deform, torch.cat([enc, pose[:, None].expand(-1, m, -1)], -1), self.amp)
         lm = self.landmarks.detach()
         dist = torch.cdist(pts.detach(), lm.expand(b, -1, -1)).min(-1).values
         far = ((dist - self.cfg.near_face) / max(self.cfg.far_from_face - self.cfg.near_face, 1e-6)).clamp(0, 1)
@@ -113,7 +124,7 @@ class MeshHead(nn.Module):
         b, m = exp.shape[0], points.shape[0]
         x = torch.cat([features.expand(b, -1, -1), self.enc(points).expand(b, -1, -1),
                        exp[:, None].expand(-1, m, -1)], -1)
-        return torch.sigmoid(self.exp_color(x))
+        return torch.sigmoid(run_mlp(self.exp_color, x, self.amp))
 
 
 def laplacian(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,8 @@ from headavatar.fitting.geometry import axis_angle_to_matrix, project
 from headavatar.meshhead.model import MeshHead, laplacian, vertex_normals
 from headavatar.render.mesh_raster import MeshRasterizer
 from headavatar.settings import MeshHeadConfig
-from headavatar.training.loop import Trainer
+from headavatar.training.device_data import DeviceViews
+from headavatar.training.loop import Trainer, make_optimizer
 from headavatar.training.views import Views
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def hard_iou(alpha: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def losses(model: MeshHead, raster: MeshRasterizer, batch: dict[str, torch.Tensor], size: int,
-           cfg: MeshHeadConfig) -> tuple[torch.Tensor, dict[str, float]]:
+           cfg: MeshHeadConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r = render(model, raster, batch, size)
     vis = batch["visible"]
     gt = batch["image"] * batch["mask"][..., None]
@@ -97,7 +98,7 @@ def losses(model: MeshHead, raster: MeshRasterizer, batch: dict[str, torch.Tenso
              + cfg.w_landmark_sdf * loss_lmk + cfg.w_offset * loss_offset + cfg.w_laplacian * loss_lap)
     parts = {"loss": total, "rgb": loss_rgb, "silhouette": loss_sil, "landmark_deform": loss_def,
              "landmark_sdf": loss_lmk, "offset": loss_offset, "laplacian": loss_lap}
-    return total, {k: float(v.detach()) for k, v in parts.items()}
+    return total, {k: v.detach() for k, v in parts.items()}
 
 
 class MeshHeadTrainer(Trainer):
@@ -107,9 +108,12 @@ class MeshHeadTrainer(Trainer):
                  device: torch.device):
         super().__init__(cfg.seed)
         self.model, self.views, self.cfg, self.raster, self.device = model.to(device), views, cfg, raster, device
+        self.data = DeviceViews(views, device)
+        self.amp = getattr(cfg, "precision", "fp32") == "bf16"
+        model.amp = self.amp
         net = [p for n, p in model.named_parameters() if n != "landmarks"]
-        self.opt = torch.optim.Adam([{"params": net, "lr": cfg.lr_net},
-                                     {"params": [model.landmarks], "lr": cfg.lr_landmarks}])
+        self.opt = make_optimizer([{"params": net, "lr": cfg.lr_net},
+                                   {"params": [model.landmarks], "lr": cfg.lr_landmarks}], device)
         held = set(views.camera_index(cfg.holdout_cameras))
         self.train_cams = [c for c in range(len(views.cameras)) if c not in held]
         self.held_cams = sorted(held)
@@ -120,11 +124,9 @@ class MeshHeadTrainer(Trainer):
         return {"model": self.model}
 
     def batch(self, frames: torch.Tensor, cams: torch.Tensor) -> dict[str, torch.Tensor]:
-        b = self.views.tensors(frames, cams, self.device)
-        b["scale"] = torch.tensor(self.views.scale, device=self.device)
-        return b
+        return self.data.batch(frames, cams)
 
-    def step_loss(self) -> tuple[torch.Tensor, dict[str, float]]:
+    def step_loss(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         n = self.cfg.views_per_step
         frames = torch.randint(len(self.views.folders), (n,), generator=self.gen)
         cams = torch.tensor(self.train_cams)[torch.randint(len(self.train_cams), (n,), generator=self.gen)]

@@ -111,68 +111,85 @@ class TorchRasterizer(MeshRasterizer):
             return torch.ones(len(tri), dtype=torch.bool, device=tri.device)
         return _edge_terms(tri[:, 0], tri[:, 0], tri[:, 1], tri[:, 2])[3] > 0
 
-    @torch.no_grad()
-    def _pairs(self, pix: torch.Tensor, depth: torch.Tensor, faces: torch.Tensor, height: int,
-               width: int) -> tuple[torch.Tensor, ...]:
-        """(face, pixel) pairs within reach of each drawn face, as face indices and pixel x, y, and
-        which edges of each face are open (on the silhouette)."""
-        reach = self.reach
-        tri = pix[faces]
-        drawn = self._drawn(tri)
-        open_edges = _open_edges(faces, drawn)
-        keep = torch.nonzero(drawn).squeeze(1)
-        tri = tri[keep]
-        lo = (tri.min(1).values.floor() - reach).long()
-        hi = (tri.max(1).values.ceil() + reach).long()
-        lo[:, 0].clamp_(0, width - 1), lo[:, 1].clamp_(0, height - 1)
-        hi[:, 0].clamp_(-1, width - 1), hi[:, 1].clamp_(-1, height - 1)
-        span = (hi - lo + 1).clamp_min(0)
-        counts = span[:, 0] * span[:, 1]
-        k = torch.repeat_interleave(torch.arange(len(keep), device=pix.device), counts)
-        start = torch.cumsum(counts, 0) - counts
-        local = torch.arange(len(k), device=pix.device) - start[k]
-        x = lo[k, 0] + local % span[k, 0].clamp_min(1)
-        y = lo[k, 1] + local // span[k, 0].clamp_min(1)
-        return keep[k], x, y, open_edges
+    def _pairs_batched(self, pixels: torch.Tensor, depth: torch.Tensor, faces: torch.Tensor, height: int,
+                       width: int) -> tuple[torch.Tensor, ...]:
+        """(view, face, x, y) of every (face, pixel) pair of all views, and open edges (B, F, 3)."""
+        b, n_faces = len(pixels), len(faces)
+        with torch.no_grad():
+            tri = pixels.detach()[:, faces]  # (B, F, 3, 2)
+            drawn = (self._drawn(tri.reshape(-1, 3, 2))).reshape(b, n_faces)
+            open_edges = _open_edges_batched(faces, drawn)
+            keep = torch.nonzero(drawn.reshape(-1)).squeeze(1)  # view * F + face
+            t = tri.reshape(-1, 3, 2)[keep]
+            reach = self.reach
+            lo = (t.min(1).values.floor() - reach).long()
+            hi = (t.max(1).values.ceil() + reach).long()
+            lo[:, 0].clamp_(0, width - 1), lo[:, 1].clamp_(0, height - 1)
+            hi[:, 0].clamp_(-1, width - 1), hi[:, 1].clamp_(-1, height - 1)
+            span = (hi - lo + 1).clamp_min(0)
+            counts = span[:, 0] * span[:, 1]
+            k = torch.repeat_interleave(torch.arange(len(keep), device=pixels.device), counts)
+            start = torch.cumsum(counts, 0) - counts
+            local = torch.arange(len(k), device=pixels.device) - start[k]
+            x = lo[k, 0] + local % span[k, 0].clamp_min(1)
+            y = lo[k, 1] + local // span[k, 0].clamp_min(1)
+            vf = keep[k]
+        return vf // n_faces, vf % n_faces, x, y, open_edges
 
     def __call__(self, pixels: torch.Tensor, depth: torch.Tensor, faces: torch.Tensor, attributes: torch.Tensor,
                  height: int, width: int) -> RasterOutput:
-        out_attr, out_alpha, out_face = [], [], []
+        """All views in one pass: (view, face, pixel) triples indexed into flattened (B * H * W) images, so
+        the number of kernel launches does not grow with the number of views."""
+        b, n = pixels.shape[:2]
         n_pix = height * width
-        for pix, z, attr in zip(pixels, depth, attributes, strict=True):
-            face, x, y, open_edges = self._pairs(pix.detach(), z.detach(), faces, height, width)
-            q = torch.stack([x, y], -1).to(pix.dtype)
-            pixel = y * width + x
-            f = faces[face]
-            a, b, c = gather(pix, f[:, 0]), gather(pix, f[:, 1]), gather(pix, f[:, 2])
-            with torch.no_grad():  # hard visibility: the nearest covering face per pixel
-                w0, w1, w2, den = _edge_terms(q, a.detach(), b.detach(), c.detach())
-                inside = (w0 >= 0) & (w1 >= 0) & (w2 >= 0) & (den.abs() > 1e-12)
-                zd = z.detach()
-                inv_z = torch.where(inside, w0 / zd[f[:, 0]] + w1 / zd[f[:, 1]] + w2 / zd[f[:, 2]], -1.0)
-                best = torch.full((n_pix,), -1.0, dtype=pix.dtype, device=pix.device)
-                best.scatter_reduce_(0, pixel, inv_z, "amax")
-                winner = inside & (inv_z >= best[pixel]) & (inv_z > 0)
-                visible = torch.full((n_pix,), -1, dtype=torch.long, device=pix.device)
-                visible.scatter_reduce_(0, pixel[winner], face[winner], "amax")
-            # Soft silhouette: log(1 - p) summed over every face within reach of the pixel.
-            d = signed_distance(q, a, b, c, open_edges[face])
-            log_miss = torch.zeros(n_pix, dtype=pix.dtype, device=pix.device)
-            log_miss = log_miss.index_add(0, pixel, -torch.nn.functional.softplus(-d / self.sigma))
-            alpha = 1 - log_miss.exp()
-            # Attributes on the visible face, perspective-correct, differentiable in the vertices.
-            hit = visible >= 0
-            grid = torch.stack([torch.arange(n_pix, device=pix.device) % width,
-                                torch.arange(n_pix, device=pix.device) // width], -1).to(pix.dtype)
-            vf = faces[visible.clamp_min(0)]
-            w0, w1, w2, _ = _edge_terms(grid, gather(pix, vf[:, 0]), gather(pix, vf[:, 1]), gather(pix, vf[:, 2]))
-            w = torch.stack([w0 / gather(z, vf[:, 0]), w1 / gather(z, vf[:, 1]), w2 / gather(z, vf[:, 2])], -1)
-            w = w / w.sum(-1, keepdim=True).clamp_min(1e-12)
-            values = (w[..., None] * gather(attr, vf)).sum(1) * hit[:, None]
-            out_attr.append(values.reshape(height, width, -1))
-            out_alpha.append(alpha.reshape(height, width))
-            out_face.append(visible.reshape(height, width))
-        return RasterOutput(torch.stack(out_attr), torch.stack(out_alpha), torch.stack(out_face))
+        view, face, x, y, open_edges = self._pairs_batched(pixels, depth, faces, height, width)
+        pix_all, z_all = pixels.reshape(b * n, 2), depth.reshape(b * n)
+        attr_all = attributes.reshape(b * n, -1)
+        q = torch.stack([x, y], -1).to(pixels.dtype)
+        pixel = view * n_pix + y * width + x
+        f = faces[face] + (view * n)[:, None]  # vertex ids in the flattened (B * N) arrays
+        a, bb, c = gather(pix_all, f[:, 0]), gather(pix_all, f[:, 1]), gather(pix_all, f[:, 2])
+        with torch.no_grad():  # hard visibility: the nearest covering face per pixel
+            w0, w1, w2, den = _edge_terms(q, a.detach(), bb.detach(), c.detach())
+            inside = (w0 >= 0) & (w1 >= 0) & (w2 >= 0) & (den.abs() > 1e-12)
+            zd = z_all.detach()
+            inv_z = torch.where(inside, w0 / zd[f[:, 0]] + w1 / zd[f[:, 1]] + w2 / zd[f[:, 2]], -1.0)
+            best = torch.full((b * n_pix,), -1.0, dtype=pixels.dtype, device=pixels.device)
+            best.scatter_reduce_(0, pixel, inv_z, "amax")
+            winner = inside & (inv_z >= best[pixel]) & (inv_z > 0)
+            visible = torch.full((b * n_pix,), -1, dtype=torch.long, device=pixels.device)
+            visible.scatter_reduce_(0, pixel[winner], face[winner], "amax")
+        # Soft silhouette: log(1 - p) summed over every face within reach of the pixel.
+        d = signed_distance(q, a, bb, c, open_edges[view, face])
+        log_miss = torch.zeros(b * n_pix, dtype=pixels.dtype, device=pixels.device)
+        log_miss = log_miss.index_add(0, pixel, -torch.nn.functional.softplus(-d / self.sigma))
+        alpha = 1 - log_miss.exp()
+        # Attributes on the visible face, perspective-correct, differentiable in the vertices.
+        hit = visible >= 0
+        idx = torch.arange(b * n_pix, device=pixels.device)
+        local = idx % n_pix
+        grid = torch.stack([local % width, local // width], -1).to(pixels.dtype)
+        vf = faces[visible.clamp_min(0)] + ((idx // n_pix) * n)[:, None]
+        w0, w1, w2, _ = _edge_terms(grid, gather(pix_all, vf[:, 0]), gather(pix_all, vf[:, 1]),
+                                    gather(pix_all, vf[:, 2]))
+        w = torch.stack([w0 / gather(z_all, vf[:, 0]), w1 / gather(z_all, vf[:, 1]), w2 / gather(z_all, vf[:, 2])],
+                        -1)
+        w = w / w.sum(-1, keepdim=True).clamp_min(1e-12)
+        values = (w[..., None] * gather(attr_all, vf)).sum(1) * hit[:, None]
+        return RasterOutput(values.reshape(b, height, width, -1), alpha.reshape(b, height, width),
+                            visible.reshape(b, height, width))
+
+
+def _open_edges_batched(faces: torch.Tensor, drawn: torch.Tensor) -> torch.Tensor:
+    """(B, F, 3) for edges ab, bc, ca of each view: True unless shared with another face drawn in that view."""
+    edges = torch.stack([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]], 1).sort(-1).values
+    _, inverse = torch.unique(edges.reshape(-1, 2), dim=0, return_inverse=True)
+    n_edges = int(inverse.max()) + 1
+    b = drawn.shape[0]
+    slot = (torch.arange(b, device=faces.device)[:, None] * n_edges + inverse[None]).reshape(-1)
+    count = torch.zeros(b * n_edges, device=faces.device).index_add(0, slot, drawn.repeat_interleave(3, 1)
+                                                                      .reshape(-1).float())
+    return (count[slot] < 2).reshape(b, -1, 3)
 
 
 class PyTorch3DRasterizer(TorchRasterizer):
@@ -188,6 +205,16 @@ class PyTorch3DRasterizer(TorchRasterizer):
         from pytorch3d.structures import Meshes
 
         self._rasterize, self._meshes, self.k = rasterize_meshes, Meshes, faces_per_pixel
+
+    @torch.no_grad()
+    def _pairs_batched(self, pixels: torch.Tensor, depth: torch.Tensor, faces: torch.Tensor, height: int,
+                       width: int) -> tuple[torch.Tensor, ...]:
+        views, face_ids, xs, ys, opens = [], [], [], [], []
+        for i, (pix, z) in enumerate(zip(pixels.detach(), depth.detach(), strict=True)):
+            face, x, y, open_edges = self._pairs(pix, z, faces, height, width)
+            views.append(torch.full_like(face, i))
+            face_ids.append(face), xs.append(x), ys.append(y), opens.append(open_edges)
+        return torch.cat(views), torch.cat(face_ids), torch.cat(xs), torch.cat(ys), torch.stack(opens)
 
     @torch.no_grad()
     def _pairs(self, pix: torch.Tensor, depth: torch.Tensor, faces: torch.Tensor, height: int,

@@ -36,7 +36,8 @@ from headavatar.errors import ConfigError, PipelineError
 from headavatar.fitting.bfm import BFM_INSTRUCTIONS, MorphableModel
 from headavatar.fitting.solver import Fit, Observations, fit
 from headavatar.imaging import decode_image, encode_jpg, npz_bytes
-from headavatar.landmarks.detector import LandmarkDetector, Landmarks, build_detector
+from headavatar.landmarks.base import LandmarkDetector, Landmarks
+from headavatar.landmarks.factory import build_detector
 from headavatar.layout import FRAMES_INDEX, ground_truth_prefix
 from headavatar.settings import PipelineConfig
 from headavatar.storage import ObjectStore
@@ -69,6 +70,7 @@ class Fitting(Stage):
     name = "fitting"
     inputs = ("sample",)
     config_sections = ("capture", "extract", "landmarks", "fitting")
+    code_version = 1  # bump when a change makes this stage's outputs differ (docs/caching.md)
 
     def raw_inputs(self, store: ObjectStore, capture: str, config: PipelineConfig) -> dict[str, str]:
         truth = _truth_keys(store, capture)

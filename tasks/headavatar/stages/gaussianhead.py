@@ -20,6 +20,8 @@ from headavatar.assets import asset_identity, fetch_asset
 from headavatar.contract.stage import Stage, StageContext
 from headavatar.devices import resolve_device
 from headavatar.errors import ConfigError
+from headavatar.gaussianhead.metrics import PROTOCOL as EVAL_PROTOCOL
+from headavatar.gaussianhead.metrics import PROTOCOL_TEXT
 from headavatar.gaussianhead.model import GaussianHead, SuperResolution
 from headavatar.gaussianhead.perceptual import LPIPSVGG, Perceptual
 from headavatar.gaussianhead.trainer import GaussianHeadTrainer
@@ -29,7 +31,7 @@ from headavatar.render.gaussian_raster import build_gaussian_rasterizer
 from headavatar.settings import MeshHeadConfig, PipelineConfig
 from headavatar.storage import ObjectStore
 from headavatar.training.checkpoints import Checkpoints
-from headavatar.training.views import load_views
+from headavatar.training.views import load_views, split_sequences
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,8 @@ class GaussianHeadStage(Stage):
     name = "gaussianhead"
     inputs = ("sample", "matting", "fitting", "meshhead")
     config_sections = ("capture", "extract", "gaussianhead")
+    code_version = 2  # bump when outputs change (docs/caching.md); 2: bf16, batched views, videos (issue 22)
+    volatile_outputs = ("history.json", "checkpoints/*")  # CPU/GPU samples differ on every run
 
     def raw_inputs(self, store: ObjectStore, capture: str, config: PipelineConfig) -> dict[str, str]:
         cfg = config.gaussianhead
@@ -70,6 +74,10 @@ class GaussianHeadStage(Stage):
         lowres = ctx.config.extract.lowres_size
         coarse = load_views(ctx, cfg.coarse_size, lowres=cfg.coarse_size <= lowres)
         fine = load_views(ctx, cfg.fine_size, lowres=cfg.fine_size <= lowres)
+        # Held-out sequences: never trained on, scored on every camera (self-reenactment).
+        coarse, held_coarse = split_sequences(coarse, cfg.holdout_sequences, "gaussianhead.holdout_sequences")
+        fine, held_fine = split_sequences(fine, cfg.holdout_sequences, "gaussianhead.holdout_sequences")
+        extra_eval = [] if held_coarse is None else [("self_reenactment", held_coarse, held_fine)]
 
         mesh = load_meshhead(ctx)
         with torch.no_grad():
@@ -78,7 +86,8 @@ class GaussianHeadStage(Stage):
             head = GaussianHead(cfg, coarse.exp.shape[1], len(coarse.folders), mesh.to_canonical(verts), features,
                                 mesh.to_canonical(mesh.landmarks), mesh.box_center, float(mesh.box_half.max()))
         sr = SuperResolution(cfg.features, cfg.sr_channels, cfg.fine_size // cfg.coarse_size)
-        trainer = GaussianHeadTrainer(head, sr, coarse, fine, cfg, raster, Perceptual(lpips), device)
+        trainer = GaussianHeadTrainer(head, sr, coarse, fine, cfg, raster, Perceptual(lpips), device,
+                                      extra_eval=extra_eval)
         checkpoints = Checkpoints(ctx, cfg.keep_checkpoint_every)
         saved = checkpoints.load()
         if saved is not None:
@@ -101,19 +110,40 @@ class GaussianHeadStage(Stage):
             "checkpoint": "avatar.pt", "gaussians": len(head.xyz), "features": cfg.features,
             "coarse_size": cfg.coarse_size, "fine_size": cfg.fine_size,
             "frames": coarse.folders, "cameras": coarse.cameras, "holdout_cameras": list(cfg.holdout_cameras),
-            "inputs": ctx.inputs, "metrics": final,
+            "inputs": ctx.inputs, "metrics": final, "eval_protocol": EVAL_PROTOCOL, "eval_protocol_text": PROTOCOL_TEXT,
             "render": "headavatar.gaussianhead.model.GaussianHead.splats(exp, pose, scale, frame) -> "
                       "headavatar.render.gaussian_raster -> SuperResolution",
         }, indent=1).encode())
         ctx.outputs.put_bytes("history.json", json.dumps({"losses": state.history, "holdout": state.evals,
                                                           "system": state.system}).encode())
         self._pictures(ctx, trainer)
+        self._videos(ctx, trainer)
         ctx.metrics.update({"steps": cfg.steps, "resumed_from_step": state.resumed_from,
             "train_steps_per_s": state.steps_per_s, "gaussians": len(head.xyz),
                             **{k: v for k, v in final.items() if k != "step"},
                             **{f"final_{k}": v for k, v in state.history[-1].items() if k != "step"}})
         log.info("%s/gaussianhead: held-out %s", ctx.capture,
                  ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k != "step"))
+
+    @staticmethod
+    def _videos(ctx: StageContext, trainer: GaussianHeadTrainer) -> None:
+        """``videos/reenactment.mp4`` (GT | avatar: the held-out sequence, else the training frames, from the
+        first held-out camera) and ``videos/turntable.mp4`` (frame 0, orbiting that camera)."""
+        from headavatar.avatar_video import reenactment_video, turntable_video
+
+        if not trainer.eval_sets:
+            return
+        s = next((e for e in trainer.eval_sets if e.name == "self_reenactment"), trainer.eval_sets[0])
+        cam = trainer.held_cams[0]
+        height = min(1024, trainer.fine.size)
+        for name, make in (("reenactment", lambda p: reenactment_video(trainer, s, cam, p, height=height)),
+                           ("turntable", lambda p: turntable_video(trainer, 0, cam, p, height=height))):
+            path = ctx.scratch / f"{name}.mp4"
+            info = make(path)
+            ctx.outputs.put_bytes(f"videos/{name}.mp4", path.read_bytes())
+            path.unlink()
+            log.info("%s/gaussianhead: videos/%s.mp4: %d frames of %dx%d", ctx.capture, name, info["frames"],
+                     info["width"], info["height"])
 
     @staticmethod
     @torch.no_grad()

@@ -12,30 +12,26 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TypeVar
 
 import cv2
 import numpy as np
 
-from headavatar.assets import asset_identity, fetch_asset
+from headavatar.assets import asset_identity
 from headavatar.contract.manifest import digest
 from headavatar.contract.stage import Stage, StageContext
 from headavatar.errors import ConfigError
 from headavatar.imaging import CropResize, decode_image, encode_jpg
 from headavatar.layout import FRAMES_INDEX, ground_truth_prefix
-from headavatar.matting.classical import ClassicalMatting
-from headavatar.settings import MattingConfig, PipelineConfig
+from headavatar.matting.factory import NO_WEIGHTS, build_matter
+from headavatar.settings import PipelineConfig
 from headavatar.storage import ObjectStore
 
 log = logging.getLogger(__name__)
-NO_WEIGHTS = ("matting.method=bmv2 needs matting.weights (a local path or s3://bucket/key of pytorch_resnet101.pth); "
-              "set matting.method=classical to run without weights")
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -46,66 +42,6 @@ class Item:
     sequence: str  # sequence name, without the part suffix
     video_frame: int
     camera: str
-
-
-class Matter:
-    """Turns a batch of (image, plate) pairs into alpha mattes."""
-
-    batch_size = 1
-
-    def __call__(self, images: list[np.ndarray], plates: list[np.ndarray]) -> list[np.ndarray]:
-        raise NotImplementedError
-
-
-class ClassicalMatter(Matter):
-    """One image per core at a time: OpenCV releases the GIL, so threads suffice."""
-
-    def __init__(self, cfg: MattingConfig):
-        self.fn = ClassicalMatting(cfg.classical_threshold, cfg.classical_low_threshold,
-                                   guided_radius=cfg.guided_radius, guided_eps=cfg.guided_eps)
-        self.batch_size = len(os.sched_getaffinity(0))
-        self.pool = ThreadPoolExecutor(self.batch_size, thread_name_prefix="matting")
-
-    def __call__(self, images: list[np.ndarray], plates: list[np.ndarray]) -> list[np.ndarray]:
-        return list(self.pool.map(self.fn, images, plates))
-
-
-class NetworkMatter(Matter):
-    """MattingRefine on the best device; fp16 on CUDA when configured."""
-
-    def __init__(self, cfg: MattingConfig, weights: Path):
-        import torch
-
-        from headavatar.devices import resolve_device
-        from headavatar.matting.bmv2 import MattingRefine, load_weights
-
-        self.torch = torch
-        self.device = resolve_device(cfg.device)
-        model = MattingRefine(cfg.backbone, cfg.backbone_scale, cfg.refine_mode, cfg.refine_sample_pixels,
-                              cfg.refine_threshold)
-        load_weights(model, weights)
-        self.dtype = torch.float16 if cfg.precision == "fp16" and self.device.type == "cuda" else torch.float32
-        self.model = model.eval().to(self.device, self.dtype)
-        self.batch_size = cfg.batch_size
-
-    def __call__(self, images: list[np.ndarray], plates: list[np.ndarray]) -> list[np.ndarray]:
-        torch = self.torch
-
-        def tensor(batch: list[np.ndarray]) -> torch.Tensor:
-            t = torch.from_numpy(np.stack(batch)[..., ::-1].copy()).to(self.device, non_blocking=True)
-            return t.permute(0, 3, 1, 2).to(self.dtype).div_(255)
-
-        with torch.inference_mode():
-            pha, _ = self.model(tensor(images), tensor(plates))
-        return list(pha[:, 0].float().cpu().numpy())
-
-
-def build_matter(cfg: MattingConfig, store: ObjectStore, scratch: Path) -> Matter:
-    if cfg.method == "classical":
-        return ClassicalMatter(cfg)
-    if not cfg.weights:
-        raise ConfigError(NO_WEIGHTS)
-    return NetworkMatter(cfg, fetch_asset(store, cfg.weights, "matting.weights", scratch))
 
 
 def prefetch(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: list[T], ahead: int) -> Iterator[R]:
@@ -136,6 +72,7 @@ class Matting(Stage):
     name = "matting"
     inputs = ("sample",)
     config_sections = ("capture", "extract", "matting")
+    code_version = 1  # bump when a change makes this stage's outputs differ (docs/caching.md)
 
     def raw_inputs(self, store: ObjectStore, capture: str, config: PipelineConfig) -> dict[str, str]:
         truth = [(o.key, o.size, o.etag) for o in store.list(store.key(ground_truth_prefix(capture)))

@@ -20,25 +20,52 @@ import torch
 
 from headavatar.contract.stage import Stage, StageContext
 from headavatar.devices import resolve_device
+from headavatar.errors import PipelineError
 from headavatar.imaging import encode_jpg, npz_bytes
 from headavatar.meshhead.trainer import MeshHeadTrainer, init_model, render
 from headavatar.render.mesh_raster import build_mesh_rasterizer
 from headavatar.training.checkpoints import Checkpoints
-from headavatar.training.views import load_views
+from headavatar.training.device_data import DeviceViews
+from headavatar.training.views import Views, load_views, split_sequences
 
 log = logging.getLogger(__name__)
+
+
+def self_reenactment_iou(trainer: MeshHeadTrainer, held: Views) -> float:
+    """Silhouette IoU on frames of held-out sequences (never trained on), every camera, by their own fits.
+
+    The trainer scores what it holds (``views`` and, where it keeps them on the device, ``data``):
+    both are pointed at the held-out frames for the call, and a check that a batch really comes
+    from them guards against scoring training frames should the trainer keep its data elsewhere.
+    """
+    saved = {k: getattr(trainer, k) for k in ("views", "data") if hasattr(trainer, k)}
+    trainer.views = held
+    if "data" in saved:
+        trainer.data = DeviceViews(held, trainer.device)
+    try:
+        last = len(held.folders) - 1
+        mask = trainer.batch(torch.tensor([last]), torch.tensor([0]))["mask"][0].float().cpu().numpy()
+        if np.abs(mask - held.masks[last, 0] / 255.0).max() > 1e-3:
+            raise PipelineError("meshhead.holdout_sequences: the trainer did not take the held-out frames")
+        return trainer.silhouette_iou(list(range(len(held.cameras))))
+    finally:
+        for k, v in saved.items():
+            setattr(trainer, k, v)
 
 
 class MeshHeadStage(Stage):
     name = "meshhead"
     inputs = ("sample", "matting", "fitting")
     config_sections = ("capture", "extract", "meshhead")
+    code_version = 2  # bump when outputs change (docs/caching.md); 2: bf16, batched views, videos (issue 22)
+    volatile_outputs = ("history.json", "checkpoints/*")  # CPU/GPU samples differ on every run
 
     def run(self, ctx: StageContext) -> None:
         cfg = ctx.config.meshhead
         device = resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)
         views = load_views(ctx, cfg.render_size, lowres=cfg.render_size <= ctx.config.extract.lowres_size)
+        views, held_views = split_sequences(views, cfg.holdout_sequences, "meshhead.holdout_sequences")
         first = ctx.input_key("fitting", f"params/{views.folders[0]}/vertices.npy")
         model = init_model(cfg, views, np.load(io.BytesIO(ctx.store.get_bytes(first))))
         raster = build_mesh_rasterizer(cfg.rasterizer, cfg.edge_softness_px)
@@ -71,6 +98,10 @@ class MeshHeadStage(Stage):
             "mesh_vertices": len(verts), "mesh_faces": len(faces),
             **{f"final_{k}": v for k, v in last.items() if k != "step"},
         })
+        if held_views is not None:
+            ctx.metrics["self_reenactment_iou"] = self_reenactment_iou(trainer, held_views)
+            log.info("%s/meshhead: held-out sequences' silhouette IoU %.4f (all cameras)", ctx.capture,
+                     ctx.metrics["self_reenactment_iou"])
         log.info("%s/meshhead: held-out silhouette IoU %.4f", ctx.capture, ctx.metrics["holdout_iou"])
 
     @staticmethod

@@ -22,6 +22,7 @@ class Sample(Stage):
     name = "sample"
     inputs = ("extract",)
     config_sections = ("capture", "sample")
+    code_version = 1  # bump when a change makes this stage's outputs differ (docs/caching.md)
 
     def run(self, ctx: StageContext) -> None:
         extract = ctx.upstream["extract"]

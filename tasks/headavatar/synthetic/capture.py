@@ -3,6 +3,11 @@
 The head is the synthetic morphable model, posed and animated per frame, rendered into every
 camera of a 16-camera rig over that camera's background plate, so the capture is geometrically
 consistent across views and later stages can be scored against the saved truth.
+
+Either raw layout (:mod:`headavatar.layout`): ``v1`` as NeRSemble's archives unpack, or ``v2`` as
+``nersemble-data download`` writes a participant folder. A v2 capture also gets a synthetic
+``color_calibration.json``: each camera's frames and plate are written through the inverse of its
+matrix, so applying the calibration (stage 1) gives back the v1 capture's colours.
 """
 
 from __future__ import annotations
@@ -18,8 +23,9 @@ import numpy as np
 from tqdm import tqdm
 
 from headavatar.capture_id import validate_capture_id
+from headavatar.color import ColorCorrection
 from headavatar.fitting.bfm import MorphableModel
-from headavatar.layout import BACKGROUND_SEQUENCE, GROUND_TRUTH
+from headavatar.layout import BACKGROUND_SEQUENCE, GROUND_TRUTH, LAYOUTS, V2
 from headavatar.settings import NERSEMBLE_CAMERAS
 from headavatar.synthetic.morphable import build_model
 from headavatar.synthetic.render import Camera, render, texture_atlas
@@ -45,9 +51,12 @@ class SyntheticSpec:
     noise: float = 2.0  # sensor noise (std of 8-bit levels) on frames and plates, as real cameras have
     seed: int = 0
     frame_lengths: dict[str, int] = field(default_factory=dict)  # "SEQ/cam" -> frames (odd cases)
+    layout: str = "v1"  # headavatar.layout.LAYOUTS
 
     def __post_init__(self) -> None:
         validate_capture_id(self.capture)
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
         if self.width % 2 or self.height % 2 or self.width < 32 or self.height < 32:
             raise ValueError("width and height must be even and at least 32 (H.264 4:2:0)")
         if self.frames < 1:
@@ -97,6 +106,46 @@ def motion(spec: SyntheticSpec, sequence: str, n_frames: int, n_exp: int) -> dic
     efreq = rng.uniform(0.2, 0.7, (1, n_exp))
     expression = 0.5 + 0.5 * np.sin(2 * np.pi * efreq * t + ephase)
     return {"rotation": rotation, "translation": translation, "exp_coeff": expression}
+
+
+def color_matrix(spec: SyntheticSpec, camera: str) -> np.ndarray:
+    """The synthetic 3x3 colour calibration of one camera (RGB): channel gains and a little cross-talk."""
+    rng = np.random.default_rng([spec.seed, int(camera), 77])
+    mix = np.eye(3) + rng.uniform(0.0, 0.04, (3, 3)) * (1 - np.eye(3))
+    return np.diag(rng.uniform(1.04, 1.2, 3)) @ mix
+
+
+def miscalibrate(image: np.ndarray, spec: SyntheticSpec, camera: str) -> np.ndarray:
+    """What the camera recorded: the true colours through the inverse of its calibration (v2 only)."""
+    if spec.layout != "v2":
+        return image
+    return ColorCorrection(np.linalg.inv(color_matrix(spec, camera)))(image)
+
+
+class RawPaths:
+    """Where one synthetic capture's raw files go, in its layout (under the ``raw/`` root)."""
+
+    def __init__(self, spec: SyntheticSpec, raw_root: Path):
+        self.spec, self.cid = spec, spec.capture
+        self.root = raw_root / V2 / self.cid if spec.layout == "v2" else raw_root
+
+    def camera_params(self) -> Path:
+        if self.spec.layout == "v2":
+            return self.root / "calibration" / "camera_params.json"
+        return self.root / "camera_params" / self.cid / "camera_params.json"
+
+    def color_calibration(self) -> Path:
+        return self.root / "calibration" / "color_calibration.json"
+
+    def background(self, camera: str) -> Path:
+        if self.spec.layout == "v2":
+            return self.root / "sequences" / "BACKGROUND" / f"image_{camera}.jpg"
+        return self.root / BACKGROUND_SEQUENCE / self.cid / "BACKGROUND" / f"image_{camera}.jpg"
+
+    def video(self, sequence: str, camera: str) -> Path:
+        if self.spec.layout == "v2":
+            return self.root / "sequences" / sequence / "images" / f"cam_{camera}.mp4"
+        return self.root / f"sequence_{sequence}_part-1" / self.cid / sequence / f"cam_{camera}.mp4"
 
 
 def add_noise(image: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
@@ -156,7 +205,8 @@ def _render_camera_video(job: _CameraJob) -> str:
         stream.thread_count = 1
         for f in range(job.n_frames):
             r = render(truth["vertices"][f], model.faces, model.uv, camera, plate, LIGHT)
-            frame = av.VideoFrame.from_ndarray(add_noise(r.image, spec.noise, rng), format="bgr24")
+            recorded = add_noise(miscalibrate(r.image, spec, job.camera), spec.noise, rng)
+            frame = av.VideoFrame.from_ndarray(recorded, format="bgr24")
             container.mux(stream.encode(frame))
             out = job.alpha_dir / f"{f:04d}"
             out.mkdir(parents=True, exist_ok=True)
@@ -187,25 +237,29 @@ def sequence_truth(spec: SyntheticSpec, model: MorphableModel, sequence: str, n_
 
 
 def write_capture(spec: SyntheticSpec, out_dir: Path, workers: int = 0) -> Path:
-    """Write the raw layout under ``out_dir`` (the ``raw/`` root) and the truth beside it."""
+    """Write the raw layout under ``out_dir`` (the ``raw/`` root; v2 goes to ``raw/v2/<id>/``) and the truth
+    beside it."""
     out_dir = Path(out_dir)
     cid = spec.capture
     model = build_model()
     intr, extr = rig(spec)
 
-    params = out_dir / "camera_params" / cid / "camera_params.json"
+    paths = RawPaths(spec, out_dir)
+    params = paths.camera_params()
     params.parent.mkdir(parents=True, exist_ok=True)
     params.write_text(json.dumps({
         "world_2_cam": {c: extr[c].tolist() for c in spec.cameras},
         "intrinsics": intr.tolist(),
     }, indent=1))
+    if spec.layout == "v2":
+        paths.color_calibration().write_text(json.dumps(
+            {c: color_matrix(spec, c).tolist() for c in spec.cameras}, indent=1))
 
-    bg_dir = out_dir / BACKGROUND_SEQUENCE / cid / "BACKGROUND"
-    bg_dir.mkdir(parents=True, exist_ok=True)
     for cam in spec.cameras:
-        plate = add_noise(background_plate(cam, spec.width, spec.height), spec.noise,
+        plate = add_noise(miscalibrate(background_plate(cam, spec.width, spec.height), spec, cam), spec.noise,
                           np.random.default_rng([spec.seed, int(cam)]))
-        cv2.imwrite(str(bg_dir / f"image_{cam}.jpg"), plate, [cv2.IMWRITE_JPEG_QUALITY, 95])
+        paths.background(cam).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(paths.background(cam)), plate, [cv2.IMWRITE_JPEG_QUALITY, 95])
 
     truth_dir = out_dir.parent / GROUND_TRUTH / cid
     truth_dir.mkdir(parents=True, exist_ok=True)
@@ -223,7 +277,7 @@ def write_capture(spec: SyntheticSpec, out_dir: Path, workers: int = 0) -> Path:
         for cam in spec.cameras:
             if lengths[cam] == 0:
                 continue  # odd-case captures: this camera is missing from this sequence
-            video = out_dir / f"sequence_{seq}_part-1" / cid / seq / f"cam_{cam}.mp4"
+            video = paths.video(seq, cam)
             jobs.append(_CameraJob(spec, seq, cam, lengths[cam], video, truth_dir / seq / "alpha"))
 
     texture_atlas()  # bake once in the parent; forked workers inherit it

@@ -7,6 +7,7 @@ continues with the very batches it would have drawn and its history has every st
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from abc import ABC, abstractmethod
@@ -50,8 +51,9 @@ class Trainer(ABC):
     def modules(self) -> dict[str, torch.nn.Module]: ...
 
     @abstractmethod
-    def step_loss(self) -> tuple[torch.Tensor, dict[str, float]]:
-        """Draw a batch with ``self.gen`` and return its loss and the loss terms."""
+    def step_loss(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Draw a batch with ``self.gen`` and return its loss and the loss terms (detached tensors: reading
+        them as floats would make every step wait for the device)."""
 
     @abstractmethod
     def evaluate(self) -> dict[str, float]:
@@ -71,7 +73,25 @@ class Trainer(ABC):
         self.state = TrainState(s["step"], s["step"], s["history"], s["evals"], s.get("system", []),
                                 *s.get("timing", (0.0, 0)))
 
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast on CUDA when the trainer asks for it (``self.amp``); a no-op otherwise."""
+        if getattr(self, "amp", False) and torch.device(self.device).type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _sync_window(self, since_t: float | None, steps: int) -> float:
+        """Account the wall time of ``steps`` steps since ``since_t`` (after waiting for the device); now."""
+        if torch.device(self.device).type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        if since_t is not None and steps:
+            self.state.step_seconds += now - since_t
+            self.state.timed_steps += steps
+        return now
+
     def train(self, save: Callable[[dict], None], log_every: int = 10) -> TrainState:
+        """Run to ``cfg.steps``. The step never waits for the device: loss terms stay on it and are read
+        (one synchronisation) every ``log_every`` steps, at evaluations and at checkpoints."""
         cfg = self.cfg
         if torch.device(self.device).type == "cpu":
             # Bit-reproducible on the CPU (a resumed run equals an undisturbed one); on CUDA the
@@ -82,25 +102,51 @@ class Trainer(ABC):
         keep = getattr(cfg, "keep_checkpoint_every", 0)
         if self.state.step == 0 and cfg.eval_every:
             self.state.evals.append({"step": 0, **self.evaluate()})
+        window_t: float | None = None  # the first step of an attempt warms up (compilation, allocator): untimed
+        window_steps = 0
         for step in range(self.state.step, cfg.steps):
-            t_step = time.perf_counter()  # loss terms are floats: each step waits for the previous one
             loss, parts = self.step_loss()
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
-            if step > since:  # the first step of an attempt warms up (kernel compilation, allocator)
-                self.state.step_seconds += time.perf_counter() - t_step
-                self.state.timed_steps += 1
             self.state.step = done = step + 1
-            if done % log_every == 0 or done == cfg.steps:
-                self.state.history.append({"step": done, **parts})
+            window_steps += 1
+            if step == since:
+                window_t, window_steps = self._sync_window(None, 0), 0
+            logged = done % log_every == 0 or done == cfg.steps
+            evaluating = bool(cfg.eval_every) and done % cfg.eval_every == 0 and done < cfg.steps
+            saving = (done % cfg.checkpoint_every == 0 or (keep and done % keep == 0)) and done < cfg.steps
+            progress = done % max(1, cfg.steps // 20) == 0
+            if not (logged or evaluating or saving or progress):
+                continue
+            values = _floats(parts)  # the one synchronisation of this window
+            window_t = self._sync_window(window_t, window_steps)
+            window_steps = 0
+            if logged:
+                self.state.history.append({"step": done, **values})
                 self.state.system.append({"step": done, **system.sample()})
-            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
+            if evaluating:
                 self.state.evals.append({"step": done, **self.evaluate()})
-            if done % max(1, cfg.steps // 20) == 0:
+            if progress:
                 rate = (done - since) / max(time.monotonic() - t0, 1e-9)
-                log.info("%s: step %d/%d loss %.4f (%.2f steps/s)", self.name, done, cfg.steps, parts["loss"], rate)
-            if (done % cfg.checkpoint_every == 0 or (keep and done % keep == 0)) and done < cfg.steps:
+                log.info("%s: step %d/%d loss %.4f (%.2f steps/s)", self.name, done, cfg.steps, values["loss"], rate)
+            if saving:
                 save(self.state_dict())
+            window_t = self._sync_window(None, 0)
         self.state.evals.append({"step": cfg.steps, **self.evaluate()})
         return self.state
+
+
+def make_optimizer(groups: list[dict], device: torch.device) -> torch.optim.Adam:
+    """Adam; the fused CUDA kernel on GPUs (one launch for all parameters instead of several per tensor)."""
+    return torch.optim.Adam(groups, fused=True) if torch.device(device).type == "cuda" else torch.optim.Adam(groups)
+
+
+def _floats(parts: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """Loss terms as Python floats with one device-to-host copy."""
+    tensors = {k: v for k, v in parts.items() if isinstance(v, torch.Tensor)}
+    out = {k: float(v) for k, v in parts.items() if not isinstance(v, torch.Tensor)}
+    if tensors:
+        out.update(zip(tensors, torch.stack([v.detach().float().reshape(()) for v in tensors.values()]).tolist(),
+                       strict=True))
+    return {k: out[k] for k in parts}

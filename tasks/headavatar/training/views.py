@@ -1,7 +1,8 @@
 """Multiview training data of one capture, loaded once from stages 2-4 into memory (uint8).
 
 Both training stages read the same things: per frame and camera the image, the matte and the
-visibility mask at one resolution, the camera, and per frame the stage-4 fit.
+visibility mask at one resolution, the camera, and per frame the stage-4 fit and its sequence
+(for the held-out-sequence split, :func:`split_sequences`).
 """
 
 from __future__ import annotations
@@ -10,16 +11,18 @@ import io
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 import torch
 
-from headavatar.errors import UpstreamMissing
+from headavatar.errors import ConfigError, UpstreamMissing
 from headavatar.imaging import decode_image
 from headavatar.layout import FRAMES_INDEX
+from headavatar.settings import sequence_name
 
 if TYPE_CHECKING:  # runtime import would pull in boto3, which GPU benchmark hosts may lack
     from headavatar.contract.stage import StageContext
@@ -40,6 +43,7 @@ class Views:
     scale: float
     exp: np.ndarray  # (F, K)
     landmarks_3d: np.ndarray  # (F, 68, 3) world
+    sequences: list[str] = field(default_factory=list)  # per frame: its sequence name (empty: unknown)
 
     @property
     def size(self) -> int:
@@ -47,6 +51,13 @@ class Views:
 
     def camera_index(self, names: tuple[str, ...] | list[str]) -> list[int]:
         return [self.cameras.index(c) for c in names if c in self.cameras]
+
+    def subset(self, frames: list[int]) -> Views:
+        """The given frames (indices into ``folders``), every camera."""
+        f = np.asarray(frames, dtype=np.int64)
+        return Views([self.folders[i] for i in frames], list(self.cameras), self.images[f], self.masks[f],
+                     self.visible[f], self.intrinsics[f], self.extrinsics[f], self.pose[f], self.scale, self.exp[f],
+                     self.landmarks_3d[f], [self.sequences[i] for i in frames] if self.sequences else [])
 
     def tensors(self, frames: torch.Tensor, cams: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
         """A batch of (frame, camera) pairs as float tensors on ``device``."""
@@ -106,6 +117,30 @@ def load_views(ctx: StageContext, size: int, lowres: bool) -> Views:
         arr = np.stack([x[i] for x in loaded])
         return arr.reshape(len(folders), len(cams), *arr.shape[1:])
 
+    sequence_of = {f["folder"]: sequence_name(f.get("sequence", "")) for f in index["frames"]}
     return Views(folders, cams, stack(0), stack(1), stack(2), stack(3), stack(4),
                  pose=np.stack([f[0] for f in fits]), scale=fits[0][1], exp=np.stack([f[2] for f in fits]),
-                 landmarks_3d=np.stack([f[3] for f in fits]))
+                 landmarks_3d=np.stack([f[3] for f in fits]), sequences=[sequence_of[f] for f in folders])
+
+
+def split_sequences(views: Views, patterns: tuple[str, ...], setting: str) -> tuple[Views, Views | None]:
+    """(frames to train on, frames of the held-out sequences or None): self-reenactment's split.
+
+    Held-out sequences are never trained on; they are scored on every camera, driven by their own
+    fitted expressions and poses. A pattern that matches no kept sequence is an error (a typo would
+    otherwise train on what was meant to be held out).
+    """
+    if not patterns:
+        return views, None
+    names = sorted(set(views.sequences))
+    unmatched = [p for p in patterns if not any(fnmatchcase(n, p) for n in names)]
+    if unmatched:
+        raise ConfigError(f"{setting}: {', '.join(unmatched)} matches none of the fitted sequences "
+                          f"({', '.join(names)})")
+    held = [i for i, s in enumerate(views.sequences) if any(fnmatchcase(s, p) for p in patterns)]
+    train = [i for i in range(len(views.folders)) if i not in set(held)]
+    if not train:
+        raise ConfigError(f"{setting}: every fitted sequence is held out; nothing is left to train on")
+    log.info("%s: %d frames of %s held out, %d frames to train on", setting, len(held),
+             ", ".join(sorted({views.sequences[i] for i in held})), len(train))
+    return views.subset(train), views.subset(held)

@@ -1,4 +1,8 @@
-"""The detector interface and the factory that picks an implementation from the config."""
+"""The detector interface: what every landmark detector returns and must implement.
+
+Kept apart from the factory (:mod:`headavatar.landmarks.factory`) so the implementations can
+import it without an import cycle.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,6 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import numpy as np
-
-from headavatar.errors import ConfigError
-from headavatar.settings import LandmarksConfig
 
 N_LANDMARKS = 68
 
@@ -31,15 +32,3 @@ class LandmarkDetector(ABC):
 
     @abstractmethod
     def detect(self, rgb: np.ndarray) -> Landmarks | None: ...
-
-
-def build_detector(cfg: LandmarksConfig) -> LandmarkDetector:
-    if cfg.detector == "dlib":
-        from headavatar.landmarks.dlib68 import DlibDetector
-
-        return DlibDetector()
-    if cfg.detector == "face_alignment":
-        from headavatar.landmarks.fan import FanDetector
-
-        return FanDetector(cfg)
-    raise ConfigError(f"landmarks.detector={cfg.detector!r} does not detect in images")

@@ -1,0 +1,167 @@
+"""``make images``: the stage images, built the same way here (no registry) and on a normal host.
+
+Two images from the repository's Dockerfiles: ``headavatar/preprocess`` (stages 1-2, ingestion)
+and ``headavatar/cpu`` (stages 3-6 on CPU, ``images/cuda.Dockerfile`` with CPU build arguments).
+The base is a build argument: the public ``python:3.11.11-slim-bookworm`` where a registry answers,
+else the project's own Debian image (``images/base/build.sh``, cached by its recipe hash). PyTorch
+comes from the CPU index, or, where a CPU wheel is on disk (``TORCH_WHEEL``), from a wheel index
+served on 127.0.0.1 for the build only (the build then uses the host network). Docker's layer cache
+makes a second build, or a code-only change, take seconds; the demo and the tests call
+:func:`build_images` too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import http.server
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parents[3]
+PUBLIC_PYTHON = "python:3.11.11-slim-bookworm"
+TORCH_VERSION = "2.13.0"
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+WHEEL_DIRS = (Path("/opt/wheels"),)
+WHEEL_PORT = 38471  # fixed, so the build argument (and with it Docker's layer cache) is stable
+IMAGE_TAG = "0.1.0"
+LOCAL_CAS = Path("/usr/local/share/ca-certificates")
+
+
+def preprocess_image(tag: str = IMAGE_TAG) -> str:
+    return f"headavatar/preprocess:{tag}"
+
+
+def cpu_image(tag: str = IMAGE_TAG) -> str:
+    return f"headavatar/cpu:{tag}"
+
+
+def git_commit() -> str:
+    r = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return r.stdout.strip() if r.returncode == 0 else "unknown"
+
+
+def _docker(*args: str, env: dict[str, str], check: bool = True, quiet: bool = False) -> subprocess.CompletedProcess:
+    out = subprocess.DEVNULL if quiet else None
+    return subprocess.run(["docker", *args], env=env, check=check, stdout=out, stderr=out)
+
+
+def python_base(base: str, env: dict[str, str]) -> str:
+    """The Python base image: ``public``, ``local`` (built from Debian packages) or ``auto``."""
+    if base not in ("auto", "public", "local"):
+        raise ValueError(f"BASE must be auto, public or local, not {base!r}")
+    if base == "public" or (base == "auto" and (
+            _docker("image", "inspect", PUBLIC_PYTHON, env=env, check=False, quiet=True).returncode == 0
+            or _docker("pull", "-q", PUBLIC_PYTHON, env=env, check=False, quiet=True).returncode == 0)):
+        return PUBLIC_PYTHON
+    r = subprocess.run([str(REPO / "images/base/build.sh")], env=env, check=True, capture_output=True, text=True)
+    return r.stdout.strip().splitlines()[-1]
+
+
+def torch_wheel() -> Path | None:
+    """A CPU torch wheel on this machine (``TORCH_WHEEL``, else the known wheel folders), if any."""
+    if os.environ.get("TORCH_WHEEL"):
+        return Path(os.environ["TORCH_WHEEL"])
+    for folder in WHEEL_DIRS:
+        found = sorted(folder.glob(f"torch-{TORCH_VERSION}+cpu-cp311-cp311-*linux*x86_64.whl"))
+        if found:
+            return found[-1]
+    return None
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def wheel_index(wheel: Path) -> Iterator[str]:
+    """A PEP 503 index holding only this torch wheel, on 127.0.0.1 while the build runs."""
+    with tempfile.TemporaryDirectory() as root:
+        (Path(root) / "torch").mkdir()
+        (Path(root) / "torch" / wheel.name).symlink_to(wheel.resolve())
+        handler = functools.partial(_Quiet, directory=root)
+        try:
+            server = http.server.ThreadingHTTPServer(("127.0.0.1", WHEEL_PORT), handler)
+        except OSError:
+            server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield f"http://127.0.0.1:{server.server_address[1]}/"
+        finally:
+            server.shutdown()
+            server.server_close()
+
+
+def copy_local_cas(dest: Path = REPO / "images/ca") -> list[str]:
+    """The host's locally added CA certificates into the build context (git-ignored), so pip in the
+    images' dependency stages trusts a TLS-inspecting proxy the host trusts. None on a normal host."""
+    names = []
+    for cert in sorted(LOCAL_CAS.glob("*.crt")):
+        target = dest / cert.name
+        if not target.exists() or target.read_bytes() != cert.read_bytes():
+            shutil.copyfile(cert, target)
+        names.append(cert.name)
+    return names
+
+
+def build_images(tag: str = IMAGE_TAG, base: str = "auto", env: dict[str, str] | None = None,
+                 context: Path = REPO) -> dict[str, float]:
+    """Build (or refresh from cache) both stage images from ``context`` (the checkout); seconds per phase."""
+    env = {**os.environ, "DOCKER_BUILDKIT": "0", **(env or {})}
+    if shutil.which("docker", path=env.get("PATH")) is None:
+        raise RuntimeError("docker CLI not found: run `make docker-engine` first")
+    times: dict[str, float] = {}
+    copy_local_cas(context / "images" / "ca")
+    t = time.monotonic()
+    python_image = python_base(base, env)
+    times["base"] = time.monotonic() - t
+    commit = git_commit()
+    common = ["build", "--build-arg", f"GIT_COMMIT={commit}"]
+    t = time.monotonic()
+    _docker(*common, "-f", str(context / "images/preprocess.Dockerfile"), "--build-arg", f"PYTHON_IMAGE={python_image}",
+            "-t", preprocess_image(tag), str(context), env=env)
+    times["preprocess"] = time.monotonic() - t
+    wheel = torch_wheel()
+    with wheel_index(wheel) if wheel else contextlib.nullcontext(TORCH_CPU_INDEX) as index:
+        t = time.monotonic()
+        _docker(*common, "-f", str(context / "images/cuda.Dockerfile"), "--network", "host",
+                "--build-arg", f"BUILD_IMAGE={python_image}", "--build-arg", f"RUNTIME_IMAGE={python_image}",
+                "--build-arg", "PYTHON_VERSION=system", "--build-arg", "BUILD_PACKAGES=",
+                "--build-arg", "WITH_GSPLAT=0", "--build-arg", "WITH_FAN=0", "--build-arg", "FLAVOUR=cpu",
+                "--build-arg", f"TORCH_VERSION={TORCH_VERSION}", "--build-arg", f"TORCH_INDEX={index}",
+                "-t", cpu_image(tag), str(context), env=env)
+        times["cpu"] = time.monotonic() - t
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tag", default=IMAGE_TAG)
+    parser.add_argument("--base", default=os.environ.get("BASE", "auto"), choices=["auto", "public", "local"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        times = build_images(args.tag, args.base)
+    except (subprocess.CalledProcessError, RuntimeError, ValueError) as e:
+        print(f"make images: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"images": [preprocess_image(args.tag), cpu_image(args.tag)],
+                      "seconds": {k: round(v, 1) for k, v in times.items()}}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

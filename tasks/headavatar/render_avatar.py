@@ -1,0 +1,71 @@
+"""``headavatar render``: the videos of a capture's trained avatar, rebuilt from stage 6's outputs.
+
+Kept apart from avatar_video.py (which stage 6 itself uses to write the videos) so that the
+stage and the video writer do not import each other.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import torch
+
+from headavatar.avatar_video import reenactment_video, turntable_video
+from headavatar.settings import PipelineConfig
+from headavatar.storage import ObjectStore
+
+
+def render_capture(store: ObjectStore, capture: str, config: PipelineConfig, out: Path) -> dict:
+    """``headavatar render``: both videos of a capture's trained avatar (stage 6 outputs), written to ``out``.
+
+    Rebuilds the avatar as stage 6 left it (its own saved config, the stage-5 mesh head it started
+    from) and the views it was scored on, from the stage outputs in the bucket."""
+    import tempfile
+
+    from headavatar.contract.stage import StageContext, read_manifest
+    from headavatar.devices import resolve_device
+    from headavatar.errors import PipelineError
+    from headavatar.gaussianhead.model import GaussianHead, SuperResolution
+    from headavatar.gaussianhead.perceptual import Perceptual
+    from headavatar.gaussianhead.trainer import GaussianHeadTrainer
+    from headavatar.render.gaussian_raster import build_gaussian_rasterizer
+    from headavatar.settings import GaussianHeadConfig
+    from headavatar.stages.gaussianhead import load_meshhead
+    from headavatar.training.views import load_views, split_sequences
+
+    manifests = {s: read_manifest(store, capture, s) for s in ("sample", "matting", "fitting", "meshhead",
+                                                                 "gaussianhead")}
+    missing = [s for s, m in manifests.items() if m is None]
+    if missing:
+        raise PipelineError(f"{capture}: no finished stage {', '.join(missing)}: run the pipeline to stage 6 first")
+    with tempfile.TemporaryDirectory(prefix="headavatar-render-") as tmp:
+        ctx = StageContext("gaussianhead", capture, config, store, Path(tmp), manifests, {},
+                           None)  # type: ignore[arg-type]  # reads inputs only
+        saved = torch.load(io.BytesIO(store.get_bytes(ctx.input_key("gaussianhead", "avatar/avatar.pt"))),
+                           map_location="cpu", weights_only=False)
+        cfg = GaussianHeadConfig.model_validate(saved["config"])
+        device = resolve_device(config.gaussianhead.device)
+        lowres = config.extract.lowres_size
+        coarse = load_views(ctx, cfg.coarse_size, lowres=cfg.coarse_size <= lowres)
+        fine = load_views(ctx, cfg.fine_size, lowres=cfg.fine_size <= lowres)
+        coarse, held_coarse = split_sequences(coarse, cfg.holdout_sequences, "gaussianhead.holdout_sequences")
+        fine, held_fine = split_sequences(fine, cfg.holdout_sequences, "gaussianhead.holdout_sequences")
+        mesh = load_meshhead(ctx)
+    with torch.no_grad():
+        verts, _, _ = mesh.neutral()
+        _, _, features = mesh.query(verts)
+        head = GaussianHead(cfg, coarse.exp.shape[1], len(coarse.folders), mesh.to_canonical(verts), features,
+                            mesh.to_canonical(mesh.landmarks), mesh.box_center, float(mesh.box_half.max()))
+    head.load_state_dict(saved["head"])
+    sr = SuperResolution(cfg.features, cfg.sr_channels, cfg.fine_size // cfg.coarse_size)
+    sr.load_state_dict(saved["sr"])
+    extra = [] if held_coarse is None else [("self_reenactment", held_coarse, held_fine)]
+    trainer = GaussianHeadTrainer(head.eval(), sr.eval(), coarse, fine, cfg,
+                                  build_gaussian_rasterizer(cfg.rasterizer, device), Perceptual(None), device, extra)
+    if not trainer.eval_sets:
+        raise PipelineError(f"{capture}: the avatar has no held-out camera to render from")
+    s = next((e for e in trainer.eval_sets if e.name == "self_reenactment"), trainer.eval_sets[0])
+    cam, height = trainer.held_cams[0], min(1024, cfg.fine_size)
+    return {"reenactment": reenactment_video(trainer, s, cam, out / "reenactment.mp4", height=height),
+            "turntable": turntable_video(trainer, 0, cam, out / "turntable.mp4", height=height)}

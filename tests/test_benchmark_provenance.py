@@ -1,0 +1,68 @@
+"""Every benchmark result says where it came from: git commit, date, machine and command (issue 21, item 9)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from datetime import date, datetime
+from pathlib import Path
+
+import pytest
+
+from headavatar.bench.provenance import FIELDS, stamp
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = sorted((ROOT / "benchmarks" / "results").glob("*.json"))
+
+
+def provenance_problems(doc: dict) -> list[str]:
+    """What is missing or malformed among a results file's provenance fields."""
+    problems = [f"no {k}" for k in FIELDS if not doc.get(k)]
+    if doc.get("commit") and not re.fullmatch(r"[0-9a-f]{7,40}", str(doc["commit"])):
+        problems.append(f"commit {doc['commit']!r} is not a git commit")
+    if doc.get("date"):
+        try:
+            datetime.fromisoformat(str(doc["date"]).replace("Z", "+00:00"))
+        except ValueError:
+            problems.append(f"date {doc['date']!r} is not ISO 8601")
+    if doc.get("command") and not re.search(r"headavatar\.bench\.|make bench|e2e_gpu\.sh", str(doc["command"])):
+        problems.append(f"command {doc['command']!r} does not name a benchmark")
+    return problems
+
+
+def test_there_are_results() -> None:
+    assert len(RESULTS) >= 5
+
+
+@pytest.mark.parametrize("path", RESULTS, ids=[p.name for p in RESULTS])
+def test_results_file_has_provenance(path: Path) -> None:
+    doc = json.loads(path.read_text())
+    assert provenance_problems(doc) == [], path.name
+    if (ROOT / ".git").exists():  # the commit must be one of this repository's
+        r = subprocess.run(["git", "cat-file", "-e", f"{doc['commit']}^{{commit}}"], cwd=ROOT, capture_output=True)
+        assert r.returncode == 0, f"{path.name}: commit {doc['commit']} not in this repository"
+
+
+def test_checker_catches_missing_and_bad_fields() -> None:
+    assert provenance_problems({"machine": {"cpu": "x"}}) == ["no commit", "no date", "no command"]
+    bad = {"commit": "HEAD", "date": "yesterday", "machine": "m", "command": "python foo.py"}
+    assert len(provenance_problems(bad)) == 3
+
+
+def test_stamp_records_commit_date_machine_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HEADAVATAR_GIT_COMMIT", raising=False)
+    doc = stamp({"runs": []}, "headavatar.bench.extract_bench", ["--repeat", "3", "--out", "a b"])
+    assert provenance_problems(doc) == []
+    assert doc["command"] == "python -m headavatar.bench.extract_bench --repeat 3 --out 'a b'"
+    assert datetime.fromisoformat(doc["date"].replace("Z", "+00:00")).date() >= date(2026, 1, 1)
+    assert doc["machine"]["cores"] >= 1 and doc["machine"]["memory_gib"] > 0
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert doc["commit"] == head
+    kept = stamp({"machine": {"gpu": "given"}}, "headavatar.bench.e2e_gpu", [])
+    assert kept["machine"] == {"gpu": "given"}  # a writer's own machine record wins
+
+
+def test_stamp_takes_the_commit_from_the_environment_without_git(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HEADAVATAR_GIT_COMMIT", "0123456789abcdef0123456789abcdef01234567")
+    assert stamp({}, "headavatar.bench.matting_gpu", [])["commit"] == "0123456789abcdef0123456789abcdef01234567"

@@ -1,0 +1,350 @@
+"""The compose stack brought up for real: `docker compose` (or Debian's docker-compose v1) starts
+infra/compose with the locally built images, a DAG run triggered through the REST API succeeds with its
+stage containers started by the scheduler through the socket proxy, and nothing answers anonymously.
+
+Needs a Docker engine (reused, or started by the project's DockerEngine and stopped by PID), the images
+of infra/compose/build-local-images.sh (built here; cached layers make that seconds) and the stage images
+of `make images` (built here too). Run: `pytest -m compose`; skip: `pytest -m "not compose"`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+import requests
+from botocore import UNSIGNED
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from conftest import upload_capture
+from headavatar.devserver.docker_engine import DockerEngine
+from headavatar.devserver.images import build_images, cpu_image, preprocess_image
+from headavatar.layout import stage_prefix
+from headavatar.settings import StorageConfig
+from headavatar.storage import ObjectStore
+
+pytestmark = [pytest.mark.compose, pytest.mark.slow, pytest.mark.timeout(2400)]
+
+REPO = Path(__file__).resolve().parents[1]
+COMPOSE_DIR = REPO / "infra" / "compose"
+FILES = [COMPOSE_DIR / "docker-compose.yml", COMPOSE_DIR / "docker-compose.local.yml"]
+STAGES = ("extract", "sample", "matting", "fitting", "meshhead", "gaussianhead")
+# The DAG run: capture 018 (tiny synthetic), the demo profile and short training, as tests/test_airflow.py.
+CONF = {"id": "018", "profile": "demo", "meshhead_steps": 20, "gaussianhead_steps": 20}
+# The stage images of `make images`: stages 3-6 in the CPU build of the CUDA image (no GPU here).
+CPU_IMAGE, STAGE_3_6_IMAGE = preprocess_image(), cpu_image()
+RUN_TIMEOUT = float(os.environ.get("HEADAVATAR_COMPOSE_RUN_TIMEOUT", "1500"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def compose_command() -> list[str]:
+    """Compose v2 (`docker compose`) where the plugin exists, else Debian's docker-compose v1."""
+    if subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        return ["docker", "compose"]
+    v1 = shutil.which("docker-compose")
+    assert v1, "neither `docker compose` nor docker-compose is installed (make tools)"
+    return [v1]
+
+
+@dataclass
+class Stack:
+    project: str
+    env_file: Path
+    secrets: dict[str, str]
+    docker_env: dict[str, str]
+    airflow: str
+    mlflow: str
+    s3: str
+    run_ids: list[str] = field(default_factory=list)  # DAG runs this test triggered
+
+    def compose(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+        files = [a for f in FILES for a in ("-f", str(f))]
+        r = subprocess.run([*compose_command(), *files, "--env-file", str(self.env_file), "-p", self.project, *args],
+                           env=self.docker_env, capture_output=True, text=True, timeout=timeout)
+        assert not check or r.returncode == 0, f"compose {args[0]} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+        return r
+
+    def docker(self, *args: str) -> str:
+        r = subprocess.run(["docker", *args], env=self.docker_env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    def token(self) -> str:
+        r = requests.post(f"{self.airflow}/auth/token", timeout=30,
+                          json={"username": self.secrets["AIRFLOW_ADMIN_USER"],
+                                "password": self.secrets["AIRFLOW_ADMIN_PASSWORD"]})
+        assert r.status_code in (200, 201), r.text
+        return r.json()["access_token"]
+
+    def s3_client(self, key: str, secret: str) -> Any:
+        return boto3.client("s3", endpoint_url=self.s3, region_name="us-east-1", aws_access_key_id=key,
+                            aws_secret_access_key=secret, config=Config(retries={"max_attempts": 2}))
+
+
+def _secret() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def _env_file(path: Path, socket_path: Path, project: str) -> dict[str, str]:
+    """A .env like an operator writes from .env.example: fresh random secrets, free host ports."""
+    from cryptography.fernet import Fernet
+
+    values = {
+        "COMPOSE_PROJECT_NAME": project,
+        "POSTGRES_PASSWORD": _secret(), "MLFLOW_DB_PASSWORD": _secret(),
+        "MINIO_ROOT_USER": "admin-" + secrets.token_hex(4), "MINIO_ROOT_PASSWORD": _secret(),
+        "HEADAVATAR_S3_ACCESS_KEY": "pipeline-" + secrets.token_hex(4), "HEADAVATAR_S3_SECRET_KEY": _secret(),
+        "HEADAVATAR_BUCKET": "headavatar",
+        "AIRFLOW_FERNET_KEY": Fernet.generate_key().decode(), "AIRFLOW_JWT_SECRET": secrets.token_hex(32),
+        "AIRFLOW_API_SECRET_KEY": secrets.token_hex(32),
+        "AIRFLOW_ADMIN_USER": "airflow-" + secrets.token_hex(3), "AIRFLOW_ADMIN_PASSWORD": _secret(),
+        "MLFLOW_ADMIN_USER": "mlflow-" + secrets.token_hex(3), "MLFLOW_ADMIN_PASSWORD": _secret(),
+        "MLFLOW_FLASK_SECRET_KEY": secrets.token_hex(32),
+        "HEADAVATAR_GPUS": "1",
+        "HEADAVATAR_AIRFLOW_PORT": str(free_port()), "HEADAVATAR_MLFLOW_PORT": str(free_port()),
+        "HEADAVATAR_S3_PORT": str(free_port()),
+        "DOCKER_SOCKET": str(socket_path), "DOCKER_GID": str(socket_path.stat().st_gid),
+        "HEADAVATAR_CPU_IMAGE": CPU_IMAGE, "HEADAVATAR_CUDA_IMAGE": STAGE_3_6_IMAGE, "HEADAVATAR_DOCKER_GPUS": "0",
+        "AIRFLOW_DAGS_PAUSED_AT_CREATION": "true",  # the ingestion DAG stays off: one run, the test's
+    }
+    values["HEADAVATAR_MLFLOW_UI_URL"] = f"http://127.0.0.1:{values['HEADAVATAR_MLFLOW_PORT']}"
+    path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+    path.chmod(0o600)
+    return values
+
+
+def _wait(what: str, probe: Callable[[], Any], timeout: float, interval: float = 2.0) -> Any:
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            if result := probe():
+                return result
+        except (requests.RequestException, ClientError, OSError) as e:
+            last = e
+        time.sleep(interval)
+    raise AssertionError(f"{what} not ready after {timeout:.0f} s (last error: {last})")
+
+
+@pytest.fixture(scope="module")
+def docker_env() -> Iterator[dict[str, str]]:
+    """DOCKER_HOST of a running engine: the caller's, else the project's engine (started here if needed)."""
+    base = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"), "DOCKER_BUILDKIT": "0"}
+    if os.environ.get("DOCKER_HOST"):
+        yield {**base, "DOCKER_HOST": os.environ["DOCKER_HOST"]}
+        return
+    engine = DockerEngine(REPO / ".headavatar" / "docker")
+    engine.start()  # reuses a running one; stop() ends only an engine this fixture started
+    try:
+        yield {**base, **engine.env()}
+    finally:
+        engine.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(docker_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    socket_path = Path(docker_env["DOCKER_HOST"].removeprefix("unix://"))
+    assert socket_path.is_socket(), f"compose needs a unix-socket engine, not {docker_env['DOCKER_HOST']}"
+    r = subprocess.run([str(COMPOSE_DIR / "build-local-images.sh")], env={**os.environ, **docker_env},
+                       capture_output=True, text=True, timeout=3600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    build_images(env=docker_env)  # the stage images, as `make images` (cached)
+    project = f"hacompose{secrets.token_hex(3)}"
+    env_file = tmp_path_factory.mktemp("compose") / ".env"
+    values = _env_file(env_file, socket_path, project)
+    st = Stack(project, env_file, values, docker_env,
+               airflow=f"http://127.0.0.1:{values['HEADAVATAR_AIRFLOW_PORT']}",
+               mlflow=f"http://127.0.0.1:{values['HEADAVATAR_MLFLOW_PORT']}",
+               s3=f"http://127.0.0.1:{values['HEADAVATAR_S3_PORT']}")
+    started = time.monotonic()
+    try:
+        st.compose("up", "-d")
+        _wait("Airflow api-server", lambda: requests.get(f"{st.airflow}/api/v2/monitor/health", timeout=5).ok, 600)
+
+        def all_healthy() -> bool:
+            health = requests.get(f"{st.airflow}/api/v2/monitor/health", timeout=5).json()
+            return all(health.get(c, {}).get("status") == "healthy"
+                       for c in ("metadatabase", "scheduler", "dag_processor", "triggerer"))
+
+        _wait("Airflow scheduler, dag-processor and triggerer", all_healthy, 300)
+        _wait("MLflow", lambda: requests.get(f"{st.mlflow}/health", timeout=5).ok, 300)
+        print(f"\ncompose stack healthy {time.monotonic() - started:.0f} s after `up`", file=sys.stderr)
+        yield st
+    finally:
+        if os.environ.get("HEADAVATAR_COMPOSE_KEEP_LOGS"):
+            print(st.compose("logs", "--no-color", check=False).stdout[-20000:], file=sys.stderr)
+        st.compose("down", "-v", "--remove-orphans", "--timeout", "20", check=False)
+        _remove_stage_leftovers(st)
+
+
+def _remove_stage_leftovers(st: Stack) -> None:
+    """Stage containers still running when the scheduler stopped (a failed or timed-out run) outlive
+    `down` and keep the network; they and their scratch volumes are removed by the run ids this test made."""
+    for run_id in st.run_ids:
+        for kind in ("container", "volume"):
+            listing = subprocess.run(["docker", kind, "ls", "-q", *(("-a",) if kind == "container" else ()),
+                                      "--filter", f"label=headavatar.run_id={run_id}"],
+                                     env=st.docker_env, capture_output=True, text=True).stdout.split()
+            if listing:
+                rm = ["docker", "rm", "-f", "-v"] if kind == "container" else ["docker", "volume", "rm", "-f"]
+                subprocess.run([*rm, *listing], env=st.docker_env, capture_output=True)
+    if st.run_ids:
+        subprocess.run(["docker", "network", "rm", "headavatar"], env=st.docker_env, capture_output=True)
+
+
+def test_nothing_answers_anonymously_and_the_env_credentials_work(stack: Stack) -> None:
+    s = stack.secrets
+    # Airflow (FAB auth manager): no token -> 401; a wrong password gets no token; the admin from .env does.
+    assert requests.get(f"{stack.airflow}/api/v2/dags", timeout=30).status_code == 401
+    bad = requests.post(f"{stack.airflow}/auth/token", json={"username": s["AIRFLOW_ADMIN_USER"],
+                                                             "password": "not-" + s["AIRFLOW_ADMIN_PASSWORD"]},
+                        timeout=30)
+    assert bad.status_code in (401, 403), bad.text
+    auth = {"Authorization": f"Bearer {stack.token()}"}
+    assert requests.get(f"{stack.airflow}/api/v2/dags", headers=auth, timeout=30).status_code == 200
+    # MLflow (basic-auth app): anonymous and wrong password -> 401; the .env admin -> 200.
+    search = f"{stack.mlflow}/api/2.0/mlflow/experiments/search"
+    assert requests.post(search, json={"max_results": 1}, timeout=30).status_code == 401
+    wrong = (s["MLFLOW_ADMIN_USER"], "not-" + s["MLFLOW_ADMIN_PASSWORD"])
+    assert requests.post(search, json={"max_results": 1}, auth=wrong, timeout=30).status_code == 401
+    ok = requests.post(search, json={"max_results": 1}, auth=(s["MLFLOW_ADMIN_USER"], s["MLFLOW_ADMIN_PASSWORD"]),
+                       timeout=30)
+    assert ok.status_code == 200, ok.text
+    # Object store: unsigned and wrongly signed requests are refused; the pipeline user lists its bucket.
+    anonymous = boto3.client("s3", endpoint_url=stack.s3, region_name="us-east-1",
+                             config=Config(signature_version=UNSIGNED))
+    for call in (lambda c: c.list_objects_v2(Bucket="headavatar"), lambda c: c.list_buckets(),
+                 lambda c: c.put_object(Bucket="headavatar", Key="nersemble/raw/x", Body=b"x")):
+        with pytest.raises(ClientError) as refused:
+            call(anonymous)
+        assert refused.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+    with pytest.raises(ClientError):
+        stack.s3_client(s["HEADAVATAR_S3_ACCESS_KEY"], "wrong" + s["HEADAVATAR_S3_SECRET_KEY"]).list_objects_v2(
+            Bucket="headavatar")
+    pipeline = stack.s3_client(s["HEADAVATAR_S3_ACCESS_KEY"], s["HEADAVATAR_S3_SECRET_KEY"])
+    assert pipeline.list_objects_v2(Bucket="headavatar")["ResponseMetadata"]["HTTPStatusCode"] == 200
+    # The socket proxy, seen from the scheduler: containers and volumes (scratch) yes; networks, exec, swarm no.
+    def proxy(path: str, method: str = "GET") -> str:
+        code = (f"import urllib.request as u, urllib.error as e\ntry: print(u.urlopen(u.Request("
+                f"'http://docker-proxy:2375{path}', method='{method}', data=b'{{}}' if '{method}' == 'POST' "
+                f"else None, headers={{'Content-Type': 'application/json'}})).status)\n"
+                "except e.HTTPError as x: print(x.code)")
+        return stack.compose("exec", "-T", "airflow-scheduler", "python", "-c", code).stdout.strip()
+
+    assert proxy("/v1.41/containers/json") == "200"
+    assert proxy("/v1.41/volumes") == "200"
+    assert proxy("/v1.41/swarm") == "403"
+    assert proxy("/v1.41/networks") == "403"
+    assert proxy("/v1.41/containers/x/exec", "POST") == "403"
+
+
+def test_credentials_come_only_from_the_env_file(stack: Stack) -> None:
+    secret_values = [v for k, v in stack.secrets.items()
+                     if any(w in k for w in ("PASSWORD", "SECRET", "FERNET", "_KEY")) and "IMAGE" not in k]
+    assert len(secret_values) >= 10
+    # Not in the compose files or anything else under infra/ ...
+    for path in (REPO / "infra").rglob("*"):
+        if path.is_file():
+            text = path.read_text(errors="replace")
+            assert not any(v in text for v in secret_values), path
+    # ... nor in any image the stack runs (their config, environment and history).
+    images: set[str] = set()
+    ids = stack.compose("ps", "-q").stdout.split()
+    assert len(ids) >= 8
+    for cid in ids:
+        images.add(json.loads(stack.docker("inspect", cid))[0]["Config"]["Image"])
+    for image in images:
+        meta = stack.docker("image", "inspect", image) + stack.docker("history", "--no-trunc", image)
+        assert not any(v in meta for v in secret_values), image
+    # The stack refuses to start without them: each missing secret is named.
+    for key in ("POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "AIRFLOW_ADMIN_PASSWORD", "MLFLOW_ADMIN_PASSWORD",
+                "HEADAVATAR_S3_SECRET_KEY", "MLFLOW_FLASK_SECRET_KEY", "AIRFLOW_API_SECRET_KEY"):
+        partial = stack.env_file.with_name(f"missing-{key}.env")
+        partial.write_text("".join(line for line in stack.env_file.read_text().splitlines(keepends=True)
+                                   if not line.startswith(f"{key}=")))
+        files = [a for f in FILES for a in ("-f", str(f))]
+        r = subprocess.run([*compose_command(), *files, "--env-file", str(partial), "config", "-q"],
+                           env=stack.docker_env, capture_output=True, text=True, timeout=60)
+        assert r.returncode != 0 and f"set {key} in .env" in r.stderr, (key, r.stderr)
+
+
+def test_a_dag_run_triggered_through_the_api_succeeds_with_stage_containers_via_the_proxy(
+        stack: Stack, tiny_capture: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = stack.secrets
+    storage = StorageConfig(endpoint_url=stack.s3, bucket=s["HEADAVATAR_BUCKET"], prefix="nersemble")
+    # The capture's provider uploads it (raw/ and the synthetic ground truth, which the pipeline user only reads).
+    for key, value in {"AWS_ACCESS_KEY_ID": s["MINIO_ROOT_USER"], "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_SECRET_ACCESS_KEY": s["MINIO_ROOT_PASSWORD"]}.items():
+        monkeypatch.setenv(key, value)
+    store = ObjectStore(storage)
+    try:
+        upload_capture(store, tiny_capture)
+    finally:
+        store.close()
+    auth = {"Authorization": f"Bearer {stack.token()}"}
+    api = f"{stack.airflow}/api/v2/dags/headavatar_capture"
+    _wait("the DAG parsed", lambda: requests.get(api, headers=auth, timeout=10).ok, 300)
+    assert requests.patch(api, headers=auth, json={"is_paused": False}, timeout=30).ok
+    started = time.monotonic()
+    r = requests.post(f"{api}/dagRuns", headers=auth, json={"logical_date": None, "conf": CONF}, timeout=30)
+    assert r.status_code in (200, 201), r.text
+    run_id = r.json()["dag_run_id"]
+    stack.run_ids.append(run_id)
+
+    def finished() -> dict | None:
+        run = requests.get(f"{api}/dagRuns/{run_id}", headers={"Authorization": f"Bearer {stack.token()}"},
+                           timeout=30).json()
+        return run if run["state"] in ("success", "failed") else None
+
+    run = _wait(f"DAG run {run_id}", finished, RUN_TIMEOUT, interval=10)
+    print(f"\nDAG run {run['state']} in {time.monotonic() - started:.0f} s", file=sys.stderr)
+    auth = {"Authorization": f"Bearer {stack.token()}"}
+    tis = requests.get(f"{api}/dagRuns/{run_id}/taskInstances", headers=auth, timeout=30).json()["task_instances"]
+    states = {t["task_id"]: t["state"] for t in tis}
+    if run["state"] != "success":
+        logs = stack.compose("logs", "--no-color", "--tail", "200", "airflow-scheduler", check=False).stdout
+        pytest.fail(f"DAG run {run['state']}: {states}\n{logs[-6000:]}")
+    assert states == dict.fromkeys(STAGES, "success")
+
+    # Each stage ran in its own container, created through the proxy (its access log) by the scheduler,
+    # on the stack's network, from the stage images.
+    proxy_log = stack.compose("logs", "--no-color", "docker-proxy").stdout
+    assert proxy_log.count("/containers/create") >= len(STAGES), proxy_log[-3000:]
+    # (Engine events are not used: dockerd keeps only its last 256 events, fewer than a busy host makes in a run.)
+    assert len(re.findall(r"POST /v[0-9.]+/containers/[0-9a-f]{64}/start", proxy_log)) >= len(STAGES), proxy_log[-3000:]
+    # The stages' outputs are in the stack's object store, and each logged its MLflow run behind basic auth.
+    pipeline = stack.s3_client(s["HEADAVATAR_S3_ACCESS_KEY"], s["HEADAVATAR_S3_SECRET_KEY"])
+    for stage in STAGES:
+        key = f"nersemble/{stage_prefix('018', stage)}/manifest.json"
+        assert pipeline.head_object(Bucket=s["HEADAVATAR_BUCKET"], Key=key)["ContentLength"] > 0, key
+    mlflow_auth = (s["MLFLOW_ADMIN_USER"], s["MLFLOW_ADMIN_PASSWORD"])
+    for ti in tis:
+        xcom = requests.get(f"{api}/dagRuns/{run_id}/taskInstances/{ti['task_id']}/xcomEntries/return_value",
+                            headers=auth, timeout=30).json()
+        value = xcom["value"] if isinstance(xcom["value"], dict) else json.loads(xcom["value"])
+        mlflow_run = value["mlflow"]
+        got = requests.get(f"{stack.mlflow}/api/2.0/mlflow/runs/get", params={"run_id": mlflow_run["run_id"]},
+                           auth=mlflow_auth, timeout=30)
+        assert got.status_code == 200 and got.json()["run"]["info"]["status"] == "FINISHED", got.text
+        link = requests.get(f"{api}/dagRuns/{run_id}/taskInstances/{ti['task_id']}/links", headers=auth,
+                            timeout=30).json()
+        assert mlflow_run["run_id"] in json.dumps(link), link

@@ -1,0 +1,82 @@
+"""The docs site builds with warnings as errors, and its numbers come from the results files, not from copies."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "docs"))
+
+import hooks  # noqa: E402  (docs/hooks.py, the MkDocs hook)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("site")
+    r = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def test_benchmark_tables_are_generated_from_the_results(site: Path) -> None:
+    e2e = json.loads((ROOT / "benchmarks" / "results" / "e2e_gpu.json").read_text())
+    page = (site / "stages" / "index.html").read_text()
+    psnr = e2e["stages"]["gaussianhead"]["metrics"]["holdout_psnr"]
+    assert f"PSNR {psnr:.1f} dB" in page
+    assert e2e["commit"][:10] in page  # provenance under the table
+    bench = (site / "benchmarks" / "index.html").read_text()
+    for path in sorted((ROOT / "benchmarks" / "results").glob("*.json")):
+        assert f"{path.stem}.json" in bench
+        assert json.loads(path.read_text())["commit"][:10] in bench
+
+
+def test_reference_and_generated_pages_are_in_the_site(site: Path) -> None:
+    ref = (site / "reference" / "configuration" / "index.html").read_text()
+    assert "meshhead.steps" in ref and "gaussianhead.lpips_weights" in ref
+    assert "<code>headavatar config</code>" in (site / "reference" / "cli" / "index.html").read_text()
+    assert "GPU-hours / day" in (site / "capacity" / "index.html").read_text()
+    assert "<!-- bench" not in (site / "stages" / "matting" / "index.html").read_text()
+
+
+def test_a_marker_naming_a_missing_results_file_fails() -> None:
+    with pytest.raises(FileNotFoundError):
+        hooks.expand("bench", "no_such_benchmark")
+    with pytest.raises(ValueError):
+        hooks.expand("settings", "no_such_section")
+
+
+def test_pages_not_written_yet_leave_the_nav_and_their_links_become_text(tmp_path: Path) -> None:
+    (tmp_path / "index.md").write_text("# x\n")
+    hooks.MISSING.clear()
+    nav = [{"Overview": "index.md"}, {"Ops": ["ops.md", {"Later": "later.md"}]}, "gone.md"]
+    assert hooks._prune(nav, tmp_path) == [{"Overview": "index.md"}]
+    assert sorted(hooks.MISSING) == ["gone.md", "later.md", "ops.md"]
+    text = hooks.on_page_markdown("See [later](later.md#a) and [home](index.md).", None, None, None)
+    assert text == "See later and [home](index.md)."
+    hooks.MISSING.clear()
+
+
+def test_capacity_plan_follows_the_measurements() -> None:
+    from headavatar.bench import capacity
+    from headavatar.settings import GaussianHeadConfig, MeshHeadConfig
+
+    results = ROOT / "benchmarks" / "results"
+    e2e = json.loads((results / "e2e_gpu.json").read_text())
+    mesh_rate = json.loads((results / "backends_gpu.json").read_text())["mesh"]["training_torch"]["steps_per_s"]
+    costs = {c.stage: c for c in capacity.stage_costs(100)}
+    assert costs["meshhead"].seconds == pytest.approx(MeshHeadConfig().steps / mesh_rate)
+    gh_rate = e2e["stages"]["gaussianhead"]["metrics"]["train_steps_per_s"]
+    assert costs["gaussianhead"].seconds == pytest.approx(GaussianHeadConfig().steps / gh_rate)
+    assert costs["extract"].seconds == pytest.approx(e2e["stages"]["extract"]["wall_s"] * 1600 / 160)
+    one, many = capacity.plan(1, 100), capacity.plan(40, 100)
+    assert many["gpu_hours_per_day"] == pytest.approx(40 * one["gpu_hours_per_day"])
+    assert many["gpus"] == -(-40 * one["gpu_s_per_capture"] // (86_400 * capacity.GPU_UTILISATION))
+    assert many["stored_tb_per_day"] == pytest.approx(40 * one["stored_gb_per_capture"] / 1000)
