@@ -40,12 +40,13 @@ demo: install $(if $(filter docker,$(BACKEND)),docker-install)
 demo-ui: install
 	$(PY) -m headavatar.devserver.airflow_ui
 
-# docker-compose (v1, Debian's package) validates infra/compose offline; hadolint and helm come with
-# the dev extra. Installs Debian's package when missing and apt-get is usable (CI, these machines).
+# Debian packages the lint and the tests use: docker-compose (v1; validates infra/compose, runs the compose
+# test) and chromium (the UI tests drive it through Playwright). Installed where apt-get is usable as root.
 tools:
-	@command -v docker-compose >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] \
-	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null; } \
-	  || { echo "docker-compose missing: install Debian's docker-compose package" >&2; exit 1; }
+	@{ command -v docker-compose >/dev/null && command -v chromium >/dev/null; } || { command -v apt-get >/dev/null \
+	  && [ "$$(id -u)" = 0 ] && apt-get update -qq \
+	  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose chromium >/dev/null; } \
+	  || { echo "docker-compose or chromium missing: install Debian's docker-compose and chromium" >&2; exit 1; }
 
 lint: install tools
 	$(VENV)/bin/ruff check .
@@ -53,8 +54,10 @@ lint: install tools
 	docker-compose -f infra/compose/docker-compose.yml --env-file infra/compose/.env.example config -q
 	$(VENV)/bin/helm lint --strict infra/k8s/headavatar
 
-test: lint docs
-	$(PY) -m pytest -q
+# PYTEST_ARGS narrows the run, e.g. PYTEST_ARGS='-m "not compose"'.
+PYTEST_ARGS ?=
+test: lint docs docker-install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # The docs site (mkdocs.yml, docs/): warnings are errors; tables and the config reference are generated.
 .PHONY: docs

@@ -64,7 +64,7 @@ RUN if [ "${WITH_GSPLAT}" = 1 ]; then \
       pip install --no-build-isolation --no-binary gsplat "gsplat==${GSPLAT_VERSION}" \
       && python -c "import importlib.util as u; assert u.find_spec('gsplat.csrc'), 'gsplat kernels not built'"; fi
 # The reference renders 32 feature channels: the rasteriser's NUM_CHANNELS is a compile-time constant.
-# These are the builds measured on CUDA 13 + torch 2.11 (README, Stages 5 and 6).
+# These are the builds measured on CUDA 13 + torch 2.11 (docs/gpu.md, docs/stages/).
 # Git sources are pinned by their *_REF/*_REPO build args, which hadolint cannot see.
 # hadolint ignore=DL3013
 RUN if [ "${WITH_DIFF_GAUSSIAN}" = 1 ]; then \

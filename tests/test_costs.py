@@ -31,6 +31,9 @@ def test_costs_of_a_finished_capture(tiny_capture: Path, store: ObjectStore, s3_
         assert row["wall_s"] == m.wall_time_s
         assert row["cpu_s"] > 0 and 10 < row["peak_rss_mb"] < 4096  # a real process's numbers
         assert row["scratch_mb"] >= 0 and row["gpu_s"] is None  # no CUDA here
+    # Stage 1's camera workers are forked by a server process: their CPU time counts through worker_cpu_s.
+    extract = read_manifest(store, "018", "extract").metrics
+    assert extract["worker_cpu_s"] > 0 and extract["cpu_s"] >= extract["worker_cpu_s"]
     assert rows["total"]["files"] == rows["extract"]["files"] + rows["sample"]["files"]
     assert rows["total"]["peak_rss_mb"] == max(rows["extract"]["peak_rss_mb"], rows["sample"]["peak_rss_mb"])
 

@@ -126,7 +126,7 @@ CATALOG: dict[str, AssetSpec] = {a.name: a for a in (
               None, "619a316812", _TORCH_HUB),
     AssetSpec("lpips", "lpips_vgg.pth", "LPIPS-VGG: torchvision vgg16 features + LPIPS v0.1 heads in one state dict "
               "(stage 6 perceptual term)", "gaussianhead.lpips_weights", None, None,
-              "merge torchvision's vgg16 and LPIPS v0.1's vgg.pth as the README shows"),
+              "merge torchvision's vgg16 and LPIPS v0.1's vgg.pth as docs/stages/gaussianhead.md shows"),
 )}
 
 

@@ -26,13 +26,11 @@ def render_capture(store: ObjectStore, capture: str, config: PipelineConfig, out
     from headavatar.contract.stage import StageContext, read_manifest
     from headavatar.devices import resolve_device
     from headavatar.errors import PipelineError
-    from headavatar.gaussianhead.model import GaussianHead, SuperResolution
     from headavatar.gaussianhead.perceptual import Perceptual
     from headavatar.gaussianhead.trainer import GaussianHeadTrainer
     from headavatar.render.gaussian_raster import build_gaussian_rasterizer
     from headavatar.settings import GaussianHeadConfig
-    from headavatar.stages.gaussianhead import load_meshhead
-    from headavatar.training.views import load_views, split_sequences
+    from headavatar.stages.gaussianhead import build_avatar
 
     manifests = {s: read_manifest(store, capture, s) for s in ("sample", "matting", "fitting", "meshhead",
                                                                  "gaussianhead")}
@@ -46,21 +44,9 @@ def render_capture(store: ObjectStore, capture: str, config: PipelineConfig, out
                            map_location="cpu", weights_only=False)
         cfg = GaussianHeadConfig.model_validate(saved["config"])
         device = resolve_device(config.gaussianhead.device)
-        lowres = config.extract.lowres_size
-        coarse = load_views(ctx, cfg.coarse_size, lowres=cfg.coarse_size <= lowres)
-        fine = load_views(ctx, cfg.fine_size, lowres=cfg.fine_size <= lowres)
-        coarse, held_coarse = split_sequences(coarse, cfg.holdout_sequences, "gaussianhead.holdout_sequences")
-        fine, held_fine = split_sequences(fine, cfg.holdout_sequences, "gaussianhead.holdout_sequences")
-        mesh = load_meshhead(ctx)
-    with torch.no_grad():
-        verts, _, _ = mesh.neutral()
-        _, _, features = mesh.query(verts)
-        head = GaussianHead(cfg, coarse.exp.shape[1], len(coarse.folders), mesh.to_canonical(verts), features,
-                            mesh.to_canonical(mesh.landmarks), mesh.box_center, float(mesh.box_half.max()))
+        coarse, fine, extra, head, sr = build_avatar(ctx, cfg)
     head.load_state_dict(saved["head"])
-    sr = SuperResolution(cfg.features, cfg.sr_channels, cfg.fine_size // cfg.coarse_size)
     sr.load_state_dict(saved["sr"])
-    extra = [] if held_coarse is None else [("self_reenactment", held_coarse, held_fine)]
     trainer = GaussianHeadTrainer(head.eval(), sr.eval(), coarse, fine, cfg,
                                   build_gaussian_rasterizer(cfg.rasterizer, device), Perceptual(None), device, extra)
     if not trainer.eval_sets:

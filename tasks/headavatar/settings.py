@@ -245,7 +245,7 @@ class MeshHeadConfig(Section):
     w_laplacian: Annotated[float, Field(ge=0)] = Field(
         100.0, description="weight of the uniform Laplacian smoothness loss")
     edge_softness_px: Annotated[float, Field(gt=0, le=8)] = Field(0.5, description="soft-silhouette sigma (px)")
-    # torch runs anywhere and was the faster on an H100 (README, Stage 5); pytorch3d (BSD) when installed
+    # torch runs anywhere and was the faster on an H100 (docs/stages/meshhead.md); pytorch3d (BSD) when installed
     rasterizer: Literal["torch", "pytorch3d"] = Field(
         "torch", description="torch (anywhere; the faster on an H100) or pytorch3d (BSD, when installed)")
     precision: Literal["fp32", "bf16"] = Field(

@@ -37,7 +37,7 @@ from headavatar.capture_id import validate_capture_id
 from headavatar.contract.lock import StageLock, pid_alive
 from headavatar.contract.manifest import FIRST_CODE_VERSION, Manifest, digest
 from headavatar.contract.outputs import RESERVED_PREFIX, OutputWriter
-from headavatar.contract.usage import ResourceUsage
+from headavatar.contract.usage import WORKER_CPU_METRIC, ResourceUsage
 from headavatar.errors import MissingObject, ScratchFull, UpstreamMissing
 from headavatar.layout import MANIFEST, stage_prefix
 from headavatar.settings import PipelineConfig
@@ -269,6 +269,7 @@ def _compute(stage: Stage, capture: str, config: PipelineConfig, store: ObjectSt
     wall = time.monotonic() - t0
     metrics = {"files": float(len(writer.entries)),
                "bytes": float(sum(e.size for e in writer.entries.values())), **used, **ctx.metrics}
+    metrics["cpu_s"] = round(used["cpu_s"] + ctx.metrics.get(WORKER_CPU_METRIC, 0.0), 2)
     manifest = Manifest(
         stage=stage.name, capture=capture, package_version=__version__, config_digest=cdigest,
         config=exp.config, inputs=inputs, files=dict(sorted(writer.entries.items())), metrics=metrics,

@@ -1,8 +1,9 @@
 """What one stage run cost: CPU seconds, peak memory, GPU time and memory, scratch disk.
 
 Recorded in the manifest's metrics by the runner, so ``headavatar costs`` and the capacity-planning
-page read measured numbers per capture instead of estimates. CPU time counts this process and the
-children it waited for (camera workers); peak RSS is the largest single process. GPU time is the
+page read measured numbers per capture instead of estimates. CPU time counts this process, the
+children it waited for, and workers the stage reports itself (``worker_cpu_s``: stage 1's camera
+workers, forked by a server process); peak RSS is the largest single process. GPU time is the
 stage's wall time when it used CUDA (the device is held for the whole run); scratch is the run
 directory's size when the computation ended (what a stage keeps until its uploads finish).
 """
@@ -24,6 +25,11 @@ def _tree_bytes(root: Path) -> int:
             with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(dirpath, name)).st_size
     return total
+
+
+# A stage whose workers are not this process's children (a forkserver's) reports their CPU time under
+# this metric; the runner adds it to ``cpu_s``.
+WORKER_CPU_METRIC = "worker_cpu_s"
 
 
 class ResourceUsage:

@@ -2,7 +2,7 @@
 
 LPIPS needs ImageNet VGG-16 weights plus LPIPS's linear heads, which are downloads this pipeline
 never makes at run time. ``gaussianhead.lpips_weights`` names ONE state dict holding torchvision's
-``vgg16`` ``features.*`` tensors and LPIPS v0.1's ``lin{0..4}.model.1.weight`` (the README shows how
+``vgg16`` ``features.*`` tensors and LPIPS v0.1's ``lin{0..4}.model.1.weight`` (docs/stages/gaussianhead.md shows how
 to merge them). Without it the perceptual term is 1 - SSIM, with a warning, and LPIPS is not
 reported.
 """
@@ -114,7 +114,7 @@ class Perceptual:
         self.lpips = lpips
         if lpips is None:
             log.warning("gaussianhead.lpips_weights not set: the perceptual loss is 1 - SSIM and LPIPS is not "
-                        "reported (see README, stage 6)")
+                        "reported (see docs/stages/gaussianhead.md)")
 
     def loss(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return self.lpips(a, b).mean() if self.lpips is not None else 1 - ssim(a, b).mean()

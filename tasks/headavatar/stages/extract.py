@@ -41,6 +41,7 @@ from headavatar.color import ColorCorrection
 from headavatar.contract.manifest import FileEntry
 from headavatar.contract.outputs import OutputWriter
 from headavatar.contract.stage import Stage, StageContext
+from headavatar.contract.usage import WORKER_CPU_METRIC
 from headavatar.errors import RawCaptureError
 from headavatar.imaging import CropResize, encode_jpg, npz_bytes
 from headavatar.layout import FRAMES_INDEX
@@ -147,11 +148,12 @@ class CameraResult:
     written: int
     seconds: float
     peak_rss_mb: float  # of the worker process so far: flat in the number of frames
+    cpu_s: float  # CPU time of this job in its worker (all threads): the runner cannot see forked-server workers
 
 
 def extract_camera(job: CameraJob) -> CameraResult:
     """Decode every video of one camera once; crop, encode and upload the frames to keep."""
-    t0 = time.monotonic()
+    t0, cpu0 = time.monotonic(), time.process_time()
     shared = _worker_store  # made by the pool's initializer from this job's storage config
     store = shared or ObjectStore(job.storage)
     out = OutputWriter(store, job.prefix)
@@ -180,7 +182,7 @@ def extract_camera(job: CameraJob) -> CameraResult:
         if shared is None:
             store.close()
     return CameraResult(cam, out.entries, stats["decoded"], written, time.monotonic() - t0,
-                        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+                        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, time.process_time() - cpu0)
 
 
 def cpu_count() -> int:
@@ -284,6 +286,7 @@ class Extract(Stage):
             "frames_written": sum(len(plan.written(s)) for s in plan.sequences),
             "images_written": sum(r.written for r in results),
             "worker_peak_rss_mb": round(max(r.peak_rss_mb for r in results), 1),
+            WORKER_CPU_METRIC: round(sum(r.cpu_s for r in results), 2),
         })
 
 

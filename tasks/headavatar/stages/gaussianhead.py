@@ -28,10 +28,10 @@ from headavatar.gaussianhead.trainer import GaussianHeadTrainer
 from headavatar.imaging import encode_jpg
 from headavatar.meshhead.model import MeshHead
 from headavatar.render.gaussian_raster import build_gaussian_rasterizer
-from headavatar.settings import MeshHeadConfig, PipelineConfig
+from headavatar.settings import GaussianHeadConfig, MeshHeadConfig, PipelineConfig
 from headavatar.storage import ObjectStore
 from headavatar.training.checkpoints import Checkpoints
-from headavatar.training.views import load_views, split_sequences
+from headavatar.training.views import Views, load_views, split_sequences
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,29 @@ def load_meshhead(ctx: StageContext) -> MeshHead:
     model = MeshHead(cfg, saved["n_exp"], torch.zeros(3), torch.ones(3), torch.ones(3), torch.zeros(68, 3))
     model.load_state_dict(saved["model"])
     return model.eval()
+
+
+def build_avatar(ctx: StageContext, cfg: GaussianHeadConfig) -> tuple[Views, Views, list[tuple[str, Views, Views]],
+                                                                     GaussianHead, SuperResolution]:
+    """(coarse views, fine views, extra evaluation sets, untrained head, untrained super-resolution net):
+    where training starts, and what ``headavatar render`` loads a saved avatar into.
+
+    Held-out sequences are split off the views: never trained on, scored on every camera (self-reenactment).
+    """
+    lowres = ctx.config.extract.lowres_size
+    coarse = load_views(ctx, cfg.coarse_size, lowres=cfg.coarse_size <= lowres)
+    fine = load_views(ctx, cfg.fine_size, lowres=cfg.fine_size <= lowres)
+    coarse, held_coarse = split_sequences(coarse, cfg.holdout_sequences, "gaussianhead.holdout_sequences")
+    fine, held_fine = split_sequences(fine, cfg.holdout_sequences, "gaussianhead.holdout_sequences")
+    extra_eval = [] if held_coarse is None or held_fine is None else [("self_reenactment", held_coarse, held_fine)]
+    mesh = load_meshhead(ctx)
+    with torch.no_grad():
+        verts, _, _ = mesh.neutral()
+        _, _, features = mesh.query(verts)
+        head = GaussianHead(cfg, coarse.exp.shape[1], len(coarse.folders), mesh.to_canonical(verts), features,
+                            mesh.to_canonical(mesh.landmarks), mesh.box_center, float(mesh.box_half.max()))
+    sr = SuperResolution(cfg.features, cfg.sr_channels, cfg.fine_size // cfg.coarse_size)
+    return coarse, fine, extra_eval, head, sr
 
 
 class GaussianHeadStage(Stage):
@@ -71,21 +94,7 @@ class GaussianHeadStage(Stage):
             path = fetch_asset(ctx.store, cfg.lpips_weights, "gaussianhead.lpips_weights", ctx.scratch)
             lpips = LPIPSVGG().load(path, cfg.lpips_weights).to(device)
         raster = build_gaussian_rasterizer(cfg.rasterizer, device)
-        lowres = ctx.config.extract.lowres_size
-        coarse = load_views(ctx, cfg.coarse_size, lowres=cfg.coarse_size <= lowres)
-        fine = load_views(ctx, cfg.fine_size, lowres=cfg.fine_size <= lowres)
-        # Held-out sequences: never trained on, scored on every camera (self-reenactment).
-        coarse, held_coarse = split_sequences(coarse, cfg.holdout_sequences, "gaussianhead.holdout_sequences")
-        fine, held_fine = split_sequences(fine, cfg.holdout_sequences, "gaussianhead.holdout_sequences")
-        extra_eval = [] if held_coarse is None else [("self_reenactment", held_coarse, held_fine)]
-
-        mesh = load_meshhead(ctx)
-        with torch.no_grad():
-            verts, _, _ = mesh.neutral()
-            _, _, features = mesh.query(verts)
-            head = GaussianHead(cfg, coarse.exp.shape[1], len(coarse.folders), mesh.to_canonical(verts), features,
-                                mesh.to_canonical(mesh.landmarks), mesh.box_center, float(mesh.box_half.max()))
-        sr = SuperResolution(cfg.features, cfg.sr_channels, cfg.fine_size // cfg.coarse_size)
+        coarse, fine, extra_eval, head, sr = build_avatar(ctx, cfg)
         trainer = GaussianHeadTrainer(head, sr, coarse, fine, cfg, raster, Perceptual(lpips), device,
                                       extra_eval=extra_eval)
         checkpoints = Checkpoints(ctx, cfg.keep_checkpoint_every)
