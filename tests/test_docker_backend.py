@@ -133,7 +133,7 @@ def prefixes(s3: EmbeddedS3, tiny_capture: Path) -> Iterator[tuple[str, str]]:
     yield pair
 
 
-@pytest.mark.timeout(2400)  # the whole pipeline twice (local, then containers) on 2 cores
+@pytest.mark.timeout(3600)  # the whole pipeline twice (local, then containers) on 2 cores
 def test_dag_runs_all_six_stages_as_containers_with_the_local_backends_results(
         airflow: Path, docker_env: dict[str, str], s3: EmbeddedS3, mlflow_server: str,  # noqa: F811
         prefixes: tuple[str, str]) -> None:

@@ -4,7 +4,10 @@ Every backend runs the same command (``headavatar run <stage> --capture <id> ...
 time from the DAG run's parameters; a non-zero exit fails the task, so Airflow's retries apply.
 S3 credentials are read from the Airflow connection when the task runs and handed to the process
 as environment only (Docker: ``private_environment``, never rendered or logged; Kubernetes: a
-Secret), so they appear in no DAG file, rendered template or log line.
+Secret), so they appear in no DAG file, rendered template or log line. The command itself is a
+rendered template field (``stage_command``), so the UI shows what each task ran. GPU stages on the
+docker and local backends run on a GPU leased to the task (``gpus.py``); a task that updates an
+Asset (the last stage: the finished avatar) says in the event which capture it was.
 """
 
 from __future__ import annotations
@@ -12,15 +15,20 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 from airflow.sdk import BaseHook, BaseOperator, BaseOperatorLink
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from headavatar_airflow.assets import describe_outlet_events
 from headavatar_airflow.execution import ExecutionSettings
+from headavatar_airflow.gpus import placed_gpu
+from headavatar_airflow.limits import StageLimits, stage_limits
 from headavatar_airflow.pipeline import StageSpec, cli_args
 
 
@@ -51,6 +59,28 @@ def fail(command: str, code: int, message: str) -> AirflowException:
 def task_command(stage: StageSpec, params: dict[str, Any], command: list[str] | None) -> list[str]:
     """The CLI arguments of a task: a fixed command (ingestion's ``unpack``) or the stage's run."""
     return list(command) if command is not None else cli_args(stage.name, params)
+
+
+def stage_command_line(stage: StageSpec, params: dict[str, Any], command: list[str] | None) -> str:
+    return shlex.join(["headavatar", *task_command(stage, params, command)])
+
+
+def lease_holder(context: Any) -> str:
+    ti = context["ti"]
+    return f"{ti.dag_id}/{context['run_id']}/{ti.task_id} try {ti.try_number}"
+
+
+class ShowsStageCommand:
+    """``stage_command`` in the task's rendered templates (the UI's "Rendered Template" tab): the exact
+    command line, made from the run's parameters as ``execute`` makes it (params are known only then)."""
+
+    stage: StageSpec
+    cli_command: list[str] | None
+    stage_command: str
+
+    def render_template_fields(self, context: Any, jinja_env: Any = None) -> None:
+        super().render_template_fields(context, jinja_env)  # type: ignore[misc]
+        self.stage_command = stage_command_line(self.stage, context["params"], self.cli_command)
 
 
 def mlflow_endpoints(conn_id: str) -> tuple[str, str] | None:
@@ -115,16 +145,21 @@ def remember_mlflow_run(operator: BaseOperator, result: dict[str, Any] | None, m
         operator.mlflow_run_url = f"{endpoints[1]}/#/experiments/{run['experiment_id']}/runs/{run['run_id']}"
 
 
-class LocalStageOperator(BaseOperator):
-    """The stage CLI as a subprocess of the worker, its output streamed into the task log."""
+class LocalStageOperator(ShowsStageCommand, BaseOperator):
+    """The stage CLI as a subprocess of the worker, its output streamed into the task log. A GPU stage
+    sees only its leased GPU (``CUDA_VISIBLE_DEVICES``)."""
 
     ui_color = "#e8f4ea"
     operator_extra_links = (MLflowRunLink(),)
+    template_fields = ("stage_command",)
+    program: tuple[str, ...] = (sys.executable, "-m", "headavatar.cli")  # what runs the CLI arguments
+    stop_grace_s = 30.0  # after SIGTERM, before SIGKILL (the CLI removes its scratch space meanwhile)
 
     def __init__(self, *, stage: StageSpec, settings: ExecutionSettings, command: list[str] | None = None,
                  **kwargs: Any):
         super().__init__(**kwargs)
         self.stage, self.settings, self.cli_command = stage, settings, command
+        self.stage_command = ""
         self._proc: subprocess.Popen | None = None
 
     def execute(self, context: Any) -> dict[str, Any] | None:
@@ -132,33 +167,62 @@ class LocalStageOperator(BaseOperator):
         public, secret = s3_environment(self.settings.s3_conn_id)
         env = {**os.environ, **public, **secret, **mlflow_credentials(self.settings.mlflow_conn_id),
                **run_environment(context, self.settings.mlflow_conn_id)}
-        if self.stage.gpu and params.get("gpu") is not None:
-            env["CUDA_VISIBLE_DEVICES"] = str(params["gpu"])
         args = task_command(self.stage, params, self.cli_command)
-        cmd = [sys.executable, "-m", "headavatar.cli", *args]
+        if not self.stage.gpu:
+            return self._run(args, env, context)
+        with placed_gpu(self.settings, params, lease_holder(context)) as gpu:
+            if gpu is not None:
+                env["CUDA_VISIBLE_DEVICES"] = gpu
+            return self._run(args, env, context)
+
+    def _run(self, args: list[str], env: dict[str, str], context: Any) -> dict[str, Any] | None:
         self.log.info("running: headavatar %s", " ".join(args))
-        self._proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      start_new_session=True)
+        self._proc = subprocess.Popen([*self.program, *args], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, start_new_session=True)
         last = ""
         assert self._proc.stdout is not None
-        for line in self._proc.stdout:
-            line = line.rstrip()
-            self.log.info("%s", line)
-            last = line.strip() or last
-        if (rc := self._proc.wait()) != 0:
+        try:
+            for line in self._proc.stdout:
+                line = line.rstrip()
+                self.log.info("%s", line)
+                last = line.strip() or last
+            rc = self._proc.wait()
+        finally:  # a timeout or a kill of the task: the stage ends before its GPU lease does
+            self._stop()
+        if rc != 0:
             raise fail(" ".join(args[:2]), rc, last)
         result = _result(last)
         remember_mlflow_run(self, result, self.settings.mlflow_conn_id)
+        describe_outlet_events(self, context, result)
         return result
 
+    def _stop(self) -> None:
+        if self._proc is None or self._proc.poll() is not None:
+            return
+        os.killpg(self._proc.pid, signal.SIGTERM)  # the CLI unwinds on SIGTERM and removes its scratch space
+        try:
+            self._proc.wait(self.stop_grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self._proc.pid, signal.SIGKILL)
+            self._proc.wait()
+
     def on_kill(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            os.killpg(self._proc.pid, signal.SIGTERM)  # the CLI unwinds on SIGTERM and removes its scratch space
+        self._stop()
 
 
 SCRATCH = "/scratch"  # the images' HEADAVATAR_SCRATCH, declared as a VOLUME there
 # Worker settings a container needs too (the local backend inherits the whole environment).
 PASSED_THROUGH = ("HEADAVATAR_MLFLOW_EXPERIMENT", "HEADAVATAR_MLFLOW_MODEL_PREFIX")
+# The host's CPU workarounds for OpenBLAS (e.g. OPENBLAS_CORETYPE where it misdetects the processor):
+# the container runs on the same CPU, and without them numpy took other kernels there, so the same
+# stage gave other floating-point results in a container than as a subprocess.
+PASSED_THROUGH_PREFIXES = ("OPENBLAS_",)
+
+
+def passed_through(environ: Mapping[str, str]) -> dict[str, str]:
+    """The worker's variables a stage container gets as they are (never credentials)."""
+    return {k: v for k, v in environ.items()
+            if v and (k in PASSED_THROUGH or k.startswith(PASSED_THROUGH_PREFIXES))}
 
 
 def _docker_operator() -> type:
@@ -167,15 +231,17 @@ def _docker_operator() -> type:
     from airflow.providers.docker.exceptions import DockerContainerFailedException
     from airflow.providers.docker.operators.docker import DockerOperator
     from docker.errors import APIError
-    from docker.types import DeviceRequest, Mount
+    from docker.types import Mount
 
-    class DockerStageOperator(DockerOperator):
+    class DockerStageOperator(ShowsStageCommand, DockerOperator):
         """One container per attempt: the image's entrypoint is the stage CLI, its output streamed
         into the task log. Scratch space (stage 1's decoded frames) is a named volume made for the
         attempt, not the container's writable layer; container and volume are removed afterwards,
-        also when the task is killed (``on_kill`` stops the container: the CLI unwinds on SIGTERM)."""
+        also when the task is killed or times out (the container is stopped: the CLI unwinds on SIGTERM).
+        A GPU stage's container gets its leased GPU (``DeviceRequest(device_ids=[...])``)."""
 
         operator_extra_links = (MLflowRunLink(),)
+        template_fields = (*DockerOperator.template_fields, "stage_command")
 
         def __init__(self, *, stage: StageSpec, settings: ExecutionSettings, command: list[str] | None = None,
                      **kwargs: Any):
@@ -185,24 +251,28 @@ def _docker_operator() -> type:
                 auto_remove="force", mount_tmp_dir=False, mounts=[], privileged=False, tty=False,
                 environment={"PYTHONUNBUFFERED": "1"}, **kwargs)
             self.stage, self.settings, self.cli_command = stage, settings, command
+            self.stage_command = ""
             self.scratch_volume: str | None = None
 
         def execute(self, context: Any) -> Any:
+            if not (self.stage.gpu and self.settings.docker_gpus):
+                return self._execute(context)
+            with placed_gpu(self.settings, context["params"], lease_holder(context)) as gpu:
+                self.device_requests = [gpu_request(gpu)]
+                return self._execute(context)
+
+        def _execute(self, context: Any) -> Any:
             params = context["params"]
             self.command = task_command(self.stage, params, self.cli_command)
             public, secret = s3_environment(self.settings.s3_conn_id)
             self.environment = {**self.environment, **public,
-                                **{k: os.environ[k] for k in PASSED_THROUGH if os.environ.get(k)},
+                                **passed_through(os.environ),
                                 **run_environment(context, self.settings.mlflow_conn_id)}
             # DockerOperator keeps these out of templates and logs
             self._private_environment = {**secret, **mlflow_credentials(self.settings.mlflow_conn_id)}
             ti = context["ti"]
             self.labels = {"headavatar.dag_id": str(ti.dag_id), "headavatar.task_id": str(self.task_id),
                            "headavatar.run_id": str(context["run_id"])}
-            if self.stage.gpu and self.settings.docker_gpus:
-                gpu = params.get("gpu")
-                self.device_requests = [DeviceRequest(device_ids=[str(gpu)], capabilities=[["gpu"]]) if gpu is not None
-                                        else DeviceRequest(count=1, capabilities=[["gpu"]])]
             self.scratch_volume = f"headavatar-scratch-{ti.dag_id}-{self.task_id}-{uuid.uuid4().hex[:12]}"
             self.cli.create_volume(self.scratch_volume, labels={**self.labels, "headavatar.scratch": "1"})
             self.mounts = [Mount(target=SCRATCH, source=self.scratch_volume, type="volume")]
@@ -212,15 +282,24 @@ def _docker_operator() -> type:
                 code = re.search(r"'StatusCode': (\d+)", str(e))
                 last = next((str(x).strip() for x in reversed(e.logs or []) if str(x).strip()), "")
                 raise fail(" ".join(self.command[:2]), int(code.group(1)) if code else 1, last) from e
+            except BaseException:  # a timeout or kill: stop the container before the GPU lease ends
+                self.on_kill()
+                raise
             finally:
                 self._remove_scratch()
             result = _result(last.decode() if isinstance(last, bytes) else last)
             remember_mlflow_run(self, result, self.settings.mlflow_conn_id)
+            describe_outlet_events(self, context, result)
             return result
 
         def on_kill(self) -> None:
-            super().on_kill()  # stops (SIGTERM, then SIGKILL after 10 s) and removes the container
-            self._remove_scratch()
+            try:  # stops (SIGTERM, then SIGKILL after 10 s) and removes the container
+                super().on_kill()
+            except APIError as e:  # already gone (auto_remove after it ended): nothing left to stop
+                self.log.info("container already removed: %s", e)
+            finally:
+                self.container = None  # stopped once: a second on_kill (the runner's, after a timeout) is a no-op
+                self._remove_scratch()
 
         def _remove_scratch(self) -> None:
             if self.scratch_volume is None:
@@ -233,6 +312,15 @@ def _docker_operator() -> type:
                 self.scratch_volume = None
 
     return DockerStageOperator
+
+
+def gpu_request(device: str | None) -> Any:
+    """The container's GPU: the leased one; any one (``count=1``, GPU 0) only when the host's GPUs are unknown."""
+    from docker.types import DeviceRequest
+
+    if device is None:
+        return DeviceRequest(count=1, capabilities=[["gpu"]])
+    return DeviceRequest(device_ids=[device], capabilities=[["gpu"]])
 
 
 XCOM_RESULT = "/airflow/xcom/return.json"  # where KubernetesPodOperator's sidecar reads a pod's XCom
@@ -253,19 +341,28 @@ def _kubernetes_operator() -> type:
         V1Toleration,
     )
 
-    class KubernetesStageOperator(KubernetesPodOperator):
-        """One pod per attempt; GPU stages request ``nvidia.com/gpu`` on GPU nodes; pod deleted afterwards."""
+    class KubernetesStageOperator(ShowsStageCommand, KubernetesPodOperator):
+        """One pod per attempt, requesting the stage's CPU, memory and node disk (``orchestration.*``; memory
+        and disk also as limits); GPU stages request ``nvidia.com/gpu`` on GPU nodes (the device plugin
+        picks the GPU); pod deleted afterwards. Exit 2 fails the task without a retry."""
 
         operator_extra_links = (MLflowRunLink(),)
+        template_fields = (*KubernetesPodOperator.template_fields, "stage_command")
 
         def __init__(self, *, stage: StageSpec, settings: ExecutionSettings, command: list[str] | None = None,
-                     **kwargs: Any):
+                     limits: StageLimits | None = None, **kwargs: Any):
+            requests, caps = {}, {}
+            if limits is not None:
+                requests = {"cpu": limits.cpu, "memory": limits.memory, "ephemeral-storage": limits.ephemeral_storage}
+                caps = {"memory": limits.memory, "ephemeral-storage": limits.ephemeral_storage}
             gpu = {}
             if stage.gpu:
+                caps["nvidia.com/gpu"] = "1"
                 key, _, value = settings.k8s_gpu_node_selector.partition("=")
-                gpu = {"container_resources": V1ResourceRequirements(limits={"nvidia.com/gpu": "1"}),
-                       "node_selector": {key: value},
+                gpu = {"node_selector": {key: value},
                        "tolerations": [V1Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")]}
+            if requests or caps:
+                gpu["container_resources"] = V1ResourceRequirements(requests=requests or None, limits=caps or None)
             super().__init__(
                 name=f"headavatar-{stage.name}", namespace=settings.k8s_namespace,
                 image=settings.cuda_image if stage.gpu else settings.cpu_image, cmds=["headavatar"], arguments=[],
@@ -278,6 +375,7 @@ def _kubernetes_operator() -> type:
                 on_finish_action="delete_pod",
                 get_logs=True, do_xcom_push=command is None, **gpu, **kwargs)
             self.stage, self.mlflow_conn_id, self.cli_command = stage, settings.mlflow_conn_id, command
+            self.stage_command = ""
 
         def execute(self, context: Any) -> Any:
             self.arguments = task_command(self.stage, context["params"], self.cli_command)
@@ -289,17 +387,43 @@ def _kubernetes_operator() -> type:
             if self.cli_command is not None:
                 return None
             remember_mlflow_run(self, result if isinstance(result, dict) else None, self.mlflow_conn_id)
+            describe_outlet_events(self, context, result if isinstance(result, dict) else None)
             return result
+
+        def cleanup(self, pod: Any, remote_pod: Any, xcom_result: dict | None = None, context: Any = None) -> None:
+            """The provider fails a failed pod with a retryable error; the CLI's final exit codes fail it for good."""
+            try:
+                super().cleanup(pod, remote_pod, xcom_result, context)
+            except AirflowFailException:
+                raise
+            except AirflowException as e:
+                code = exit_code(remote_pod, self.base_container_name)
+                if code in FINAL_EXIT_CODES:
+                    raise fail(" ".join(self.arguments[:2]), code, str(e).splitlines()[0]) from e
+                raise
 
     return KubernetesStageOperator
 
 
+def exit_code(pod: Any, container: str) -> int | None:
+    """The exit code of a pod's terminated container, None while it has none."""
+    statuses = (pod.status.container_statuses if pod is not None and pod.status else None) or []
+    state = next((s.state for s in statuses if s.name == container), None)
+    return state.terminated.exit_code if state is not None and state.terminated is not None else None
+
+
 def stage_operator(stage: StageSpec, settings: ExecutionSettings | None = None, **kwargs: Any) -> BaseOperator:
-    """The task for one stage. GPU stages share the GPU pool, sized to the GPUs available.
+    """The task for one stage. GPU stages share the GPU pool, sized to the GPUs available; a pipeline
+    stage gets its attempt time limit (and, on Kubernetes, its pod requests) from ``orchestration.*``.
     ``command=[...]`` runs another CLI command in the stage's image (ingestion's ``unpack``)."""
     settings = settings or ExecutionSettings()
     if stage.gpu:
         kwargs.setdefault("pool", settings.gpu_pool)
+    limits = stage_limits(stage.name)
+    if limits is not None:
+        kwargs.setdefault("execution_timeout", limits.timeout)
+        if settings.backend == "kubernetes":
+            kwargs.setdefault("limits", limits)
     cls = {"local": lambda: LocalStageOperator, "docker": _docker_operator,
            "kubernetes": _kubernetes_operator}[settings.backend]()
     return cls(task_id=kwargs.pop("task_id", stage.name), stage=stage, settings=settings, **kwargs)

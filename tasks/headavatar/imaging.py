@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -80,6 +81,19 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
 
 
 def npz_bytes(**arrays: np.ndarray) -> bytes:
+    """An uncompressed ``.npz`` whose bytes depend on the arrays alone.
+
+    ``np.savez`` streams through ``zipfile``, whose headers (zip64 fields, the version needed to
+    extract) differ between Python patch releases: the same arrays gave other bytes in the images'
+    Debian Python than in a checkout's, and so other content digests. Each member is written
+    whole, with a fixed timestamp, so the archive is the same wherever it is made.
+    """
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for name, array in arrays.items():
+            member = io.BytesIO()
+            np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = 0o600 << 16
+            zf.writestr(info, member.getvalue())
     return buf.getvalue()
