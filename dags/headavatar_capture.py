@@ -6,12 +6,21 @@ Trigger with the capture id, e.g. `{"id": "018"}` (the form checks it). Six task
 gaussianhead. A failed task is retried with exponential backoff; to redo from a stage, clear
 that task with its downstream tasks. Finished stages whose inputs and config are unchanged are
 cache hits, and training resumes from its last checkpoint.
+
+Each attempt has a time limit (`orchestration.<stage>_timeout_h`), the run one too
+(`orchestration.dagrun_timeout_h`); a task that fails for good mails the `headavatar_alerts`
+connection's recipients (capture, stage, try, log link). Priority is depth-first: a capture's later
+stages go before other captures' earlier ones, so started captures finish first. The last stage
+updates the `headavatar_avatar` Asset, which schedules `headavatar_compare`.
 """
 
 from datetime import timedelta
 
 from airflow.sdk import DAG, Param, chain
 
+from headavatar_airflow.assets import AVATAR
+from headavatar_airflow.limits import dagrun_timeout
+from headavatar_airflow.notify import StageFailureNotifier
 from headavatar_airflow.operators import stage_operator
 from headavatar_airflow.pipeline import PARAM_DEFAULTS, STAGES, param_schema
 
@@ -26,9 +35,12 @@ with DAG(
         "retry_delay": timedelta(minutes=1),
         "retry_exponential_backoff": True,
         "max_retry_delay": timedelta(minutes=30),
+        "weight_rule": "upstream",  # depth-first: priority grows along the chain
+        "on_failure_callback": StageFailureNotifier(),
     },
+    dagrun_timeout=dagrun_timeout(),
     max_active_runs=8,
     tags=["headavatar"],
     doc_md=__doc__,
 ):
-    chain(*(stage_operator(stage) for stage in STAGES))
+    chain(*(stage_operator(stage, outlets=[AVATAR] if stage is STAGES[-1] else []) for stage in STAGES))

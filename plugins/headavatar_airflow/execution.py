@@ -5,7 +5,10 @@
 (a subprocess of the worker; ``make demo BACKEND=local``). Credentials come from the Airflow
 connection ``headavatar_s3`` (docker, local) or the Kubernetes Secret named below (kubernetes) at
 run time. ``HEADAVATAR_DOCKER_GPUS=0`` runs the GPU stages' image without a GPU request (the CPU
-stage image, ``headavatar/cpu``, on a machine without GPUs).
+stage image, ``headavatar/cpu``, on a machine without GPUs). ``HEADAVATAR_GPU_DEVICES``: the GPUs
+of this host that GPU tasks are placed on (``0,1,2,3`` or GPU UUIDs; unset = ``nvidia-smi``'s list
+when it is on PATH), each leased to one running task at a time through lock files in
+``HEADAVATAR_GPU_LEASE_DIR`` (one directory per host, seen by every worker of that host).
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ class ExecutionSettings:
     docker_url: str = field(default_factory=lambda: _env("HEADAVATAR_DOCKER_URL", "unix://var/run/docker.sock"))
     docker_network: str | None = field(default_factory=lambda: os.environ.get("HEADAVATAR_DOCKER_NETWORK"))
     docker_gpus: bool = field(default_factory=lambda: _env("HEADAVATAR_DOCKER_GPUS", "1") != "0")
+    gpu_devices: tuple[str, ...] = field(default_factory=lambda: tuple(
+        d.strip() for d in os.environ.get("HEADAVATAR_GPU_DEVICES", "").split(",") if d.strip()))
+    gpu_lease_dir: str = field(default_factory=lambda: _env("HEADAVATAR_GPU_LEASE_DIR", "/tmp/headavatar-gpu-leases"))
     k8s_namespace: str = field(default_factory=lambda: _env("HEADAVATAR_K8S_NAMESPACE", "headavatar"))
     k8s_s3_secret: str = field(default_factory=lambda: _env("HEADAVATAR_K8S_S3_SECRET", "headavatar-s3"))
     k8s_settings: str = field(default_factory=lambda: _env("HEADAVATAR_K8S_SETTINGS", "headavatar-settings"))

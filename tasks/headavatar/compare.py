@@ -2,7 +2,9 @@
 
 One row per distinct trained model (stage runs are deduplicated by their manifest digest: a cache
 hit in a later DAG run is the same avatar, not a new one). Written as a text table, CSV, and a
-self-contained HTML page with one bar chart per held-out metric (inline SVG, no plotting library).
+self-contained HTML page with one bar chart per held-out metric (inline SVG, no plotting library),
+and optionally as an MLflow run of kind ``compare`` holding the three (what the ``headavatar_compare``
+DAG does each time an avatar is finished).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import csv
 import html
 import io
+import os
+import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -133,3 +137,27 @@ def write_reports(rows: list[dict[str, Any]], out: Path, title: str) -> list[Pat
     paths[0].write_text(as_csv(rows))
     paths[1].write_text(as_html(rows, title))
     return paths
+
+
+def log_report(tracking_uri: str, rows: list[dict[str, Any]], title: str, stage: str) -> str:
+    """The report as a new run (tag ``headavatar.kind = compare``, so :func:`collect` never reads it back) in the
+    pipeline's experiment: ``compare.txt``, ``compare.csv``, ``compare.html``; returns the run id."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment_name())
+    exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment_name())
+    tags = {"headavatar.kind": "compare", "headavatar.stage": stage,
+            "headavatar.captures": ",".join(sorted({r["capture"] for r in rows}))}
+    if os.environ.get("HEADAVATAR_RUN_ID"):  # set by the Airflow task
+        tags["airflow.run_id"] = os.environ["HEADAVATAR_RUN_ID"]
+    run = client.create_run(exp_id, run_name=f"compare {datetime.now(UTC):%Y-%m-%d %H:%M}", tags=tags)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        paths = write_reports(rows, out, title)
+        (out / "compare.txt").write_text(as_table(rows) + "\n")
+        for path in [out / "compare.txt", *paths]:
+            client.log_artifact(run.info.run_id, str(path))
+    client.log_metric(run.info.run_id, "avatars", len(rows))
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id

@@ -1,0 +1,93 @@
+"""GPU leases: each running GPU task holds one GPU of its host, so concurrent GPU stages never share one.
+
+The ``headavatar_gpu`` pool bounds how many GPU tasks run at once but cannot say *which* GPU a task
+gets (Docker's ``count=1`` request is GPU 0 every time; an unset ``CUDA_VISIBLE_DEVICES`` is GPU 0
+for torch). A lease is an exclusive ``flock`` on ``<lease dir>/gpu-<device>.lock``, taken by the
+task process before it starts the stage and held until the stage has ended. The kernel drops the
+lock when its holder exits, however it exits (SIGKILL, OOM, a lost worker), so no lease outlives
+its task. The lock file holds who has it (``cat`` it to see). Kubernetes takes none: the device
+plugin places pods (``nvidia.com/gpu: 1``).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from headavatar_airflow.execution import ExecutionSettings
+
+log = logging.getLogger(__name__)
+
+
+def host_gpus(settings: ExecutionSettings) -> tuple[str, ...]:
+    """The GPUs tasks are placed on: ``HEADAVATAR_GPU_DEVICES``, else the indices ``nvidia-smi`` lists, else none."""
+    if settings.gpu_devices:
+        return settings.gpu_devices
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return ()
+    try:
+        out = subprocess.run([smi, "--query-gpu=index", "--format=csv,noheader"], capture_output=True, text=True,
+                             timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    return tuple(line.strip() for line in out.splitlines() if line.strip())
+
+
+def _lock_path(lease_dir: Path, device: str) -> Path:
+    return lease_dir / f"gpu-{re.sub(r'[^A-Za-z0-9_.-]', '_', device)}.lock"
+
+
+@contextmanager
+def gpu_lease(devices: Sequence[str], lease_dir: Path, holder: str = "", poll_s: float = 1.0) -> Iterator[str]:
+    """Hold the first free device of ``devices`` for the ``with`` block; waits (polling) while all are leased.
+
+    ``devices`` of one item is a pinned GPU: the task waits for that one.
+    """
+    if not devices:
+        raise ValueError("no GPU to lease")
+    lease_dir.mkdir(parents=True, exist_ok=True)
+    waiting_since = None
+    while True:
+        for device in devices:
+            fd = os.open(_lock_path(lease_dir, device), os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            try:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{holder} pid={os.getpid()}\n".encode())
+                yield device
+            finally:
+                os.close(fd)  # closing the only descriptor releases the lock
+            return
+        if waiting_since is None:
+            waiting_since = time.monotonic()
+            log.info("all GPUs leased (%s): waiting for one to be free", ", ".join(devices))
+        time.sleep(poll_s)
+
+
+@contextmanager
+def placed_gpu(settings: ExecutionSettings, params: dict[str, Any], holder: str) -> Iterator[str | None]:
+    """The GPU a GPU task runs on, leased for the ``with`` block: the form's ``gpu`` when set (it wins),
+    else a free one of this host. None when the host's GPUs are unknown (no lease; the old behaviour)."""
+    pinned = params.get("gpu")
+    devices = (str(pinned),) if pinned is not None else host_gpus(settings)
+    if not devices:
+        log.warning("GPUs of this host unknown (set HEADAVATAR_GPU_DEVICES): the GPU is not chosen per task")
+        yield None
+        return
+    with gpu_lease(devices, Path(settings.gpu_lease_dir), holder) as device:
+        log.info("GPU %s leased to %s", device, holder)
+        yield device

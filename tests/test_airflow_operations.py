@@ -1,0 +1,323 @@
+"""Operating the DAGs for months, against real Airflow: GPU placement, time limits, failure mail, priority,
+the rendered command, Kubernetes pod requests and final exit codes, the avatar Asset and the comparison DAG."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import mailbox
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+
+from test_airflow import REPO, _airflow, _env, _python, airflow_home  # noqa: F401 (the session fixture)
+
+STAGES = ["extract", "sample", "matting", "fitting", "meshhead", "gaussianhead"]
+PROBE = '''
+import json, os, sys, time
+out, name, hold = sys.argv[1], sys.argv[2], float(sys.argv[3])
+peer = sys.argv[4] if len(sys.argv) > 4 else None
+open(os.path.join(out, name + ".start"), "w").write(str(os.getpid()))
+deadline, saw_peer = time.monotonic() + hold, peer is None
+while time.monotonic() < deadline and not saw_peer:  # both running at once, or give up after `hold`
+    saw_peer = os.path.exists(os.path.join(out, peer + ".start"))
+    time.sleep(0.1)
+time.sleep(1.0 if peer else hold)
+json.dump({"device": os.environ.get("CUDA_VISIBLE_DEVICES"), "saw_peer": saw_peer, "pid": os.getpid()},
+          open(os.path.join(out, name + ".json"), "w"))
+print(json.dumps({"probe": name}))
+'''
+
+PROBE_DAG = '''
+import sys
+from datetime import timedelta
+from airflow.sdk import DAG, Param
+from headavatar_airflow.execution import ExecutionSettings
+from headavatar_airflow.operators import LocalStageOperator
+from headavatar_airflow.pipeline import StageSpec
+
+class Probe(LocalStageOperator):
+    """The real local operator (GPU lease, environment, subprocess), running a probe instead of the CLI."""
+    program = (sys.executable, {probe!r})
+
+GPU = StageSpec("matting", gpu=True)
+with DAG("gpu_probe", schedule=None, params={{"id": Param("probe"), "gpu": Param(None, type=["null", "integer"])}}):
+    settings = ExecutionSettings(backend="local")
+    Probe(task_id="a", stage=GPU, settings=settings, command=[{out!r}, "a", "60", "b"])
+    Probe(task_id="b", stage=GPU, settings=settings, command=[{out!r}, "b", "60", "a"])
+    Probe(task_id="pinned", stage=GPU, settings=settings, command=[{out!r}, "pinned", "0"])
+    Probe(task_id="hung", stage=GPU, settings=settings, command=[{out!r}, "hung", "600"],
+          execution_timeout=timedelta(seconds=5))
+'''
+
+
+@pytest.fixture
+def probe_env(tmp_path: Path) -> dict[str, str]:
+    """A DAG folder holding the probe DAG, on a host with two (simulated) GPUs 0 and 1."""
+    dags, out = tmp_path / "dags", tmp_path / "out"
+    dags.mkdir()
+    out.mkdir()
+    (tmp_path / "probe.py").write_text(PROBE)
+    (dags / "gpu_probe.py").write_text(PROBE_DAG.format(probe=str(tmp_path / "probe.py"), out=str(out)))
+    return {"AIRFLOW__CORE__DAGS_FOLDER": str(dags), "HEADAVATAR_GPU_DEVICES": "0,1",
+            "HEADAVATAR_GPU_LEASE_DIR": str(tmp_path / "leases"), "PROBE_OUT": str(out),
+            "AIRFLOW_CONN_HEADAVATAR_S3": json.dumps({"conn_type": "aws", "extra": {"bucket": "unused"}})}
+
+
+def _task_test(home: Path, env: dict[str, str], task: str, day: int, *extra: str) -> subprocess.Popen:
+    """``airflow tasks test`` of one probe task; ``day``: its run's logical date (a test run replaces any other
+    run of the DAG with the same logical date, so tasks running at once need their own)."""
+    return subprocess.Popen([sys.executable, "-m", "airflow", "tasks", "test", "gpu_probe", task,
+                             f"2026-01-{day:02d}", *extra],
+                            env={**_env(home, {}), **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_concurrent_gpu_stages_get_different_gpus_the_form_wins_and_a_timeout_frees_the_gpu(
+        airflow_home: Path, probe_env: dict[str, str]) -> None:  # noqa: F811
+    out = Path(probe_env["PROBE_OUT"])
+    # Two GPU tasks in two task processes at once: each waits until it sees the other running.
+    procs = {name: _task_test(airflow_home, probe_env, name, day) for day, name in enumerate(("a", "b"), 1)}
+    logs = {name: p.communicate(timeout=600)[0] for name, p in procs.items()}
+    seen = {name: json.loads((out / f"{name}.json").read_text()) for name in procs if (out / f"{name}.json").exists()}
+    assert sorted(seen) == ["a", "b"], {k: v[-2000:] for k, v in logs.items()}
+    assert seen["a"]["saw_peer"] and seen["b"]["saw_peer"], seen  # they really ran at the same time
+    assert {seen["a"]["device"], seen["b"]["device"]} == {"0", "1"}, seen  # one GPU each
+
+    # The trigger form's GPU wins over the free-GPU choice (0 is free, 1 is asked for).
+    pinned = _task_test(airflow_home, probe_env, "pinned", 3, "-t", json.dumps({"gpu": 1}))
+    log = pinned.communicate(timeout=600)[0]
+    assert json.loads((out / "pinned.json").read_text())["device"] == "1", log[-2000:]
+
+    # A hung GPU stage: stopped at its time limit, its process gone and its GPU free again.
+    started = time.monotonic()
+    hung = _task_test(airflow_home, probe_env, "hung", 4)
+    log = hung.communicate(timeout=600)[0]
+    assert time.monotonic() - started < 300, log[-2000:]
+    assert "AirflowTaskTimeout" in log or "Timeout" in log, log[-3000:]
+    assert not (out / "hung.json").exists()  # never finished its 600 s
+    pid = int((out / "hung.start").read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    for device in ("0", "1"):
+        with open(Path(probe_env["HEADAVATAR_GPU_LEASE_DIR"]) / f"gpu-{device}.lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises BlockingIOError while still leased
+
+
+LOAD = """
+    import json
+    from airflow.dag_processing.dagbag import DagBag
+    bag = DagBag()
+    assert not bag.import_errors, bag.import_errors
+    dag = bag.dags["headavatar_capture"]
+"""
+
+
+def test_capture_dag_limits_priority_alerts_and_avatar_asset(airflow_home: Path, tmp_path: Path,  # noqa: F811
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "config"
+    subprocess.run(["cp", "-r", str(REPO / "config"), str(config)], check=True)
+    (config / "profiles" / "ops-test.yaml").write_text("orchestration: {meshhead_timeout_h: 0.5, dagrun_timeout_h: 30}")
+    code = LOAD + """
+    compare = bag.dags["headavatar_compare"]
+    print(json.dumps({
+        "dags": sorted(bag.dags),
+        "timeouts": {t.task_id: t.execution_timeout.total_seconds() for t in dag.tasks},
+        "dagrun_timeout": dag.dagrun_timeout.total_seconds(),
+        "weight_rules": sorted({str(t.weight_rule) for t in dag.tasks}),
+        "callbacks": sorted({type(cb).__name__ for t in dag.tasks for cb in t.on_failure_callback}),
+        "outlets": {t.task_id: [o.name for o in t.outlets] for t in dag.tasks},
+        "compare_schedule": [a.name for a in compare.timetable.asset_condition.objects],
+        "compare_tasks": {t.task_id: [type(t).__name__, t.cli_command] for t in compare.tasks},
+    }, default=str))
+    """
+    facts = _python(airflow_home, code)
+    assert facts["dags"] == ["headavatar_capture", "headavatar_compare", "headavatar_ingest"]
+    hours = {"extract": 8, "sample": 2, "matting": 12, "fitting": 12, "meshhead": 24, "gaussianhead": 72}
+    assert facts["timeouts"] == {k: v * 3600.0 for k, v in hours.items()}
+    assert facts["dagrun_timeout"] == 168 * 3600.0
+    assert facts["weight_rules"] == ["upstream"]  # depth-first (the weights themselves: the mail test's run)
+    assert facts["callbacks"] == ["StageFailureNotifier"]
+    assert facts["outlets"] == {s: (["headavatar_avatar"] if s == "gaussianhead" else []) for s in hours}
+    assert facts["compare_schedule"] == ["headavatar_avatar"]
+    assert facts["compare_tasks"] == {"compare": ["LocalStageOperator", ["compare", "--mlflow"]]}
+
+    # The limits come from the pipeline config (a profile overrides them like any setting).
+    monkeypatch.setenv("HEADAVATAR_CONFIG_DIR", str(config))  # seen by the interpreter _python starts
+    monkeypatch.setenv("HEADAVATAR_PROFILE", "ops-test")
+    tuned = _python(airflow_home, LOAD + """
+    print(json.dumps({"meshhead": dag.task_dict["meshhead"].execution_timeout.total_seconds(),
+                      "extract": dag.task_dict["extract"].execution_timeout.total_seconds(),
+                      "run": dag.dagrun_timeout.total_seconds()}))
+    """)
+    assert tuned == {"meshhead": 1800.0, "extract": 8 * 3600.0, "run": 30 * 3600.0}
+
+
+KUBECONFIG = """apiVersion: v1
+kind: Config
+clusters: [{name: none, cluster: {server: "https://127.0.0.1:9"}}]
+users: [{name: none, user: {token: unused}}]
+contexts: [{name: none, context: {cluster: none, user: none}}]
+current-context: none
+"""
+
+
+def test_kubernetes_pods_request_cpu_memory_disk_and_exit_2_is_final(airflow_home: Path, tmp_path: Path,  # noqa: F811
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "kubeconfig").write_text(KUBECONFIG)  # a client that is never called: no cluster here
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
+    facts = _python(airflow_home, LOAD + """
+    from kubernetes.client import V1ContainerState, V1ContainerStateTerminated, V1ContainerStatus, V1ObjectMeta
+    from kubernetes.client import V1Pod, V1PodStatus
+    from airflow.sdk.exceptions import AirflowFailException
+
+    def pod(code):
+        state = V1ContainerState(terminated=V1ContainerStateTerminated(exit_code=code))
+        return V1Pod(metadata=V1ObjectMeta(name="p", namespace="headavatar"), status=V1PodStatus(
+            phase="Failed", container_statuses=[V1ContainerStatus(
+                name="base", state=state, image="i", image_id="i", ready=False, restart_count=0)]))
+
+    out = {"resources": {}, "failures": {}}
+    for t in dag.tasks:
+        spec = t.build_pod_request_obj().spec.containers[0].resources
+        out["resources"][t.task_id] = {"requests": spec.requests, "limits": spec.limits}
+    t = dag.task_dict["extract"]
+    t.on_finish_action, t.log_events_on_failure, t.arguments = "keep_pod", False, ["run", "extract"]
+    # No cluster here: the provider's two API calls on this path answer as a cluster would (no istio, label set).
+    t.patch_already_checked = lambda *a, **k: None
+    t.is_istio_enabled = lambda *a, **k: False
+    for code in (1, 2, 75, 137):
+        try:
+            t.cleanup(pod(code), pod(code))
+        except Exception as e:
+            out["failures"][code] = [type(e).__name__, isinstance(e, AirflowFailException), str(e)[:200]]
+    print(json.dumps(out))
+    """, backend="kubernetes")
+    res = facts["resources"]
+    assert res["extract"] == {"requests": {"cpu": "8", "memory": "16Gi", "ephemeral-storage": "200Gi"},
+                              "limits": {"memory": "16Gi", "ephemeral-storage": "200Gi"}}
+    assert res["gaussianhead"] == {"requests": {"cpu": "8", "memory": "64Gi", "ephemeral-storage": "50Gi"},
+                                   "limits": {"memory": "64Gi", "ephemeral-storage": "50Gi", "nvidia.com/gpu": "1"}}
+    for stage, r in res.items():
+        assert set(r["requests"]) == {"cpu", "memory", "ephemeral-storage"}, stage
+    final = {code: f[1] for code, f in facts["failures"].items()}
+    assert final == {"1": False, "2": True, "75": False, "137": False}, facts["failures"]
+    assert "exited with 2" in facts["failures"]["2"][2] and "returned a failure" in facts["failures"]["2"][2]
+    assert all("returned a failure" in facts["failures"][c][2] for c in ("1", "75", "137"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def smtp_server(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """A real SMTP server (aiosmtpd) on 127.0.0.1 delivering into a Maildir; stopped by PID."""
+    port, maildir = _free_port(), tmp_path / "maildir"
+    proc = subprocess.Popen([sys.executable, "-m", "aiosmtpd", "-n", "-l", f"127.0.0.1:{port}",
+                             "-c", "aiosmtpd.handlers.Mailbox", str(maildir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "aiosmtpd did not start"
+                time.sleep(0.2)
+        yield port, maildir
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_a_failed_stage_mails_capture_stage_try_and_log_and_shows_its_command(
+        airflow_home: Path, s3_env: dict[str, str], smtp_server: tuple[int, Path]) -> None:  # noqa: F811
+    port, maildir = smtp_server
+    env = {"AIRFLOW_CONN_HEADAVATAR_S3": _env(airflow_home, s3_env)["AIRFLOW_CONN_HEADAVATAR_S3"],
+           "AIRFLOW_CONN_HEADAVATAR_ALERTS": json.dumps({"conn_type": "smtp", "host": "127.0.0.1", "port": port,
+                                                         "extra": {"to": "oncall@example.org"}}),
+           "AIRFLOW__API__BASE_URL": "https://airflow.example.org"}
+    # Capture "nosuch" has no raw data: extract exits 2, a final failure (no retry), so the mail goes at once.
+    r = _airflow(airflow_home, env, "dags", "test", "headavatar_capture", "--conf", json.dumps({"id": "nosuch"}))
+    log = r.stdout + r.stderr
+    mails = list(mailbox.Maildir(str(maildir), create=False)) if maildir.exists() else []
+    assert len(mails) == 1, log[-3000:]
+    mail = mails[0]
+    body = mail.get_payload(decode=True).decode()
+    assert mail["To"] == "oncall@example.org"
+    assert mail["Subject"] == "[headavatar] capture nosuch: extract failed (try 1)"
+    run_id = next(line.split()[-1] for line in body.splitlines() if line.startswith("DAG run:"))
+    assert "Stage:    extract" in body and "Try:      1 of 4" in body and "exited with 2" in body, body
+    assert (f"Log:      https://airflow.example.org/dags/headavatar_capture/runs/{quote(run_id)}/tasks/extract"
+            "?try_number=1") in body, body
+    # The UI's rendered template of the task: the exact command it ran.
+    rendered = _python(airflow_home, f"""
+        import json
+        from airflow.models.renderedtifields import RenderedTaskInstanceFields as R
+        from airflow.models.taskinstance import TaskInstance as TI
+        from airflow.utils.session import create_session
+        with create_session() as s:
+            rows = s.query(R).filter_by(dag_id="headavatar_capture", run_id={run_id!r}).all()
+            tis = s.query(TI).filter_by(dag_id="headavatar_capture", run_id={run_id!r}).all()
+            print(json.dumps({{"fields": {{r.task_id: r.rendered_fields for r in rows}},
+                               "weights": {{t.task_id: t.priority_weight for t in tis}}}}))
+    """)
+    assert rendered["fields"]["extract"]["stage_command"] == "headavatar run extract --capture nosuch", rendered
+    # Depth-first priority: the later a stage, the higher its weight, so a started capture's next task goes
+    # before a new capture's first one.
+    assert [rendered["weights"][s] for s in STAGES] == [1, 2, 3, 4, 5, 6], rendered["weights"]
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_compare_dag_logs_the_cross_capture_report_to_mlflow(airflow_home: Path, mlflow_server: str,  # noqa: F811
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow.tracking import MlflowClient
+
+    experiment = f"ops-compare-{os.getpid()}-{time.time_ns()}"
+    monkeypatch.setenv("HEADAVATAR_MLFLOW_EXPERIMENT", experiment)  # this test's runs only
+    client = MlflowClient(mlflow_server)
+    exp_id = client.create_experiment(experiment)
+    for capture, psnr in (("018", 31.5), ("019", 29.25)):  # two finished avatars, as stage 6 tracks them
+        run = client.create_run(exp_id, tags={"headavatar.kind": "stage", "headavatar.stage": "gaussianhead",
+                                              "headavatar.capture": capture, "headavatar.manifest": f"m-{capture}"})
+        client.log_metric(run.info.run_id, "holdout_psnr", psnr)
+        client.set_terminated(run.info.run_id)
+    mlflow_conn = {"conn_type": "http", "extra": {"tracking_uri": mlflow_server}}
+    env = {"AIRFLOW_CONN_HEADAVATAR_MLFLOW": json.dumps(mlflow_conn),
+           "AIRFLOW_CONN_HEADAVATAR_S3": json.dumps({"conn_type": "aws", "extra": {"bucket": "unused"}})}
+    r = _airflow(airflow_home, env, "dags", "test", "headavatar_compare")
+    log = r.stdout + r.stderr
+    reports = client.search_runs([exp_id], filter_string="tags.`headavatar.kind` = 'compare'")
+    assert len(reports) == 1, log[-3000:]
+    report = reports[0]
+    assert report.data.tags["headavatar.captures"] == "018,019" and report.data.metrics["avatars"] == 2
+    assert sorted(a.path for a in client.list_artifacts(report.info.run_id)) == [
+        "compare.csv", "compare.html", "compare.txt"]
+    csv = Path(client.download_artifacts(report.info.run_id, "compare.csv")).read_text().splitlines()
+    assert csv[0].startswith("capture,") and [row.split(",")[0] for row in csv[1:]] == ["018", "019"]
+    assert "31.5" in csv[1] and "29.25" in csv[2]
+
+
+def test_docker_containers_ask_the_engine_for_the_leased_gpu() -> None:
+    """What DockerOperator sends as HostConfig.DeviceRequests (no engine here: the request object itself)."""
+    sys.path.insert(0, str(REPO / "plugins"))
+    from headavatar_airflow.operators import gpu_request
+
+    leased = gpu_request("1")
+    assert (leased["DeviceIDs"], leased["Count"], leased["Capabilities"]) == (["1"], 0, [["gpu"]])
+    assert gpu_request(None)["Count"] == 1  # host GPUs unknown: any one (the engine's GPU 0)
