@@ -3,10 +3,13 @@
 
 Every 15 minutes (`HEADAVATAR_INGEST_SCHEDULE`), unpacks new `.zip` deliveries under `raw/` (task
 `unpack`, on the stages' backend: a container of the preprocess image under `docker`; an archive that
-cannot be unpacked fails that task), then lists the captures under `raw/` whose last stage
-has no manifest and triggers `headavatar_capture` once per capture (run id `ingest__<id>`; an
-existing run of that id is left alone, so a failed capture is not retried forever: clear or
-re-trigger it by hand).
+cannot be unpacked fails that task), then lists the complete captures under `raw/` (every camera
+there and the upload finished: its `_COMPLETE` marker, or `ingest.quiet_minutes` without a change;
+docs/data.md) that have no finished avatar of their raw inputs as they are now, and triggers
+`headavatar_capture` once per capture (run id `ingest__<id>__<raw digest>`, a new one when the raw
+inputs changed, e.g. a sequence uploaded later; an existing run of that id is left alone, so a
+failed capture is not retried forever: clear or re-trigger it by hand). Each mapped trigger task
+is labelled by its capture id.
 """
 
 import os
@@ -31,4 +34,5 @@ with DAG(
     unpack_operator() >> pending
     TriggerDagRunOperator.partial(
         task_id="trigger_capture_runs", trigger_dag_id="headavatar_capture", skip_when_already_exists=True,
+        map_index_template="{{ task.conf['id'] }}",
     ).expand_kwargs(pending)

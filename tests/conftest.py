@@ -72,10 +72,17 @@ def store(s3_env: dict[str, str]) -> Iterator[ObjectStore]:
     st.close()
 
 
-def upload_capture(store: ObjectStore, root: Path) -> None:
+def upload_capture(store: ObjectStore, root: Path, complete: bool = True) -> None:
+    """Upload a local raw layout; ``complete`` then writes each capture's ``_COMPLETE`` marker, as users do."""
+    from headavatar.upload import mark_complete
+
     store.upload_tree(root / RAW, store.key(RAW))
     if (root / GROUND_TRUTH).exists():
         store.upload_tree(root / GROUND_TRUTH, store.key(GROUND_TRUTH))
+    if complete:
+        for layout, folder in (("v1", root / RAW / "camera_params"), ("v2", root / RAW / "v2")):
+            for capture in sorted(p.name for p in folder.glob("*") if p.is_dir()):
+                mark_complete(store, capture, layout)
 
 
 def zip_capture(raw: Path, capture: str, out: Path) -> dict[str, str]:

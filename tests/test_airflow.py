@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -97,7 +99,7 @@ def test_dags_parse_and_declare_six_retried_stages(airflow_home: Path) -> None:
     }))
     """)
     assert not facts["errors"], facts["errors"]
-    assert facts["dags"] == ["headavatar_capture", "headavatar_ingest"]
+    assert facts["dags"] == ["headavatar_capture", "headavatar_compare", "headavatar_ingest"]
     names = [s.name for s in STAGES]
     assert facts["order"] == names
     assert facts["upstream"] == {n: ([names[i - 1]] if i else []) for i, n in enumerate(names)}
@@ -224,6 +226,18 @@ def test_triggered_run_executes_all_six_stages_and_a_rerun_hits_the_cache(
         for stage in names}
     version = client.search_model_versions(f"name = '{models}018'")
     assert [(v.version, v.run_id) for v in version] == [("1", gh.info.run_id)]
+    # The finished avatar updated the Asset that schedules headavatar_compare, saying which capture it was.
+    events = _python(airflow_home, f"""
+        import json
+        from airflow.models.asset import AssetEvent, AssetModel
+        from airflow.utils.session import create_session
+        with create_session() as s:
+            rows = (s.query(AssetEvent).join(AssetModel, AssetEvent.asset_id == AssetModel.id)
+                    .filter(AssetModel.name == "headavatar_avatar")
+                    .filter(AssetEvent.source_run_id == {manual[0]['run_id']!r}))
+            print(json.dumps([[r.source_task_id, r.extra] for r in rows]))
+    """)
+    assert [[t, e["capture"], e["cached"]] for t, e in events] == [["gaussianhead", "018", False]], events
 
     # A second run (what clearing a task and its downstream amounts to): every stage is a cache hit.
     second = _airflow(airflow_home, env, "dags", "test", "headavatar_capture", "--conf", conf)
@@ -257,15 +271,13 @@ def test_ingestion_triggers_one_run_per_pending_capture(airflow_home: Path, stor
                                                         s3_env: dict[str, str], tmp_path: Path) -> None:
     upload_capture(store, tiny_capture)  # 018: complete, never run
     raw = store.key("raw")
-    for o in store.list(raw):  # 019: complete and already done
-        if "/018/" in o.key:
+    for o in store.list(raw):  # 019: every file there, but no _COMPLETE marker: the upload may go on
+        if "/018/" in o.key and not o.key.endswith("/_COMPLETE"):  # (finished captures: tests/test_ingest.py)
             store.copy(o.key, o.key.replace("/018/", "/019/"))
-    done = Manifest(stage="gaussianhead", capture="019", package_version="0", config_digest="x", config={},
-                    inputs={}, files={}, metrics={}, started_at="", finished_at="", wall_time_s=0.0)
-    store.put_bytes(manifest_key(store, "019", "gaussianhead"), done.to_json())
     zip_capture(tiny_capture / "raw", "020", tmp_path / "zips")  # 020: delivered as NeRSemble archives
     for z in (tmp_path / "zips").glob("*.zip"):
         store.upload_file(z, f"{raw}/{z.name}")
+    store.put_bytes(f"{raw}/camera_params/020/_COMPLETE", b"")  # ... then marked complete
     store.put_bytes(f"{raw}/camera_params/021/camera_params.json", b"{}")  # 021: upload not finished
     store.put_bytes(f"{raw}/camera_params/bad..id/camera_params.json", b"{}")
     env = {"AIRFLOW_CONN_HEADAVATAR_S3": _env(airflow_home, s3_env)["AIRFLOW_CONN_HEADAVATAR_S3"]}
@@ -273,5 +285,10 @@ def test_ingestion_triggers_one_run_per_pending_capture(airflow_home: Path, stor
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     runs = _runs(airflow_home, env)
     ingested = {x["run_id"] for x in runs if x["run_id"].startswith("ingest__")}
-    assert ingested == {"ingest__018", "ingest__020"}
+    assert {r.rsplit("__", 1)[0] for r in ingested} == {"ingest__018", "ingest__020"}  # ingest__<id>__<raw digest>
+    assert all(re.fullmatch(r"ingest__\d{3}__[0-9a-f]{12}", r) for r in ingested), ingested
+    with sqlite3.connect(airflow_home / "airflow.db") as db:  # the mapped trigger tasks are labelled by capture
+        labels = db.execute("SELECT rendered_map_index FROM task_instance WHERE dag_id = 'headavatar_ingest' "
+                            "AND task_id = 'trigger_capture_runs'").fetchall()
+    assert sorted(x for (x,) in labels) == ["018", "020"]
     assert store.exists(f"{raw}/sequence_EXP-1-head_part-1/020/EXP-1-head/cam_222200036.mp4")  # unpacked

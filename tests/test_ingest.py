@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import time
 import zipfile
 from pathlib import Path
 
 import pytest
 
-from conftest import cli, upload_capture, zip_capture
+from conftest import cli, tiny_config, upload_capture, zip_capture
 from headavatar.layout import RAW
 from headavatar.storage import ObjectStore
+from headavatar.upload import mark_complete
 
 
 def upload_archives(store: ObjectStore, folder: Path) -> None:
@@ -30,6 +33,7 @@ def test_zip_deliveries_unpack_into_the_raw_layout_once(store: ObjectStore, tiny
                                                        s3_env: dict[str, str], tmp_path: Path) -> None:
     expected = zip_capture(tiny_capture / RAW, "021", tmp_path / "zips")
     upload_archives(store, tmp_path / "zips")
+    mark_complete(store, "021", "v1")  # the delivery is whole: marked after its archives
     assert captures(s3_env) == []  # archives only: nothing usable yet
 
     r = cli("unpack", env=s3_env)
@@ -88,3 +92,84 @@ def test_only_complete_captures_are_reported(store: ObjectStore, tiny_capture: P
     assert "capture 022 not complete yet: sequence sequence_EXP-2-eyes_part-1 of capture 022 has no video " \
            "for camera(s) 222200036" in r.stderr
     assert "capture 023 not complete yet: capture 023: missing background plate" in r.stderr
+
+
+def _subset(tiny_capture: Path, out: Path, skip: str) -> Path:
+    """A copy of the local capture without the files whose path contains ``skip`` (not yet uploaded)."""
+    for src in tiny_capture.rglob("*"):
+        if src.is_file() and skip not in src.as_posix():
+            dst = out / src.relative_to(tiny_capture)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, dst)
+    return out
+
+
+def pending(env: dict[str, str], *sets: str) -> tuple[list[dict[str, str]], str]:
+    r = cli("captures", "--pending", "--profile", "demo", *(a for s in sets for a in ("--set", s)), env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1]), r.stderr
+
+
+def raw_digest(env: dict[str, str]) -> str:
+    r = cli("validate", "--capture", "018", "--profile", "demo", env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])["digest"]
+
+
+@pytest.mark.s3
+def test_a_half_uploaded_multi_sequence_capture_waits_for_its_marker(store: ObjectStore, tiny_capture: Path,
+                                                                     s3_env: dict[str, str], tmp_path: Path) -> None:
+    # EXP-1-head is all there, EXP-2-eyes not yet: every visible sequence has all its cameras.
+    upload_capture(store, _subset(tiny_capture, tmp_path / "half", "EXP-2-eyes"), complete=False)
+    found, log = pending(s3_env)
+    assert found == [] and captures(s3_env) == []
+    assert "capture 018 not complete yet: upload not finished: no completion marker" in log
+    assert "raw/camera_params/018/_COMPLETE to be written after the upload" in log
+    # The fallback: an upload that writes no marker counts once nothing changed for ingest.quiet_minutes.
+    quiet, log = pending(s3_env, "ingest.quiet_minutes=0")
+    assert [p["capture"] for p in quiet] == ["018"] and "no raw object changed for" in log
+
+    upload_capture(store, tiny_capture)  # the rest, then the marker, last
+    found, log = pending(s3_env)
+    digest = raw_digest(s3_env)
+    assert found == [{"capture": "018", "run_id": f"ingest__018__{digest[:12]}", "raw_digest": digest,
+                      "reason": "no finished run"}]
+    assert "capture 018 complete (completion marker s3://" in log
+
+
+def _finish(store: ObjectStore) -> None:
+    """A finished avatar of what is uploaded now: stages 1-2 for real (they record the raw digest), stages
+    3-6 as quick stand-ins with the real stages' names and inputs (training takes minutes), run through
+    the real stage contract so their manifests chain like a real run's."""
+    from headavatar.contract.stage import Stage, run_stage
+    from headavatar.stages import STAGE_NAMES, build_stage
+
+    for name in STAGE_NAMES:
+        real = build_stage(name)
+        stage = real if name in ("extract", "sample") else type(f"StandIn_{name}", (Stage,), {
+            "name": name, "inputs": real.inputs, "config_sections": (), "code_version": real.code_version,
+            "run": lambda self, ctx: ctx.outputs.put_bytes("out.txt", ",".join(ctx.inputs.values()).encode()),
+        })()
+        run_stage(stage, "018", tiny_config(), store)
+
+
+@pytest.mark.s3
+def test_a_sequence_added_after_a_finished_run_is_pending_again(store: ObjectStore, tiny_capture: Path,
+                                                                s3_env: dict[str, str], tmp_path: Path) -> None:
+    upload_capture(store, _subset(tiny_capture, tmp_path / "first", "EXP-2-eyes"))
+    first = raw_digest(s3_env)
+    _finish(store)
+    assert pending(s3_env)[0] == []  # finished from the raw inputs as they are: not pending
+
+    time.sleep(1.1)  # LastModified has 1 s resolution: the late sequence is strictly newer than the marker
+    late = tiny_capture / RAW / "sequence_EXP-2-eyes_part-1"
+    store.upload_tree(late, store.key(RAW, late.name))
+    found, log = pending(s3_env)
+    assert found == [] and "objects changed after its completion marker" in log  # the late upload is under way
+
+    mark_complete(store, "018", "v1")  # ... and now it is done
+    found, _ = pending(s3_env)
+    second = raw_digest(s3_env)
+    assert second != first
+    assert found == [{"capture": "018", "run_id": f"ingest__018__{second[:12]}", "raw_digest": second,
+                      "reason": "raw inputs changed since its finished run"}]

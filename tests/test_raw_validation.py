@@ -8,6 +8,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import av
+import numpy as np
 import pytest
 
 from conftest import TINY, cli, upload_capture
@@ -111,3 +113,70 @@ def test_good_capture_validates(layout: str, small_capture: Path, tmp_path: Path
     out = json.loads(r.stdout)
     assert out["sequences"] == ["EXP-1-head_part-1"] and out["layout"] == layout
     assert out["color_calibration"] is (layout == "v2")
+
+
+VALIDATE_CASES: dict[str, tuple[Callable[[Path], None], str]] = {
+    # a real video cut short (its index is at the end: the container no longer opens)
+    "321": (lambda raw: _video(raw, "321").write_bytes(_video(raw, "321").read_bytes()[:-3000]),
+            rf"s3://\S+/cam_{CAM}\.mp4: unreadable or corrupt video"),
+    "322": (lambda raw: _video(raw, "322").write_bytes(np.random.default_rng(0).bytes(40_000)),
+            rf"s3://\S+/cam_{CAM}\.mp4: unreadable or corrupt video"),
+    "323": (lambda raw: (raw / f"sequence_BACKGROUND_part-1/323/BACKGROUND/image_{CAM}.jpg").write_text(
+        "a text file, not a JPEG\n" * 50), rf"s3://\S+/image_{CAM}\.jpg: background plate is not a decodable image"),
+}
+
+
+@pytest.mark.parametrize("capture", sorted(VALIDATE_CASES))
+def test_validate_opens_every_video_and_plate(capture: str, small_capture: Path, tmp_path: Path, store: ObjectStore,
+                                              s3_env: dict[str, str]) -> None:
+    mutate, pattern = VALIDATE_CASES[capture]
+    upload_capture(store, _variant(small_capture, tmp_path, capture, mutate))
+    before = {o.key for o in store.list(store.key())}
+    r = cli("validate", "--capture", capture, "--profile", "demo", env=s3_env)
+    assert r.returncode == 2, r.stdout + r.stderr
+    errors = [line for line in r.stderr.strip().splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and re.fullmatch(f"error: {pattern}.*", errors[0]), r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    assert {o.key for o in store.list(store.key())} == before  # nothing written
+
+
+def _faststart(path: Path) -> None:
+    """Remux with the index (moov) at the front, as many encoders write it: a cut file still opens."""
+    src = av.open(str(path))
+    out_path = path.with_suffix(".tmp.mp4")
+    with av.open(str(out_path), "w", options={"movflags": "+faststart"}) as out:
+        stream = out.add_stream_from_template(src.streams.video[0])
+        for p in src.demux(src.streams.video[0]):
+            if p.dts is not None:
+                p.stream = stream
+                out.mux(p)
+    src.close()
+    out_path.replace(path)
+
+
+def test_validate_finds_a_cut_video_whose_index_is_at_the_front(small_capture: Path, tmp_path: Path,
+                                                               store: ObjectStore, s3_env: dict[str, str]) -> None:
+    def mutate(raw: Path) -> None:
+        for v in raw.rglob("cam_*.mp4"):
+            _faststart(v)
+        data = _video(raw, "324").read_bytes()
+        _video(raw, "324").write_bytes(data[:-1500])
+
+    upload_capture(store, _variant(small_capture, tmp_path, "324", mutate))
+    r = cli("validate", "--capture", "324", "--profile", "demo", env=s3_env)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert re.search(rf"error: s3://\S+/cam_{CAM}\.mp4: truncated video", r.stderr), r.stderr
+    ok = [line for line in r.stderr.splitlines() if line.startswith("error: ") and f"cam_{CAM}" not in line]
+    assert ok == []  # the whole remuxed videos pass
+
+
+def test_validate_reports_a_frame_count_that_disagrees(small_capture: Path, tmp_path: Path, store: ObjectStore,
+                                                      s3_env: dict[str, str]) -> None:
+    short = tmp_path / "short"
+    write_capture(SyntheticSpec("200", frames=3, **TINY), short / RAW, workers=2)
+    upload_capture(store, _variant(small_capture, tmp_path, "325", lambda raw: shutil.copy(
+        _video(short / RAW, "200"), _video(raw, "325"))))
+    r = cli("validate", "--capture", "325", "--profile", "demo", env=s3_env)
+    assert r.returncode == 2
+    assert re.search(rf"error: s3://\S+/cam_{CAM}\.mp4: h264, 3 frames, the other cameras of sequence "
+                     r"EXP-1-head_part-1 have h264, 4 frames", r.stderr), r.stderr

@@ -29,12 +29,16 @@ def unpack_operator(settings: ExecutionSettings | None = None, **kwargs: Any) ->
 
 @task(retries=2, trigger_rule="all_done")
 def find_pending_captures() -> list[dict[str, Any]]:
-    """One TriggerDagRunOperator argument set per complete capture without a finished run (a listing:
-    the stage CLI in the worker, which needs the headavatar package). Runs after ``unpack`` whatever
-    its outcome: a broken archive leaves its capture incomplete but does not hold back the others."""
+    """One TriggerDagRunOperator argument set per complete capture without a finished avatar of its raw
+    inputs as they are now (a listing: the stage CLI in the worker, which needs the headavatar package).
+    The run id ``ingest__<id>__<raw digest>`` is new when the raw inputs changed (a sequence uploaded
+    later). Runs after ``unpack`` whatever its outcome: a broken archive leaves its capture
+    incomplete but does not hold back the others."""
     public, secret = s3_environment(ExecutionSettings().s3_conn_id)
     env = {**os.environ, **public, **secret}
     cli = [sys.executable, "-m", "headavatar.cli"]
     out = subprocess.run([*cli, "captures", "--pending"], check=True, capture_output=True, text=True, env=env).stdout
-    captures = json.loads(out.strip().splitlines()[-1])
-    return [{"conf": {"id": c}, "trigger_run_id": f"ingest__{c}"} for c in captures]
+    pending = json.loads(out.strip().splitlines()[-1])
+    for p in pending:
+        log.info("capture %s pending (%s): run %s", p["capture"], p["reason"], p["run_id"])
+    return [{"conf": {"id": p["capture"]}, "trigger_run_id": p["run_id"]} for p in pending]

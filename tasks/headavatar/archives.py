@@ -8,6 +8,8 @@ whose entries do not (``018/EXP-1-head/cam_*.mp4`` inside ``sequence_EXP-1-head_
 unpacks into ``raw/<dir>/<name>/``. A marker under ``ingest/unpacked/`` records the archive's
 ETag once every member is in place, so a finished archive is skipped and a half-unpacked one
 (killed, S3 gone) is redone. The archive itself is never deleted: it is the user's upload.
+A capture's ``_COMPLETE`` marker written after its archives is renewed once they are unpacked
+(``headavatar.upload.carry_marker``), so the unpacked members do not look like a later upload.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import PurePosixPath
 from headavatar.errors import RawCaptureError, StorageError
 from headavatar.layout import RAW
 from headavatar.storage import MB, ObjectInfo, ObjectStore
+from headavatar.upload import carry_marker
 
 log = logging.getLogger(__name__)
 MARKERS = "ingest/unpacked"
@@ -122,6 +125,10 @@ def unpack(store: ObjectStore, obj: ObjectInfo, workers: int = 4) -> int:
             done += 1
             if done % 8 == 0 or done == len(members):
                 log.info("%s: %d/%d members unpacked", store.uri(obj.key), done, len(members))
+    # The capture's completion marker first, this archive's "unpacked" record last: a crash in between
+    # unpacks again next time instead of leaving a marker older than the members.
+    for uri in carry_marker(store, obj, [m.dest for m in members]):
+        log.info("%s: upload marked complete after the archive, marker renewed: %s", store.uri(obj.key), uri)
     store.put_bytes(mkey, json.dumps({"archive": obj.key, "etag": obj.etag, "size": obj.size,
                                       "members": {m.name: m.dest for m in members}}).encode())
     return len(members)

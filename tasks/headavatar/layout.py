@@ -14,6 +14,9 @@ Raw, NeRSemble v2 (a participant folder of ``nersemble-data download``, synced a
     sequences/BACKGROUND/image_<cam>.jpg
     sequences/<SEQ>/images/cam_<cam>.mp4
 
+Upload finished: a ``_COMPLETE`` marker (any content) written after the rest, at
+``camera_params/<id>/_COMPLETE`` (v1) or ``v2/<id>/_COMPLETE`` (v2); see ``headavatar.upload``.
+
 Stage outputs: ``<prefix>/avatars/<id>/<stage>/...`` with ``manifest.json`` written last.
 """
 
@@ -35,6 +38,7 @@ LAYOUTS = ("v1", "v2")
 
 VIDEO_NAME = re.compile(r"^cam_(\d+)\.mp4$")
 BACKGROUND_NAME = re.compile(r"^image_(\d+)\.jpg$")
+COMPLETE_MARKER = "_COMPLETE"
 
 
 def camera_params_key(capture: str) -> str:
@@ -47,6 +51,12 @@ def background_key(capture: str, camera: str) -> str:
 
 def video_key(capture: str, sequence: str, camera: str, part: int = 1) -> str:
     return f"{RAW}/sequence_{sequence}_part-{part}/{validate_capture_id(capture)}/{sequence}/cam_{camera}.mp4"
+
+
+def complete_marker_key(capture: str, layout: str) -> str:
+    """The object an upload writes last to say the capture is whole (in the capture's own folder)."""
+    folder = v2_root(capture) if layout == V2 else f"{RAW}/camera_params/{validate_capture_id(capture)}"
+    return f"{folder}/{COMPLETE_MARKER}"
 
 
 def v2_root(capture: str) -> str:

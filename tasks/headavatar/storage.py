@@ -35,6 +35,7 @@ class ObjectInfo:
     key: str
     size: int
     etag: str
+    modified: float = 0.0  # LastModified, Unix seconds (ingestion's quiet window and completion marker)
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -183,7 +184,7 @@ class ObjectStore:
             raise err from e
         except BotoCoreError as e:
             raise self._error(e, key, "stat") from e
-        return ObjectInfo(key, r["ContentLength"], r["ETag"].strip('"'))
+        return ObjectInfo(key, r["ContentLength"], r["ETag"].strip('"'), r["LastModified"].timestamp())
 
     def exists(self, key: str) -> bool:
         return self.head(key) is not None
@@ -209,7 +210,7 @@ class ObjectStore:
         try:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
                 for o in page.get("Contents", []):
-                    yield ObjectInfo(o["Key"], o["Size"], o["ETag"].strip('"'))
+                    yield ObjectInfo(o["Key"], o["Size"], o["ETag"].strip('"'), o["LastModified"].timestamp())
         except (ClientError, BotoCoreError) as e:
             raise self._error(e, prefix, "list") from e
 

@@ -1,14 +1,21 @@
 """Stage 1: frames from the 16 synchronized videos, cropped and resized (GHA layout).
 
-Speed comes from doing only necessary work: each video is decoded once, cameras run in parallel
+Speed comes from doing only necessary work: each video is decoded once, videos run in parallel
 processes (forked from a server that imports their modules while the cache check, the lease and
-the raw download run), frames nothing needs and nothing references are skipped inside the
+the header reads run), frames nothing needs and nothing references are skipped inside the
 decoder, which is flushed as soon as the last wanted frame is in (:mod:`headavatar.video`), and
 only the extracted frames that stage 2 will keep (every ``sample.frame_stride``-th of every
 ``extract.frame_stride``-th video frame) are converted, cropped, encoded and uploaded. The frame
 index (``frames.json``) still records every extracted frame, so stage 2 selects by index and
 copies server-side. Peak memory per worker is one decoded frame, its crop and the bounded upload
 queue: it does not grow with the number of frames (``worker_peak_rss_mb`` in the manifest).
+
+Scratch does not grow with the capture either: the frame plan needs only every video's header,
+read from S3 with ranged reads; a job is one camera's video of one sequence, fetched just before a
+worker takes it, at most ``workers + extract.prefetch_videos`` at once, and deleted when it ends
+(:class:`ScratchWindow`; the bound and the peak are in the manifest metrics). The first failing
+job cancels the others and kills the running workers (:func:`run_jobs`): a bad video fails the run
+at once, not after every other camera was decoded and uploaded.
 
 A NeRSemble v2 capture with ``color_calibration.json`` has each camera's colour correction applied
 (``extract.color_correction``, on by default) to every written frame and background plate, on the
@@ -26,9 +33,9 @@ import multiprocessing
 import os
 import resource
 import time
-from collections import Counter
-from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed, wait
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from multiprocessing import forkserver
 from pathlib import Path
@@ -45,10 +52,10 @@ from headavatar.contract.usage import WORKER_CPU_METRIC
 from headavatar.errors import RawCaptureError
 from headavatar.imaging import CropResize, encode_jpg, npz_bytes
 from headavatar.layout import FRAMES_INDEX
-from headavatar.raw import RawCapture, VideoInfo, discover, probe_video
+from headavatar.raw import RawCapture, Sequence, VideoInfo, discover
 from headavatar.settings import PipelineConfig, StorageConfig
-from headavatar.storage import ObjectStore, gather
-from headavatar.video import decode_frames
+from headavatar.storage import ObjectInfo, ObjectStore, gather
+from headavatar.video import RangeReader, decode_frames, probe
 
 log = logging.getLogger(__name__)
 
@@ -126,11 +133,16 @@ def plan_frames(raw: RawCapture, infos: dict[tuple[str, str], VideoInfo], extrac
 
 @dataclass(frozen=True)
 class CameraJob:
+    """One camera's video of one sequence: the unit of work and of scratch space (fetched just
+    before a worker takes it, deleted when it is done)."""
+
     camera: str
+    sequence: str  # label
+    video: str  # local path
+    keep: dict[int, int]  # video frame -> extracted index, for the frames to write
+    background: str | None  # local path of the camera's plate, in the camera's first job only
     storage: StorageConfig
     prefix: str
-    videos: tuple[tuple[str, str, dict[int, int]], ...]  # (sequence, local path, video frame -> index)
-    background: str  # local path
     crop: CropResize
     intrinsic: np.ndarray
     extrinsic: np.ndarray
@@ -143,6 +155,7 @@ class CameraJob:
 @dataclass(frozen=True)
 class CameraResult:
     camera: str
+    sequence: str
     entries: dict[str, FileEntry]
     decoded: int
     written: int
@@ -152,37 +165,76 @@ class CameraResult:
 
 
 def extract_camera(job: CameraJob) -> CameraResult:
-    """Decode every video of one camera once; crop, encode and upload the frames to keep."""
+    """Decode one video once; crop, encode and upload the frames to keep (and the camera's plate)."""
     t0, cpu0 = time.monotonic(), time.process_time()
     shared = _worker_store  # made by the pool's initializer from this job's storage config
     store = shared or ObjectStore(job.storage)
     out = OutputWriter(store, job.prefix)
     cam, q = job.camera, job.jpeg_quality
     try:
-        bg = cv2.imread(job.background, cv2.IMREAD_COLOR)
-        if bg is None:
-            raise RawCaptureError(f"background plate of camera {cam}: not a decodable image")
-        out.put_bytes(f"background/image_{cam}.jpg", encode_jpg(job.crop.apply(bg, job.color), q))
+        if job.background is not None:
+            bg = cv2.imread(job.background, cv2.IMREAD_COLOR)
+            if bg is None:
+                raise RawCaptureError(f"background plate of camera {cam}: not a decodable image")
+            out.put_bytes(f"background/image_{cam}.jpg", encode_jpg(job.crop.apply(bg, job.color), q))
         camera_npz = npz_bytes(extrinsic=job.extrinsic, intrinsic=job.crop.intrinsic(job.intrinsic))
         written = 0
         stats = {"decoded": 0}
-        for seq, path, keep in job.videos:
-            for k, frame in decode_frames(path, set(keep), f"{seq}/cam_{cam}.mp4", stats):
-                folder = f"{keep[k]:04d}"
-                img = job.crop.apply(frame, job.color)
-                out.put_bytes(f"images/{folder}/image_{cam}.jpg", encode_jpg(img, q))
-                out.put_bytes(f"images/{folder}/image_lowres_{cam}.jpg", encode_jpg(job.crop.lowres(img), q))
-                out.put_bytes(f"images/{folder}/visible_{cam}.jpg", job.visible)
-                out.put_bytes(f"images/{folder}/visible_lowres_{cam}.jpg", job.visible_lowres)
-                out.put_bytes(f"cameras/{folder}/camera_{cam}.npz", camera_npz)
-                written += 1
-            log.info("camera %s: %s decoded, %d frames written so far", cam, seq, written)
+        for k, frame in decode_frames(job.video, set(job.keep), f"{job.sequence}/cam_{cam}.mp4", stats):
+            folder = f"{job.keep[k]:04d}"
+            img = job.crop.apply(frame, job.color)
+            out.put_bytes(f"images/{folder}/image_{cam}.jpg", encode_jpg(img, q))
+            out.put_bytes(f"images/{folder}/image_lowres_{cam}.jpg", encode_jpg(job.crop.lowres(img), q))
+            out.put_bytes(f"images/{folder}/visible_{cam}.jpg", job.visible)
+            out.put_bytes(f"images/{folder}/visible_lowres_{cam}.jpg", job.visible_lowres)
+            out.put_bytes(f"cameras/{folder}/camera_{cam}.npz", camera_npz)
+            written += 1
         out.wait()
+        log.info("camera %s: %s decoded, %d frames written", cam, job.sequence, written)
     finally:
         if shared is None:
             store.close()
-    return CameraResult(cam, out.entries, stats["decoded"], written, time.monotonic() - t0,
+    return CameraResult(cam, job.sequence, out.entries, stats["decoded"], written, time.monotonic() - t0,
                         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, time.process_time() - cpu0)
+
+
+class ScratchWindow:
+    """The raw files of at most ``window`` jobs on scratch at once, each fetched just before a worker
+    needs it and deleted when its job ends: scratch stays bounded whatever the capture's size.
+
+    ``peak_bytes`` is the most that was held (object sizes, partial downloads included).
+    """
+
+    def __init__(self, store: ObjectStore, window: int) -> None:
+        self.store, self.window = store, window
+        self._futures: dict[object, Future] = {}
+        self._held: dict[object, tuple[list[Path], int]] = {}
+        self.peak_bytes = 0
+
+    def fetch(self, key: object, objects: list[tuple[ObjectInfo, Path]]) -> Future:
+        """Start downloading one job's objects (once per key); refuses to exceed the window."""
+        if key in self._futures:
+            return self._futures[key]
+        if len(self._held) >= self.window:
+            raise RuntimeError(f"scratch window of {self.window} jobs exceeded")  # a bug, never a capture's fault
+        self._held[key] = ([p for _, p in objects], sum(o.size for o, _ in objects))
+        self.peak_bytes = max(self.peak_bytes, sum(n for _, n in self._held.values()))
+        fut = self.store.pool.submit(lambda: [self.store.download_file(o.key, p) for o, p in objects])
+        self._futures[key] = fut
+        return fut
+
+    def release(self, key: object) -> None:
+        """Delete a finished job's files, making room for the next fetch."""
+        self._futures.pop(key, None)
+        for path in self._held.pop(key, ([], 0))[0]:
+            path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Cancel fetches not started and wait for those under way: nothing may write into scratch
+        once it is removed."""
+        for f in self._futures.values():
+            f.cancel()
+        wait(self._futures.values())
 
 
 def cpu_count() -> int:
@@ -197,7 +249,7 @@ class Extract(Stage):
     name = "extract"
     inputs = ("raw",)
     config_sections = ("capture", "extract", "sample")
-    code_version = 1  # bump when a change makes this stage's outputs differ (docs/caching.md)
+    code_version = 2  # bump when outputs change (docs/caching.md); 2: .npz bytes independent of the Python release
 
     def __init__(self) -> None:
         self._raw: RawCapture | None = None
@@ -211,33 +263,45 @@ class Extract(Stage):
         return {"raw": self._raw.digest()}
 
     def run(self, ctx: StageContext) -> None:
-        cfg = ctx.config.extract
-        raw = self._raw or discover(ctx.store, ctx.capture, ctx.config)
-        # Fetch every video and plate concurrently while the camera workers start.
-        local = {(s.label, cam): ctx.scratch / "videos" / s.label / f"cam_{cam}.mp4"
-                 for s in raw.sequences for cam in s.videos}
-        pairs = [(o.key, local[(s.label, cam)]) for s in raw.sequences for cam, o in s.videos.items()]
-        pairs += [(o.key, self._plate(ctx, cam)) for cam, o in raw.backgrounds.items()]
-        log.info("%s: fetching %d raw objects", ctx.capture, len(pairs))
-        fetching = ctx.store.submit_all(ctx.store.download_file, *zip(*pairs, strict=True))
+        cfg, store = ctx.config.extract, ctx.store
+        raw = self._raw or discover(store, ctx.capture, ctx.config)
+        workers = min(worker_count(cfg.workers), len(raw.cameras))
+        # Jobs in order, one per (sequence, camera); the first ones are fetched while the videos'
+        # headers are read (ranged reads, nothing downloaded) and the camera workers start.
+        order = [(s, cam) for s in raw.sequences for cam in raw.cameras]
+        scratch = ScratchWindow(store, workers + cfg.prefetch_videos)
         try:
-            workers = min(worker_count(cfg.workers), len(raw.cameras))
-            with worker_pool(workers, ctx.store.cfg) as pool:
-                gather(fetching)
-                self._extract(ctx, raw, local, pool, workers)
+            for seq, cam in order[:scratch.window]:
+                self._fetch(ctx, raw, scratch, seq, cam)
+            log.info("%s: reading %d video headers", ctx.capture, len(order))
+            probing = store.submit_all(lambda o: VideoInfo(*probe(_remote(store, o), store.uri(o.key))),
+                                       [seq.videos[cam] for seq, cam in order])
+            with worker_pool(workers, store.cfg) as pool:
+                infos = dict(zip([(s.label, cam) for s, cam in order], gather(probing), strict=True))
+                self._extract(ctx, raw, infos, scratch, pool, workers)
         finally:
-            wait(fetching)  # nothing may still write into scratch when it is removed
+            scratch.close()
+
+    def _fetch(self, ctx: StageContext, raw: RawCapture, scratch: ScratchWindow, seq: Sequence, cam: str) -> Future:
+        """One job's video, and the camera's plate with its first sequence, into scratch."""
+        objects = [(seq.videos[cam], self._video_path(ctx, seq, cam))]
+        if seq is raw.sequences[0]:
+            objects.append((raw.backgrounds[cam], self._plate(ctx, cam)))
+        return scratch.fetch((seq.label, cam), objects)
+
+    @staticmethod
+    def _video_path(ctx: StageContext, seq: Sequence, cam: str) -> Path:
+        return ctx.scratch / "videos" / seq.label / f"cam_{cam}.mp4"
 
     @staticmethod
     def _plate(ctx: StageContext, cam: str) -> Path:
         return ctx.scratch / "background" / f"image_{cam}.jpg"
 
-    def _extract(self, ctx: StageContext, raw: RawCapture, local: dict[tuple[str, str], Path],
-                 pool: ProcessPoolExecutor | None, workers: int) -> None:
-        """Check every video, plan the frames, then extract the cameras in parallel."""
+    def _extract(self, ctx: StageContext, raw: RawCapture, infos: dict[tuple[str, str], VideoInfo],
+                 scratch: ScratchWindow, pool: ProcessPoolExecutor | None, workers: int) -> None:
+        """Check every video, plan the frames, then extract the videos in parallel."""
         cfg, store = ctx.config.extract, ctx.store
         keys = {(s.label, cam): o.key for s in raw.sequences for cam, o in s.videos.items()}
-        infos = {k: probe_video(p, store.uri(keys[k])) for k, p in local.items()}
         counts = Counter((i.width, i.height) for i in infos.values())
         if len(counts) > 1:
             (w, h), _ = counts.most_common(1)[0]
@@ -256,21 +320,29 @@ class Extract(Stage):
         visible = crop.visible(height, width)
         visible_jpg = encode_jpg(visible, cfg.jpeg_quality)
         visible_lowres_jpg = encode_jpg(crop.lowres(visible), cfg.jpeg_quality)
+        colors = {cam: ColorCorrection(raw.color_matrices[cam]) for cam in raw.cameras} if correct else {}
+        first = raw.sequences[0].label
+        written = {s.label: plan.written(s) for s in plan.sequences}
         jobs = [
             CameraJob(
-                camera=cam, storage=store.cfg, prefix=ctx.outputs.prefix,
-                videos=tuple((s.label, str(local[(s.label, cam)]), plan.written(s)) for s in plan.sequences),
-                background=str(self._plate(ctx, cam)), crop=crop,
+                camera=cam, sequence=seq.label, video=str(self._video_path(ctx, seq, cam)), keep=written[seq.label],
+                background=str(self._plate(ctx, cam)) if seq.label == first else None,
+                storage=store.cfg, prefix=ctx.outputs.prefix, crop=crop,
                 intrinsic=raw.camera_params.intrinsic, extrinsic=raw.camera_params.world_to_cam[cam][:3],
                 jpeg_quality=cfg.jpeg_quality, visible=visible_jpg, visible_lowres=visible_lowres_jpg,
-                color=ColorCorrection(raw.color_matrices[cam]) if correct else None,
+                color=colors.get(cam),
             )
-            for cam in raw.cameras
+            for seq in raw.sequences for cam in raw.cameras
         ]
-        log.info("%s: %d sequence(s), %d of %d extracted frames to write; %d cameras on %d worker(s)", ctx.capture,
-                 len(plan.sequences), sum(len(plan.written(s)) for s in plan.sequences), plan.total_extracted,
-                 len(jobs), workers)
-        results = run_jobs(pool, extract_camera, jobs, f"extract {ctx.capture}")
+        by_label = {s.label: s for s in raw.sequences}
+        largest = (max(o.size for s in raw.sequences for o in s.videos.values())
+                   + max(o.size for o in raw.backgrounds.values()))
+        log.info("%s: %d sequence(s), %d of %d extracted frames to write; %d videos on %d worker(s), "
+                 "at most %d on scratch", ctx.capture, len(plan.sequences), sum(map(len, written.values())),
+                 plan.total_extracted, len(jobs), workers, scratch.window)
+        results = run_jobs(pool, extract_camera, jobs, f"extract {ctx.capture}",
+                           fetch=lambda j: self._fetch(ctx, raw, scratch, by_label[j.sequence], j.camera),
+                           release=lambda j: scratch.release((j.sequence, j.camera)), window=scratch.window)
         for r in results:
             for rel, entry in r.entries.items():
                 ctx.outputs.record(rel, entry)
@@ -287,7 +359,15 @@ class Extract(Stage):
             "images_written": sum(r.written for r in results),
             "worker_peak_rss_mb": round(max(r.peak_rss_mb for r in results), 1),
             WORKER_CPU_METRIC: round(sum(r.cpu_s for r in results), 2),
+            # Raw files held on scratch at most, and the bound: (workers + prefetch_videos) x
+            # (largest video + largest plate), whatever the number of sequences and cameras.
+            "raw_scratch_peak_mb": round(scratch.peak_bytes / 2**20, 2),
+            "raw_scratch_bound_mb": round(scratch.window * largest / 2**20, 2),
         })
+
+
+def _remote(store: ObjectStore, obj: ObjectInfo) -> RangeReader:
+    return RangeReader(obj.size, lambda start, end: store.get_range(obj.key, start, end))
 
 
 _worker_store: ObjectStore | None = None  # one per camera worker process, made by _init_worker
@@ -334,16 +414,75 @@ def worker_pool(workers: int, storage: StorageConfig) -> Iterator[ProcessPoolExe
         yield pool
 
 
-def run_jobs(pool: ProcessPoolExecutor | None, fn, jobs: list, desc: str) -> list:
-    """Run per-camera jobs on the pool (or inline without one) with a progress bar."""
-    results = []
-    with tqdm(total=len(jobs), desc=desc, unit="camera") as bar:
-        if pool is None:
-            for job in jobs:
-                results.append(fn(job))
-                bar.update()
-        else:
-            for fut in as_completed([pool.submit(fn, j) for j in jobs]):
-                results.append(fut.result())
-                bar.update()
-    return sorted(results, key=lambda r: r.camera)
+def run_jobs(pool: ProcessPoolExecutor | None, fn: Callable, jobs: list, desc: str, *,
+             fetch: Callable[[object], Future] | None = None, release: Callable[[object], None] | None = None,
+             window: int = 0) -> list:
+    """Run jobs on the pool (inline without one) with a progress bar; results in job order.
+
+    ``fetch(job)`` starts getting a job's inputs; a job is submitted once they are in, at most
+    ``window`` jobs (0: all) are being fetched or run at once, and ``release(job)`` frees a job's
+    inputs when it ends. The first error (a bad video, a failed download) cancels the jobs not
+    started and kills the running workers at once: a failing run does not decode and upload the
+    other cameras' frames first.
+    """
+    todo = deque(range(len(jobs)))
+    fetching: dict[Future, int] = {}
+    running: dict[Future, int] = {}
+    results: dict[int, object] = {}
+    limit = window or len(jobs)
+    try:
+        with tqdm(total=len(jobs), desc=desc, unit="video") as bar:
+            while todo or fetching or running:
+                while todo and len(fetching) + len(running) < limit:
+                    i = todo.popleft()
+                    fetching[fetch(jobs[i]) if fetch else _completed(None)] = i
+                done, _ = wait([*fetching, *running], return_when=FIRST_COMPLETED)
+                # Finished fetches first, in job order (jobs start in order when their inputs are in).
+                for f in sorted(done, key=lambda f: (f in running, fetching.get(f, 0))):
+                    if f in fetching:
+                        i = fetching.pop(f)
+                        f.result()
+                        running[pool.submit(fn, jobs[i]) if pool else _call(fn, jobs[i])] = i
+                    else:
+                        i = running.pop(f)
+                        if release:
+                            release(jobs[i])
+                        results[i] = f.result()
+                        bar.update()
+    except BaseException:
+        for f in (*fetching, *running):
+            f.cancel()
+        if pool is not None:
+            stop_workers(pool)
+        wait(fetching)  # downloads under way end before the caller removes scratch
+        raise
+    return [results[i] for i in range(len(jobs))]
+
+
+def stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Cancel what is queued and kill the workers now (their partial uploads never become objects)."""
+    terminate = getattr(pool, "terminate_workers", None)  # Python 3.14+
+    if terminate is not None:
+        terminate()
+        return
+    procs = list((getattr(pool, "_processes", None) or {}).values())  # shutdown() forgets them
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in procs:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            proc.kill()
+
+
+def _completed(value: object) -> Future:
+    f: Future = Future()
+    f.set_result(value)
+    return f
+
+
+def _call(fn: Callable, job: object) -> Future:
+    """``fn(job)`` here and now, as a finished future (the inline path of :func:`run_jobs`)."""
+    f: Future = Future()
+    try:
+        f.set_result(fn(job))
+    except Exception as e:  # re-raised by the caller, through the future
+        f.set_exception(e)
+    return f
