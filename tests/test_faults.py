@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,8 @@ from headavatar.storage import ObjectStore
 
 pytestmark = [pytest.mark.faults, pytest.mark.s3, pytest.mark.slow]
 BUCKET = "faults"
-FAST = ["--profile", "demo", "--set", "meshhead.steps=60", "--set", "meshhead.checkpoint_every=15",
+FAST = ["--profile", "demo", "--set", "fitting.pose_steps=200", "--set", "fitting.all_steps=400",
+        "--set", "meshhead.steps=60", "--set", "meshhead.checkpoint_every=15",
         "--set", "meshhead.eval_every=30", "--set", "meshhead.keep_checkpoint_every=0",
         "--set", "gaussianhead.steps=40", "--set", "gaussianhead.checkpoint_every=10",
         "--set", "gaussianhead.eval_every=20", "--set", "gaussianhead.keep_checkpoint_every=0"]
@@ -73,6 +75,7 @@ class StageProcess:
     """One ``headavatar run`` subprocess whose stderr is watched for the moment it starts computing."""
 
     def __init__(self, env: dict[str, str], stage: str, *extra: str):
+        self.stage = stage
         self.proc = subprocess.Popen([sys.executable, "-m", "headavatar.cli", "run", stage, "--capture", "018",
                                       *FAST, *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, start_new_session=True)
@@ -123,22 +126,28 @@ def outputs(store: ObjectStore, stage: str) -> dict[str, str]:
 
 
 def fault_mid_computation(store: ObjectStore, env: dict[str, str], stage: str, wall: float, frac: float,
-                          inject: Callable[[StageProcess], bool]) -> StageProcess:
+                          inject: Callable[[StageProcess], str | None]) -> StageProcess:
     """Run the stage and inject a fault ``frac * wall`` seconds into its computation. A run that
     finished first (a resumed training is shorter) is redone with an earlier fault, so every
-    planned fault lands; ``inject`` says whether the process was still running when it struck."""
+    planned fault lands; ``inject`` says how it struck the computation, or None where it came too late."""
+    missed = []
     for _ in range(8):
         undo(store, stage)
         run = StageProcess(env, stage)
         assert run.computing.wait(120), run.stderr[-3000:]
+        t0 = time.monotonic()
         time.sleep(frac * wall)
-        if run.proc.poll() is None and inject(run):
+        struck = time.monotonic() - t0
+        if run.proc.poll() is None and (landed := inject(run)):
+            print(f"{stage}: {landed}, struck at {struck:.2f} s of the computation ({wall:.2f} s undisturbed)")
             return run
         run.wait()
+        missed.append(f"rc {run.proc.returncode} after {time.monotonic() - t0:.2f} s")
         frac /= 3
-    pytest.fail(f"{stage}: every run finished before the fault could strike")
+    pytest.fail(f"{stage}: every run finished before the fault could strike ({'; '.join(missed)})")
 
 
+@pytest.mark.timeout(2400)  # about 2 min on a quiet machine; a loaded one (CI beside other jobs) is far slower
 def test_faults_in_every_stage_lose_nothing(server: EmbeddedS3, tiny_capture: Path, tmp_path: Path) -> None:
     rng = random.Random(20261124)
     ref_env, env = env_for(server, "reference"), env_for(server, "faulted")
@@ -147,16 +156,24 @@ def test_faults_in_every_stage_lose_nothing(server: EmbeddedS3, tiny_capture: Pa
     upload_capture(store, tiny_capture)
     faults: list[str] = []
 
-    def kill(run: StageProcess) -> bool:
+    def kill(run: StageProcess) -> str | None:
         os.killpg(run.proc.pid, signal.SIGKILL)
-        return run.wait() == KILLED  # not a run that had exited by itself in between
+        # Landed in the computation: killed (not exited by itself in between), and before its manifest.
+        landed = run.wait() == KILLED and read_manifest(store, "018", run.stage) is None
+        return "SIGKILL" if landed else None
 
-    def restart_s3(run: StageProcess) -> bool:
-        server.stop()
-        computing = run.proc.poll() is None  # the outage began while the stage was still running
+    def restart_s3(run: StageProcess) -> str | None:
+        struck = datetime.now(UTC)
+        server.stop()  # S3 answers nothing from here; stop() itself then takes seconds (SIGTERM, grace, SIGKILL)
         time.sleep(2)
         server.start()
-        return computing
+        # Landed in the computation: the run, alive when the outage began, gave up on it (a retryable
+        # exit), or went on through it and wrote its manifest after it began.
+        if (rc := run.wait()) != 0:
+            return f"S3 outage, exit {rc}"
+        m = read_manifest(store, "018", run.stage)
+        assert m is not None, run.stderr[-3000:]
+        return "S3 outage survived" if datetime.fromisoformat(m.finished_at) > struck else None
 
     for stage in STAGE_NAMES:
         undisturbed = StageProcess(ref_env, stage)
@@ -182,12 +199,17 @@ def test_faults_in_every_stage_lose_nothing(server: EmbeddedS3, tiny_capture: Pa
         assert outputs(store, stage) == outputs(ref, stage), stage
         assert store.abort_multipart_uploads(store.key(stage_prefix("018", stage))) == 0
 
-    # Two runs of one stage at once: one computes, the other is told to come back (exit 75).
+    # Two runs of one stage at once: one computes, the other is told to come back (exit 75). The first
+    # is held mid-computation (SIGSTOP, well inside its lease) so it cannot finish before the second asks.
     first = StageProcess(env, "meshhead", "--force")
     assert first.computing.wait(120)
-    second = StageProcess(env, "meshhead", "--force")
-    assert second.wait() == 75 and "is being computed by another run" in second.stderr, second.stderr[-2000:]
-    assert first.wait() == 0
+    os.killpg(first.proc.pid, signal.SIGSTOP)
+    try:
+        second = StageProcess(env, "meshhead", "--force")
+        assert second.wait() == 75 and "is being computed by another run" in second.stderr, second.stderr[-2000:]
+    finally:
+        os.killpg(first.proc.pid, signal.SIGCONT)
+    assert first.wait() == 0, first.stderr[-3000:]
     faults.append("meshhead: concurrent run")
     later = StageProcess(env, "meshhead")  # Airflow's retry of the second run: the first run's result
     assert later.wait() == 0 and "cache hit" in later.stderr

@@ -9,12 +9,16 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from headavatar import __version__
 from headavatar.capture_id import validate_capture_id
-from headavatar.errors import ConfigError, PipelineError
+from headavatar.errors import ConfigError, PipelineError, RawCaptureError
 from headavatar.settings import PipelineConfig, load_config
 from headavatar.stages import STAGE_NAMES
+
+if TYPE_CHECKING:  # the CLI imports storage (boto3) only in the commands that use it
+    from headavatar.storage import ObjectStore
 
 log = logging.getLogger("headavatar")
 
@@ -50,11 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--noise", type=float, default=2.0, help="sensor noise std in 8-bit levels (0 = clean CG)")
     synth.add_argument("--workers", type=int, default=0)
+    synth.add_argument("--texture", choices=("procedural", "astronaut"), default="procedural",
+                       help="head texture: procedural (default) or astronaut (a real face photo, for real detectors)")
     synth.add_argument("--layout", choices=("v1", "v2"), default="v1",
                        help="raw layout: v1 (NeRSemble archives) or v2 (nersemble-data download, colour-calibrated)")
     _config_args(synth)
 
-    val = sub.add_parser("validate", help="check that a raw capture is complete and readable")
+    val = sub.add_parser("validate", help="check that a raw capture is complete and readable: every video opened "
+                                          "(codec, frames, size, first frame, tail) and every plate decoded")
     val.add_argument("--capture", required=True)
     _config_args(val)
 
@@ -80,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--capture", action="append", help="capture id (repeatable); default: every capture")
     cmp.add_argument("--stage", choices=("gaussianhead", "meshhead"), default="gaussianhead")
     cmp.add_argument("--out", type=Path, help="folder to write compare.csv and compare.html into")
+    cmp.add_argument("--mlflow", action="store_true",
+                     help="also log the report (table, CSV, HTML) to the MLflow experiment as a run of kind 'compare'")
     cmp.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                      help="MLflow server (default: $MLFLOW_TRACKING_URI)")
 
@@ -93,8 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     unpack.add_argument("--workers", type=int, default=4, help="members unpacked in parallel")
     _config_args(unpack)
 
-    caps = sub.add_parser("captures", help="list the complete raw captures in the bucket as JSON")
-    caps.add_argument("--pending", action="store_true", help="only those whose last stage is not done")
+    caps = sub.add_parser("captures", help="list the complete raw captures in the bucket (ids, as JSON): every "
+                                           "camera present and the upload finished (marker or quiet window)")
+    caps.add_argument("--pending", action="store_true",
+                      help="only those without a finished avatar of their raw inputs as they are now, each with "
+                           "its run id ingest__<id>__<raw digest> and why")
     _config_args(caps)
 
     assets = sub.add_parser("assets", help="model files a real run needs: list, put (checked) into the bucket, get")
@@ -148,10 +160,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise PipelineError(f"no tracked {args.stage} run for {', '.join(captures) or 'any capture'} "
                             f"at {args.tracking_uri}")
     print(as_table(rows))
+    title = f"{args.stage}: {', '.join(captures) or 'all captures'}"
     if args.out:
-        title = f"{args.stage}: {', '.join(captures) or 'all captures'}"
         for path in write_reports(rows, args.out, title):
             print(path, file=sys.stderr)
+    if args.mlflow:
+        from headavatar.compare import log_report
+
+        print(f"logged to MLflow run {log_report(args.tracking_uri, rows, title, args.stage)}", file=sys.stderr)
     return 0
 
 
@@ -175,13 +191,15 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from headavatar.layout import GROUND_TRUTH, RAW
     from headavatar.storage import ObjectStore
     from headavatar.synthetic.capture import SyntheticSpec, write_capture
+    from headavatar.upload import mark_complete
 
     capture = validate_capture_id(args.capture)
     config = _config(args)
     try:
         spec = SyntheticSpec(capture, width=args.width, height=args.height, frames=args.frames,
                              sequences=tuple(args.sequences or ("EXP-1-head",)),
-                             cameras=config.capture.cameras, seed=args.seed, noise=args.noise, layout=args.layout)
+                             cameras=config.capture.cameras, seed=args.seed, noise=args.noise, layout=args.layout,
+                             texture=args.texture)
     except ValueError as e:
         raise PipelineError(f"synth: {e}") from None
     if args.out:
@@ -195,6 +213,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
             write_capture(spec, Path(tmp) / RAW, args.workers)
             n = len(store.upload_tree(Path(tmp) / RAW, store.key(RAW)))
             n += len(store.upload_tree(Path(tmp) / GROUND_TRUTH, store.key(GROUND_TRUTH)))
+        log.info("upload finished: %s", mark_complete(store, capture, args.layout))  # last, as users are told to
     finally:
         store.close()
     log.info("uploaded %d objects for capture %s", n, capture)
@@ -203,12 +222,31 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from headavatar.raw import discover
     from headavatar.storage import ObjectStore
 
     config = _config(args)
     store = ObjectStore(config.storage)
-    raw = discover(store, args.capture, config)
+    try:
+        return _validate(store, args.capture, config)
+    finally:
+        store.close()
+
+
+def _validate(store: ObjectStore, capture: str, config: PipelineConfig) -> int:
+    import time
+
+    from headavatar.raw import discover
+    from headavatar.raw_media import check_media
+
+    raw = discover(store, capture, config)
+    t0 = time.perf_counter()
+    problems = check_media(store, raw, config.storage.max_concurrency)  # every video opened, every plate decoded
+    checked = {"videos": sum(len(s.videos) for s in raw.sequences), "plates": len(raw.backgrounds),
+               "seconds": round(time.perf_counter() - t0, 2)}
+    for p in problems:
+        print(f"error: {p}", file=sys.stderr)
+    if problems:
+        return RawCaptureError.exit_code
     from headavatar.assets import lacking
 
     missing = lacking(store, config)  # before any stage runs: the model files this configured run cannot find
@@ -216,7 +254,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"warning: the configured run lacks asset {m['asset']}: {m['why']}", file=sys.stderr)
     print(json.dumps({"capture": raw.capture, "layout": raw.layout, "color_calibration": raw.color_matrices is not None,
                       "cameras": len(raw.cameras), "sequences": [s.label for s in raw.sequences],
-                      "digest": raw.digest(), "assets_lacking": [m["asset"] for m in missing]}))
+                      "digest": raw.digest(), "media_checked": checked,
+                      "assets_lacking": [m["asset"] for m in missing]}))
     return 0
 
 
@@ -307,13 +346,13 @@ def cmd_costs(args: argparse.Namespace) -> int:
 
 
 def cmd_captures(args: argparse.Namespace) -> int:
-    from headavatar.ingest import pending_captures, raw_captures
+    from headavatar.ingest import as_json, pending_captures, raw_captures
     from headavatar.storage import ObjectStore
 
     config = _config(args)
     store = ObjectStore(config.storage)
     try:
-        print(json.dumps((pending_captures if args.pending else raw_captures)(store, config)))
+        print(json.dumps(as_json(pending_captures(store, config)) if args.pending else raw_captures(store, config)))
     finally:
         store.close()
     return 0

@@ -115,8 +115,24 @@ class ExtractConfig(Section):
         95, description="JPEG quality of the images written (95 = cv2.imwrite's default, as the reference)")
     workers: Annotated[int, Field(ge=0, le=256)] = Field(
         0, description="camera processes decoding in parallel; 0 = one per core")
+    prefetch_videos: Annotated[int, Field(ge=0, le=256)] = Field(
+        2, description="raw videos fetched ahead of the camera processes; scratch holds at most workers + this many "
+        "videos (each with its camera's plate), each deleted once decoded")
     # NeRSemble v2 ships color_calibration.json (one matrix per camera); the dataset authors recommend applying it.
     color_correction: bool = Field(True, description="apply color_calibration.json to frames and plates when present")
+
+
+class IngestConfig(Section):
+    """When the ingestion DAG counts an upload as finished (``docs/data.md``: the completion marker).
+
+    A capture is finished when its ``_COMPLETE`` marker is not older than any of its raw objects
+    (the upload writes it last), or, without such a marker, when no raw object of it changed for
+    ``quiet_minutes``: a fallback for uploads that do not write the marker.
+    """
+
+    quiet_minutes: Annotated[float, Field(ge=0, le=10080)] | None = Field(
+        60, description="without an up-to-date _COMPLETE marker, a capture counts as uploaded once none of its "
+        "raw objects changed for this long (minutes); null = wait for the marker")
 
 
 class SampleConfig(Section):
@@ -250,6 +266,8 @@ class MeshHeadConfig(Section):
         "torch", description="torch (anywhere; the faster on an H100) or pytorch3d (BSD, when installed)")
     precision: Literal["fp32", "bf16"] = Field(
         "bf16", description="bf16 = MLP matmuls under autocast on CUDA (geometry stays fp32); fp32 everywhere else")
+    compile: bool = Field(
+        True, description="CUDA: MLPs, rasteriser shading, Laplacian under torch.compile (~3 min at step 1); CPU: no")
     holdout_cameras: tuple[str, ...] = Field(
         ("222200039", "222200044"), description="cameras never trained on; scored (silhouette IoU) and pictured")
     # Sequences (name patterns) never trained on; every camera of them is scored (self-reenactment).
@@ -320,6 +338,56 @@ class GaussianHeadConfig(Section):
     device: DeviceName = Field("auto", description="auto | cpu | cuda | cuda:N (auto = CUDA when present)")
 
 
+Hours = Annotated[float, Field(gt=0, le=24 * 60)]
+Quantity = Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$")]
+
+
+class OrchestrationConfig(Section):
+    """How Airflow runs the stages: time limits, Kubernetes pod requests (in no stage's cache key).
+
+    Read when the DAG file is parsed (the profile from ``$HEADAVATAR_PROFILE``). A timeout is per attempt
+    (a timed-out attempt is retried like any failure) and stops the stage, so a hung stage gives its GPU
+    back. The defaults are generous for a full NeRSemble capture on one GPU.
+    """
+
+    dagrun_timeout_h: Hours = Field(
+        168, description="a DAG run still running after this many hours fails, its running task stopped "
+        "(counts queueing for a GPU slot and retries too)")
+    extract_timeout_h: Hours = Field(8, description="stage 1 attempt time limit (decoding every video)")
+    sample_timeout_h: Hours = Field(2, description="stage 2 attempt time limit")
+    matting_timeout_h: Hours = Field(12, description="stage 3 attempt time limit")
+    fitting_timeout_h: Hours = Field(12, description="stage 4 attempt time limit (landmarks + BFM fitting)")
+    meshhead_timeout_h: Hours = Field(24, description="stage 5 attempt time limit (mesh-head training)")
+    gaussianhead_timeout_h: Hours = Field(72, description="stage 6 attempt time limit (Gaussian-head training)")
+    extract_cpu: Quantity = Field("8", description="kubernetes: CPUs requested by a stage 1 pod (decodes cameras "
+                                  "in parallel)")
+    extract_memory: Quantity = Field("16Gi", description="kubernetes: memory requested (and its limit) of a "
+                                     "stage 1 pod")
+    extract_ephemeral_storage: Quantity = Field("200Gi", description="kubernetes: node disk requested (and its "
+                                                "limit) of a stage 1 pod: its scratch space")
+    sample_cpu: Quantity = Field("1", description="kubernetes: CPUs requested by a stage 2 pod")
+    sample_memory: Quantity = Field("2Gi", description="kubernetes: memory requested (and its limit), stage 2")
+    sample_ephemeral_storage: Quantity = Field("10Gi", description="kubernetes: node disk requested (and its "
+                                               "limit), stage 2")
+    matting_cpu: Quantity = Field("4", description="kubernetes: CPUs requested by a stage 3 pod")
+    matting_memory: Quantity = Field("32Gi", description="kubernetes: memory requested (and its limit), stage 3")
+    matting_ephemeral_storage: Quantity = Field("50Gi", description="kubernetes: node disk requested (and its "
+                                                "limit), stage 3")
+    fitting_cpu: Quantity = Field("4", description="kubernetes: CPUs requested by a stage 4 pod")
+    fitting_memory: Quantity = Field("16Gi", description="kubernetes: memory requested (and its limit), stage 4")
+    fitting_ephemeral_storage: Quantity = Field("20Gi", description="kubernetes: node disk requested (and its "
+                                                "limit), stage 4")
+    meshhead_cpu: Quantity = Field("8", description="kubernetes: CPUs requested by a stage 5 pod")
+    meshhead_memory: Quantity = Field("64Gi", description="kubernetes: memory requested (and its limit), stage 5")
+    meshhead_ephemeral_storage: Quantity = Field("50Gi", description="kubernetes: node disk requested (and its "
+                                                 "limit), stage 5")
+    gaussianhead_cpu: Quantity = Field("8", description="kubernetes: CPUs requested by a stage 6 pod")
+    gaussianhead_memory: Quantity = Field("64Gi", description="kubernetes: memory requested (and its limit), "
+                                          "stage 6")
+    gaussianhead_ephemeral_storage: Quantity = Field("50Gi", description="kubernetes: node disk requested (and "
+                                                     "its limit), stage 6")
+
+
 def sequence_selected(name: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> bool:
     """Whether a sequence name passes include/exclude patterns (shell-style, case-sensitive)."""
     return any(fnmatchcase(name, p) for p in include) and not any(fnmatchcase(name, p) for p in exclude)
@@ -333,6 +401,7 @@ def sequence_name(label: str) -> str:
 class PipelineConfig(Section):
     storage: StorageConfig = StorageConfig()
     capture: CaptureConfig = CaptureConfig()
+    ingest: IngestConfig = IngestConfig()
     extract: ExtractConfig = ExtractConfig()
     sample: SampleConfig = SampleConfig()
     matting: MattingConfig = MattingConfig()
@@ -340,6 +409,7 @@ class PipelineConfig(Section):
     fitting: FittingConfig = FittingConfig()
     meshhead: MeshHeadConfig = MeshHeadConfig()
     gaussianhead: GaussianHeadConfig = GaussianHeadConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
 
     def section(self, name: str) -> Section:
         return getattr(self, name)

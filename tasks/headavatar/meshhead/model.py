@@ -16,12 +16,14 @@ uses the stage-4 fit of the frame: ``world = scale * R @ x + t``.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from headavatar.meshhead.tets import cube_tet_grid, marching_tets
+from headavatar.meshhead.tets import cube_tet_grid, marching_tets, tet_edges
 from headavatar.render.indexing import gather
 from headavatar.settings import MeshHeadConfig
 
@@ -61,6 +63,7 @@ def run_mlp(net: nn.Module, x: torch.Tensor, amp: bool) -> torch.Tensor:
 
 class MeshHead(nn.Module):
     amp = False  # the trainer sets it: MLPs under bf16 autocast on CUDA
+    compile = False  # the trainer sets it: the MLP passes under torch.compile on CUDA (fewer, fused kernels)
 
     def __init__(self, cfg: MeshHeadConfig, n_exp: int, center: torch.Tensor, half: torch.Tensor,
                  ellipsoid: torch.Tensor, landmarks: torch.Tensor):
@@ -71,6 +74,7 @@ class MeshHead(nn.Module):
         pos, tets = cube_tet_grid(cfg.grid_resolution)
         self.register_buffer("grid", pos)
         self.register_buffer("tets", tets)
+        self._edges: tuple[torch.Tensor, torch.Tensor] | None = None  # tet_edges of the grid, made on first use
         # Copies: buffers must never share storage (load_state_dict writes into them in place).
         self.register_buffer("box_center", center.float().clone())
         self.register_buffer("box_half", half.float().clone())
@@ -93,21 +97,49 @@ class MeshHead(nn.Module):
         """Approximate signed distance to the initial ellipsoid (box units)."""
         return ((x / self.ellipsoid).norm(dim=-1) - 1) * self.ellipsoid.min()
 
-    def query(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """SDF (...,), grid deformation (..., 3) and features (..., F) at box points."""
+    def _compiled(self, name: str, fn: Callable, x: torch.Tensor, dynamic: bool) -> Callable:
+        """``fn``, or on CUDA when ``compile`` is set its ``torch.compile`` (made once; ``dynamic``: sizes vary)."""
+        if not (self.compile and x.is_cuda):
+            return fn
+        cache = self.__dict__.setdefault("_compiled_fns", {})
+        if name not in cache:
+            cache[name] = torch.compile(fn, dynamic=dynamic)
+        return cache[name]
+
+    def query(self, x: torch.Tensor, static: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """SDF (...,), grid deformation (..., 3) and features (..., F) at box points (``static``: the
+        number of points never changes, e.g. the grid)."""
+        return self._compiled("query_static" if static else "query", self._query, x, not static)(x)
+
+    def _query(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         out = run_mlp(self.geo, self.enc(x), self.amp)
         sdf = self.prior_sdf(x) + out[..., 0]
         deform = torch.tanh(out[..., 1:4]) / self.cfg.grid_resolution  # at most half a cell (cell = 2/res)
         return sdf, deform, out[..., 4:]
 
+    def grid_edges(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``tet_edges`` of the grid (fixed; derived, so not saved), made once on the grid's device."""
+        if self._edges is None or self._edges[0].device != self.tets.device:
+            self._edges = tet_edges(self.tets, len(self.grid))
+        return self._edges
+
     def neutral(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Neutral surface (verts in box units, faces) and the grid deformation (for regularisation)."""
-        sdf, deform, _ = self.query(self.grid)
-        verts, faces = marching_tets(self.grid + deform, sdf, self.tets)
+        verts, faces, deform, _ = self.neutral_and_landmark_sdf()
         return verts, faces, deform
+
+    def neutral_and_landmark_sdf(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``neutral()`` and the SDF (68,) at the landmarks, from one pass of the geometry MLP."""
+        n = len(self.grid)
+        sdf, deform, _ = self.query(torch.cat([self.grid, self.landmarks]), static=True)
+        verts, faces = marching_tets(self.grid + deform[:n], sdf[:n], self.tets, self.grid_edges())
+        return verts, faces, deform[:n], sdf[n:]
 
     def offsets(self, points: torch.Tensor, exp: torch.Tensor, pose: torch.Tensor) -> torch.Tensor:
         """(B, M, 3) box-unit offsets of box points (M, 3) or (B, M, 3) for expression (B, K) and pose (B, 6)."""
+        return self._compiled("offsets", self._offsets, points, True)(points, exp, pose)
+
+    def _offsets(self, points: torch.Tensor, exp: torch.Tensor, pose: torch.Tensor) -> torch.Tensor:
         b = exp.shape[0]
         pts = points.expand(b, -1, -1) if points.dim() == 2 else points
         enc = self.enc(pts)
@@ -121,10 +153,20 @@ class MeshHead(nn.Module):
         return torch.tanh(exp_off) * scale * (1 - far[..., None]) + torch.tanh(pose_off) * scale * far[..., None]
 
     def colors(self, points: torch.Tensor, features: torch.Tensor, exp: torch.Tensor) -> torch.Tensor:
+        """(B, M, 3) colours in [0, 1] of box points (M, 3) with features (M, F) under expressions (B, K)."""
+        return self._compiled("colors", self._colors, points, True)(points, features, exp)
+
+    def _colors(self, points: torch.Tensor, features: torch.Tensor, exp: torch.Tensor) -> torch.Tensor:
         b, m = exp.shape[0], points.shape[0]
         x = torch.cat([features.expand(b, -1, -1), self.enc(points).expand(b, -1, -1),
                        exp[:, None].expand(-1, m, -1)], -1)
         return torch.sigmoid(run_mlp(self.exp_color, x, self.amp))
+
+
+@functools.cache
+def compiled(fn: Callable, enabled: bool) -> Callable:
+    """``torch.compile(fn, dynamic=True)`` when ``enabled`` (made once per function), else ``fn``."""
+    return torch.compile(fn, dynamic=True) if enabled else fn
 
 
 def laplacian(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:

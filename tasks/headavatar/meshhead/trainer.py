@@ -10,7 +10,7 @@ import torch
 
 from headavatar.errors import PipelineError
 from headavatar.fitting.geometry import axis_angle_to_matrix, project
-from headavatar.meshhead.model import MeshHead, laplacian, vertex_normals
+from headavatar.meshhead.model import MeshHead, compiled, laplacian, vertex_normals
 from headavatar.render.mesh_raster import MeshRasterizer
 from headavatar.settings import MeshHeadConfig
 from headavatar.training.device_data import DeviceViews
@@ -45,15 +45,21 @@ class Rendered:
     faces: torch.Tensor
     grid_deform: torch.Tensor
     offsets: torch.Tensor  # (B, M, 3)
+    landmark_sdf: torch.Tensor  # (68,) SDF at the neutral landmarks
+    landmark_offsets: torch.Tensor  # (B, 68, 3) their expression/pose offsets
 
 
 def render(model: MeshHead, raster: MeshRasterizer, batch: dict[str, torch.Tensor], size: int,
            normals: bool = False) -> Rendered:
-    verts, faces, grid_deform = model.neutral()
+    """The batch's views of the posed mesh head; the landmarks ride along in the same MLP passes."""
+    verts, faces, grid_deform, landmark_sdf = model.neutral_and_landmark_sdf()
     if len(faces) == 0:
         raise PipelineError("the mesh head has no surface (SDF without a zero crossing); lower the learning rate")
     _, _, feats = model.query(verts)
-    offsets = model.offsets(verts, batch["exp"], batch["pose"])
+    b, m = len(batch["exp"]), len(verts)
+    points = torch.cat([verts, model.landmarks]).expand(b, -1, -1)
+    both = model.offsets(points, batch["exp"], batch["pose"])
+    offsets = both[:, :m]
     canonical = model.to_canonical(verts + offsets)
     rot = axis_angle_to_matrix(batch["pose"][:, :3])
     world = batch["scale"] * canonical @ rot.transpose(-1, -2) + batch["pose"][:, None, 3:]
@@ -65,7 +71,7 @@ def render(model: MeshHead, raster: MeshRasterizer, batch: dict[str, torch.Tenso
     out = raster(pix, cam[..., 2], faces, attrs, size, size)
     return Rendered(out.attributes[..., :3] * out.alpha[..., None], out.alpha,
                     out.attributes[..., 3:] if normals else None, out.face_index >= 0, verts, faces, grid_deform,
-                    offsets)
+                    offsets, landmark_sdf, both[:, m:])
 
 
 def soft_iou_loss(alpha: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -89,11 +95,10 @@ def losses(model: MeshHead, raster: MeshRasterizer, batch: dict[str, torch.Tenso
     # Landmarks: expression-deformed neutral landmarks vs the fitted ones brought to the box.
     rot = axis_angle_to_matrix(batch["pose"][:, :3])
     target = model.to_box((batch["landmarks_3d"] - batch["pose"][:, None, 3:]) @ rot / batch["scale"])
-    lm = model.landmarks[None].expand(len(rot), -1, -1)
-    loss_def = ((lm + model.offsets(lm, batch["exp"], batch["pose"]) - target) ** 2).mean()
-    loss_lmk = model.query(model.landmarks)[0].abs().mean()
+    loss_def = ((model.landmarks + r.landmark_offsets - target) ** 2).mean()
+    loss_lmk = r.landmark_sdf.abs().mean()
     loss_offset = (r.offsets**2).sum(-1).mean() + (r.grid_deform**2).sum(-1).mean()
-    loss_lap = laplacian(r.verts, r.faces)
+    loss_lap = compiled(laplacian, model.compile and r.verts.is_cuda)(r.verts, r.faces)
     total = (cfg.w_rgb * loss_rgb + cfg.w_silhouette * loss_sil + cfg.w_landmark_deform * loss_def
              + cfg.w_landmark_sdf * loss_lmk + cfg.w_offset * loss_offset + cfg.w_laplacian * loss_lap)
     parts = {"loss": total, "rgb": loss_rgb, "silhouette": loss_sil, "landmark_deform": loss_def,
@@ -111,6 +116,9 @@ class MeshHeadTrainer(Trainer):
         self.data = DeviceViews(views, device)
         self.amp = getattr(cfg, "precision", "fp32") == "bf16"
         model.amp = self.amp
+        model.compile = getattr(cfg, "compile", False) and torch.device(device).type == "cuda"
+        if hasattr(raster, "compile"):
+            raster.compile = model.compile
         net = [p for n, p in model.named_parameters() if n != "landmarks"]
         self.opt = make_optimizer([{"params": net, "lr": cfg.lr_net},
                                    {"params": [model.landmarks], "lr": cfg.lr_landmarks}], device)

@@ -16,8 +16,10 @@ the surface instead of dipping along every inner edge.
 
 from __future__ import annotations
 
+import functools
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -79,11 +81,7 @@ def signed_distance(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.
 
 def _open_edges(faces: torch.Tensor, drawn: torch.Tensor) -> torch.Tensor:
     """(F, 3) for edges ab, bc, ca: True unless the edge is shared with another drawn face."""
-    edges = torch.stack([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]], 1).sort(-1).values
-    _, inverse = torch.unique(edges.reshape(-1, 2), dim=0, return_inverse=True)
-    count = torch.zeros(int(inverse.max()) + 1, device=faces.device).index_add(
-        0, inverse, drawn.repeat_interleave(3).float())
-    return count[inverse].reshape(-1, 3) < 2
+    return _open_edges_batched(faces, drawn[None], int(faces.max()) + 1 if len(faces) else 1)[0]
 
 
 class TorchRasterizer(MeshRasterizer):
@@ -95,6 +93,7 @@ class TorchRasterizer(MeshRasterizer):
     """
 
     name = "torch"
+    compile = False  # CUDA: shading the pairs under torch.compile (fused kernels, fewer launches); trainers set it
 
     def __init__(self, sigma: float = 0.5, cull_backfaces: bool = True):
         self.sigma, self.cull = sigma, cull_backfaces
@@ -113,81 +112,103 @@ class TorchRasterizer(MeshRasterizer):
 
     def _pairs_batched(self, pixels: torch.Tensor, depth: torch.Tensor, faces: torch.Tensor, height: int,
                        width: int) -> tuple[torch.Tensor, ...]:
-        """(view, face, x, y) of every (face, pixel) pair of all views, and open edges (B, F, 3)."""
+        """(view, face, x, y) of every (face, pixel) pair of all views, and open edges (B, F, 3).
+
+        One host synchronisation: the number of pairs (faces not drawn contribute none)."""
         b, n_faces = len(pixels), len(faces)
         with torch.no_grad():
             tri = pixels.detach()[:, faces]  # (B, F, 3, 2)
             drawn = (self._drawn(tri.reshape(-1, 3, 2))).reshape(b, n_faces)
-            open_edges = _open_edges_batched(faces, drawn)
-            keep = torch.nonzero(drawn.reshape(-1)).squeeze(1)  # view * F + face
-            t = tri.reshape(-1, 3, 2)[keep]
+            open_edges = _open_edges_batched(faces, drawn, pixels.shape[1])
+            t = tri.reshape(-1, 3, 2)  # index: view * F + face
             reach = self.reach
             lo = (t.min(1).values.floor() - reach).long()
             hi = (t.max(1).values.ceil() + reach).long()
             lo[:, 0].clamp_(0, width - 1), lo[:, 1].clamp_(0, height - 1)
             hi[:, 0].clamp_(-1, width - 1), hi[:, 1].clamp_(-1, height - 1)
             span = (hi - lo + 1).clamp_min(0)
-            counts = span[:, 0] * span[:, 1]
-            k = torch.repeat_interleave(torch.arange(len(keep), device=pixels.device), counts)
+            counts = span[:, 0] * span[:, 1] * drawn.reshape(-1)
+            total = int(counts.sum())
+            vf = torch.repeat_interleave(torch.arange(len(t), device=pixels.device), counts, output_size=total)
             start = torch.cumsum(counts, 0) - counts
-            local = torch.arange(len(k), device=pixels.device) - start[k]
-            x = lo[k, 0] + local % span[k, 0].clamp_min(1)
-            y = lo[k, 1] + local // span[k, 0].clamp_min(1)
-            vf = keep[k]
+            local = torch.arange(total, device=pixels.device) - start[vf]
+            x = lo[vf, 0] + local % span[vf, 0].clamp_min(1)
+            y = lo[vf, 1] + local // span[vf, 0].clamp_min(1)
         return vf // n_faces, vf % n_faces, x, y, open_edges
 
     def __call__(self, pixels: torch.Tensor, depth: torch.Tensor, faces: torch.Tensor, attributes: torch.Tensor,
                  height: int, width: int) -> RasterOutput:
         """All views in one pass: (view, face, pixel) triples indexed into flattened (B * H * W) images, so
         the number of kernel launches does not grow with the number of views."""
-        b, n = pixels.shape[:2]
-        n_pix = height * width
-        view, face, x, y, open_edges = self._pairs_batched(pixels, depth, faces, height, width)
-        pix_all, z_all = pixels.reshape(b * n, 2), depth.reshape(b * n)
-        attr_all = attributes.reshape(b * n, -1)
-        q = torch.stack([x, y], -1).to(pixels.dtype)
-        pixel = view * n_pix + y * width + x
-        f = faces[face] + (view * n)[:, None]  # vertex ids in the flattened (B * N) arrays
-        a, bb, c = gather(pix_all, f[:, 0]), gather(pix_all, f[:, 1]), gather(pix_all, f[:, 2])
-        with torch.no_grad():  # hard visibility: the nearest covering face per pixel
-            w0, w1, w2, den = _edge_terms(q, a.detach(), bb.detach(), c.detach())
-            inside = (w0 >= 0) & (w1 >= 0) & (w2 >= 0) & (den.abs() > 1e-12)
-            zd = z_all.detach()
-            inv_z = torch.where(inside, w0 / zd[f[:, 0]] + w1 / zd[f[:, 1]] + w2 / zd[f[:, 2]], -1.0)
-            best = torch.full((b * n_pix,), -1.0, dtype=pixels.dtype, device=pixels.device)
-            best.scatter_reduce_(0, pixel, inv_z, "amax")
-            winner = inside & (inv_z >= best[pixel]) & (inv_z > 0)
-            visible = torch.full((b * n_pix,), -1, dtype=torch.long, device=pixels.device)
-            visible.scatter_reduce_(0, pixel[winner], face[winner], "amax")
-        # Soft silhouette: log(1 - p) summed over every face within reach of the pixel.
-        d = signed_distance(q, a, bb, c, open_edges[view, face])
-        log_miss = torch.zeros(b * n_pix, dtype=pixels.dtype, device=pixels.device)
-        log_miss = log_miss.index_add(0, pixel, -torch.nn.functional.softplus(-d / self.sigma))
-        alpha = 1 - log_miss.exp()
-        # Attributes on the visible face, perspective-correct, differentiable in the vertices.
-        hit = visible >= 0
-        idx = torch.arange(b * n_pix, device=pixels.device)
-        local = idx % n_pix
-        grid = torch.stack([local % width, local // width], -1).to(pixels.dtype)
-        vf = faces[visible.clamp_min(0)] + ((idx // n_pix) * n)[:, None]
-        w0, w1, w2, _ = _edge_terms(grid, gather(pix_all, vf[:, 0]), gather(pix_all, vf[:, 1]),
-                                    gather(pix_all, vf[:, 2]))
-        w = torch.stack([w0 / gather(z_all, vf[:, 0]), w1 / gather(z_all, vf[:, 1]), w2 / gather(z_all, vf[:, 2])],
-                        -1)
-        w = w / w.sum(-1, keepdim=True).clamp_min(1e-12)
-        values = (w[..., None] * gather(attr_all, vf)).sum(1) * hit[:, None]
+        b = len(pixels)
+        pairs = self._pairs_batched(pixels, depth, faces, height, width)
+        values, alpha, visible = _shader(self.compile and pixels.is_cuda)(pixels, depth, faces, attributes, *pairs,
+                                                                          height, width, self.sigma)
         return RasterOutput(values.reshape(b, height, width, -1), alpha.reshape(b, height, width),
                             visible.reshape(b, height, width))
 
 
-def _open_edges_batched(faces: torch.Tensor, drawn: torch.Tensor) -> torch.Tensor:
-    """(B, F, 3) for edges ab, bc, ca of each view: True unless shared with another face drawn in that view."""
-    edges = torch.stack([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]], 1).sort(-1).values
-    _, inverse = torch.unique(edges.reshape(-1, 2), dim=0, return_inverse=True)
-    n_edges = int(inverse.max()) + 1
-    b = drawn.shape[0]
-    slot = (torch.arange(b, device=faces.device)[:, None] * n_edges + inverse[None]).reshape(-1)
-    count = torch.zeros(b * n_edges, device=faces.device).index_add(0, slot, drawn.repeat_interleave(3, 1)
+@functools.cache
+def _shader(compiled: bool) -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``_shade``, or its ``torch.compile`` (the pair count varies from step to step: dynamic shapes)."""
+    return torch.compile(_shade, dynamic=True) if compiled else _shade
+
+
+def _shade(pixels: torch.Tensor, depth: torch.Tensor, faces: torch.Tensor, attributes: torch.Tensor,
+           view: torch.Tensor, face: torch.Tensor, x: torch.Tensor, y: torch.Tensor, open_edges: torch.Tensor,
+           height: int, width: int, sigma: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Attributes (B * H * W, C), soft coverage (B * H * W,) and visible face (B * H * W,) from the (view, face,
+    x, y) pairs (P,) of ``TorchRasterizer._pairs_batched``; inputs as ``TorchRasterizer.__call__`` takes them."""
+    b, n = pixels.shape[:2]
+    n_pix = height * width
+    pix_all, z_all = pixels.reshape(b * n, 2), depth.reshape(b * n)
+    attr_all = attributes.reshape(b * n, -1)
+    q = torch.stack([x, y], -1).to(pixels.dtype)
+    pixel = view * n_pix + y * width + x
+    f = faces[face] + (view * n)[:, None]  # vertex ids in the flattened (B * N) arrays
+    a, bb, c = gather(pix_all, f[:, 0]), gather(pix_all, f[:, 1]), gather(pix_all, f[:, 2])
+    with torch.no_grad():  # hard visibility: the nearest covering face per pixel
+        w0, w1, w2, den = _edge_terms(q, a.detach(), bb.detach(), c.detach())
+        inside = (w0 >= 0) & (w1 >= 0) & (w2 >= 0) & (den.abs() > 1e-12)
+        zd = z_all.detach()
+        inv_z = torch.where(inside, w0 / zd[f[:, 0]] + w1 / zd[f[:, 1]] + w2 / zd[f[:, 2]], -1.0)
+        best = torch.full((b * n_pix,), -1.0, dtype=pixels.dtype, device=pixels.device)
+        best.scatter_reduce_(0, pixel, inv_z, "amax")
+        winner = inside & (inv_z >= best[pixel]) & (inv_z > 0)
+        visible = torch.full((b * n_pix,), -1, dtype=torch.long, device=pixels.device)
+        visible.scatter_reduce_(0, pixel, torch.where(winner, face, -1), "amax")
+    # Soft silhouette: log(1 - p) summed over every face within reach of the pixel.
+    d = signed_distance(q, a, bb, c, open_edges[view, face])
+    log_miss = torch.zeros(b * n_pix, dtype=pixels.dtype, device=pixels.device)
+    log_miss = log_miss.index_add(0, pixel, -torch.nn.functional.softplus(-d / sigma))
+    alpha = 1 - log_miss.exp()
+    # Attributes on the visible face, perspective-correct, differentiable in the vertices.
+    hit = visible >= 0
+    idx = torch.arange(b * n_pix, device=pixels.device)
+    local = idx % n_pix
+    grid = torch.stack([local % width, local // width], -1).to(pixels.dtype)
+    vf = faces[visible.clamp_min(0)] + ((idx // n_pix) * n)[:, None]
+    w0, w1, w2, _ = _edge_terms(grid, gather(pix_all, vf[:, 0]), gather(pix_all, vf[:, 1]), gather(pix_all, vf[:, 2]))
+    w = torch.stack([w0 / gather(z_all, vf[:, 0]), w1 / gather(z_all, vf[:, 1]), w2 / gather(z_all, vf[:, 2])], -1)
+    w = w / w.sum(-1, keepdim=True).clamp_min(1e-12)
+    values = (w[..., None] * gather(attr_all, vf)).sum(1) * hit[:, None]
+    return values, alpha, visible
+
+
+def _open_edges_batched(faces: torch.Tensor, drawn: torch.Tensor, n_vertices: int) -> torch.Tensor:
+    """(B, F, 3) for edges ab, bc, ca of each view: True unless shared with another face drawn in that view.
+
+    faces (F, 3) index ``n_vertices`` vertices; drawn (B, F). Edges are grouped by sorting their keys
+    (no ``unique``, whose output size would need a host synchronisation)."""
+    edges = torch.stack([faces, faces.roll(-1, 1)], -1).sort(-1).values  # (F, 3, 2): ab, bc, ca
+    key = (edges[..., 0] * n_vertices + edges[..., 1]).reshape(-1)  # (3F,)
+    sorted_key, order = key.sort()
+    first = torch.ones_like(sorted_key, dtype=torch.bool)
+    first[1:] = sorted_key[1:] != sorted_key[:-1]
+    inverse = torch.empty_like(order).scatter_(0, order, torch.cumsum(first, 0) - 1)  # edge id of each face edge
+    b, n_slots = drawn.shape[0], len(key)  # at most 3F distinct edges
+    slot = (torch.arange(b, device=faces.device)[:, None] * n_slots + inverse[None]).reshape(-1)
+    count = torch.zeros(b * n_slots, device=faces.device).index_add(0, slot, drawn.repeat_interleave(3, 1)
                                                                       .reshape(-1).float())
     return (count[slot] < 2).reshape(b, -1, 3)
 

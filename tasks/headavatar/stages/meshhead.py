@@ -57,7 +57,7 @@ class MeshHeadStage(Stage):
     name = "meshhead"
     inputs = ("sample", "matting", "fitting")
     config_sections = ("capture", "extract", "meshhead")
-    code_version = 2  # bump when outputs change (docs/caching.md); 2: bf16, batched views, videos (issue 22)
+    code_version = 3  # bump when outputs change (docs/caching.md); 2: bf16, batched views, videos; 3: .npz bytes
     volatile_outputs = ("history.json", "checkpoints/*")  # CPU/GPU samples differ on every run
 
     def run(self, ctx: StageContext) -> None:

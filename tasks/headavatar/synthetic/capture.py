@@ -28,7 +28,7 @@ from headavatar.fitting.bfm import MorphableModel
 from headavatar.layout import BACKGROUND_SEQUENCE, GROUND_TRUTH, LAYOUTS, V2
 from headavatar.settings import NERSEMBLE_CAMERAS
 from headavatar.synthetic.morphable import build_model
-from headavatar.synthetic.render import Camera, render, texture_atlas
+from headavatar.synthetic.render import TEXTURES, Camera, render, texture_atlas
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ class SyntheticSpec:
     seed: int = 0
     frame_lengths: dict[str, int] = field(default_factory=dict)  # "SEQ/cam" -> frames (odd cases)
     layout: str = "v1"  # headavatar.layout.LAYOUTS
+    texture: str = "procedural"  # render.TEXTURES; "astronaut": a real face photo for real detectors (opt-in)
 
     def __post_init__(self) -> None:
         validate_capture_id(self.capture)
@@ -61,6 +62,8 @@ class SyntheticSpec:
             raise ValueError("width and height must be even and at least 32 (H.264 4:2:0)")
         if self.frames < 1:
             raise ValueError("frames must be >= 1")
+        if self.texture not in TEXTURES:
+            raise ValueError(f"texture must be one of {', '.join(TEXTURES)}, got {self.texture!r}")
 
 
 def rig(spec: SyntheticSpec) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -204,7 +207,7 @@ def _render_camera_video(job: _CameraJob) -> str:
         stream.options = {"crf": str(spec.crf), "preset": "veryfast"}
         stream.thread_count = 1
         for f in range(job.n_frames):
-            r = render(truth["vertices"][f], model.faces, model.uv, camera, plate, LIGHT)
+            r = render(truth["vertices"][f], model.faces, model.uv, camera, plate, LIGHT, spec.texture)
             recorded = add_noise(miscalibrate(r.image, spec, job.camera), spec.noise, rng)
             frame = av.VideoFrame.from_ndarray(recorded, format="bgr24")
             container.mux(stream.encode(frame))
@@ -280,7 +283,7 @@ def write_capture(spec: SyntheticSpec, out_dir: Path, workers: int = 0) -> Path:
             video = paths.video(seq, cam)
             jobs.append(_CameraJob(spec, seq, cam, lengths[cam], video, truth_dir / seq / "alpha"))
 
-    texture_atlas()  # bake once in the parent; forked workers inherit it
+    texture_atlas(spec.texture)  # bake once in the parent; forked workers inherit it
     workers = workers or _cpu_count()
     desc = f"synthesising {cid}: {len(jobs)} videos of {spec.width}x{spec.height}"
     if workers == 1:

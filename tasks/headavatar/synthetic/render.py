@@ -9,6 +9,7 @@ id-buffer coverage itself, so the ground truth is exact.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
@@ -35,12 +36,78 @@ class Camera:
 ATLAS_W, ATLAS_H = 2048, 1024
 
 
+TEXTURES = ("procedural", "astronaut")
+# dlib's 68 points (iBUG order, pixels x, y) on scikit-image's astronaut portrait (512 x 512), found once
+# with the project's DlibDetector (upsample 1); fixed here so making a capture needs no detector.
+ASTRONAUT_LANDMARKS = np.array([
+    [179, 104], [180, 116], [181, 127], [182, 139], [185, 150], [191, 160], [200, 168], [209, 176], [220, 178],
+    [232, 177], [243, 171], [253, 163], [260, 154], [265, 143], [268, 131], [270, 120], [272, 108], [186, 94],
+    [192, 88], [200, 87], [208, 89], [216, 92], [236, 93], [244, 91], [252, 91], [260, 92], [265, 99], [226, 102],
+    [225, 111], [225, 119], [225, 127], [214, 131], [219, 133], [224, 134], [229, 133], [234, 132], [195, 101],
+    [200, 98], [207, 98], [212, 104], [206, 104], [199, 104], [237, 106], [243, 100], [250, 100], [255, 105],
+    [250, 107], [244, 107], [201, 139], [209, 139], [218, 139], [224, 141], [230, 140], [238, 140], [246, 141],
+    [238, 151], [229, 155], [222, 156], [216, 155], [208, 150], [204, 141], [218, 143], [223, 144], [230, 143],
+    [243, 142], [229, 150], [223, 151], [217, 150]], np.float64)
+
+
 @functools.cache
-def texture_atlas() -> np.ndarray:
-    """The procedural texture baked once into an equirectangular (azimuth x elevation) atlas."""
+def texture_atlas(name: str = "procedural") -> np.ndarray:
+    """A texture baked once into an equirectangular (azimuth x elevation) atlas (ATLAS_H, ATLAS_W, 3) BGR uint8.
+
+    ``procedural``: skin, hair, eyes, brows and lips drawn from formulas (the default). ``astronaut``: the
+    same, with the face of scikit-image's astronaut portrait (a real photograph) warped over the front so
+    that its 68 landmarks land on the head's landmark positions, for detectors trained on real faces."""
+    if name not in TEXTURES:
+        raise ValueError(f"texture must be one of {', '.join(TEXTURES)}, got {name!r}")
     v, u = np.meshgrid(np.linspace(np.pi / 2, -np.pi / 2, ATLAS_H), np.linspace(-np.pi, np.pi, ATLAS_W), indexing="ij")
     rgb = texture(u.ravel(), v.ravel()).reshape(ATLAS_H, ATLAS_W, 3)
-    return (rgb[..., ::-1] * 255 + 0.5).astype(np.uint8)  # BGR
+    atlas = (rgb[..., ::-1] * 255 + 0.5).astype(np.uint8)  # BGR
+    return _photo_face(atlas) if name == "astronaut" else atlas
+
+
+def _atlas_xy(uv: np.ndarray) -> np.ndarray:
+    """Atlas pixel coordinates (x, y) of azimuth/elevation (radians) (..., 2)."""
+    return np.stack([(uv[..., 0] + np.pi) / (2 * np.pi) * (ATLAS_W - 1),
+                     (np.pi / 2 - uv[..., 1]) / np.pi * (ATLAS_H - 1)], -1)
+
+
+def _photo_face(atlas: np.ndarray) -> np.ndarray:
+    """``atlas`` with the astronaut's face warped piecewise-affinely onto the landmark positions, feathered in."""
+    from skimage import data
+    from skimage.transform import PiecewiseAffineTransform, SimilarityTransform, warp
+
+    from headavatar.synthetic.morphable import landmark_uv
+
+    photo = data.astronaut()[..., ::-1]  # RGB -> BGR
+    dst = _atlas_xy(landmark_uv())  # (68, 2) where the photo's landmarks must land
+    sim = _estimate(SimilarityTransform, dst, ASTRONAUT_LANDMARKS)  # atlas -> photo, for the ring
+    centre = dst.mean(0)
+    a = np.linspace(0, 2 * np.pi, 24, endpoint=False)
+    half = (dst.max(0) - dst.min(0)) / 2
+    ring = centre + np.stack([np.cos(a), np.sin(a)], 1) * half * [1.25, 1.45] + [0, -0.35 * half[1]]  # + forehead
+    src_pts = np.concatenate([dst, ring])
+    tform = _estimate(PiecewiseAffineTransform, src_pts, np.concatenate([ASTRONAUT_LANDMARKS, sim(ring)]))
+    lo = np.floor(ring.min(0)).astype(int)
+    hi = np.ceil(ring.max(0)).astype(int)
+    crop = warp(photo, lambda xy: tform(xy + lo), output_shape=(hi[1] - lo[1], hi[0] - lo[0]), order=1,
+                preserve_range=True)
+    mask = np.zeros(crop.shape[:2], np.float32)
+    cv2.fillPoly(mask, [np.round((ring - lo) * 4).astype(np.int32)], 1.0, shift=2)
+    mask = cv2.erode(mask, np.ones((15, 15), np.uint8))
+    mask = cv2.GaussianBlur(mask, (0, 0), 6)[..., None]
+    out = atlas.copy()
+    region = out[lo[1]:hi[1], lo[0]:hi[0]].astype(np.float32)
+    out[lo[1]:hi[1], lo[0]:hi[0]] = np.clip(region * (1 - mask) + crop * mask + 0.5, 0, 255).astype(np.uint8)
+    return out
+
+
+def _estimate(kind: type, src: np.ndarray, dst: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """A scikit-image transform of ``kind`` fitted src -> dst (``from_estimate`` where the version has it)."""
+    if hasattr(kind, "from_estimate"):
+        return kind.from_estimate(src, dst)
+    t = kind()
+    t.estimate(src, dst)
+    return t
 
 
 def texture(u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -84,6 +151,7 @@ def render(
     camera: Camera,
     background: np.ndarray,
     light_dir: np.ndarray,
+    texture: str = "procedural",
 ) -> Rendering:
     h, w = camera.height, camera.width
     pix, z = camera.project(vertices)
@@ -125,7 +193,7 @@ def render(
     u = np.arctan2(a[:, 1], a[:, 0])
     atlas_x = (u + np.pi) / (2 * np.pi) * (ATLAS_W - 1)
     atlas_y = (np.pi / 2 - a[:, 2]) / np.pi * (ATLAS_H - 1)
-    rgb = _sample_bilinear(texture_atlas(), atlas_x.astype(np.float32), atlas_y.astype(np.float32))
+    rgb = _sample_bilinear(texture_atlas(texture), atlas_x.astype(np.float32), atlas_y.astype(np.float32))
 
     image = background.copy()
     image[ys, xs] = np.clip(rgb * a[:, 3:4], 0, 255).astype(np.uint8)
