@@ -165,28 +165,34 @@ def test_a_capture_uploaded_while_airflow_runs_is_ingested_and_shown(
         page: Any, stack: DemoStack, monkeypatch: pytest.MonkeyPatch) -> None:
     from headavatar.settings import load_config
     from headavatar.storage import ObjectStore
+    from headavatar.upload import mark_complete
 
     for k, v in stack.s3_env().items():
         monkeypatch.setenv(k, v)
     store = ObjectStore(load_config("demo").storage)
-    try:  # 019: a copy of 018's raw upload under a new id (server-side copies)
+    try:  # 019: a copy of 018's raw upload under a new id (server-side copies), its _COMPLETE marker last
         for o in list(store.list(store.key("raw"))):
-            if "/018/" in o.key:
+            if "/018/" in o.key and not o.key.endswith("/_COMPLETE"):
                 store.copy(o.key, o.key.replace("/018/", "/019/"))
+        mark_complete(store, "019", stack.layout)
     finally:
         store.close()
+
+    def ingested(capture: str) -> list[str]:  # run ids ingest__<id>__<raw digest>
+        return [r for r in runs(stack) if r.startswith(f"ingest__{capture}__")]
+
     stack.api("PATCH", "/api/v2/dags/headavatar_ingest", {"is_paused": False})
     page.goto(f"{stack.url}/dags/{DAG}/runs")
     deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and "ingest__019" not in runs(stack):
+    while time.monotonic() < deadline and not ingested("019"):
         time.sleep(5)
     try:
         page.reload()
-        playwright_api.expect(page.get_by_text("ingest__019").first).to_be_visible(timeout=30_000)
+        playwright_api.expect(page.get_by_text("ingest__019__").first).to_be_visible(timeout=30_000)
         shot(page, "ingested-run")
-        assert "ingest__018" not in runs(stack)  # 018 is done: only the new capture was pending
+        assert not ingested("018")  # 018 is done: only the new capture was pending
     finally:  # the ingested run would train a second avatar: stop it, and ingestion with it
         stack.api("PATCH", "/api/v2/dags/headavatar_ingest", {"is_paused": True})
-        if "ingest__019" in runs(stack):
-            stack.api("PATCH", f"/api/v2/dags/{DAG}/dagRuns/ingest__019", {"state": "failed"})
+        for run_id in ingested("019"):
+            stack.api("PATCH", f"/api/v2/dags/{DAG}/dagRuns/{run_id}", {"state": "failed"})
 

@@ -40,9 +40,9 @@ class DemoStack:
     """S3 + MLflow + the four Airflow 3 components, started together and stopped by PID."""
 
     def __init__(self, home: Path, *, capture: str | None = "018", frames: int = 60, port: int = 8080,
-                 ingest_schedule: str | None = None, extra_env: dict[str, str] | None = None):
+                 ingest_schedule: str | None = None, extra_env: dict[str, str] | None = None, layout: str = "v2"):
         self.home = Path(home).resolve()
-        self.capture, self.frames, self.preferred_port = capture, frames, port
+        self.capture, self.frames, self.preferred_port, self.layout = capture, frames, port, layout
         self.ingest_schedule, self.extra_env = ingest_schedule, extra_env or {}
         self.state = load_state(self.home)
         self.s3: EmbeddedS3 | None = None
@@ -156,9 +156,11 @@ class DemoStack:
         have = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else []
         if capture in have:
             return
-        log.info("writing synthetic capture %s (%d frames) into s3://%s", capture, self.frames, BUCKET)
+        log.info("writing synthetic capture %s (%s layout, %d frames) into s3://%s", capture, self.layout, self.frames,
+                 BUCKET)
         subprocess.run([*cli, "synth", "--capture", capture, "--width", "256", "--height", "372", "--frames",
-                        str(self.frames), "--sequence", "EXP-1-head", "--sequence", "EXP-2-eyes"],
+                        str(self.frames), "--sequence", "EXP-1-head", "--sequence", "EXP-2-eyes",
+                        "--layout", self.layout],
                        env=env, check=True, stdout=subprocess.DEVNULL)
 
     def _wait_ready(self, timeout: float = 300, components: tuple[str, ...] = ("scheduler", "dag_processor")) -> None:
@@ -255,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--home", type=Path, default=Path(".headavatar/demo"))
     parser.add_argument("--capture", default="018", help="synthetic capture written when the bucket lacks it")
     parser.add_argument("--frames", type=int, default=60)
+    parser.add_argument("--layout", choices=("v1", "v2"), default="v2", help="raw layout of the synthetic capture")
     parser.add_argument("--port", type=int, default=8080, help="Airflow UI port (another free one if taken)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -274,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
-    with DemoStack(args.home, capture=args.capture, frames=args.frames, port=args.port) as stack:
+    with DemoStack(args.home, capture=args.capture, frames=args.frames, port=args.port, layout=args.layout) as stack:
         s3 = stack.s3_env()
         print(f"""
 Airflow UI   {stack.url}   user {USER}, password {stack.password}

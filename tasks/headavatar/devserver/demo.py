@@ -84,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--capture", default="018")
     parser.add_argument("--home", type=Path, default=Path(".headavatar/demo"))
     parser.add_argument("--frames", type=int, default=60)
+    parser.add_argument("--layout", choices=("v1", "v2"), default="v2",
+                        help="raw layout of the synthetic capture: v2 (as `nersemble-data download` gives it, "
+                             "colour-calibrated; default) or v1")
     parser.add_argument("--backend", choices=["docker", "local"],
                         default=os.environ.get("BACKEND") or "docker",
                         help="docker (default): every task a container; local: subprocesses of Airflow")
@@ -110,7 +113,7 @@ def _demo(args: argparse.Namespace, home: Path, console: Console, stack: context
   1. {'start the Docker engine and build the stage images (first time only: about 5-8 min)' if args.backend == 'docker'
       else 'no containers (BACKEND=local): stages run as subprocesses of Airflow'}
   2. start S3 (SeaweedFS) and MLflow on 127.0.0.1, write a synthetic capture {args.capture}
-     (16 cameras, 2 sequences x {args.frames} frames, 256x372)
+     (NeRSemble {args.layout} layout, 16 cameras, 2 sequences x {args.frames} frames, 256x372)
   3. run the Airflow DAG headavatar_capture: {' -> '.join(STAGE_NAMES)}
      ({'each task a container' if args.backend == 'docker' else 'local backend'}; demo profile: tiny models)
   4. copy each stage's pictures out and print where the runs, the model and the UIs are
@@ -179,7 +182,8 @@ def _run(args: argparse.Namespace, home: Path, env: dict[str, str], mlflow_uri: 
                                                                                  if args.capture in captures else "")):
             if args.capture not in captures:  # synth creates the bucket if needed
                 subprocess.run([*cli, "synth", "--capture", args.capture, "--width", "256", "--height", "372",
-                                "--frames", str(args.frames), "--sequence", "EXP-1-head", "--sequence", "EXP-2-eyes"],
+                                "--frames", str(args.frames), "--sequence", "EXP-1-head", "--sequence", "EXP-2-eyes",
+                                "--layout", args.layout],
                                env=env, check=True, stdout=logf, stderr=subprocess.STDOUT)
         af_home = home / "airflow"
         af = {**env, **airflow_env(af_home, env, mlflow_uri, args.backend, docker_host)}
