@@ -192,7 +192,20 @@ def test_a_capture_uploaded_while_airflow_runs_is_ingested_and_shown(
         shot(page, "ingested-run")
         assert not ingested("018")  # 018 is done: only the new capture was pending
     finally:  # the ingested run would train a second avatar: stop it, and ingestion with it
-        stack.api("PATCH", "/api/v2/dags/headavatar_ingest", {"is_paused": True})
+        patient(stack, "PATCH", "/api/v2/dags/headavatar_ingest", {"is_paused": True})
         for run_id in ingested("019"):
-            stack.api("PATCH", f"/api/v2/dags/{DAG}/dagRuns/{run_id}", {"state": "failed"})
+            patient(stack, "PATCH", f"/api/v2/dags/{DAG}/dagRuns/{run_id}", {"state": "failed"})
+
+
+def patient(stack: DemoStack, method: str, path: str, body: dict, tries: int = 5) -> Any:
+    """An API call retried on a 5xx: SQLite answers "database is locked" while new runs are being created."""
+    import urllib.error
+
+    for i in range(tries):
+        try:
+            return stack.api(method, path, body)
+        except urllib.error.HTTPError as e:
+            if e.code < 500 or i == tries - 1:
+                raise
+            time.sleep(2 * (i + 1))
 
