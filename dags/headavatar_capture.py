@@ -19,10 +19,10 @@ from datetime import timedelta
 from airflow.sdk import DAG, Param, chain
 
 from headavatar_airflow.assets import AVATAR
-from headavatar_airflow.limits import dagrun_timeout
 from headavatar_airflow.notify import StageFailureNotifier
 from headavatar_airflow.operators import stage_operator
 from headavatar_airflow.pipeline import PARAM_DEFAULTS, STAGES, param_schema
+from headavatar_airflow.stage_limits import dagrun_timeout
 
 with DAG(
     dag_id="headavatar_capture",

@@ -127,3 +127,30 @@ def test_dev_only_code_is_left_out_of_the_images() -> None:
     ignored = (PACKAGE_ROOT.parent / ".dockerignore").read_text().splitlines()
     for pkg in DEV_ONLY:
         assert "tasks/" + pkg.replace(".", "/") in ignored, pkg
+
+
+def test_no_plugin_module_shadows_an_installed_module() -> None:
+    """Airflow's plugin manager imports every .py under plugins/ by its bare file name, so a
+    plugins/headavatar_airflow/limits.py became the top-level module ``limits`` and broke flask-limiter
+    (the FAB auth manager): the compose stack's api-server could not start. Checked against the standard
+    library, this environment and the distributions pinned for the Airflow image."""
+    import importlib.util
+    import re
+    import sys
+
+    repo = PACKAGE_ROOT.parent
+    plugins = repo / "plugins"
+    pinned = {re.split(r"[=<>\[ ]", line, maxsplit=1)[0].strip().lower().replace("-", "_")
+              for line in (repo / "images" / "compose" / "airflow-constraints.txt").read_text().splitlines()
+              if line.strip() and not line.startswith("#")}
+    pinned |= {"limits"}  # flask-limiter's, which FAB brings into the image unpinned (the case found)
+    clashes = []
+    for path in plugins.rglob("*.py"):
+        if path.stem == "__init__":
+            continue
+        spec = importlib.util.find_spec(path.stem) if path.stem not in sys.modules else None
+        origin = getattr(spec, "origin", None) or ""
+        installed = spec is not None and not origin.startswith(str(plugins))
+        if path.stem in sys.stdlib_module_names or installed or path.stem.lower() in pinned:
+            clashes.append(f"{path.relative_to(repo)} shadows {path.stem}")
+    assert clashes == [], clashes

@@ -28,8 +28,8 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from headavatar_airflow.assets import describe_outlet_events
 from headavatar_airflow.execution import ExecutionSettings
 from headavatar_airflow.gpus import placed_gpu
-from headavatar_airflow.limits import StageLimits, stage_limits
 from headavatar_airflow.pipeline import StageSpec, cli_args
+from headavatar_airflow.stage_limits import StageLimits, stage_limits
 
 
 def s3_environment(conn_id: str) -> tuple[dict[str, str], dict[str, str]]:
