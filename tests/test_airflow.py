@@ -175,6 +175,7 @@ def uploaded(store: ObjectStore, tiny_capture: Path) -> Iterator[ObjectStore]:
 
 @pytest.mark.s3
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # two DAG runs: ~15 min on 2 cores shared with other work, past the default 900 s
 def test_triggered_run_executes_all_six_stages_and_a_rerun_hits_the_cache(
         airflow_home: Path, uploaded: ObjectStore, s3_env: dict[str, str], mlflow_server: str) -> None:
     models = f"{s3_env['HEADAVATAR_S3_PREFIX']}-avatar-"
