@@ -46,6 +46,7 @@ def test_the_photo_texture_is_opt_in() -> None:
 
 @pytest.mark.s3
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # 870 s on 2 loaded cores (synthesis at 256 px and dlib on 64 views)
 def test_stage_4_fits_dlib_detections_on_the_photo_textured_head(store: ObjectStore, astronaut_capture: Path,
                                                                  s3_env: dict[str, str]) -> None:
     prepare_sampled(store, astronaut_capture)
