@@ -340,6 +340,7 @@ def test_a_dag_run_triggered_through_the_api_succeeds_with_stage_containers_via_
     for ti in tis:
         xcom = requests.get(f"{api}/dagRuns/{run_id}/taskInstances/{ti['task_id']}/xcomEntries/return_value",
                             headers=auth, timeout=30).json()
+        assert "value" in xcom, (ti["task_id"], xcom)
         value = xcom["value"] if isinstance(xcom["value"], dict) else json.loads(xcom["value"])
         mlflow_run = value["mlflow"]
         got = requests.get(f"{stack.mlflow}/api/2.0/mlflow/runs/get", params={"run_id": mlflow_run["run_id"]},
