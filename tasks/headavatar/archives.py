@@ -33,38 +33,8 @@ MARKERS = "ingest/unpacked"
 IGNORED = ("__MACOSX/", ".DS_Store")
 
 
-class S3RangeReader(io.RawIOBase):
-    """A seekable, read-only file over one S3 object (ranged GETs), for ``zipfile``."""
-
-    def __init__(self, store: ObjectStore, key: str, size: int):
-        self.store, self.key, self.size, self.pos = store, key, size, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
-        self.pos = max(0, base + offset)
-        return self.pos
-
-    def readinto(self, buffer: memoryview) -> int:
-        n = min(len(buffer), self.size - self.pos)
-        if n <= 0:
-            return 0
-        data = self.store.get_range(self.key, self.pos, self.pos + n - 1)
-        buffer[: len(data)] = data
-        self.pos += len(data)
-        return len(data)
-
-
 def open_archive(store: ObjectStore, obj: ObjectInfo) -> zipfile.ZipFile:
-    reader = io.BufferedReader(S3RangeReader(store, obj.key, obj.size), buffer_size=8 * MB)
+    reader = io.BufferedReader(store.range_reader(obj, block=8 * MB), buffer_size=8 * MB)
     try:
         return zipfile.ZipFile(reader)
     except zipfile.BadZipFile as e:

@@ -11,9 +11,7 @@ import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
-import av
 import numpy as np
 
 from headavatar.capture_id import validate_capture_id
@@ -34,7 +32,6 @@ from headavatar.layout import (
 )
 from headavatar.settings import PipelineConfig, sequence_selected
 from headavatar.storage import ObjectInfo, ObjectStore
-from headavatar.video import open_video
 
 log = logging.getLogger(__name__)
 SEQUENCE_DIR = re.compile(r"^sequence_(.+)_part-(\d+)$")
@@ -264,25 +261,3 @@ class VideoInfo:
     frames: int
     width: int
     height: int
-
-
-def probe_video(path: Path, name: str) -> VideoInfo:
-    """Frame count and size from the container, with a one-line error for unreadable files."""
-    try:
-        with open_video(str(path)) as c:
-            if not c.streams.video:
-                raise RawCaptureError(f"{name}: no video stream")
-            s = c.streams.video[0]
-            frames = s.frames
-            if frames <= 0:  # no frame count in the header: count packets (cheap, no decoding)
-                frames = sum(1 for p in c.demux(s) if p.size)
-            w, h = s.codec_context.width, s.codec_context.height
-    except RawCaptureError:
-        raise
-    except (av.FFmpegError, OSError, ValueError) as e:
-        raise RawCaptureError(f"{name}: unreadable or corrupt video ({type(e).__name__}: {e})") from None
-    if frames <= 0:
-        raise RawCaptureError(f"{name}: video has zero frames")
-    if w <= 0 or h <= 0:
-        raise RawCaptureError(f"{name}: video has no frame size")
-    return VideoInfo(frames, w, h)

@@ -23,7 +23,7 @@ import numpy as np
 
 from headavatar.raw import RawCapture
 from headavatar.storage import ObjectInfo, ObjectStore
-from headavatar.video import RangeReader, open_video
+from headavatar.video import open_video
 
 T = TypeVar("T")
 TAIL_FRAMES = 8  # the tail read starts this many frames before the last one (covers B-frame reordering)
@@ -44,7 +44,7 @@ class MediaProblem(Exception):
 def probe_remote_video(store: ObjectStore, obj: ObjectInfo) -> VideoFacts:
     """Header facts of a video in S3, after decoding its first frame and reading its last packets."""
     name = store.uri(obj.key)
-    reader = RangeReader(obj.size, lambda start, end: store.get_range(obj.key, start, end))
+    reader = store.range_reader(obj)
     try:
         with open_video(reader) as c:
             if not c.streams.video:

@@ -7,6 +7,7 @@ Errors come back as :class:`~headavatar.errors.StorageError` subclasses naming t
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -61,6 +62,49 @@ def gather(futures: Iterable[Future[T]]) -> list[T]:
     if first_error is not None:
         raise first_error
     return results
+
+
+class RangeReader(io.RawIOBase):
+    """A seekable, read-only file over ranged reads (an S3 object), read in blocks of ``block`` bytes.
+
+    Reading an MP4's header this way costs a few requests (the ``moov`` box, often at the end, and
+    the first packets), not the whole video.
+    """
+
+    def __init__(self, size: int, fetch: Callable[[int, int], bytes], block: int = 1 << 20) -> None:
+        super().__init__()
+        self.size, self._fetch, self._block = size, fetch, block
+        self._pos, self._start, self._data = 0, 0, b""
+        self.requests = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        if self._pos >= self.size or not len(buffer):
+            return 0
+        if not self._start <= self._pos < self._start + len(self._data):
+            end = min(self.size, self._pos + max(self._block, len(buffer))) - 1  # inclusive, as HTTP ranges
+            self._start, self._data = self._pos, self._fetch(self._pos, end)
+            self.requests += 1
+            if not self._data:
+                return 0
+        offset = self._pos - self._start
+        n = min(len(buffer), len(self._data) - offset)
+        buffer[:n] = self._data[offset:offset + n]
+        self._pos += n
+        return n
 
 
 class ObjectStore:
@@ -151,6 +195,10 @@ class ObjectStore:
         """Bytes ``start``..``end`` inclusive."""
         return self._call("read", key, lambda: self.client.get_object(
             Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end}")["Body"].read())
+
+    def range_reader(self, obj: ObjectInfo, block: int = 1 << 20) -> RangeReader:
+        """The object as a seekable file read by ranged GETs (a video's header, a zip's members)."""
+        return RangeReader(obj.size, lambda start, end: self.get_range(obj.key, start, end), block)
 
     def download_file(self, key: str, path: Path) -> Path:
         """Download to ``path`` atomically: a partial download never appears under its name."""

@@ -10,15 +10,14 @@ FFmpeg's swscale, the same path as ``cv2.VideoCapture`` (pixel-identical, see te
 Containers are opened with :func:`open_video`: a plain ``av.open`` decodes frames of H.264 to
 guess codec parameters (up to 7 frames while it guesses the B-frame delay, about 50 ms per open
 at 2200x3208), which is work thrown away when the caller decodes or only reads the header.
-A container can also be read from a :class:`RangeReader` (ranged reads of an object in S3): stage 1
+A container can also be read from a :class:`headavatar.storage.RangeReader` (ranged reads of an object in S3): stage 1
 reads every video's header that way, without downloading it, to plan the frames before any video
 is fetched (:func:`probe`).
 """
 
 from __future__ import annotations
 
-import io
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import BinaryIO
 
 import av
@@ -32,52 +31,9 @@ def open_video(path: str | BinaryIO) -> av.container.InputContainer:
     return av.open(path, options={"skip_frame": "nonkey"})
 
 
-class RangeReader(io.RawIOBase):
-    """A seekable, read-only file over ranged reads (an S3 object), read in blocks of ``block`` bytes.
-
-    Reading an MP4's header this way costs a few requests (the ``moov`` box, often at the end, and
-    the first packets), not the whole video.
-    """
-
-    def __init__(self, size: int, fetch: Callable[[int, int], bytes], block: int = 1 << 20) -> None:
-        super().__init__()
-        self.size, self._fetch, self._block = size, fetch, block
-        self._pos, self._start, self._data = 0, 0, b""
-        self.requests = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
-
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        if self._pos >= self.size or not len(buffer):
-            return 0
-        if not self._start <= self._pos < self._start + len(self._data):
-            end = min(self.size, self._pos + max(self._block, len(buffer))) - 1  # inclusive, as HTTP ranges
-            self._start, self._data = self._pos, self._fetch(self._pos, end)
-            self.requests += 1
-            if not self._data:
-                return 0
-        offset = self._pos - self._start
-        n = min(len(buffer), len(self._data) - offset)
-        buffer[:n] = self._data[offset:offset + n]
-        self._pos += n
-        return n
-
-
 def probe(source: str | BinaryIO, name: str) -> tuple[int, int, int]:
     """``(frames, width, height)`` from the container, with a one-line error for unreadable videos
-    (what :func:`headavatar.raw.probe_video` reads, from a path or a file such as a :class:`RangeReader`)."""
+    (from a path or a file such as :meth:`headavatar.storage.ObjectStore.range_reader`'s)."""
     try:
         with open_video(source) as c:
             if not c.streams.video:

@@ -55,7 +55,7 @@ from headavatar.layout import FRAMES_INDEX
 from headavatar.raw import RawCapture, Sequence, VideoInfo, discover
 from headavatar.settings import PipelineConfig, StorageConfig
 from headavatar.storage import ObjectInfo, ObjectStore, gather
-from headavatar.video import RangeReader, decode_frames, probe
+from headavatar.video import decode_frames, probe
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +274,7 @@ class Extract(Stage):
             for seq, cam in order[:scratch.window]:
                 self._fetch(ctx, raw, scratch, seq, cam)
             log.info("%s: reading %d video headers", ctx.capture, len(order))
-            probing = store.submit_all(lambda o: VideoInfo(*probe(_remote(store, o), store.uri(o.key))),
+            probing = store.submit_all(lambda o: VideoInfo(*probe(store.range_reader(o), store.uri(o.key))),
                                        [seq.videos[cam] for seq, cam in order])
             with worker_pool(workers, store.cfg) as pool:
                 infos = dict(zip([(s.label, cam) for s, cam in order], gather(probing), strict=True))
@@ -365,9 +365,6 @@ class Extract(Stage):
             "raw_scratch_bound_mb": round(scratch.window * largest / 2**20, 2),
         })
 
-
-def _remote(store: ObjectStore, obj: ObjectInfo) -> RangeReader:
-    return RangeReader(obj.size, lambda start, end: store.get_range(obj.key, start, end))
 
 
 _worker_store: ObjectStore | None = None  # one per camera worker process, made by _init_worker
