@@ -7,6 +7,7 @@ import fcntl
 import json
 import mailbox
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -84,8 +85,13 @@ def _task_test(home: Path, env: dict[str, str], task: str, day: int, *extra: str
 def test_concurrent_gpu_stages_get_different_gpus_the_form_wins_and_a_timeout_frees_the_gpu(
         airflow_home: Path, probe_env: dict[str, str]) -> None:  # noqa: F811
     out = Path(probe_env["PROBE_OUT"])
-    # Two GPU tasks in two task processes at once: each waits until it sees the other running.
-    procs = {name: _task_test(airflow_home, probe_env, name, day) for day, name in enumerate(("a", "b"), 1)}
+    # Two GPU tasks in two task processes at once: each waits until it sees the other running. Each has its
+    # own copy of the metadata database (SQLite takes one writer; a deployment's Postgres takes many), while
+    # the GPU leases, the thing under test, are shared.
+    own_db = out.parent / "b.db"
+    shutil.copyfile(airflow_home / "airflow.db", own_db)
+    envs = {"a": probe_env, "b": {**probe_env, "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{own_db}"}}
+    procs = {name: _task_test(airflow_home, envs[name], name, day) for day, name in enumerate(("a", "b"), 1)}
     logs = {name: p.communicate(timeout=600)[0] for name, p in procs.items()}
     seen = {name: json.loads((out / f"{name}.json").read_text()) for name in procs if (out / f"{name}.json").exists()}
     assert sorted(seen) == ["a", "b"], {k: v[-2000:] for k, v in logs.items()}

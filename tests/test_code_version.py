@@ -15,7 +15,7 @@ from conftest import cli, prepare_sampled, tiny_config
 from headavatar.contract.manifest import Manifest, digest
 from headavatar.contract.stage import Stage, StageContext, manifest_key, read_manifest, run_stage
 from headavatar.contract.status import capture_status
-from headavatar.stages import STAGE_NAMES
+from headavatar.stages import STAGE_NAMES, build_stage
 from headavatar.storage import ObjectStore
 
 pytestmark = pytest.mark.s3
@@ -134,7 +134,8 @@ def test_status_command_on_real_stages(store: ObjectStore, tiny_capture: Path, s
     assert r.returncode == 0, r.stderr
     lines = dict(line.split(None, 1) for line in r.stdout.splitlines())
     assert list(lines) == list(STAGE_NAMES)
-    assert lines["extract"].startswith("done ") and "code v1" in lines["extract"]
+    extract_version = build_stage("extract").code_version
+    assert lines["extract"].startswith("done ") and f"code v{extract_version}" in lines["extract"]
     assert lines["sample"].startswith("done ") and lines["matting"] == "missing"
 
     # A manifest made by another code version (as after a bump): stale, and the next run recomputes it.
@@ -143,13 +144,14 @@ def test_status_command_on_real_stages(store: ObjectStore, tiny_capture: Path, s
     doc["code_version"] = 0
     store.put_bytes(key, json.dumps(doc).encode())
     lines = dict(line.split(None, 1) for line in cli("status", *demo, env=s3_env).stdout.splitlines())
-    assert lines["sample"].startswith("stale: code version 0, now 1"), lines["sample"]
+    sample_version = build_stage("sample").code_version
+    assert lines["sample"].startswith(f"stale: code version 0, now {sample_version}"), lines["sample"]
     assert lines["extract"].startswith("done ")
     lines = dict(line.split(None, 1) for line in cli("status", *demo, "--set", "sample.frame_stride=6",
                                                      env=s3_env).stdout.splitlines())
     assert lines["extract"].startswith("stale: config sample.frame_stride"), lines["extract"]
     rerun = cli("run", "sample", *demo, env=s3_env)
     assert rerun.returncode == 0 and '"cached": false' in rerun.stdout, rerun.stderr[-2000:]
-    assert "stale (code version 0, now 1); recomputing" in rerun.stderr
+    assert f"stale (code version 0, now {sample_version}); recomputing" in rerun.stderr
     lines = dict(line.split(None, 1) for line in cli("status", *demo, env=s3_env).stdout.splitlines())
     assert lines["sample"].startswith("done "), lines["sample"]
