@@ -57,6 +57,7 @@ with DAG("gpu_probe", schedule=None, params={{"id": Param("probe"), "gpu": Param
     Probe(task_id="pinned", stage=GPU, settings=settings, command=[{out!r}, "pinned", "0"])
     Probe(task_id="hung", stage=GPU, settings=settings, command=[{out!r}, "hung", "600"],
           execution_timeout=timedelta(seconds=5))
+    Probe(task_id="orphaned", stage=GPU, settings=settings, command=[{out!r}, "orphaned", "600"])
 '''
 
 
@@ -112,10 +113,40 @@ def test_concurrent_gpu_stages_get_different_gpus_the_form_wins_and_a_timeout_fr
     assert not (out / "hung.json").exists()  # never finished its 600 s
     pid = int((out / "hung.start").read_text())
     with pytest.raises(ProcessLookupError):
-        os.kill(pid, 0)
-    for device in ("0", "1"):
-        with open(Path(probe_env["HEADAVATAR_GPU_LEASE_DIR"]) / f"gpu-{device}.lock", "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises BlockingIOError while still leased
+        os.kill(pid, 0)  # the stage is gone, and with it the last holder of its GPU's lock
+
+
+def _leased(lease_dir: Path, device: str) -> bool:
+    with open(lease_dir / f"gpu-{device}.lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
+@pytest.mark.slow
+def test_a_stage_that_outlives_its_sigkilled_task_keeps_its_gpu(
+        airflow_home: Path, probe_env: dict[str, str]) -> None:  # noqa: F811
+    out, leases = Path(probe_env["PROBE_OUT"]), Path(probe_env["HEADAVATAR_GPU_LEASE_DIR"])
+    task = _task_test(airflow_home, probe_env, "orphaned", 5)
+    deadline = time.monotonic() + 300
+    while not (out / "orphaned.start").exists() and task.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert (out / "orphaned.start").exists(), task.communicate(timeout=60)[0][-3000:]
+    stage = int((out / "orphaned.start").read_text())
+    task.kill()  # SIGKILL: no on_kill, no cleanup; the stage (its own session) runs on
+    task.communicate(timeout=60)
+    try:
+        os.kill(stage, 0)
+        assert _leased(leases, "0") and not _leased(leases, "1")  # GPU 0 stays with the stage still on it
+    finally:
+        os.kill(stage, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while _leased(leases, "0") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _leased(leases, "0")  # free once the stage has ended
 
 
 LOAD = """

@@ -38,6 +38,7 @@ def test_reference_lists_every_setting_with_default_and_bounds() -> None:
     assert "| `extract.jpeg_quality` | int | `95` | >= 50, <= 100 |" in page
     assert "| `matting.method` | one of bmv2, classical | `bmv2` |" in page
     assert "each >= 0, each <= 67" in page  # fitting.exclude_landmarks: bounds of the list's items
+    assert "| `ingest.quiet_minutes` | float or null | `60.0` | >= 0, <= 10080 |" in page  # an optional value's
 
 
 def test_checker_catches_an_undocumented_setting_and_a_stale_file() -> None:

@@ -284,3 +284,32 @@ def test_ingestion_unpacks_in_a_container_and_a_broken_archive_fails_its_task(
     assert new["find_pending_captures"][0] == "success", new
     assert _containers(docker_env, env) == [] and _volumes(docker_env, env) == []
     store.close()
+
+
+def test_a_gpu_whose_stage_container_outlived_its_task_is_not_leased(docker_env: dict[str, str],  # noqa: F811
+                                                                     tmp_path: Path) -> None:
+    """A SIGKILLed task process drops its GPU lock, but its stage container runs on: the container's
+    ``headavatar.gpu`` label keeps that GPU from the next GPU task (a real engine, a real container;
+    no GPU here, so the container only carries the label a GPU stage's container gets)."""
+    sys.path.insert(0, str(REPO / "plugins"))
+    from headavatar_airflow.execution import ExecutionSettings
+    from headavatar_airflow.gpus import GPU_LABEL, gpu_lease
+    from headavatar_airflow.operators import stage_operator
+    from headavatar_airflow.pipeline import StageSpec
+
+    settings = ExecutionSettings(backend="docker", docker_url=docker_env["DOCKER_HOST"], gpu_devices=("0", "1"),
+                                 gpu_lease_dir=str(tmp_path / "leases"))
+    op = stage_operator(StageSpec("matting", gpu=True), settings)
+    client = _client(docker_env)
+    orphan = client.containers.run(preprocess_image(), entrypoint=["sleep", "120"], detach=True,
+                                   labels={GPU_LABEL: "0", "headavatar.task_id": "orphaned-test"})
+    try:
+        assert op._gpus_of_running_stages() == {"0"}
+        with gpu_lease(settings.gpu_devices, tmp_path / "leases", busy=op._gpus_of_running_stages) as lease:
+            assert lease.device == "1"  # GPU 0's lock is free, but its stage still runs
+    finally:
+        orphan.remove(force=True)
+        client.close()
+    assert op._gpus_of_running_stages() == set()
+    with gpu_lease(settings.gpu_devices, tmp_path / "leases", busy=op._gpus_of_running_stages) as lease:
+        assert lease.device == "0"

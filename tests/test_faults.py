@@ -147,7 +147,7 @@ def fault_mid_computation(store: ObjectStore, env: dict[str, str], stage: str, w
     pytest.fail(f"{stage}: every run finished before the fault could strike ({'; '.join(missed)})")
 
 
-@pytest.mark.timeout(2400)  # about 2 min on a quiet machine; a loaded one (CI beside other jobs) is far slower
+@pytest.mark.timeout(2400)  # 620 s on a quiet 2-core machine (2026-12-01); a loaded one is far slower
 def test_faults_in_every_stage_lose_nothing(server: EmbeddedS3, tiny_capture: Path, tmp_path: Path) -> None:
     rng = random.Random(20261124)
     ref_env, env = env_for(server, "reference"), env_for(server, "faulted")

@@ -3,10 +3,12 @@
 The ``headavatar_gpu`` pool bounds how many GPU tasks run at once but cannot say *which* GPU a task
 gets (Docker's ``count=1`` request is GPU 0 every time; an unset ``CUDA_VISIBLE_DEVICES`` is GPU 0
 for torch). A lease is an exclusive ``flock`` on ``<lease dir>/gpu-<device>.lock``, taken by the
-task process before it starts the stage and held until the stage has ended. The kernel drops the
-lock when its holder exits, however it exits (SIGKILL, OOM, a lost worker), so no lease outlives
-its task. The lock file holds who has it (``cat`` it to see). Kubernetes takes none: the device
-plugin places pods (``nvidia.com/gpu: 1``).
+task process before it starts the stage. The kernel drops the lock when the last process holding it
+exits, however it exits (SIGKILL, OOM, a lost worker). The stage holds it as long as the task: a
+stage subprocess inherits the lock's descriptor, and a stage container, which no descriptor can
+follow, is labelled ``headavatar.gpu=<device>`` and its GPU is skipped while it runs. So a stage
+that outlives a killed task process keeps its GPU until it ends. The lock file holds who has it
+(``cat`` it to see). Kubernetes takes none: the device plugin places pods (``nvidia.com/gpu: 1``).
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,18 +50,39 @@ def _lock_path(lease_dir: Path, device: str) -> Path:
     return lease_dir / f"gpu-{re.sub(r'[^A-Za-z0-9_.-]', '_', device)}.lock"
 
 
+GPU_LABEL = "headavatar.gpu"  # on a GPU stage's container: the device it was leased
+
+
+@dataclass(frozen=True)
+class GpuLease:
+    """A held GPU: ``device`` (its index, for ``CUDA_VISIBLE_DEVICES`` or a Docker device request) and
+    ``fd``, the locked descriptor, for a stage subprocess to inherit (``pass_fds``)."""
+
+    device: str
+    fd: int
+
+
+def _no_device_busy() -> set[str]:
+    return set()
+
+
 @contextmanager
-def gpu_lease(devices: Sequence[str], lease_dir: Path, holder: str = "", poll_s: float = 1.0) -> Iterator[str]:
+def gpu_lease(devices: Sequence[str], lease_dir: Path, holder: str = "", poll_s: float = 1.0,
+              busy: Callable[[], set[str]] = _no_device_busy) -> Iterator[GpuLease]:
     """Hold the first free device of ``devices`` for the ``with`` block; waits (polling) while all are leased.
 
-    ``devices`` of one item is a pinned GPU: the task waits for that one.
+    ``devices`` of one item is a pinned GPU: the task waits for that one. ``busy``: devices in use
+    by stages no lock shows (containers of killed tasks); they are not leased while they are.
     """
     if not devices:
         raise ValueError("no GPU to lease")
     lease_dir.mkdir(parents=True, exist_ok=True)
     waiting_since = None
     while True:
+        in_use = busy()
         for device in devices:
+            if device in in_use:
+                continue
             fd = os.open(_lock_path(lease_dir, device), os.O_RDWR | os.O_CREAT, 0o666)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -68,9 +92,9 @@ def gpu_lease(devices: Sequence[str], lease_dir: Path, holder: str = "", poll_s:
             try:
                 os.ftruncate(fd, 0)
                 os.write(fd, f"{holder} pid={os.getpid()}\n".encode())
-                yield device
+                yield GpuLease(device, fd)
             finally:
-                os.close(fd)  # closing the only descriptor releases the lock
+                os.close(fd)  # this process's descriptor; the lock lasts while a stage still has one
             return
         if waiting_since is None:
             waiting_since = time.monotonic()
@@ -79,7 +103,8 @@ def gpu_lease(devices: Sequence[str], lease_dir: Path, holder: str = "", poll_s:
 
 
 @contextmanager
-def placed_gpu(settings: ExecutionSettings, params: dict[str, Any], holder: str) -> Iterator[str | None]:
+def placed_gpu(settings: ExecutionSettings, params: dict[str, Any], holder: str,
+               busy: Callable[[], set[str]] = _no_device_busy) -> Iterator[GpuLease | None]:
     """The GPU a GPU task runs on, leased for the ``with`` block: the form's ``gpu`` when set (it wins),
     else a free one of this host. None when the host's GPUs are unknown (no lease; the old behaviour)."""
     pinned = params.get("gpu")
@@ -88,6 +113,6 @@ def placed_gpu(settings: ExecutionSettings, params: dict[str, Any], holder: str)
         log.warning("GPUs of this host unknown (set HEADAVATAR_GPU_DEVICES): the GPU is not chosen per task")
         yield None
         return
-    with gpu_lease(devices, Path(settings.gpu_lease_dir), holder) as device:
-        log.info("GPU %s leased to %s", device, holder)
-        yield device
+    with gpu_lease(devices, Path(settings.gpu_lease_dir), holder, busy=busy) as lease:
+        log.info("GPU %s leased to %s", lease.device, holder)
+        yield lease

@@ -27,7 +27,7 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from headavatar_airflow.assets import describe_outlet_events
 from headavatar_airflow.execution import ExecutionSettings
-from headavatar_airflow.gpus import placed_gpu
+from headavatar_airflow.gpus import GPU_LABEL, placed_gpu
 from headavatar_airflow.pipeline import StageSpec, cli_args
 from headavatar_airflow.stage_limits import StageLimits, stage_limits
 
@@ -170,15 +170,18 @@ class LocalStageOperator(ShowsStageCommand, BaseOperator):
         args = task_command(self.stage, params, self.cli_command)
         if not self.stage.gpu:
             return self._run(args, env, context)
-        with placed_gpu(self.settings, params, lease_holder(context)) as gpu:
-            if gpu is not None:
-                env["CUDA_VISIBLE_DEVICES"] = gpu
-            return self._run(args, env, context)
+        with placed_gpu(self.settings, params, lease_holder(context)) as lease:
+            if lease is None:
+                return self._run(args, env, context)
+            env["CUDA_VISIBLE_DEVICES"] = lease.device
+            return self._run(args, env, context, holds=(lease.fd,))  # the stage holds the lease too
 
-    def _run(self, args: list[str], env: dict[str, str], context: Any) -> dict[str, Any] | None:
+    def _run(self, args: list[str], env: dict[str, str], context: Any,
+             holds: tuple[int, ...] = ()) -> dict[str, Any] | None:
         self.log.info("running: headavatar %s", " ".join(args))
         self._proc = subprocess.Popen([*self.program, *args], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                                      stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                      pass_fds=holds)
         last = ""
         assert self._proc.stdout is not None
         try:
@@ -253,13 +256,20 @@ def _docker_operator() -> type:
             self.stage, self.settings, self.cli_command = stage, settings, command
             self.stage_command = ""
             self.scratch_volume: str | None = None
+            self.gpu_device: str | None = None  # the leased GPU of a GPU stage
 
         def execute(self, context: Any) -> Any:
             if not (self.stage.gpu and self.settings.docker_gpus):
                 return self._execute(context)
-            with placed_gpu(self.settings, context["params"], lease_holder(context)) as gpu:
-                self.device_requests = [gpu_request(gpu)]
+            with placed_gpu(self.settings, context["params"], lease_holder(context),
+                            busy=self._gpus_of_running_stages) as lease:
+                self.gpu_device = lease.device if lease else None
+                self.device_requests = [gpu_request(self.gpu_device)]
                 return self._execute(context)
+
+        def _gpus_of_running_stages(self) -> set[str]:
+            """GPUs of this engine's running stage containers (labelled): held even after their task died."""
+            return {c["Labels"][GPU_LABEL] for c in self.cli.containers(filters={"label": GPU_LABEL})}
 
         def _execute(self, context: Any) -> Any:
             params = context["params"]
@@ -272,7 +282,8 @@ def _docker_operator() -> type:
             self._private_environment = {**secret, **mlflow_credentials(self.settings.mlflow_conn_id)}
             ti = context["ti"]
             self.labels = {"headavatar.dag_id": str(ti.dag_id), "headavatar.task_id": str(self.task_id),
-                           "headavatar.run_id": str(context["run_id"])}
+                           "headavatar.run_id": str(context["run_id"]),
+                           **({GPU_LABEL: self.gpu_device} if self.gpu_device is not None else {})}
             self.scratch_volume = f"headavatar-scratch-{ti.dag_id}-{self.task_id}-{uuid.uuid4().hex[:12]}"
             self.cli.create_volume(self.scratch_volume, labels={**self.labels, "headavatar.scratch": "1"})
             self.mounts = [Mount(target=SCRATCH, source=self.scratch_volume, type="volume")]

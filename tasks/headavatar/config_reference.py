@@ -77,10 +77,15 @@ def _constraints(metadata: list[Any]) -> list[str]:
 
 
 def bounds(field: FieldInfo) -> str:
-    """The field's own constraints, plus those of its list items (``tuple[Annotated[int, ...], ...]``)."""
+    """The field's own constraints, those of an optional value (``Annotated[float, ...] | None``) and
+    those of its list items (``tuple[Annotated[int, ...], ...]``)."""
     parts = _constraints(field.metadata)
-    args = get_args(field.annotation) if get_origin(field.annotation) is tuple else ()
-    if args and getattr(args[0], "__metadata__", None):
+    origin, args = get_origin(field.annotation), get_args(field.annotation)
+    if origin in (Union, types.UnionType):
+        for arg in args:
+            if getattr(arg, "__metadata__", None):
+                parts += _constraints(list(arg.__metadata__))
+    if origin is tuple and args and getattr(args[0], "__metadata__", None):
         parts += [f"each {c}" for c in _constraints(list(args[0].__metadata__))]
     return ", ".join(parts)
 

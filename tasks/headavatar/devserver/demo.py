@@ -110,10 +110,10 @@ def _demo(args: argparse.Namespace, home: Path, console: Console, stack: context
     fresh = not (home / "airflow" / "airflow.db").exists()
     if not args.serve:
         console.say(f"""headavatar demo: NeRSemble-style capture -> Gaussian head avatar, on this machine's CPU.
-  1. {'start the Docker engine and build the stage images (first time only: about 5-8 min)' if args.backend == 'docker'
-      else 'no containers (BACKEND=local): stages run as subprocesses of Airflow'}
-  2. start S3 (SeaweedFS) and MLflow on 127.0.0.1, write a synthetic capture {args.capture}
+  1. start S3 (SeaweedFS) and MLflow on 127.0.0.1, write a synthetic capture {args.capture}
      (NeRSemble {args.layout} layout, 16 cameras, 2 sequences x {args.frames} frames, 256x372)
+  2. {'meanwhile, start the Docker engine and build the stage images (first time only: about 5 min)'
+      if args.backend == 'docker' else 'no containers (BACKEND=local): stages run as subprocesses of Airflow'}
   3. run the Airflow DAG headavatar_capture: {' -> '.join(STAGE_NAMES)}
      ({'each task a container' if args.backend == 'docker' else 'local backend'}; demo profile: tiny models)
   4. copy each stage's pictures out and print where the runs, the model and the UIs are
@@ -121,20 +121,6 @@ About {first if fresh else later} min on 2 free cores ({'first run' if fresh els
 longer if other work shares the CPU.
 Full log: {console.logfile}
 """)
-    docker_host = None
-    if args.backend == "docker" and not args.serve:
-        from headavatar.devserver.docker_engine import DockerEngine
-        from headavatar.devserver.images import build_images
-
-        engine = DockerEngine(REPO / ".headavatar" / "docker")
-        with console.phase("engine", "Docker engine"):
-            _quietly(console.logfile, engine.start)
-            stack.callback(engine.stop)  # only if this run started it
-        with console.phase("images", "images headavatar/preprocess + headavatar/cpu (cached)"):
-            _quietly(console.logfile, lambda: build_images(env=engine.env()))
-        docker_host = engine.url
-
-
     state = load_state(home)
     with console.phase("servers", "S3 + MLflow servers on 127.0.0.1"):
         ports = state["ports"]
@@ -150,7 +136,45 @@ Full log: {console.logfile}
     env = {**os.environ, **s3.env(), "HEADAVATAR_S3_BUCKET": BUCKET}
     if args.serve:
         return _serve(mlflow.uri, s3.endpoint_url)
+    synth = _start_capture(args, env, console.logfile)  # in the background, while the images build
+    if synth is not None:
+        stack.callback(_stop, synth)
+    docker_host = None
+    if args.backend == "docker":
+        from headavatar.devserver.docker_engine import DockerEngine
+        from headavatar.devserver.images import build_images
+
+        engine = DockerEngine(REPO / ".headavatar" / "docker")
+        with console.phase("engine", "Docker engine"):
+            _quietly(console.logfile, engine.start)
+            stack.callback(engine.stop)  # only if this run started it
+        with console.phase("images", "stage images (built on first use, then cached)"):
+            _quietly(console.logfile, lambda: build_images(env=engine.env()))
+        docker_host = engine.url
+    with console.phase("capture", f"synthetic capture {args.capture}" + (
+            " (in the bucket)" if synth is None else " (written meanwhile)" if args.backend == "docker" else "")):
+        if synth is not None and synth.wait() != 0:
+            raise subprocess.CalledProcessError(synth.returncode, synth.args)
     return _run(args, home, env, mlflow.uri, console, docker_host, t0)
+
+
+def _start_capture(args: argparse.Namespace, env: dict[str, str], logfile: Path) -> subprocess.Popen | None:
+    """Start writing the synthetic capture into the bucket; None when it is there already."""
+    cli = [sys.executable, "-m", "headavatar.cli"]
+    have = subprocess.run([*cli, "captures"], env=env, capture_output=True, text=True)
+    captures = json.loads(have.stdout.strip().splitlines()[-1]) if have.returncode == 0 and have.stdout else []
+    if args.capture in captures:
+        return None
+    with open(logfile, "ab") as logf:  # synth creates the bucket if needed
+        return subprocess.Popen([*cli, "synth", "--capture", args.capture, "--width", "256", "--height", "372",
+                                 "--frames", str(args.frames), "--sequence", "EXP-1-head", "--sequence", "EXP-2-eyes",
+                                 "--layout", args.layout], env=env, stdout=logf, stderr=subprocess.STDOUT)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        proc.wait()
 
 
 def _quietly(logfile: Path, fn: Callable[[], Any]) -> Any:
@@ -174,17 +198,7 @@ def _quietly(logfile: Path, fn: Callable[[], Any]) -> Any:
 
 def _run(args: argparse.Namespace, home: Path, env: dict[str, str], mlflow_uri: str, console: Console,
          docker_host: str | None, t0: float) -> int:
-    cli = [sys.executable, "-m", "headavatar.cli"]
     with open(console.logfile, "ab") as logf:
-        have = subprocess.run([*cli, "captures"], env=env, capture_output=True, text=True)
-        captures = json.loads(have.stdout.strip().splitlines()[-1]) if have.returncode == 0 and have.stdout else []
-        with console.phase("capture", f"synthetic capture {args.capture}" + (" (in the bucket)"
-                                                                                 if args.capture in captures else "")):
-            if args.capture not in captures:  # synth creates the bucket if needed
-                subprocess.run([*cli, "synth", "--capture", args.capture, "--width", "256", "--height", "372",
-                                "--frames", str(args.frames), "--sequence", "EXP-1-head", "--sequence", "EXP-2-eyes",
-                                "--layout", args.layout],
-                               env=env, check=True, stdout=logf, stderr=subprocess.STDOUT)
         af_home = home / "airflow"
         af = {**env, **airflow_env(af_home, env, mlflow_uri, args.backend, docker_host)}
         airflow = [sys.executable, "-m", "airflow"]

@@ -99,6 +99,18 @@ class DockerEngine:
         _terminate(self._proc.pid, 30)
         self._proc.wait()
         self._proc = None
+        self._unmount_leftovers()
+
+    def _unmount_leftovers(self) -> None:
+        """dockerd leaves its default network namespace mounted under the exec root (nsfs), which
+        keeps ``rm -rf .headavatar`` (``make clean``) from removing it."""
+        exec_root = str(self.home / "exec") + "/"
+        try:
+            mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
+        except OSError:
+            return
+        for point in sorted((m for m in mounts if m.startswith(exec_root)), reverse=True):
+            subprocess.run(["umount", point], capture_output=True)
 
     def __enter__(self) -> DockerEngine:
         return self.start()
