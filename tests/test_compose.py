@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,7 +178,14 @@ def stack(docker_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) 
                s3=f"http://127.0.0.1:{values['HEADAVATAR_S3_PORT']}")
     started = time.monotonic()
     try:
-        st.compose("up", "-d")
+        up = st.compose("up", "-d", check=False)
+        if up.returncode != 0:
+            # Seen once, on the first `up` after cold image builds: airflow-init exited 2, unexplained (no
+            # logs kept then). Its logs now go into a warning, and `up` is tried once more, as an operator
+            # would: every one-shot step (migrate, pool, admin user, bucket) is idempotent.
+            logs = st.compose("logs", "--no-color", "--tail", "80", "airflow-init", "minio-init", check=False).stdout
+            warnings.warn(f"compose up failed once, retried:\n{up.stderr[-2000:]}\n{logs[-6000:]}", stacklevel=1)
+            st.compose("up", "-d")
         _wait("Airflow api-server", lambda: requests.get(f"{st.airflow}/api/v2/monitor/health", timeout=5).ok, 600)
 
         def all_healthy() -> bool:

@@ -43,7 +43,7 @@ from headavatar.storage import ObjectStore
 log = logging.getLogger("headavatar.demo")
 PICTURE_DIRS = ("overlays/", "renders/")  # the stages' contact sheets (tracking logs the same ones)
 # Measured on a quiet 2-core machine (docs/containers.md): minutes for (first run, later runs).
-ESTIMATE_MIN = {"docker": (12, 6), "local": (7, 6)}
+ESTIMATE_MIN = {"docker": (12, 2), "local": (7, 6)}
 
 
 class Console:

@@ -96,8 +96,12 @@ class DockerEngine:
         """Stops the engine if this object started it (containers it still runs are stopped by dockerd)."""
         if self._proc is None:
             return
-        _terminate(self._proc.pid, 30)
-        self._proc.wait()
+        self._proc.terminate()  # dockerd stops its containers and containerd, then exits (about 1 s)
+        try:
+            self._proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
         self._proc = None
         self._unmount_leftovers()
 
