@@ -144,13 +144,20 @@ def test_no_plugin_module_shadows_an_installed_module() -> None:
               for line in (repo / "images" / "compose" / "airflow-constraints.txt").read_text().splitlines()
               if line.strip() and not line.startswith("#")}
     pinned |= {"limits"}  # flask-limiter's, which FAB brings into the image unpinned (the case found)
+    def origin(name: str) -> str | None:
+        """Where the importable module ``name`` lives (already imported or not); None if nowhere."""
+        module = sys.modules.get(name)
+        spec = getattr(module, "__spec__", None) if module is not None else importlib.util.find_spec(name)
+        if spec is None:
+            return None if module is None else "<loaded>"
+        return spec.origin or "<namespace>"
+
     clashes = []
     for path in plugins.rglob("*.py"):
         if path.stem == "__init__":
             continue
-        spec = importlib.util.find_spec(path.stem) if path.stem not in sys.modules else None
-        origin = getattr(spec, "origin", None) or ""
-        installed = spec is not None and not origin.startswith(str(plugins))
+        where = origin(path.stem)
+        installed = where is not None and not where.startswith(str(plugins))
         if path.stem in sys.stdlib_module_names or installed or path.stem.lower() in pinned:
             clashes.append(f"{path.relative_to(repo)} shadows {path.stem}")
     assert clashes == [], clashes
