@@ -62,13 +62,9 @@ class GpuLease:
     fd: int
 
 
-def _no_device_busy() -> set[str]:
-    return set()
-
-
 @contextmanager
 def gpu_lease(devices: Sequence[str], lease_dir: Path, holder: str = "", poll_s: float = 1.0,
-              busy: Callable[[], set[str]] = _no_device_busy) -> Iterator[GpuLease]:
+              busy: Callable[[], set[str]] = set) -> Iterator[GpuLease]:
     """Hold the first free device of ``devices`` for the ``with`` block; waits (polling) while all are leased.
 
     ``devices`` of one item is a pinned GPU: the task waits for that one. ``busy``: devices in use
@@ -104,7 +100,7 @@ def gpu_lease(devices: Sequence[str], lease_dir: Path, holder: str = "", poll_s:
 
 @contextmanager
 def placed_gpu(settings: ExecutionSettings, params: dict[str, Any], holder: str,
-               busy: Callable[[], set[str]] = _no_device_busy) -> Iterator[GpuLease | None]:
+               busy: Callable[[], set[str]] = set) -> Iterator[GpuLease | None]:
     """The GPU a GPU task runs on, leased for the ``with`` block: the form's ``gpu`` when set (it wins),
     else a free one of this host. None when the host's GPUs are unknown (no lease; the old behaviour)."""
     pinned = params.get("gpu")

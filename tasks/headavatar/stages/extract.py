@@ -366,7 +366,6 @@ class Extract(Stage):
         })
 
 
-
 _worker_store: ObjectStore | None = None  # one per camera worker process, made by _init_worker
 
 
