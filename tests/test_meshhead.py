@@ -145,8 +145,11 @@ def test_demo_profile_training_resumes_after_sigkill_and_fits_held_out_views(
     assert first["step"] == 100 and len(first["history"]) == 10
     ious = [e["holdout_iou"] for e in history["holdout"]]
     assert [e["step"] for e in history["holdout"]] == [0, 100, 200, 300]
-    assert all(b >= a for a, b in itertools.pairwise(ious)), ious  # more steps, better held-out fit
-    assert ious[-1] >= 0.9 and ious[-1] > ious[0] + 0.01, ious
+    # More steps, better held-out fit: the big gain comes first; once converged (steps 200-300), the held-out IoU
+    # may wobble by a few thousandths with the machine's thread count (CI saw 0.9719 then 0.9707).
+    assert ious[1] > ious[0] + 0.05, ious
+    assert all(b >= a - 0.005 for a, b in itertools.pairwise(ious)), ious
+    assert ious[-1] >= 0.9, ious
     assert m.metrics["holdout_iou"] == ious[-1]
 
     mesh = np.load(io.BytesIO(store.get_bytes(f"{prefix}/neutral_mesh.npz")))
