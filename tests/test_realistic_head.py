@@ -65,12 +65,14 @@ def test_stage_4_fits_dlib_detections_on_the_photo_textured_head(store: ObjectSt
                **{k: v for k, v in metrics.items() if "error" in k or "frames" in k}}
     print(json.dumps(summary), file=sys.stderr, flush=True)
     assert detections["detector"] == "dlib"
-    # Measured (2026-12-01): 27 of 64 images (0.42); the six cameras 222200040-45 found the face in all
-    # 4 frames, the side cameras (the face in profile) in none; reprojection error median 6.8 px, mean
-    # 7.1 px; dlib's points 9.5 px from the true landmarks on average; rotation error 10.0 deg mean.
-    assert rate >= 0.35, summary
-    assert sum(r == 1.0 for r in by_camera.values()) >= 5, summary
+    # Measured (2026-12-02, landmarks.dlib_threshold -0.8): 43 of 64 images (0.67); cameras 222200038-47
+    # (-35 to +55 degrees) found the face in all 4 frames, the four outermost on each side (the face in
+    # profile) in none or few; dlib's points 11.5 px from the true landmarks on average, 23.3 px at worst (no
+    # false face); reprojection error median 7.6 px; rotation error 6.6 deg mean. At threshold 0 (dlib's
+    # default): 0.42 of the images, rotation error 10.0 deg.
+    assert rate > 0.5, summary  # most views
+    assert sum(r == 1.0 for r in by_camera.values()) >= 8, summary
     assert metrics["frames_fitted"] == len(per_frame) and metrics["frames_excluded"] == 0, summary
     assert metrics["reprojection_error_px_median"] <= 9.0, summary
-    assert metrics["detection_error_px_mean"] <= 12.0, summary
-    assert metrics["rotation_error_deg_mean"] <= 15.0, summary
+    assert metrics["detection_error_px_mean"] <= 14.0 and metrics["detection_error_px_max"] <= 40.0, summary
+    assert metrics["rotation_error_deg_mean"] <= 10.0, summary

@@ -195,6 +195,9 @@ class LandmarksConfig(Section):
         1.0, description="ground_truth: Gaussian noise (px) added to the projected true landmarks")
     truth_max_angle_deg: Annotated[float, Field(gt=0, le=180)] = Field(
         90.0, description="ground_truth: a camera the face is turned further from than this misses the face")
+    dlib_threshold: Annotated[float, Field(ge=-2, le=2)] = Field(
+        -0.8, description="dlib: face score threshold (its adjust_threshold); below 0 keeps the weaker detections "
+        "of faces turned 30-50 degrees away, which 0 drops")
     fan_face_detector: Literal["blazeface", "sfd"] = Field(
         "blazeface", description="face_alignment's face detector (blazeface as the reference)")
     device: DeviceName = Field("auto", description="auto | cpu | cuda | cuda:N (auto = CUDA when present)")

@@ -37,7 +37,7 @@ def shape_predictor_path() -> Path:
 class DlibDetector(LandmarkDetector):
     name = "dlib"
 
-    def __init__(self, upsample: int = 1):
+    def __init__(self, upsample: int = 1, threshold: float = 0.0):
         try:
             import dlib
         except ImportError:
@@ -45,7 +45,7 @@ class DlibDetector(LandmarkDetector):
         self._dlib, self._predictor_path = dlib, str(shape_predictor_path())
         self._local = threading.local()
         self._models()  # fail here, not in a worker thread, if the files are bad
-        self.upsample = upsample
+        self.upsample, self.threshold = upsample, threshold
 
     def _models(self) -> tuple:
         if not hasattr(self._local, "models"):
@@ -55,7 +55,7 @@ class DlibDetector(LandmarkDetector):
 
     def detect(self, rgb: np.ndarray) -> Landmarks | None:
         faces, shape = self._models()
-        rects, scores, _ = faces.run(np.ascontiguousarray(rgb), self.upsample, 0.0)
+        rects, scores, _ = faces.run(np.ascontiguousarray(rgb), self.upsample, self.threshold)
         if not len(rects):
             return None
         best = int(np.argmax(scores))

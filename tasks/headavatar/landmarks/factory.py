@@ -11,7 +11,7 @@ def build_detector(cfg: LandmarksConfig) -> LandmarkDetector:
     if cfg.detector == "dlib":
         from headavatar.landmarks.dlib68 import DlibDetector
 
-        return DlibDetector()
+        return DlibDetector(threshold=cfg.dlib_threshold)
     if cfg.detector == "face_alignment":
         from headavatar.landmarks.fan import FanDetector
 
