@@ -97,6 +97,26 @@ def time_steps(t, warm: int = 5, steps: int = 20) -> dict:
             "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
 
 
+def repeated_steps(t, repeats: int, steps: int = 50, warm: int = 10) -> dict:
+    """Step time of ``repeats`` back-to-back timings of ``steps`` steps each (after ``warm``): the spread
+    between runs, which one 20-step mean cannot show (two such means on one H200 read 28.7 and 30.7 ms)."""
+    t.cfg = t.cfg.model_copy(update={"steps": warm, "eval_every": 0, "checkpoint_every": 10**9})
+    t.evaluate = lambda: {}
+    t.train(save=lambda _: None)
+    torch.cuda.synchronize()
+    runs, done = [], warm
+    for _ in range(repeats):
+        done += steps
+        t.cfg = t.cfg.model_copy(update={"steps": done})
+        t0 = time.perf_counter()
+        t.train(save=lambda _: None)
+        torch.cuda.synchronize()
+        runs.append(round(1000 * (time.perf_counter() - t0) / steps, 2))
+    ordered = sorted(runs)
+    return {"steps_per_run": steps, "warm_up_steps": warm, "runs_ms": runs, "median_ms": ordered[len(runs) // 2],
+            "min_ms": ordered[0], "max_ms": ordered[-1]}
+
+
 def curve(t, steps: int, eval_every: int) -> list[dict]:
     """Held-out scores every ``eval_every`` steps with the training seconds so far (evaluation time excluded)."""
     t.cfg = t.cfg.model_copy(update={"steps": steps, "eval_every": eval_every, "checkpoint_every": 10**9})
@@ -233,7 +253,7 @@ def with_heldout_sequence(t, d: dict) -> dict:
 
 
 def run_role(role: str, data: Path, out: Path, quality_steps: int, eval_every: int, long_steps: int,
-             mesh_quality_steps: int, parts: set[str]) -> None:
+             mesh_quality_steps: int, parts: set[str], repeats: int = 7) -> None:
     from headavatar.render.gaussian_raster import GsplatRasterizer
 
     result: dict = {"role": role, "device": torch.cuda.get_device_name(), "torch": torch.__version__}
@@ -266,6 +286,13 @@ def run_role(role: str, data: Path, out: Path, quality_steps: int, eval_every: i
                         "seconds": round(time.perf_counter() - t0, 1)}
         print(role, "meshhead quality", m["quality"], flush=True)
         save()
+    if "gaussian_steady" in parts:  # the default stage-6 step (bf16, channels-last SR on CUDA), timed repeatedly
+        t = gaussian_trainer(d, 25, raster, role, "bf16", heldout=False)
+        result["gaussianhead_steady"] = {"channels_last": t.channels_last, **repeated_steps(t, repeats)}
+        print(role, "gaussianhead steady", result["gaussianhead_steady"], flush=True)
+        save()
+        del t
+        torch.cuda.empty_cache()
     if "gaussian" in parts:
         g: dict = result.setdefault("gaussianhead", {})
         variants = ["fp32"] if role == "baseline" else ["fp32", "bf16", "bf16_channels_last"]
@@ -349,14 +376,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--long-steps", type=int, default=0)
     p.add_argument("--mesh-quality-steps", type=int, default=300)
-    p.add_argument("--parts", default="gaussian,mesh")
+    p.add_argument("--parts", default="gaussian,mesh",
+                   help="comma-separated: gaussian, mesh, video (with --long-steps), gaussian_steady (new role)")
+    p.add_argument("--repeats", type=int, default=7, help="gaussian_steady: timings of 50 steps each")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.role == "data":
         make_data(args.data, args.frames, args.heldout_frames, args.mesh_steps)
         return 0
     run_role(args.role, args.data, args.out, args.quality_steps, args.eval_every, args.long_steps,
-             args.mesh_quality_steps, set(args.parts.split(",")))
+             args.mesh_quality_steps, set(args.parts.split(",")), args.repeats)
     return 0
 
 
