@@ -82,28 +82,15 @@ def one_step(t) -> Callable[[], None]:
     return step
 
 
-def time_steps(t, warm: int = 5, steps: int = 20) -> dict:
-    """Mean step time through ``Trainer.train`` (so the loop's own synchronisation is included)."""
+def repeated_steps(t, repeats: int, steps: int = 50, warm: int = 10) -> dict:
+    """Step time through ``Trainer.train`` (so the loop's own synchronisation is included) in ``repeats``
+    back-to-back runs of ``steps`` steps after ``warm``: the spread between runs, which one mean cannot
+    show (two 20-step means on one H200 read 28.7 and 30.7 ms)."""
     t.cfg = t.cfg.model_copy(update={"steps": warm, "eval_every": 0, "checkpoint_every": 10**9})
     t.evaluate = lambda: {}
     t.train(save=lambda _: None)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    t.cfg = t.cfg.model_copy(update={"steps": warm + steps})
-    t0 = time.perf_counter()
-    t.train(save=lambda _: None)
-    torch.cuda.synchronize()
-    return {"step_ms": round(1000 * (time.perf_counter() - t0) / steps, 2),
-            "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
-
-
-def repeated_steps(t, repeats: int, steps: int = 50, warm: int = 10) -> dict:
-    """Step time of ``repeats`` back-to-back timings of ``steps`` steps each (after ``warm``): the spread
-    between runs, which one 20-step mean cannot show (two such means on one H200 read 28.7 and 30.7 ms)."""
-    t.cfg = t.cfg.model_copy(update={"steps": warm, "eval_every": 0, "checkpoint_every": 10**9})
-    t.evaluate = lambda: {}
-    t.train(save=lambda _: None)
-    torch.cuda.synchronize()
     runs, done = [], warm
     for _ in range(repeats):
         done += steps
@@ -114,7 +101,14 @@ def repeated_steps(t, repeats: int, steps: int = 50, warm: int = 10) -> dict:
         runs.append(round(1000 * (time.perf_counter() - t0) / steps, 2))
     ordered = sorted(runs)
     return {"steps_per_run": steps, "warm_up_steps": warm, "runs_ms": runs, "median_ms": ordered[len(runs) // 2],
-            "min_ms": ordered[0], "max_ms": ordered[-1]}
+            "min_ms": ordered[0], "max_ms": ordered[-1],
+            "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+
+
+def time_steps(t, warm: int = 5, steps: int = 20) -> dict:
+    """Mean step time of ``steps`` steps after ``warm``, and the peak memory."""
+    r = repeated_steps(t, 1, steps, warm)
+    return {"step_ms": r["median_ms"], "peak_gpu_gib": r["peak_gpu_gib"]}
 
 
 def curve(t, steps: int, eval_every: int) -> list[dict]:
