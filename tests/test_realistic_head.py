@@ -66,10 +66,10 @@ def test_stage_4_fits_dlib_detections_on_the_photo_textured_head(store: ObjectSt
     print(json.dumps(summary), file=sys.stderr, flush=True)
     assert detections["detector"] == "dlib"
     # Measured (2026-12-02, landmarks.dlib_threshold -0.8): 43 of 64 images (0.67); cameras 222200038-47
-    # (-35 to +55 degrees) found the face in all 4 frames, the four outermost on each side (the face in
-    # profile) in none or few; dlib's points 11.5 px from the true landmarks on average, 23.3 px at worst (no
-    # false face); reprojection error median 7.6 px; rotation error 6.6 deg mean. At threshold 0 (dlib's
-    # default): 0.42 of the images, rotation error 10.0 deg.
+    # (-35 to +55 degrees) found the face in all 4 frames; of the six outermost (the face in profile),
+    # 222200048 in 3 frames, the others in none; dlib's points 11.5 px from the true landmarks on average,
+    # 23.3 px at worst (no false face); reprojection error median 7.6 px; rotation error 6.6 deg mean. At
+    # threshold 0 (dlib's default): 0.42 of the images, rotation error 10.0 deg.
     assert rate > 0.5, summary  # most views
     assert sum(r == 1.0 for r in by_camera.values()) >= 8, summary
     assert metrics["frames_fitted"] == len(per_frame) and metrics["frames_excluded"] == 0, summary

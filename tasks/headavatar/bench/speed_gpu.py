@@ -247,7 +247,7 @@ def with_heldout_sequence(t, d: dict) -> dict:
 
 
 def run_role(role: str, data: Path, out: Path, quality_steps: int, eval_every: int, long_steps: int,
-             mesh_quality_steps: int, parts: set[str], repeats: int = 7) -> None:
+             mesh_quality_steps: int, parts: set[str], repeats: int) -> None:
     from headavatar.render.gaussian_raster import GsplatRasterizer
 
     result: dict = {"role": role, "device": torch.cuda.get_device_name(), "torch": torch.__version__}
