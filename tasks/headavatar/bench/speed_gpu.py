@@ -179,7 +179,8 @@ def load_data(path: Path) -> dict:
     return {**d, "views": views, "mesh_model": mesh.cuda().eval()}
 
 
-def gaussian_trainer(d: dict, steps: int, raster, role: str, precision: str = "bf16", heldout: bool = True):
+def gaussian_trainer(d: dict, steps: int, raster, role: str, precision: str = "bf16", heldout: bool = True,
+                     compile: bool = False):
     from headavatar.gaussianhead.model import GaussianHead, SuperResolution
     from headavatar.gaussianhead.perceptual import Perceptual
     from headavatar.gaussianhead.trainer import GaussianHeadTrainer
@@ -189,6 +190,8 @@ def gaussian_trainer(d: dict, steps: int, raster, role: str, precision: str = "b
     upd = {"steps": steps, "eval_every": 0, "checkpoint_every": 10**9}
     if role == "new":
         upd["precision"] = precision
+        if "compile" in GaussianHeadConfig.model_fields:
+            upd["compile"] = compile
     cfg = GaussianHeadConfig().model_copy(update=upd)
     with torch.no_grad():
         nv, _, _ = mesh.neutral()
@@ -280,13 +283,33 @@ def run_role(role: str, data: Path, out: Path, quality_steps: int, eval_every: i
                         "seconds": round(time.perf_counter() - t0, 1)}
         print(role, "meshhead quality", m["quality"], flush=True)
         save()
-    if "gaussian_steady" in parts:  # the default stage-6 step (bf16, channels-last SR on CUDA), timed repeatedly
-        t = gaussian_trainer(d, 25, raster, role, "bf16", heldout=False)
-        result["gaussianhead_steady"] = {"channels_last": t.channels_last, **repeated_steps(t, repeats)}
-        print(role, "gaussianhead steady", result["gaussianhead_steady"], flush=True)
-        save()
-        del t
-        torch.cuda.empty_cache()
+    if "gaussian_steady" in parts:  # the stage-6 step (bf16, channels-last SR), compiled (default) and not
+        steady: dict = result.setdefault("gaussianhead_steady", {})
+        for name, compile in (("bf16_compile", True), ("bf16", False)):
+            t = gaussian_trainer(d, 25, raster, role, "bf16", heldout=False, compile=compile)
+            t0 = time.perf_counter()
+            steady[name] = {"channels_last": t.channels_last, **repeated_steps(t, repeats),
+                            "seconds_incl_warm_up": round(time.perf_counter() - t0, 1)}
+            print(role, "gaussianhead steady", name, steady[name], flush=True)
+            save()
+            if compile:
+                steady[name]["profile"] = profile(one_step(t), 10)
+                print(role, "gaussianhead profile", name, json.dumps(
+                    {k: v for k, v in steady[name]["profile"].items() if k != "top_kernels"}), flush=True)
+                save()
+            del t
+            torch.cuda.empty_cache()
+    if "gaussian_quality" in parts:  # same seed, same steps: fp32 eager against the default (bf16 + compile)
+        q: dict = result.setdefault("gaussianhead_quality", {})
+        for name, precision, compile in (("fp32", "fp32", False), ("bf16_compile", "bf16", True)):
+            t = gaussian_trainer(d, quality_steps, raster, role, precision, heldout=False, compile=compile)
+            pts = curve(t, quality_steps, eval_every)
+            q[name] = {"steps": quality_steps, "curve": pts, "final": pts[-1],
+                       "step_ms": round(1000 * t.state.step_seconds / max(t.state.timed_steps, 1), 2)}
+            print(role, "gaussianhead quality", name, json.dumps(pts[-1]), flush=True)
+            save()
+            del t
+            torch.cuda.empty_cache()
     if "gaussian" in parts:
         g: dict = result.setdefault("gaussianhead", {})
         variants = ["fp32"] if role == "baseline" else ["fp32", "bf16", "bf16_channels_last"]
@@ -371,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--long-steps", type=int, default=0)
     p.add_argument("--mesh-quality-steps", type=int, default=300)
     p.add_argument("--parts", default="gaussian,mesh",
-                   help="comma-separated: gaussian, mesh, video (with --long-steps), gaussian_steady (new role)")
+                   help="comma-separated: gaussian, mesh, video (with --long-steps); new role only: "
+                        "gaussian_steady, gaussian_quality (fp32 against bf16 + compile, --quality-steps)")
     p.add_argument("--repeats", type=int, default=7, help="gaussian_steady: timings of 50 steps each")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -42,6 +42,7 @@ def matrix_to_quat(m: torch.Tensor) -> torch.Tensor:
 
 class GaussianHead(nn.Module):
     amp = False  # the trainer sets it: MLPs under bf16 autocast on CUDA, geometry in fp32
+    compile = False  # the trainer sets it: ``splats`` under torch.compile on CUDA (fewer, fused kernels)
 
     def __init__(self, cfg: GaussianHeadConfig, n_exp: int, n_frames: int, xyz: torch.Tensor,
                  features: torch.Tensor, landmarks: torch.Tensor, center: torch.Tensor, unit: float):
@@ -88,6 +89,14 @@ class GaussianHead(nn.Module):
         learned pose correction (None for unseen frames)."""
         if frame is not None:
             pose = pose + self.delta_pose[frame]
+        fn = self._splats
+        if self.compile and exp.is_cuda:  # the number of Gaussians never changes: static shapes, one graph
+            if "_compiled_splats" not in self.__dict__:
+                self.__dict__["_compiled_splats"] = torch.compile(self._splats)
+            fn = self.__dict__["_compiled_splats"]
+        return Splats(*fn(exp, pose, scale))
+
+    def _splats(self, exp: torch.Tensor, pose: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, ...]:
         n = len(self.xyz)
         feat = torch.tanh(self.features)
         dist = torch.cdist(self.xyz.detach(), self.landmarks).min(-1).values[:, None]
@@ -110,7 +119,7 @@ class GaussianHead(nn.Module):
         quats = matrix_to_quat(rot @ local)
         scales = scale * self.unit * torch.exp(self.log_scales + attrs[:, :3])
         opacities = torch.sigmoid(self.opacity_logit + attrs[:, 7])
-        return Splats(means, quats, scales, opacities, color)
+        return means, quats, scales, opacities, color
 
 
 def pixel_shuffle(x: torch.Tensor, r: int) -> torch.Tensor:

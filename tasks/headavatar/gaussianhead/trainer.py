@@ -3,6 +3,8 @@
 On CUDA the step is built not to wait for the host: views live on the device (``DeviceViews``),
 loss terms stay tensors, the optimiser is fused, and with ``precision: bf16`` the MLPs and the
 super-resolution CNN run under bf16 autocast while the rasteriser, the losses and SSIM stay fp32.
+With ``compile`` (CUDA) the Gaussians' MLPs and, separately, super-resolution + losses run as
+``torch.compile`` graphs; the rasteriser between them stays eager (gsplat reads a size back to the host).
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ class GaussianHeadTrainer(Trainer):
         self.device = device
         self.amp = getattr(cfg, "precision", "fp32") == "bf16"
         self.head.amp = self.amp
+        self.compile = getattr(cfg, "compile", False) and device.type == "cuda"
+        self.head.compile = self.compile
+        # Super-resolution and losses of a view: static shapes, so one compiled graph (forward and backward).
+        self._view_losses = torch.compile(self.view_losses) if self.compile else self.view_losses
         self.channels_last = device.type == "cuda"  # cuDNN's fast bf16 convolutions are NHWC
         if self.channels_last:
             self.sr.to(memory_format=torch.channels_last)
@@ -67,10 +73,9 @@ class GaussianHeadTrainer(Trainer):
     def modules(self) -> dict[str, torch.nn.Module]:
         return {"head": self.head, "sr": self.sr}
 
-    def render(self, frame: int, cam: int, views: DeviceViews | None = None, known_frame: bool = True,
-               extrinsic: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Coarse features (C, h, w) and the super-resolved RGB (3, H, W), fp32; ``extrinsic`` (3, 4) replaces
-        the camera's pose (intrinsics kept)."""
+    def rasterize(self, frame: int, cam: int, views: DeviceViews | None = None, known_frame: bool = True,
+                  extrinsic: torch.Tensor | None = None) -> torch.Tensor:
+        """Coarse features (h, w, C), fp32; ``extrinsic`` (3, 4) replaces the camera's pose (intrinsics kept)."""
         v = views or self.coarse
         splats = self.head.splats(v.exp[frame], v.pose[frame], v.scale, frame if known_frame else None)
         view = torch.eye(4, device=self.device)
@@ -79,12 +84,21 @@ class GaussianHeadTrainer(Trainer):
             img, _ = self.raster(Splats(*(t.float() for t in (splats.means, splats.quats, splats.scales,
                                                                splats.opacities, splats.colors))),
                                  view, v.K[frame, cam], v.size, v.size, with_alpha=False)
+        return img
+
+    def super_resolve(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Coarse features (h, w, C) -> the same as (C, h, w) and the super-resolved RGB (3, H, W), fp32."""
         feats = img.permute(2, 0, 1)[None]
         if self.channels_last:
             feats = feats.contiguous(memory_format=torch.channels_last)
         with self.autocast():
             sr = self.sr(feats)
         return feats[0], sr[0].float()
+
+    def render(self, frame: int, cam: int, views: DeviceViews | None = None, known_frame: bool = True,
+               extrinsic: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Coarse features (C, h, w) and the super-resolved RGB (3, H, W), fp32 (arguments: :meth:`rasterize`)."""
+        return self.super_resolve(self.rasterize(frame, cam, views, known_frame, extrinsic))
 
     def targets(self, frame: int, cam: int, coarse: DeviceViews | None = None,
                 fine: DeviceViews | None = None) -> dict[str, torch.Tensor]:
@@ -96,15 +110,26 @@ class GaussianHeadTrainer(Trainer):
             out[f"{name}_mask"] = mask
         return out
 
-    def losses(self, frame: int, cam: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        feats, sr = self.render(frame, cam)
-        t = self.targets(frame, cam)
-        vc, vf = t["coarse_visible"], t["fine_visible"]
-        low = F.l1_loss(feats[:3].float() * vc, t["coarse"] * vc)
-        high = F.l1_loss(sr * vf, t["fine"] * vf)
-        perc = self.perceptual.loss((sr * vf)[None], (t["fine"] * vf)[None])
+    def view_losses(self, img: torch.Tensor, coarse: tuple[torch.Tensor, ...],
+                    fine: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Total, coarse L1, fine L1 and perceptual loss of one view from its coarse render (h, w, C) and the
+        uint8 (image, matte, visibility) targets at both sizes (:meth:`DeviceViews.raw`)."""
+        feats, sr = self.super_resolve(img)
+
+        def target(raw: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+            image, mask, visible = (t.float() * (1 / 255) for t in raw)
+            return (image * mask[..., None]).permute(2, 0, 1), visible[None]
+
+        (tc, vc), (tf, vf) = target(coarse), target(fine)
+        low = F.l1_loss(feats[:3].float() * vc, tc * vc)
+        high = F.l1_loss(sr * vf, tf * vf)
+        perc = self.perceptual.loss((sr * vf)[None], (tf * vf)[None])
         cfg = self.cfg
-        total = cfg.w_rgb_low * low + cfg.w_rgb_high * high + cfg.w_perceptual * perc
+        return cfg.w_rgb_low * low + cfg.w_rgb_high * high + cfg.w_perceptual * perc, low, high, perc
+
+    def losses(self, frame: int, cam: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        img = self.rasterize(frame, cam)
+        total, low, high, perc = self._view_losses(img, self.coarse.raw(frame, cam), self.fine.raw(frame, cam))
         return total, {"loss": total.detach(), "rgb_low": low.detach(), "rgb_high": high.detach(),
                        "perceptual": perc.detach()}
 

@@ -70,12 +70,17 @@ class DeviceViews:
     def cameras(self) -> list[str]:
         return self.views.cameras
 
-    def view(self, frame: int, cam: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Image (S, S, 3), matte and visibility (S, S) of one view, float in [0, 1], without host synchronisation."""
+    def raw(self, frame: int, cam: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Image (S, S, 3), matte and visibility (S, S) of one view as stored (uint8), on the device, without
+        host synchronisation (a compiled loss converts them in its own fused kernels)."""
         if self.resident:
-            return tuple(t[frame, cam].float().mul_(1 / 255) for t in (self.images, self.masks, self.visible))
-        return tuple(t[frame, cam].pin_memory().to(self.device, non_blocking=True).float().mul_(1 / 255)
+            return self.images[frame, cam], self.masks[frame, cam], self.visible[frame, cam]
+        return tuple(t[frame, cam].pin_memory().to(self.device, non_blocking=True)
                      for t in (self.images, self.masks, self.visible))
+
+    def view(self, frame: int, cam: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`raw` as float in [0, 1]."""
+        return tuple(t.float().mul_(1 / 255) for t in self.raw(frame, cam))
 
     @property
     def nbytes_pixels(self) -> int:
