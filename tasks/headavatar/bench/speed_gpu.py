@@ -285,14 +285,23 @@ def run_role(role: str, data: Path, out: Path, quality_steps: int, eval_every: i
         save()
     if "gaussian_steady" in parts:  # the stage-6 step (bf16, channels-last SR), compiled (default) and not
         steady: dict = result.setdefault("gaussianhead_steady", {})
-        for name, compile in (("bf16_compile", True), ("bf16", False)):
+        for name, compile in (("bf16_compile", True), ("bf16_compile_losses_only", True), ("bf16", False)):
             t = gaussian_trainer(d, 25, raster, role, "bf16", heldout=False, compile=compile)
+            if name == "bf16_compile_losses_only":  # super-resolution eager and channels-last, losses compiled
+                t.sr.to(memory_format=torch.channels_last)
+                losses = torch.compile(t.image_losses)
+                t._view_losses = lambda img, c, f, t=t, losses=losses: losses(*t.super_resolve(img), c, f)
             t0 = time.perf_counter()
-            steady[name] = {"channels_last": t.channels_last, **repeated_steps(t, repeats),
-                            "seconds_incl_warm_up": round(time.perf_counter() - t0, 1)}
+            try:
+                steady[name] = {"channels_last": t.channels_last, **repeated_steps(t, repeats),
+                                "seconds_incl_warm_up": round(time.perf_counter() - t0, 1)}
+            except Exception as e:  # one variant failing must not cost the others (device time is scarce)
+                steady[name] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+                print(role, "gaussianhead steady", name, "FAILED", steady[name], flush=True)
+                continue
             print(role, "gaussianhead steady", name, steady[name], flush=True)
             save()
-            if compile:
+            if name == "bf16_compile":
                 steady[name]["profile"] = profile(one_step(t), 10)
                 print(role, "gaussianhead profile", name, json.dumps(
                     {k: v for k, v in steady[name]["profile"].items() if k != "top_kernels"}), flush=True)
@@ -303,7 +312,12 @@ def run_role(role: str, data: Path, out: Path, quality_steps: int, eval_every: i
         q: dict = result.setdefault("gaussianhead_quality", {})
         for name, precision, compile in (("fp32", "fp32", False), ("bf16_compile", "bf16", True)):
             t = gaussian_trainer(d, quality_steps, raster, role, precision, heldout=False, compile=compile)
-            pts = curve(t, quality_steps, eval_every)
+            try:
+                pts = curve(t, quality_steps, eval_every)
+            except Exception as e:
+                q[name] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+                print(role, "gaussianhead quality", name, "FAILED", q[name], flush=True)
+                continue
             q[name] = {"steps": quality_steps, "curve": pts, "final": pts[-1],
                        "step_ms": round(1000 * t.state.step_seconds / max(t.state.timed_steps, 1), 2)}
             print(role, "gaussianhead quality", name, json.dumps(pts[-1]), flush=True)

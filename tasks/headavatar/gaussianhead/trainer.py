@@ -44,8 +44,9 @@ class GaussianHeadTrainer(Trainer):
         self._view_losses = torch.compile(self.view_losses) if self.compile else self.view_losses
         self.channels_last = device.type == "cuda"  # cuDNN's fast bf16 convolutions are NHWC
         if self.channels_last:
-            self.sr.to(memory_format=torch.channels_last)
             torch.backends.cudnn.benchmark = True  # every step has the same shapes: let cuDNN time its algorithms
+        if self.channels_last and not self.compile:  # compiled, Inductor lays the weights out (channels-last
+            self.sr.to(memory_format=torch.channels_last)  # parameters break its convolution backward)
         net = [p for n, p in head.named_parameters() if n != "delta_pose"] + list(sr.parameters())
         groups = [{"params": net, "lr": cfg.lr_net}]
         if cfg.lr_pose > 0:
@@ -114,8 +115,11 @@ class GaussianHeadTrainer(Trainer):
                     fine: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """Total, coarse L1, fine L1 and perceptual loss of one view from its coarse render (h, w, C) and the
         uint8 (image, matte, visibility) targets at both sizes (:meth:`DeviceViews.raw`)."""
-        feats, sr = self.super_resolve(img)
+        return self.image_losses(*self.super_resolve(img), coarse, fine)
 
+    def image_losses(self, feats: torch.Tensor, sr: torch.Tensor, coarse: tuple[torch.Tensor, ...],
+                     fine: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """:meth:`view_losses` from the coarse features (C, h, w) and the super-resolved RGB (3, H, W)."""
         def target(raw: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
             image, mask, visible = (t.float() * (1 / 255) for t in raw)
             return (image * mask[..., None]).permute(2, 0, 1), visible[None]
