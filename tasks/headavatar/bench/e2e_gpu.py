@@ -112,8 +112,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="stage-6 steps per rasteriser in the comparison (0: no comparison)")
     p.add_argument("--detector", choices=("ground_truth", "dlib"), default="ground_truth",
                    help="stage 4's landmarks; dlib also textures the head with a real face photograph")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a further setting for every stage (recorded with the overrides)")
     args = p.parse_args(argv)
-    overrides = DLIB_OVERRIDES if args.detector == "dlib" else OVERRIDES
+    overrides = [*(DLIB_OVERRIDES if args.detector == "dlib" else OVERRIDES), *args.set]
     name = "e2e_gpu_dlib.json" if args.detector == "dlib" else "e2e_gpu.json"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
