@@ -23,6 +23,11 @@ from headavatar.training.loop import Trainer, make_optimizer
 from headavatar.training.views import Views
 
 
+def matted(image: torch.Tensor, mask: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A view's target: image (S, S, 3) x matte (S, S) as (3, S, S) on black, and visibility as (1, S, S)."""
+    return (image * mask[..., None]).permute(2, 0, 1), visible[None]
+
+
 class GaussianHeadTrainer(Trainer):
     name = "gaussianhead"
 
@@ -106,8 +111,7 @@ class GaussianHeadTrainer(Trainer):
         out = {}
         for name, v in (("coarse", coarse or self.coarse), ("fine", fine or self.fine)):
             image, mask, visible = v.view(frame, cam)
-            out[name] = (image * mask[..., None]).permute(2, 0, 1)
-            out[f"{name}_visible"] = visible[None]
+            out[name], out[f"{name}_visible"] = matted(image, mask, visible)
             out[f"{name}_mask"] = mask
         return out
 
@@ -120,11 +124,7 @@ class GaussianHeadTrainer(Trainer):
     def image_losses(self, feats: torch.Tensor, sr: torch.Tensor, coarse: tuple[torch.Tensor, ...],
                      fine: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """:meth:`view_losses` from the coarse features (C, h, w) and the super-resolved RGB (3, H, W)."""
-        def target(raw: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-            image, mask, visible = (t.float() * (1 / 255) for t in raw)
-            return (image * mask[..., None]).permute(2, 0, 1), visible[None]
-
-        (tc, vc), (tf, vf) = target(coarse), target(fine)
+        (tc, vc), (tf, vf) = (matted(*(t.float() * (1 / 255) for t in raw)) for raw in (coarse, fine))
         low = F.l1_loss(feats[:3].float() * vc, tc * vc)
         high = F.l1_loss(sr * vf, tf * vf)
         perc = self.perceptual.loss((sr * vf)[None], (tf * vf)[None])
