@@ -48,8 +48,22 @@ class UpstreamMissing(PipelineError):
     """A stage's declared input has no manifest yet."""
 
 
+class RefusedObject(PipelineError):
+    """An object read from the bucket is not the plain data the pipeline writes (a pickle that would
+    run code, a corrupt or foreign file): refused, nothing in it executed. A retry would read the
+    same bytes, so the task fails for good; the message names the key."""
+
+
 
 class ScratchFull(PipelineError):
     """The local scratch disk ran out of space; another worker (or a cleaned disk) may succeed."""
+
+    exit_code = 75
+
+
+class GpuUnavailable(PipelineError):
+    """A GPU was leased to the task but torch sees no CUDA device (a driver not loaded, a GPU fallen off
+    the bus, a CUDA build the driver is too old for): the stage stops before any work instead of training
+    on the CPU for days, and is retried, where the driver may be back or another worker may take it."""
 
     exit_code = 75
