@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from typing import Any
@@ -12,19 +13,38 @@ from typing import Any
 from airflow.sdk import BaseOperator, task
 
 from headavatar_airflow.execution import ExecutionSettings
-from headavatar_airflow.operators import s3_environment, stage_operator
+from headavatar_airflow.operators import fail, s3_environment, stage_operator
 from headavatar_airflow.pipeline import StageSpec
 
 log = logging.getLogger(__name__)
 
 # `headavatar unpack` runs where the stages run (the preprocess image on docker/kubernetes), not in the
-# worker: it reads and writes whole archives. Its exit code is the task's: an archive that cannot be
-# unpacked fails the task (the pending list still runs, so complete captures are not held back).
+# worker: it reads and writes whole archives. Its exit code is the task's (``operators.fail``): a broken
+# archive exits 2 and fails the task once, without a retry (the failure notifier mails it); the archive
+# is set aside under raw/_rejected/ with its reason, so the next run is green. The object store not
+# answering exits 75: the task is retried. The pending list runs whatever unpack did, so complete
+# captures are not held back. The CLI's output (stdout and stderr) is the task's log.
 UNPACK = StageSpec("unpack", gpu=False)
+
+# The CLI's log lines: "<date> <time> LEVEL logger: message" (headavatar.cli.main's logging format).
+CLI_LOG_LINE = re.compile(r"^\S+ \S+ (DEBUG|INFO|WARNING|ERROR|CRITICAL) \S+: ")
 
 
 def unpack_operator(settings: ExecutionSettings | None = None, **kwargs: Any) -> BaseOperator:
     return stage_operator(UNPACK, settings, command=["unpack"], retries=2, **kwargs)
+
+
+def relay(stderr: str) -> None:
+    """The CLI's stderr into the task log, line by line, at each line's own level (``error: ...``, the
+    CLI's one-line failure, as an error; anything else, a traceback for one, as it came)."""
+    for line in stderr.splitlines():
+        if not line.strip():
+            continue
+        m = CLI_LOG_LINE.match(line)
+        level = (logging.getLevelName(m.group(1)) if m else
+                 logging.ERROR if line.startswith("error: ") else
+                 logging.WARNING if line.startswith("warning: ") else logging.INFO)
+        log.log(level, "%s", line)
 
 
 @task(retries=2, trigger_rule="all_done")
@@ -33,12 +53,19 @@ def find_pending_captures() -> list[dict[str, Any]]:
     inputs as they are now (a listing: the stage CLI in the worker, which needs the headavatar package).
     The run id ``ingest__<id>__<raw digest>`` is new when the raw inputs changed (a sequence uploaded
     later). Runs after ``unpack`` whatever its outcome: a broken archive leaves its capture
-    incomplete but does not hold back the others."""
+    incomplete but does not hold back the others. The task log says, per capture found, why it is or
+    is not pending (the CLI's stderr); a non-zero exit maps as a stage's does (75, S3 unavailable:
+    retried; 2: failed for good)."""
     public, secret = s3_environment(ExecutionSettings().s3_conn_id)
     env = {**os.environ, **public, **secret}
-    cli = [sys.executable, "-m", "headavatar.cli"]
-    out = subprocess.run([*cli, "captures", "--pending"], check=True, capture_output=True, text=True, env=env).stdout
-    pending = json.loads(out.strip().splitlines()[-1])
-    for p in pending:
-        log.info("capture %s pending (%s): run %s", p["capture"], p["reason"], p["run_id"])
+    args = ["captures", "--pending"]
+    log.info("running: headavatar %s", " ".join(args))
+    r = subprocess.run([sys.executable, "-m", "headavatar.cli", *args], capture_output=True, text=True, env=env)
+    relay(r.stderr)
+    if r.returncode != 0:
+        last = next((line for line in reversed(r.stderr.splitlines()) if line.strip()), "")
+        raise fail(" ".join(args), r.returncode, last)
+    pending = json.loads(r.stdout.strip().splitlines()[-1])
+    log.info("%d capture(s) pending%s", len(pending), "".join(f"; {p['capture']}: run {p['run_id']}"
+                                                               for p in pending))
     return [{"conf": {"id": p["capture"]}, "trigger_run_id": p["run_id"]} for p in pending]

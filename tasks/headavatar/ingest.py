@@ -49,6 +49,9 @@ def complete_captures(store: ObjectStore, config: PipelineConfig) -> list[RawCap
     out, seen = [], set()
     candidates = {(name, f"{RAW}/camera_params") for name in store.list_dirs(store.key(RAW, "camera_params"))}
     candidates |= {(name, f"{RAW}/{V2}") for name in store.list_dirs(store.key(RAW, V2))}
+    if not candidates:
+        log.info("no capture folder under %s/camera_params/ or %s/%s/", store.uri(store.key(RAW)),
+                 store.uri(store.key(RAW)), V2)
     for name, where in sorted(candidates):
         if not is_capture_id(name):
             log.warning("ignoring %s/%r: not a valid capture id", where, name)
@@ -99,17 +102,22 @@ def finished_raw_digest(store: ObjectStore, capture: str) -> str | None:
 
 
 def pending_captures(store: ObjectStore, config: PipelineConfig) -> list[Pending]:
-    """Complete captures without a finished avatar of their raw inputs as they are now."""
+    """Complete captures without a finished avatar of their raw inputs as they are now. Every capture
+    found gets a line in the log saying why it is or is not pending (the ingestion task's log shows it)."""
     out = []
     for raw in complete_captures(store, config):
         now = raw.digest()
         done = finished_raw_digest(store, raw.capture)
         if done == now:
+            log.info("capture %s not pending: its finished avatar is of the raw inputs as they are now "
+                     "(raw digest %s)", raw.capture, now[:RUN_DIGEST_CHARS])
             continue
         reason = ("no finished run" if read_manifest(store, raw.capture, STAGE_NAMES[-1]) is None
                   else "raw inputs changed since its finished run" if done
                   else "its finished run's manifests do not chain to the raw data")
-        out.append(Pending(raw.capture, f"ingest__{raw.capture}__{now[:RUN_DIGEST_CHARS]}", now, reason))
+        run_id = f"ingest__{raw.capture}__{now[:RUN_DIGEST_CHARS]}"
+        log.info("capture %s pending: %s (run %s)", raw.capture, reason, run_id)
+        out.append(Pending(raw.capture, run_id, now, reason))
     return out
 
 
