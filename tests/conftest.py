@@ -23,6 +23,19 @@ BUCKET = "headavatar-test"
 TINY = {"width": 256, "height": 372}
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that need the Docker images run last: in CI the images build in the background meanwhile."""
+    items.sort(key=lambda item: 2 if item.get_closest_marker("compose") else 1 if item.get_closest_marker("docker")
+               else 0)
+
+
+@pytest.fixture(scope="session")
+def local_dag_runs() -> dict[str, str]:
+    """{conf as JSON: key prefix} of the local-backend DAG runs of tiny capture 018 made so far this
+    session, so that a test comparing another backend with the local one reuses a finished run."""
+    return {}
+
+
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedS3]:
     server = EmbeddedS3(

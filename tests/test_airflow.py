@@ -68,6 +68,8 @@ def _runs(home: Path, env: dict[str, str]) -> list[dict]:
     return json.loads(next(line for line in reversed(out.splitlines()) if line.startswith("[")))
 
 
+# The DAG run of tiny capture 018 on the local backend: the plumbing profile and short training.
+LOCAL_RUN = {"id": "018", "profile": "ci", "meshhead_steps": 20, "gaussianhead_steps": 20}
 LOAD = """
     import json
     from airflow.dag_processing.dagbag import DagBag
@@ -177,18 +179,20 @@ def uploaded(store: ObjectStore, tiny_capture: Path) -> Iterator[ObjectStore]:
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # two DAG runs: ~15 min on 2 cores shared with other work, past the default 900 s
 def test_triggered_run_executes_all_six_stages_and_a_rerun_hits_the_cache(
-        airflow_home: Path, uploaded: ObjectStore, s3_env: dict[str, str], mlflow_server: str) -> None:
+        airflow_home: Path, uploaded: ObjectStore, s3_env: dict[str, str], mlflow_server: str,
+        local_dag_runs: dict[str, str]) -> None:
     models = f"{s3_env['HEADAVATAR_S3_PREFIX']}-avatar-"
     env = {"AIRFLOW_CONN_HEADAVATAR_S3": _env(airflow_home, s3_env)["AIRFLOW_CONN_HEADAVATAR_S3"],
            "AIRFLOW_CONN_HEADAVATAR_MLFLOW": json.dumps({"conn_type": "http", "extra": {
                "tracking_uri": mlflow_server, "ui_url": "https://mlflow.example.org/"}}),
            "HEADAVATAR_MLFLOW_MODEL_PREFIX": models}
-    conf = json.dumps({"id": "018", "profile": "demo", "meshhead_steps": 20, "gaussianhead_steps": 20})
+    conf = json.dumps(LOCAL_RUN)
     first = _airflow(airflow_home, env, "dags", "test", "headavatar_capture", "--conf", conf)
     log = first.stdout + first.stderr
     names = [s.name for s in STAGES]
     for stage in names:
         assert read(uploaded, stage) is not None, log[-3000:]
+    local_dag_runs[conf] = s3_env["HEADAVATAR_S3_PREFIX"]  # tests/test_docker_backend.py compares with it
     # The form's overrides reached the stages' config.
     assert read(uploaded, "meshhead").config["meshhead"]["steps"] == 20
     assert read(uploaded, "gaussianhead").config["gaussianhead"]["steps"] == 20

@@ -44,8 +44,8 @@ REPO = Path(__file__).resolve().parents[1]
 COMPOSE_DIR = REPO / "infra" / "compose"
 FILES = [COMPOSE_DIR / "docker-compose.yml", COMPOSE_DIR / "docker-compose.local.yml"]
 STAGES = ("extract", "sample", "matting", "fitting", "meshhead", "gaussianhead")
-# The DAG run: capture 018 (tiny synthetic), the demo profile and short training, as tests/test_airflow.py.
-CONF = {"id": "018", "profile": "demo", "meshhead_steps": 20, "gaussianhead_steps": 20}
+# The DAG run: capture 018 (tiny synthetic), the plumbing profile (ci) and short training, as tests/test_airflow.py.
+CONF = {"id": "018", "profile": "ci", "meshhead_steps": 20, "gaussianhead_steps": 20}
 # The stage images of `make images`: stages 3-6 in the CPU build of the CUDA image (no GPU here).
 CPU_IMAGE, STAGE_3_6_IMAGE = preprocess_image(), cpu_image()
 RUN_TIMEOUT = float(os.environ.get("HEADAVATAR_COMPOSE_RUN_TIMEOUT", "1500"))

@@ -20,6 +20,19 @@ def test_profile_and_overrides_layer_in_order() -> None:
     assert cfg.sample.frame_stride == 5  # override beats profile
 
 
+def test_a_profile_extends_another(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    demo, ci = load_config("demo"), load_config("ci")
+    assert (ci.fitting.pose_steps, ci.fitting.all_steps) == (200, 400)  # its own
+    assert ci.model_dump(exclude={"fitting"}) == demo.model_dump(exclude={"fitting"})  # the rest is the demo's
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "pipeline.yaml").write_text("{}")
+    (tmp_path / "profiles" / "a.yaml").write_text("extends: b\n")
+    (tmp_path / "profiles" / "b.yaml").write_text("extends: a\n")
+    monkeypatch.setenv("HEADAVATAR_CONFIG_DIR", str(tmp_path))
+    with pytest.raises(ConfigError, match="profile 'a' extends itself: a -> b -> a"):
+        load_config("a")
+
+
 @pytest.mark.parametrize(("override", "key"), [
     ("extract.frame_stride=0", "extract.frame_stride"),
     ("extract.jpeg_quality=101", "extract.jpeg_quality"),

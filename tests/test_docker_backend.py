@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,12 +24,12 @@ from headavatar.devserver.images import cpu_image, preprocess_image
 from headavatar.devserver.seaweed import EmbeddedS3
 from headavatar.settings import StorageConfig
 from headavatar.storage import ObjectStore
+from test_airflow import LOCAL_RUN
 
 # s3_env: the S3 key pair in this process's environment, for the ObjectStore the assertions read with.
 pytestmark = [pytest.mark.docker, pytest.mark.s3, pytest.mark.slow, pytest.mark.usefixtures("s3_env")]
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ["extract", "sample", "matting", "fitting", "meshhead", "gaussianhead"]
-CONF = {"profile": "demo", "meshhead_steps": 20, "gaussianhead_steps": 20}
 
 
 @pytest.fixture(scope="module")
@@ -120,28 +119,35 @@ def _volumes(docker: dict[str, str], env: dict[str, str]) -> list[str]:
 
 
 @pytest.fixture
-def prefixes(s3: EmbeddedS3, tiny_capture: Path) -> Iterator[tuple[str, str]]:
-    """Two prefixes holding the same tiny capture: one for the local backend, one for docker."""
+def prefixes(s3: EmbeddedS3, tiny_capture: Path, airflow: Path, docker_env: dict[str, str],  # noqa: F811
+             mlflow_server: str, local_dag_runs: dict[str, str]) -> tuple[str, str]:
+    """A prefix where the tiny capture went through the DAG on the local backend (the run
+    tests/test_airflow.py made, else one made here) and a new one holding the capture, for docker."""
     import secrets
 
     token = secrets.token_hex(4)
-    pair = (f"local-{token}", f"docker-{token}")
-    for prefix in pair:
-        store = _store(s3, prefix)
+    local_prefix = local_dag_runs.get(json.dumps(LOCAL_RUN))
+    if local_prefix is None:
+        local_prefix = f"local-{token}"
+        store = _store(s3, local_prefix)
         upload_capture(store, tiny_capture)
         store.close()
-    yield pair
+        local = _dag_test(_env(airflow, docker_env, "local", **_connections(s3, local_prefix, mlflow_server)),
+                          "headavatar_capture", LOCAL_RUN)
+        assert local.returncode == 0, (local.stdout + local.stderr)[-3000:]
+        local_dag_runs[json.dumps(LOCAL_RUN)] = local_prefix
+    store = _store(s3, f"docker-{token}")
+    upload_capture(store, tiny_capture)
+    store.close()
+    return local_prefix, f"docker-{token}"
 
 
-@pytest.mark.timeout(3600)  # the whole pipeline twice (local, then containers) on 2 cores
+@pytest.mark.timeout(3600)  # the whole pipeline in containers (and on the local backend, when run alone) on 2 cores
 def test_dag_runs_all_six_stages_as_containers_with_the_local_backends_results(
         airflow: Path, docker_env: dict[str, str], s3: EmbeddedS3, mlflow_server: str,  # noqa: F811
         prefixes: tuple[str, str]) -> None:
-    local_prefix, docker_prefix = prefixes
-    conf = {"id": "018", **CONF}
-    local = _dag_test(_env(airflow, docker_env, "local", **_connections(s3, local_prefix, mlflow_server)),
-                      "headavatar_capture", conf)
-    assert local.returncode == 0, (local.stdout + local.stderr)[-3000:]
+    docker_prefix = prefixes[1]
+    conf = LOCAL_RUN
     before = _task_states(_env(airflow, docker_env), "headavatar_capture")
     env = _env(airflow, docker_env, **_connections(s3, docker_prefix, mlflow_server))
     t0 = time.monotonic()

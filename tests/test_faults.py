@@ -38,8 +38,7 @@ from headavatar.storage import ObjectStore
 
 pytestmark = [pytest.mark.faults, pytest.mark.s3, pytest.mark.slow]
 BUCKET = "faults"
-FAST = ["--profile", "demo", "--set", "fitting.pose_steps=200", "--set", "fitting.all_steps=400",
-        "--set", "meshhead.steps=60", "--set", "meshhead.checkpoint_every=15",
+FAST = ["--profile", "ci", "--set", "meshhead.steps=60", "--set", "meshhead.checkpoint_every=15",
         "--set", "meshhead.eval_every=30", "--set", "meshhead.keep_checkpoint_every=0",
         "--set", "gaussianhead.steps=40", "--set", "gaussianhead.checkpoint_every=10",
         "--set", "gaussianhead.eval_every=20", "--set", "gaussianhead.keep_checkpoint_every=0"]

@@ -1,18 +1,23 @@
-"""The Airflow web UI in a real headless Chromium, against the real ``make demo-ui`` stack.
+"""The real ``make demo-ui`` stack driven as people drive it: the Airflow web UI in a headless Chromium,
+and the REST API and CLI as an operator re-runs from a stage.
 
 One stack for the module (:class:`DemoStack`: SeaweedFS, ``mlflow server``, Airflow 3's api-server,
-scheduler, dag-processor and triggerer on 127.0.0.1, local backend). The browser logs in, triggers
-capture 018 through the form generated from the DAG's Params, waits for the run to succeed in the UI,
-follows a task's "MLflow run" link, sees the form refuse ``../018``, and watches ``headavatar_ingest``
-pick up a capture uploaded while Airflow runs. Screenshots go to ``$HEADAVATAR_UI_ARTIFACTS``
-(default ``.headavatar/ui-artifacts``). Run only these: ``pytest -m ui``; skip them: ``-m "not ui"``.
+scheduler, dag-processor and triggerer on 127.0.0.1, LocalExecutor, local backend). An operator clears
+a task with its downstream in a run triggered without a logical date (docs/operations-rerun.md). The
+browser logs in, triggers capture 018 through the form generated from the DAG's Params, waits for the
+run to succeed in the UI, follows a task's "MLflow run" link, sees the form refuse ``../018``, and
+watches ``headavatar_ingest`` pick up a capture uploaded while Airflow runs. Screenshots go to
+``$HEADAVATAR_UI_ARTIFACTS`` (default ``.headavatar/ui-artifacts``). Run only these: ``pytest -m ui``.
 Needs Debian's ``chromium`` (``/usr/bin/chromium``, or ``$HEADAVATAR_CHROMIUM``) and ``playwright`` from PyPI.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +25,11 @@ from typing import Any
 
 import pytest
 
+from headavatar.contract.manifest import Manifest
+from headavatar.contract.stage import manifest_key, read_manifest
 from headavatar.devserver.airflow_ui import USER, DemoStack
+from headavatar.settings import load_config
+from headavatar.storage import ObjectStore
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("HEADAVATAR_CHROMIUM", "/usr/bin/chromium")
@@ -30,6 +39,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"
                  "--disable-component-update", "--disable-sync"]
 DAG = "headavatar_capture"
 STEPS = "20"  # mesh-head and Gaussian-head training steps entered in the form: a short run
+STAGES = ("extract", "sample", "matting", "fitting", "meshhead", "gaussianhead")
 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the dev extra)")
 pytestmark = [
@@ -42,7 +52,7 @@ pytestmark = [
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoStack]:
     """The demo stack with capture 018 and ingestion every minute. DAGs start paused here (the demo's
     start unpaused): the capture DAG is unpaused at once, ingestion only in its own test, so that only
-    the form's run works on 018."""
+    the runs the tests trigger work on 018."""
     with DemoStack(tmp_path_factory.mktemp("demo-ui"), capture="018", frames=20, port=0,
                    ingest_schedule="* * * * *",
                    extra_env={"AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True"}) as st:
@@ -96,6 +106,82 @@ def number_field(form: Any, title: str) -> Any:
     return form.get_by_role("spinbutton", name=title)
 
 
+def _wait_run(stack: DemoStack, run_id: str, timeout: float = 1800) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = stack.api("GET", f"/api/v2/dags/{DAG}/dagRuns/{run_id}")["state"]
+        if state in ("success", "failed"):
+            return state
+        time.sleep(3)
+    raise AssertionError(f"run {run_id} did not finish: {_tis(stack, run_id)}")
+
+
+def _tis(stack: DemoStack, run_id: str) -> dict[str, dict]:
+    listing = stack.api("GET", f"/api/v2/dags/{DAG}/dagRuns/{run_id}/taskInstances")["task_instances"]
+    return {t["task_id"]: t for t in listing}
+
+
+def _task_log(stack: DemoStack, run_id: str, task: str, attempt: int) -> str:
+    path = stack.home / "airflow" / "logs" / f"dag_id={DAG}" / f"run_id={run_id}" / f"task_id={task}"
+    return (path / f"attempt={attempt}.log").read_text(errors="ignore")
+
+
+@pytest.mark.timeout(1800)  # two DAG runs' worth of stages on a shared 2-core machine
+def test_clear_matting_with_downstream_in_a_run_without_logical_date(
+        stack: DemoStack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Re-running from a stage as docs/operations-rerun.md tells an operator to, in a run triggered
+    without a logical date (how the UI, the REST API and the ingestion DAG trigger runs in Airflow 3)."""
+    for k, v in stack.s3_env().items():
+        monkeypatch.setenv(k, v)
+    store = ObjectStore(load_config("ci").storage)
+
+    def done() -> dict[str, Manifest]:
+        return {s: read_manifest(store, "018", s) for s in STAGES}
+
+    conf = {"id": "018", "profile": "ci", "meshhead_steps": 10, "gaussianhead_steps": 10}
+    run = stack.api("POST", f"/api/v2/dags/{DAG}/dagRuns", {"logical_date": None, "conf": conf})
+    run_id = run["dag_run_id"]
+    assert run["logical_date"] is None
+    assert _wait_run(stack, run_id) == "success", _tis(stack, run_id)
+    before = _tis(stack, run_id)
+    assert {t: ti["try_number"] for t, ti in before.items()} == dict.fromkeys(STAGES, 1)
+    first = done()
+    assert all(first.values())
+
+    # The date-based recipe selects no task instance of such a run: nothing is cleared.
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    r = subprocess.run([sys.executable, "-m", "airflow", "tasks", "clear", DAG, "-t", "^matting$", "-d", "-s", today,
+                        "-e", today, "-y"], env=stack.env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert {t: ti["state"] for t, ti in _tis(stack, run_id).items()} == dict.fromkeys(STAGES, "success")
+
+    # Matting made stale (as after a code-version bump): it recomputes, identical bytes, and the rest hit the cache.
+    store.delete(manifest_key(store, "018", "matting"))
+    cleared = patient(stack, "POST", f"/api/v2/dags/{DAG}/clearTaskInstances", {
+        "dag_run_id": run_id, "task_ids": ["matting"], "include_downstream": True, "only_failed": False,
+        "dry_run": False})
+    assert sorted(t["task_id"] for t in cleared["task_instances"]) == ["fitting", "gaussianhead", "matting",
+                                                                      "meshhead"]
+    assert _wait_run(stack, run_id) == "success", _tis(stack, run_id)
+    after = _tis(stack, run_id)
+    for task in ("extract", "sample"):  # untouched: same attempt, same times, same manifest
+        assert after[task]["try_number"] == 1 and after[task]["end_date"] == before[task]["end_date"], task
+    for task in ("matting", "fitting", "meshhead", "gaussianhead"):
+        assert after[task]["try_number"] == 2 and after[task]["state"] == "success", (task, after[task])
+        assert after[task]["start_date"] > before[task]["end_date"], task
+    second = done()
+    assert second["extract"].finished_at == first["extract"].finished_at
+    assert second["sample"].finished_at == first["sample"].finished_at
+    assert second["matting"].finished_at > first["matting"].finished_at
+    assert second["matting"].content_digest == first["matting"].content_digest
+    assert "018/matting: running" in _task_log(stack, run_id, "matting", 2)
+    for task in ("fitting", "meshhead", "gaussianhead"):
+        assert "018/" + task + ": cache hit" in _task_log(stack, run_id, task, 2), task
+        assert second[task].finished_at == first[task].finished_at, task
+    assert json.dumps(_tis(stack, run_id)["extract"]) == json.dumps(after["extract"])
+    store.close()
+
+
 def test_trigger_form_refuses_a_path_as_capture_id_and_creates_no_run(page: Any, stack: DemoStack) -> None:
     before = runs(stack)
     form = open_trigger_form(page, stack)
@@ -120,7 +206,7 @@ def test_form_triggers_018_and_the_run_succeeds_with_an_mlflow_link(page: Any, s
         label = form.get_by_text(re.compile(rf"^{re.escape(title)}\s*\*?$"))  # generated from the Params
         playwright_api.expect(label.first).to_be_visible()
     form.locator("#element_id").fill("018")
-    form.locator("#element_profile").fill("demo")
+    form.locator("#element_profile").fill("ci")
     number_field(form, "Mesh-head training steps").fill(STEPS)
     number_field(form, "Gaussian-head training steps").fill(STEPS)
     shot(page, "trigger-form")
@@ -163,8 +249,6 @@ def test_form_triggers_018_and_the_run_succeeds_with_an_mlflow_link(page: Any, s
 
 def test_a_capture_uploaded_while_airflow_runs_is_ingested_and_shown(
         page: Any, stack: DemoStack, monkeypatch: pytest.MonkeyPatch) -> None:
-    from headavatar.settings import load_config
-    from headavatar.storage import ObjectStore
     from headavatar.upload import mark_complete
 
     for k, v in stack.s3_env().items():

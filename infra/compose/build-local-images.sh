@@ -8,6 +8,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export DOCKER_BUILDKIT=0
+# One build of these images at a time (a background build in .ci/run, a test fixture): the lock of
+# headavatar.devserver.images.BUILD_LOCK, released when this script exits.
+mkdir -p .headavatar
+exec 9>>.headavatar/images.lock
+flock 9
 base=$(images/base/build.sh headavatar/base)
 ca=""
 if [ -n "${BUILD_CA_CERT_FILE:-}" ]; then

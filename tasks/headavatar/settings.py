@@ -451,6 +451,19 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def _read_profile(cdir: Path, name: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``profiles/<name>.yaml``; one whose top-level ``extends: <other>`` is laid over that profile."""
+    if name in seen:
+        raise ConfigError(f"profile {name!r} extends itself: {' -> '.join((*seen, name))}")
+    data = _read_yaml(cdir / "profiles" / f"{name}.yaml")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(f"profiles/{name}.yaml: extends must name one profile, not {parent!r}")
+    return deep_merge(_read_profile(cdir, parent, (*seen, name)), data)
+
+
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in over.items():
@@ -481,7 +494,7 @@ def load_config(
     if profile:
         if not profile.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(f"invalid profile name {profile!r}")
-        data = deep_merge(data, _read_yaml(cdir / "profiles" / f"{profile}.yaml"))
+        data = deep_merge(data, _read_profile(cdir, profile))
     for f in files:
         data = deep_merge(data, _read_yaml(Path(f)))
     env_storage = {field: os.environ[var] for var, field in STORAGE_ENV.items() if os.environ.get(var)}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import functools
 import http.server
 import json
@@ -38,6 +39,18 @@ WHEEL_DIRS = (Path("/opt/wheels"),)
 WHEEL_PORT = 38471  # fixed, so the build argument (and with it Docker's layer cache) is stable
 IMAGE_TAG = "0.1.0"
 LOCAL_CAS = Path("/usr/local/share/ca-certificates")
+# Held while images build, by this module and infra/compose/build-local-images.sh: a build started in
+# the background (.ci/run) and a test fixture's build of the same images wait for each other instead of
+# building the same layers twice at once.
+BUILD_LOCK = REPO / ".headavatar" / "images.lock"
+
+
+@contextlib.contextmanager
+def build_lock(path: Path = BUILD_LOCK) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes, however this process ends
+        yield
 
 
 def preprocess_image(tag: str = IMAGE_TAG) -> str:
@@ -124,6 +137,11 @@ def build_images(tag: str = IMAGE_TAG, base: str = "auto", env: dict[str, str] |
     env = {**os.environ, "DOCKER_BUILDKIT": "0", **(env or {})}
     if shutil.which("docker", path=env.get("PATH")) is None:
         raise RuntimeError("docker CLI not found: run `make docker-engine` first")
+    with build_lock():
+        return _build_images(tag, base, env, context)
+
+
+def _build_images(tag: str, base: str, env: dict[str, str], context: Path) -> dict[str, float]:
     times: dict[str, float] = {}
     copy_local_cas(context / "images" / "ca")
     t = time.monotonic()
