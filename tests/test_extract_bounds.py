@@ -86,7 +86,8 @@ def test_scratch_holds_a_bounded_window_of_videos(store: ObjectStore, tmp_path: 
 
 def _corrupt_packet(video: Path, index: int) -> None:
     """Overwrite the NAL length of the ``index``-th packet (decode order): the header stays valid, so the
-    video probes fine, and decoding fails there (FFmpeg: invalid data)."""
+    video probes fine (for an index past the first frame's packets and before the tail's), and decoding
+    fails there (FFmpeg: invalid data)."""
     with av.open(str(video)) as c:
         pos = [p.pos for p in c.demux(c.streams.video[0]) if p.size][index]
     data = bytearray(video.read_bytes())
@@ -100,7 +101,8 @@ def test_first_bad_video_stops_the_other_workers(store: ObjectStore, tmp_path: P
     spec = SyntheticSpec("106", frames=40, sequences=("EXP-1-head",), **TINY)
     write_capture(spec, tmp_path / RAW, workers=2)
     first = sorted(spec.cameras)[0]
-    _corrupt_packet(tmp_path / RAW / f"sequence_EXP-1-head_part-1/106/EXP-1-head/cam_{first}.mp4", 2)
+    # Packet 12: past what the probe decodes (the first frame) and before the tail it reads (the last 8 frames).
+    _corrupt_packet(tmp_path / RAW / f"sequence_EXP-1-head_part-1/106/EXP-1-head/cam_{first}.mp4", 12)
     upload_capture(store, tmp_path)
     t0 = time.monotonic()
     r = cli("run", "extract", "--capture", "106", "--profile", "demo", "--set", "extract.frame_stride=1",

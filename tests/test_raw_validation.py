@@ -180,3 +180,37 @@ def test_validate_reports_a_frame_count_that_disagrees(small_capture: Path, tmp_
     assert r.returncode == 2
     assert re.search(rf"error: s3://\S+/cam_{CAM}\.mp4: h264, 3 frames, the other cameras of sequence "
                      r"EXP-1-head_part-1 have h264, 4 frames", r.stderr), r.stderr
+
+
+def _cut_plate(raw: Path, capture: str) -> None:
+    plate = raw / f"sequence_BACKGROUND_part-1/{capture}/BACKGROUND/image_{CAM}.jpg"
+    plate.write_bytes(plate.read_bytes()[: plate.stat().st_size // 2])
+
+
+def _cut_video(raw: Path, capture: str) -> None:
+    _faststart(_video(raw, capture))  # index at the front: the cut file still opens
+    _video(raw, capture).write_bytes(_video(raw, capture).read_bytes()[:-1500])
+
+
+SHARED_PROBE_CASES: dict[str, tuple[Callable[[Path, str], None], str]] = {
+    "326": (_cut_plate, rf"s3://\S+/image_{CAM}\.jpg: background plate is not a decodable image"),
+    "327": (_cut_video, rf"s3://\S+/cam_{CAM}\.mp4: truncated video"),
+}
+
+
+@pytest.mark.parametrize("capture", sorted(SHARED_PROBE_CASES))
+def test_validate_and_stage_1_refuse_the_same_corrupt_media(capture: str, small_capture: Path, tmp_path: Path,
+                                                             store: ObjectStore, s3_env: dict[str, str]) -> None:
+    """One media probe for both (headavatar.raw_media): what validate refuses, stage 1 refuses with the same line."""
+    mutate, pattern = SHARED_PROBE_CASES[capture]
+    upload_capture(store, _variant(small_capture, tmp_path, capture, lambda raw: mutate(raw, capture)))
+    lines = []
+    for args in (("validate",), ("run", "extract")):
+        r = cli(*args, "--capture", capture, "--profile", "demo", env=s3_env)
+        assert r.returncode == 2, r.stdout + r.stderr
+        errors = [line for line in r.stderr.strip().splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and re.fullmatch(f"error: {pattern}.*", errors[0]), r.stderr
+        assert "Traceback" not in r.stderr
+        lines.append(errors[0])
+    assert lines[0] == lines[1]
+    assert not store.exists(store.key(f"avatars/{capture}/extract/manifest.json"))

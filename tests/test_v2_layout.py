@@ -66,6 +66,15 @@ CASES: dict[str, tuple[Callable[[Path], None], str]] = {
     "418": (lambda f: (f / f"sequences/BACKGROUND/image_{CAM}.jpg").unlink(),
             rf"missing background plate s3://.*/v2/418/sequences/BACKGROUND/image_{CAM}\.jpg"),
     "419": (lambda f: (f / COLOR).write_text("[1, 2"), r"color_calibration\.json: not valid JSON"),
+    # no colour calibration while extract.color_correction is on (the default)
+    "422": (lambda f: (f / COLOR).unlink(),
+            r"capture 422 \(v2 layout\): missing s3://.*/v2/422/calibration/color_calibration\.json \(.*"
+            r"extract\.color_correction=false"),
+    # videos of another size than the calibration's (intrinsics of NeRSemble's 2200x3208 frames; videos 256x372)
+    "423": (_edit_json(PARAMS, lambda d: d.__setitem__("intrinsics", [[6600, 0, 1099.5], [0, 6600, 1603.5],
+                                                                      [0, 0, 1]])),
+            r"v2/423/sequences/EXP-1-head/images/cam_220700191\.mp4: frames are 256x372, but the intrinsics of "
+            r"s3://.*/v2/423/calibration/camera_params\.json are for 2200x3208 frames"),
 }
 
 
@@ -99,6 +108,15 @@ def test_v2_folder_validates_with_its_layout_and_selection(small_v2: Path, tmp_p
     r = cli("validate", "--capture", "420", "--profile", "demo", "--set", "capture.include_sequences=[GLASSES]",
             env=s3_env)
     assert r.returncode == 2 and "no usable sequence" in r.stderr and "include_sequences=['GLASSES']" in r.stderr
+
+
+def test_v2_folder_without_colour_calibration_needs_correction_turned_off(
+        small_v2: Path, tmp_path: Path, store: ObjectStore, s3_env: dict[str, str]) -> None:
+    upload_capture(store, _variant(small_v2, tmp_path, "424", lambda f: (f / COLOR).unlink()))
+    r = cli("validate", "--capture", "424", "--profile", "demo", "--set", "extract.color_correction=false",
+            env=s3_env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["color_calibration"] is False
 
 
 def test_partial_camera_download_names_the_setting(small_v2: Path, tmp_path: Path, store: ObjectStore,
@@ -139,3 +157,27 @@ def test_ingestion_reports_v1_and_v2_captures(small_v2: Path, tiny_capture: Path
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout.strip().splitlines()[-1]) == ["018", "430"]
     assert "capture 431 not complete yet" in r.stderr and "no colour-correction matrix" in r.stderr
+
+
+# The download CLI's arguments as read in nersemble-data 0.0.6 (nersemble_data/scripts/manage_data.py, a tyro
+# command): one positional PATH; --participant, --sequence and --camera each take ONE string, split on commas.
+DOWNLOAD_SINGLE_VALUE = ("--participant", "--sequence", "--camera", "--n-workers")
+
+
+def test_documented_download_command_uses_comma_separated_lists() -> None:
+    import shlex
+
+    docs = (Path(__file__).parents[1] / "docs" / "data.md").read_text()
+    commands = [line for line in docs.splitlines() if line.startswith("nersemble-data download ")]
+    assert commands
+    for line in commands:
+        args = shlex.split(line.split("#")[0])[2:]
+        positional, i = [], 0
+        while i < len(args):
+            if args[i] in DOWNLOAD_SINGLE_VALUE:
+                i += 2
+            else:
+                assert not args[i].startswith("-"), f"unknown option {args[i]} in: {line}"
+                positional.append(args[i])
+                i += 1
+        assert len(positional) == 1, f"one PATH, lists comma-separated: {line}"

@@ -52,6 +52,9 @@ TERMS: dict[int, list[tuple[int, int, int]]] = {
     19: [*_LINEAR, *_CROSS, *_SQUARES, _RGB, *_DEG3, *_DEG3_MORE, *_CUBES],
     20: [*_LINEAR, *_CROSS, *_SQUARES, _RGB, *_DEG3, *_DEG3_MORE, *_CUBES, _ONE],
     22: [*_LINEAR, *_CROSS, *_SQUARES, _RGB, *_DEG3, *_DEG3_MORE, *_CUBES, (2, 1, 1), (1, 2, 1), (1, 1, 2)],
+    35: [*_LINEAR, *_CROSS, *_SQUARES, _RGB, *_DEG3, *_DEG3_MORE, *_CUBES,
+         (3, 1, 0), (3, 0, 1), (1, 3, 0), (0, 3, 1), (1, 0, 3), (0, 1, 3),  # R^3 G, R^3 B, G^3 R, G^3 B, B^3 R, B^3 G
+         (2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 0), (2, 0, 2), (0, 2, 2), (4, 0, 0), (0, 4, 0), (0, 0, 4), _ONE],
 }
 ENCODE_BITS = 16
 

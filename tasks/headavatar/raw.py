@@ -37,10 +37,42 @@ log = logging.getLogger(__name__)
 SEQUENCE_DIR = re.compile(r"^sequence_(.+)_part-(\d+)$")
 
 
+NERSEMBLE_FRAME_SIZE = (2200, 3208)  # (width, height) of NeRSemble's videos, which its shared intrinsics refer to
+FRAME_SIZE_TOLERANCE = 0.05  # principal point's distance from a frame's centre, as a fraction of its side
+
+
 @dataclass(frozen=True)
 class CameraParams:
     intrinsic: np.ndarray  # (3, 3)
     world_to_cam: dict[str, np.ndarray]  # camera -> (4, 4)
+
+    @property
+    def frame_size(self) -> tuple[int, int]:
+        """(width, height) of the frames the intrinsics refer to.
+
+        camera_params.json does not state it (neither layout does), so the principal point stands for
+        it: the frame it is the centre of. A calibration of NeRSemble's rig (within the tolerance of
+        its 2200x3208 frames) refers to exactly those frames; others to the frame centred on it.
+        """
+        cx, cy = self.intrinsic[0, 2], self.intrinsic[1, 2]
+        implied = (round(float(2 * cx + 1)), round(float(2 * cy + 1)))
+        return NERSEMBLE_FRAME_SIZE if _near(implied, NERSEMBLE_FRAME_SIZE) else implied
+
+
+def _near(size: tuple[int, int], ref: tuple[int, int]) -> bool:
+    return all(abs(a - b) <= FRAME_SIZE_TOLERANCE * b for a, b in zip(size, ref, strict=True))
+
+
+def frame_size_problem(params: CameraParams, width: int, height: int, name: str, pkey_uri: str) -> str | None:
+    """One line naming the video ``name`` when its frames are not the size the calibration is for
+    (a resized, cropped or rotated video would be cropped and projected wrongly); None when they are."""
+    want = params.frame_size
+    ok = (width, height) == want if want == NERSEMBLE_FRAME_SIZE else _near((width, height), want)
+    if ok:
+        return None
+    cx, cy = params.intrinsic[0, 2], params.intrinsic[1, 2]
+    return (f"{name}: frames are {width}x{height}, but the intrinsics of {pkey_uri} are for {want[0]}x{want[1]} "
+            f"frames (principal point {cx:.1f}, {cy:.1f}): a resized, cropped or rotated video cannot be used")
 
 
 @dataclass(frozen=True)
@@ -167,6 +199,9 @@ def _discover_v2(store: ObjectStore, capture: str, config: PipelineConfig, objs:
     params = _load_params(store, pkey, config)
     color_obj = by_rel.get("calibration/color_calibration.json")
     color = None
+    if color_obj is None and config.extract.color_correction:
+        raise RawCaptureError(f"capture {capture} (v2 layout): missing {store.uri(ckey)} (v2 frames are recorded "
+                              "to be colour-corrected; set extract.color_correction=false to use them uncorrected)")
     if color_obj is not None:
         color = parse_color_calibration(store.get_bytes(ckey), store.uri(ckey))
         missing = [c for c in config.capture.cameras if c not in color]

@@ -6,7 +6,9 @@ straight from S3 through ranged reads (a header, the first frame and the tail; n
 whole file): container and codec readable, the first frame decodes, the last frame's data is
 there and whole, and codec, frame count and resolution agree across a sequence's cameras
 (resolution across the whole capture, as stage 1 needs). Every plate is fetched and decoded and
-must have the videos' resolution. All problems are returned, one line each naming the object.
+must have the videos' resolution, and that resolution must be the calibration's. All problems are
+returned, one line each naming the object. Stage 1 probes its videos and decodes its plates with
+the same functions (:func:`probe_remote_video`, :func:`decode_plate`) and fails on the first.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import av
 import cv2
 import numpy as np
 
-from headavatar.raw import RawCapture
+from headavatar.errors import RawCaptureError
+from headavatar.raw import RawCapture, frame_size_problem
 from headavatar.storage import ObjectInfo, ObjectStore
 from headavatar.video import open_video
 
@@ -37,8 +40,9 @@ class VideoFacts:
     height: int
 
 
-class MediaProblem(Exception):
-    """One unreadable object (its one-line message names it)."""
+class MediaProblem(RawCaptureError):
+    """One unreadable object (its one-line message names it). ``validate`` collects them; stage 1,
+    which probes and decodes with the same functions, fails on the first."""
 
 
 def probe_remote_video(store: ObjectStore, obj: ObjectInfo) -> VideoFacts:
@@ -85,15 +89,21 @@ def _check_tail(c: av.container.InputContainer, s: av.video.stream.VideoStream, 
                            f"{s.frames} frames)")
 
 
-def check_plate(store: ObjectStore, obj: ObjectInfo, size: tuple[int, int] | None) -> None:
-    """The plate decodes as an image, of the videos' resolution (width, height) when known."""
-    name = store.uri(obj.key)
-    img = cv2.imdecode(np.frombuffer(store.get_bytes(obj.key), np.uint8), cv2.IMREAD_COLOR)
+def decode_plate(data: bytes, name: str, size: tuple[int, int] | None) -> np.ndarray:
+    """The plate as a BGR image, of the videos' resolution (width, height) when known: the one decode
+    of plates for ``validate`` and stage 1 (a truncated JPEG is refused, not grey-filled)."""
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if img is None:
         raise MediaProblem(f"{name}: background plate is not a decodable image")
     if size is not None and (img.shape[1], img.shape[0]) != size:
         raise MediaProblem(f"{name}: background plate is {img.shape[1]}x{img.shape[0]}, "
                            f"the videos are {size[0]}x{size[1]}")
+    return img
+
+
+def check_plate(store: ObjectStore, obj: ObjectInfo, size: tuple[int, int] | None) -> None:
+    """The plate decodes as an image, of the videos' resolution (width, height) when known."""
+    decode_plate(store.get_bytes(obj.key), store.uri(obj.key), size)
 
 
 def _attempt(fn: Callable[..., T], *args: object) -> T | MediaProblem:
@@ -114,9 +124,21 @@ def check_media(store: ObjectStore, raw: RawCapture, workers: int = 16) -> list[
         problems += _disagreements(store, raw, good)
         sizes = Counter((f.width, f.height) for _, f in good.values())
         size = sizes.most_common(1)[0][0] if sizes else None
+        if size is not None:  # the videos' common size (odd ones are reported above) against the calibration
+            first = next(o for _, (o, f) in sorted(good.items(), key=lambda kv: _order(raw, kv[0]))
+                         if (f.width, f.height) == size)
+            pkey = store.uri(raw.params_object.key)
+            if p := frame_size_problem(raw.camera_params, *size, store.uri(first.key), pkey):
+                problems.append(p)
         plates = pool.map(lambda o: _attempt(check_plate, store, o, size), raw.backgrounds.values())
         problems += [str(p) for p in plates if isinstance(p, MediaProblem)]
     return problems
+
+
+def _order(raw: RawCapture, key: tuple[str, str]) -> tuple[int, int]:
+    """Stage 1's order of videos: sequences as discovered, cameras as configured."""
+    labels = [s.label for s in raw.sequences]
+    return labels.index(key[0]), raw.cameras.index(key[1])
 
 
 def _disagreements(store: ObjectStore, raw: RawCapture, good: dict[tuple[str, str], tuple[ObjectInfo, VideoFacts]]

@@ -21,7 +21,12 @@ A NeRSemble v2 capture with ``color_calibration.json`` has each camera's colour 
 (``extract.color_correction``, on by default) to every written frame and background plate, on the
 source pixels the crop keeps, before the resize: the same pixels as correcting whole frames first
 (the dataset's order), for ~70 ms of CPU per 2200x3208 frame (:mod:`headavatar.color`). The raw
-layout and whether colours were corrected are in ``frames.json`` and the manifest metrics.
+layout and whether colours were corrected are in ``frames.json`` and the manifest metrics. A v2
+capture without ``color_calibration.json`` is refused unless ``extract.color_correction`` is off.
+
+Videos and plates are read through ``headavatar validate``'s own functions (:mod:`headavatar.raw_media`),
+so stage 1 refuses what validate refuses, with the same line; videos of another frame size than the
+calibration's (:meth:`headavatar.raw.CameraParams.frame_size`) are refused before any work.
 """
 
 from __future__ import annotations
@@ -52,10 +57,11 @@ from headavatar.contract.usage import WORKER_CPU_METRIC
 from headavatar.errors import RawCaptureError
 from headavatar.imaging import CropResize, encode_jpg, npz_bytes
 from headavatar.layout import FRAMES_INDEX
-from headavatar.raw import RawCapture, Sequence, VideoInfo, discover
+from headavatar.raw import RawCapture, Sequence, VideoInfo, discover, frame_size_problem
+from headavatar.raw_media import decode_plate, probe_remote_video
 from headavatar.settings import PipelineConfig, StorageConfig
 from headavatar.storage import ObjectInfo, ObjectStore, gather
-from headavatar.video import decode_frames, probe
+from headavatar.video import decode_frames
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +156,8 @@ class CameraJob:
     visible: bytes  # the same for every camera (all videos share a resolution): encoded once
     visible_lowres: bytes
     color: ColorCorrection | None = None  # v2 colour calibration of this camera (frames and plate)
+    background_name: str = ""  # the plate's object (s3://...), for errors
+    frame_size: tuple[int, int] | None = None  # the videos' (width, height): the plate must have it
 
 
 @dataclass(frozen=True)
@@ -173,9 +181,8 @@ def extract_camera(job: CameraJob) -> CameraResult:
     cam, q = job.camera, job.jpeg_quality
     try:
         if job.background is not None:
-            bg = cv2.imread(job.background, cv2.IMREAD_COLOR)
-            if bg is None:
-                raise RawCaptureError(f"background plate of camera {cam}: not a decodable image")
+            bg = decode_plate(Path(job.background).read_bytes(), job.background_name or f"background plate of "
+                              f"camera {cam}", job.frame_size)  # the same decode as validate's
             out.put_bytes(f"background/image_{cam}.jpg", encode_jpg(job.crop.apply(bg, job.color), q))
         camera_npz = npz_bytes(extrinsic=job.extrinsic, intrinsic=job.crop.intrinsic(job.intrinsic))
         written = 0
@@ -274,8 +281,7 @@ class Extract(Stage):
             for seq, cam in order[:scratch.window]:
                 self._fetch(ctx, raw, scratch, seq, cam)
             log.info("%s: reading %d video headers", ctx.capture, len(order))
-            probing = store.submit_all(lambda o: VideoInfo(*probe(store.range_reader(o), store.uri(o.key))),
-                                       [seq.videos[cam] for seq, cam in order])
+            probing = store.submit_all(lambda o: _probe(store, o), [seq.videos[cam] for seq, cam in order])
             with worker_pool(workers, store.cfg) as pool:
                 infos = dict(zip([(s.label, cam) for s, cam in order], gather(probing), strict=True))
                 self._extract(ctx, raw, infos, scratch, pool, workers)
@@ -310,13 +316,18 @@ class Extract(Stage):
             raise RawCaptureError(f"capture {ctx.capture}: videos differ in resolution: {'; '.join(odd[:4])}"
                                   f"{' ...' if len(odd) > 4 else ''} (the others are {w}x{h})")
         sizes = set(counts)
+        (width, height), = sizes
+        first_video = raw.sequences[0].videos[raw.cameras[0]]
+        problem = frame_size_problem(raw.camera_params, width, height, store.uri(first_video.key),
+                                     store.uri(raw.params_object.key))
+        if problem:
+            raise RawCaptureError(problem)
         correct = cfg.color_correction and raw.color_matrices is not None
         if raw.color_matrices is not None and not correct:
             log.info("%s: extract.color_correction is off: color_calibration.json is not applied", ctx.capture)
 
         plan = plan_frames(raw, infos, cfg.frame_stride, ctx.config.sample.frame_stride)
         crop = CropResize.from_config(cfg)
-        (width, height), = sizes
         visible = crop.visible(height, width)
         visible_jpg = encode_jpg(visible, cfg.jpeg_quality)
         visible_lowres_jpg = encode_jpg(crop.lowres(visible), cfg.jpeg_quality)
@@ -330,7 +341,7 @@ class Extract(Stage):
                 storage=store.cfg, prefix=ctx.outputs.prefix, crop=crop,
                 intrinsic=raw.camera_params.intrinsic, extrinsic=raw.camera_params.world_to_cam[cam][:3],
                 jpeg_quality=cfg.jpeg_quality, visible=visible_jpg, visible_lowres=visible_lowres_jpg,
-                color=colors.get(cam),
+                color=colors.get(cam), background_name=store.uri(raw.backgrounds[cam].key), frame_size=(width, height),
             )
             for seq in raw.sequences for cam in raw.cameras
         ]
@@ -364,6 +375,13 @@ class Extract(Stage):
             "raw_scratch_peak_mb": round(scratch.peak_bytes / 2**20, 2),
             "raw_scratch_bound_mb": round(scratch.window * largest / 2**20, 2),
         })
+
+
+def _probe(store: ObjectStore, obj: ObjectInfo) -> VideoInfo:
+    """A video's header facts from S3 (ranged reads), by ``validate``'s own probe: the first frame
+    decodes and the last frame's data is there and whole, or a one-line error naming the video."""
+    facts = probe_remote_video(store, obj)
+    return VideoInfo(facts.frames, facts.width, facts.height)
 
 
 _worker_store: ObjectStore | None = None  # one per camera worker process, made by _init_worker
