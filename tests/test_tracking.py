@@ -80,7 +80,7 @@ def test_training_runs_are_registered_once_each_and_compared(store: ObjectStore,
     env = {**s3_env, "MLFLOW_TRACKING_URI": mlflow_server, "HEADAVATAR_MLFLOW_MODEL_PREFIX": models}
 
     def run(stage: str, key: str, *extra: str) -> dict:
-        r = cli("run", stage, "--capture", "018", "--profile", "demo", *TRAINING, *extra,
+        r = cli("run", stage, "--capture", "018", "--profile", "ci", *TRAINING, *extra,
                 env={**env, "HEADAVATAR_RUN_ID": key})
         assert r.returncode == 0, r.stderr[-3000:]
         return json.loads(r.stdout.strip().splitlines()[-1])
