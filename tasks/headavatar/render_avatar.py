@@ -6,10 +6,7 @@ stage and the video writer do not import each other.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
-
-import torch
 
 from headavatar.avatar_video import reenactment_video, turntable_video
 from headavatar.settings import PipelineConfig
@@ -31,6 +28,7 @@ def render_capture(store: ObjectStore, capture: str, config: PipelineConfig, out
     from headavatar.render.gaussian_raster import build_gaussian_rasterizer
     from headavatar.settings import GaussianHeadConfig
     from headavatar.stages.gaussianhead import build_avatar
+    from headavatar.training.checkpoints import load_stored
 
     manifests = {s: read_manifest(store, capture, s) for s in ("sample", "matting", "fitting", "meshhead",
                                                                  "gaussianhead")}
@@ -40,8 +38,9 @@ def render_capture(store: ObjectStore, capture: str, config: PipelineConfig, out
     with tempfile.TemporaryDirectory(prefix="headavatar-render-") as tmp:
         ctx = StageContext("gaussianhead", capture, config, store, Path(tmp), manifests, {},
                            None)  # type: ignore[arg-type]  # reads inputs only
-        saved = torch.load(io.BytesIO(store.get_bytes(ctx.input_key("gaussianhead", "avatar/avatar.pt"))),
-                           map_location="cpu", weights_only=False)
+        saved = load_stored(store, ctx.input_key("gaussianhead", "avatar/avatar.pt"),
+                            f"not an avatar stage gaussianhead wrote: rerun 'headavatar run gaussianhead --capture "
+                            f"{capture} --force'", required=("head", "sr", "config"))
         cfg = GaussianHeadConfig.model_validate(saved["config"])
         device = resolve_device(config.gaussianhead.device)
         coarse, fine, extra, head, sr = build_avatar(ctx, cfg)

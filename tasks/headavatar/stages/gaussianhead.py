@@ -30,15 +30,16 @@ from headavatar.meshhead.model import MeshHead
 from headavatar.render.gaussian_raster import build_gaussian_rasterizer
 from headavatar.settings import GaussianHeadConfig, MeshHeadConfig, PipelineConfig
 from headavatar.storage import ObjectStore
-from headavatar.training.checkpoints import Checkpoints
+from headavatar.training.checkpoints import Checkpoints, load_stored
 from headavatar.training.views import Views, load_views, split_sequences
 
 log = logging.getLogger(__name__)
 
 
 def load_meshhead(ctx: StageContext) -> MeshHead:
-    saved = torch.load(io.BytesIO(ctx.store.get_bytes(ctx.input_key("meshhead", "model.pt"))), map_location="cpu",
-                       weights_only=False)
+    saved = load_stored(ctx.store, ctx.input_key("meshhead", "model.pt"),
+                        f"not a model stage meshhead wrote: rerun 'headavatar run meshhead --capture {ctx.capture} "
+                        "--force'", required=("model", "n_exp", "config"))
     cfg = MeshHeadConfig.model_validate(saved["config"])
     model = MeshHead(cfg, saved["n_exp"], torch.zeros(3), torch.ones(3), torch.ones(3), torch.zeros(68, 3))
     model.load_state_dict(saved["model"])
@@ -89,6 +90,9 @@ class GaussianHeadStage(Stage):
         cfg = ctx.config.gaussianhead
         device = resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)
+        # First: a checkpoint that is refused (not plain tensors) fails the stage before minutes of loading views.
+        checkpoints = Checkpoints(ctx, cfg.keep_checkpoint_every)
+        saved = checkpoints.load()
         lpips = None
         if cfg.lpips_weights:
             path = fetch_asset(ctx.store, cfg.lpips_weights, "gaussianhead.lpips_weights", ctx.scratch)
@@ -97,8 +101,6 @@ class GaussianHeadStage(Stage):
         coarse, fine, extra_eval, head, sr = build_avatar(ctx, cfg)
         trainer = GaussianHeadTrainer(head, sr, coarse, fine, cfg, raster, Perceptual(lpips), device,
                                       extra_eval=extra_eval)
-        checkpoints = Checkpoints(ctx, cfg.keep_checkpoint_every)
-        saved = checkpoints.load()
         if saved is not None:
             trainer.load_state_dict(saved)
             log.info("%s/gaussianhead: resuming from the checkpoint at step %d", ctx.capture, trainer.state.step)

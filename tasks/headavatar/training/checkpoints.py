@@ -7,23 +7,110 @@ file and one PUT (multipart when large), so a killed upload never replaces a goo
 Every ``keep_every`` steps a copy is also published as a stage output, ``checkpoints/step-<N>.pt``
 (listed in the manifest, referenced by S3 URI in MLflow). The resumable checkpoint carries the list
 of published copies, so an attempt that resumes still lists the copies its predecessors made.
+
+No code from data: checkpoints and models are read back with ``weights_only=True`` (:func:`load_plain`),
+so they hold tensors and plain containers only (:func:`plain` checks that on save); a file that is
+anything else, such as a pickle that would run code, is refused with a one-line
+:class:`~headavatar.errors.RefusedObject` naming its key, and nothing in it runs.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import re
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import torch
 
 from headavatar.contract.manifest import FileEntry
 from headavatar.contract.stage import StageContext
-from headavatar.errors import MissingObject
-from headavatar.storage import sha256_file
+from headavatar.errors import ConfigError, MissingObject, RefusedObject
+from headavatar.storage import ObjectStore, sha256_file
 
 log = logging.getLogger(__name__)
 PUBLISHED = "checkpoints"
+# torch < 2.6's weights-only unpickler could be made to run code (CVE-2025-32434).
+_SAFE_TORCH = (2, 6)
+_PLAIN_SCALARS = (type(None), bool, int, float, complex, str, bytes, bytearray)
+_TORCH_LEAVES = (torch.Tensor, torch.dtype, torch.device, torch.Size)
+
+
+def _torch_version() -> tuple[int, ...]:
+    return tuple(int(p) if p.isdigit() else 0 for p in torch.__version__.split("+")[0].split(".")[:2])
+
+
+def _refusal_reason(e: BaseException) -> str:
+    """Why torch refused the bytes, in a few words (never its advice: ``weights_only=False`` is the hole)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    if m := re.search(r"GLOBAL ([\w.]+)", text):
+        return f"a pickle that calls {m.group(1)}"
+    if m := re.search(r"Unsupported operand (\d+)", text):
+        return f"a pickle with opcode {m.group(1)}, which plain data never needs"
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    first = first if len(first) <= 160 else first[:157] + "..."
+    name = type(e).__name__ if type(e).__module__ == "builtins" else f"{type(e).__module__}.{type(e).__name__}"
+    return f"{name}: {first}" if first else name
+
+
+def load_plain(data: bytes, source: str, remedy: str, required: Iterable[str] = ()) -> dict[str, Any]:
+    """A dict saved with ``torch.save``, read with ``weights_only=True``: tensors and plain containers only.
+
+    ``source`` names where the bytes came from (an ``s3://`` URI); anything else (a pickle carrying
+    objects or code, a corrupt or truncated file, not a dict, a ``required`` key missing) raises
+    :class:`RefusedObject`, one line naming ``source``, with ``remedy`` (what to do about it) appended."""
+    if _torch_version() < _SAFE_TORCH:
+        raise ConfigError(f"torch {torch.__version__} cannot load {source} safely: its weights-only loader can be "
+                          f"made to run code (CVE-2025-32434); install torch>={'.'.join(map(str, _SAFE_TORCH))}")
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # bytes from the bucket: whatever the parser trips over, the file is refused
+        raise RefusedObject(f"{source}: refused to load: not plain tensors and containers "
+                            f"({_refusal_reason(e)}); {remedy}") from None
+    if not isinstance(state, dict):
+        raise RefusedObject(f"{source}: refused to load: a {type(state).__name__}, not a dict; {remedy}")
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise RefusedObject(f"{source}: refused to load: no {', '.join(map(repr, missing))}; {remedy}")
+    return state
+
+
+def load_stored(store: ObjectStore, key: str, remedy: str, required: Iterable[str] = ()) -> dict[str, Any]:
+    """:func:`load_plain` of the object at ``key`` (a missing object raises MissingObject as usual)."""
+    return load_plain(store.get_bytes(key), store.uri(key), remedy, required)
+
+
+def plain(obj: Any, where: str = "checkpoint") -> Any:
+    """``obj`` as :func:`load_plain` can read it back: numpy scalars become Python numbers; any other
+    object (numpy array, dataclass, ...) is a TypeError here rather than an unloadable file later.
+    Containers that need no change are returned as they are (a state dict keeps its ``_metadata``)."""
+    if isinstance(obj, _TORCH_LEAVES) or type(obj) in _PLAIN_SCALARS:
+        return obj
+    if isinstance(obj, np.generic) and not isinstance(obj, np.object_):
+        return obj.item()
+    if type(obj) in (dict, OrderedDict):
+        items = {}
+        for k, v in obj.items():
+            if type(k) not in _PLAIN_SCALARS:
+                raise TypeError(f"{where}: key {k!r} of type {type(k).__name__} cannot be loaded with weights_only")
+            items[k] = plain(v, f"{where}[{k!r}]")
+        if all(items[k] is v for k, v in obj.items()):
+            return obj
+        out = type(obj)(items)
+        if hasattr(obj, "_metadata"):
+            out._metadata = obj._metadata  # type: ignore[attr-defined]
+        return out
+    if type(obj) in (list, tuple, set):
+        seq = [plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return obj if all(a is b for a, b in zip(seq, obj, strict=True)) else type(obj)(seq)
+    raise TypeError(f"{where}: {type(obj).__module__}.{type(obj).__qualname__} cannot be loaded with weights_only; "
+                    "save it as tensors, plain containers or JSON")
 
 
 class Checkpoints:
@@ -41,7 +128,9 @@ class Checkpoints:
             data = self.ctx.store.get_bytes(self.key)
         except MissingObject:
             return None
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+        state = load_plain(data, self.ctx.store.uri(self.key),
+                           f"not a checkpoint this pipeline wrote: delete it, or start over with 'headavatar run "
+                           f"{self.ctx.stage} --capture {self.ctx.capture} --force'", required=("step", "cache_key"))
         if state.get("cache_key") != self.ctx.cache_key:
             log.info("%s/%s: checkpoint from other inputs/config ignored", self.ctx.capture, self.ctx.stage)
             return None
@@ -59,7 +148,7 @@ class Checkpoints:
 
     def save(self, state: dict[str, Any]) -> None:
         path = self.ctx.scratch / "checkpoint.pt"
-        payload = {**state, "cache_key": self.ctx.cache_key}
+        payload = plain({**state, "cache_key": self.ctx.cache_key})
         if self.due(state["step"]):
             torch.save(payload, path)
             rel = f"{PUBLISHED}/step-{state['step']:08d}.pt"
@@ -67,7 +156,7 @@ class Checkpoints:
             self.ctx.store.upload_file(path, self.ctx.outputs.key(rel))
             self.ctx.outputs.record(rel, entry)
             self.published.append({"step": state["step"], "file": rel, "size": entry.size, "sha256": entry.sha256})
-        torch.save({**payload, "published": self.published}, path)
+        torch.save({**payload, "published": plain(self.published)}, path)
         self.ctx.store.upload_file(path, self.key)
         path.unlink()
 
