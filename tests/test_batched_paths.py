@@ -92,6 +92,7 @@ def test_device_views_give_the_batches_views_give() -> None:
     assert torch.equal(visible, one["visible"][0])
 
 
+@pytest.mark.slow
 def test_what_stage_6_compiles_traces_as_one_graph_with_the_eager_values_and_gradients() -> None:
     """On CUDA the trainer hands ``GaussianHead._splats`` and ``view_losses`` to torch.compile. Traced here
     whole (``fullgraph``: a graph break would split the kernels again) with the eager backend, they

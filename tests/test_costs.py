@@ -14,6 +14,7 @@ from headavatar.storage import ObjectStore
 pytestmark = pytest.mark.s3
 
 
+@pytest.mark.slow
 def test_costs_of_a_finished_capture(tiny_capture: Path, store: ObjectStore, s3_env: dict[str, str]) -> None:
     upload_capture(store, tiny_capture)
     for stage in ("extract", "sample"):

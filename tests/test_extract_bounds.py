@@ -51,6 +51,7 @@ class ScratchSampler(threading.Thread):
         return self.peak
 
 
+@pytest.mark.slow
 def test_scratch_holds_a_bounded_window_of_videos(store: ObjectStore, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """3 sequences x 16 cameras; 2 workers + 1 video ahead: at most 3 videos (and plates) on scratch."""
@@ -95,6 +96,7 @@ def _corrupt_packet(video: Path, index: int) -> None:
     video.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 def test_first_bad_video_stops_the_other_workers(store: ObjectStore, tmp_path: Path, s3_env: dict[str, str]) -> None:
     """One broken video (the first job's): exit 2 with one line, and the other cameras' workers are stopped
     instead of decoding and uploading their frames (a full run writes 16 + 16 x 20 x 5 = 1616 objects)."""

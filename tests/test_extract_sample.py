@@ -47,6 +47,7 @@ def run_both(store: ObjectStore, capture: str, *overrides: str) -> None:
 
 
 @pytest.mark.parametrize("layout", ["v1", "v2"])
+@pytest.mark.slow
 def test_outputs_equal_reference_file_for_file(layout: str, store: ObjectStore, tmp_path: Path,
                                                request: pytest.FixtureRequest) -> None:
     """v2: the reference colour-corrects each whole frame with colour-science first (the dataset's procedure)."""
@@ -151,6 +152,7 @@ def _synth(root: Path, capture: str, **kw) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_shorter_video_truncates_its_sequence(store: ObjectStore, tmp_path: Path) -> None:
     root = _synth(tmp_path, "101", frames=20, sequences=("EXP-1-head", "EXP-2-eyes"),
                   frame_lengths={"EXP-1-head/222200037": 14})

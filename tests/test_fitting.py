@@ -189,6 +189,7 @@ def test_offline_detector_on_synthetic_renders_reports_what_it_found(store: Obje
     assert read_manifest(store, "018", "fitting") is None
 
 
+@pytest.mark.slow
 def test_offline_detector_is_safe_to_share_between_threads() -> None:
     """The fitting stage detects in a thread pool; dlib objects shared between threads segfault."""
     code = ("import numpy as np; from concurrent.futures import ThreadPoolExecutor; from skimage import data; "

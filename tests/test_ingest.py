@@ -139,6 +139,7 @@ def raw_digest(env: dict[str, str]) -> str:
 
 
 @pytest.mark.s3
+@pytest.mark.slow
 def test_a_half_uploaded_multi_sequence_capture_waits_for_its_marker(store: ObjectStore, tiny_capture: Path,
                                                                      s3_env: dict[str, str], tmp_path: Path) -> None:
     # EXP-1-head is all there, EXP-2-eyes not yet: every visible sequence has all its cameras.
@@ -176,6 +177,7 @@ def _finish(store: ObjectStore) -> None:
 
 
 @pytest.mark.s3
+@pytest.mark.slow
 def test_a_sequence_added_after_a_finished_run_is_pending_again(store: ObjectStore, tiny_capture: Path,
                                                                 s3_env: dict[str, str], tmp_path: Path) -> None:
     upload_capture(store, _subset(tiny_capture, tmp_path / "first", "EXP-2-eyes"))
@@ -346,6 +348,7 @@ class FaultyS3:
 
 @pytest.mark.s3
 @pytest.mark.parametrize("fault", ["SlowDown", "reset"])
+@pytest.mark.slow
 def test_s3_faults_during_ingestion_exit_75_and_the_tasks_are_retried(
         fault: str, store: ObjectStore, tiny_capture: Path, s3_env: dict[str, str], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:

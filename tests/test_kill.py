@@ -19,6 +19,7 @@ from headavatar.storage import ObjectStore, sha256_bytes
 pytestmark = pytest.mark.s3
 
 
+@pytest.mark.slow
 def test_sigkill_mid_extract_then_retry(store: ObjectStore, tiny_capture: Path, s3_env: dict[str, str],
                                         tmp_path: Path) -> None:
     upload_capture(store, tiny_capture)

@@ -32,6 +32,7 @@ def written_coverage(store: ObjectStore, files: dict) -> float:
 
 
 @pytest.mark.s3
+@pytest.mark.slow
 def test_classical_matte_matches_ground_truth(store: ObjectStore, tiny_capture: Path) -> None:
     prepare_sampled(store, tiny_capture)
     cfg = tiny_config("matting.method=classical")
@@ -57,6 +58,7 @@ def test_classical_matte_matches_ground_truth(store: ObjectStore, tiny_capture: 
 
 
 @pytest.mark.s3
+@pytest.mark.slow
 def test_missing_or_wrong_weights_fail_before_any_frame(store: ObjectStore, tiny_capture: Path, s3_env: dict[str, str],
                                                tmp_path: Path) -> None:
     prepare_sampled(store, tiny_capture)
@@ -120,6 +122,7 @@ def test_checkpoint_layout_and_strict_roundtrip(tmp_path: Path) -> None:
 
 
 @pytest.mark.s3
+@pytest.mark.slow
 def test_network_method_runs_the_stage_with_weights_from_s3(store: ObjectStore, tiny_capture: Path,
                                                              tmp_path: Path) -> None:
     prepare_sampled(store, tiny_capture)

@@ -38,6 +38,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedS3]:
 
 
 @pytest.mark.s3
+@pytest.mark.slow
 def test_a_stage_needs_only_its_own_prefixes(server: EmbeddedS3, tiny_capture: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     base = {"HEADAVATAR_S3_BUCKET": BUCKET, "HEADAVATAR_S3_PREFIX": PREFIX}

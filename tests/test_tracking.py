@@ -56,6 +56,7 @@ def test_stages_log_into_one_parent_run_without_duplicates(store: ObjectStore, t
 
 
 @pytest.mark.s3
+@pytest.mark.slow
 def test_unreachable_tracking_server_never_fails_a_stage(store: ObjectStore, tiny_capture: Path,
                                                          s3_env: dict[str, str]) -> None:
     upload_capture(store, tiny_capture)
