@@ -4,32 +4,28 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from typing import Any
 
 MANIFEST_SCHEMA = 1
 # Manifests written before stages had code versions were all made by version 1 of their stage.
 FIRST_CODE_VERSION = 1
-# The torch devices this process's stages chose (time.time(), "cpu" | "cuda:N"), recorded by
-# headavatar.devices.resolve_device, so a stage's manifest says what it really ran on.
-_devices_chosen: list[tuple[float, str]] = []
+# The torch devices ("cpu" | "cuda:N") chosen by headavatar.devices.resolve_device since the running
+# stage began (run_stage empties it at the start and reads it into the manifest at the end).
+_devices_chosen: list[str] = []
 
 
 def record_device(device: str) -> None:
-    """Note that a stage of this process runs on ``device``; the manifest it writes next records it."""
-    _devices_chosen.append((time.time(), device))
+    """Note that the stage running in this process runs on ``device``; its manifest records it."""
+    _devices_chosen.append(device)
 
 
-def devices_since(started_at: str) -> str:
-    """The devices chosen since ``started_at`` (ISO time; a stage's start), comma-separated, "" for none."""
-    try:
-        start = datetime.fromisoformat(started_at).timestamp()
-    except ValueError:
-        return ""
-    return ",".join(dict.fromkeys(d for t, d in _devices_chosen if t >= start))
+def take_devices() -> str:
+    """The devices chosen since the last call, comma-separated ("" for none), and forget them."""
+    chosen = ",".join(dict.fromkeys(_devices_chosen))
+    _devices_chosen.clear()
+    return chosen
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -64,12 +60,8 @@ class Manifest:
     code_version: int = FIRST_CODE_VERSION
     volatile: list[str] = field(default_factory=list)  # listed files left out of the content digest
     # The torch device the stage ran on ("cpu", "cuda:0"; "" for a stage that chose none): an operator sees
-    # a GPU stage that trained on the CPU. Not part of any digest. None: the devices chosen since started_at.
-    device: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.device is None:
-            self.device = devices_since(self.started_at)
+    # a GPU stage that trained on the CPU. Not part of any digest.
+    device: str = ""
 
     @property
     def content_digest(self) -> str:
@@ -117,7 +109,6 @@ class Manifest:
     def from_json(cls, data: bytes) -> Manifest:
         d = json.loads(data)
         d.pop("content_digest", None)
-        d.setdefault("device", "")  # written before manifests recorded it
         d["files"] = {k: FileEntry(**v) for k, v in d["files"].items()}
         return cls(**d)
 

@@ -35,7 +35,7 @@ from typing import ClassVar
 from headavatar import __version__
 from headavatar.capture_id import validate_capture_id
 from headavatar.contract.lock import StageLock, pid_alive
-from headavatar.contract.manifest import FIRST_CODE_VERSION, Manifest, digest
+from headavatar.contract.manifest import FIRST_CODE_VERSION, Manifest, digest, take_devices
 from headavatar.contract.outputs import RESERVED_PREFIX, OutputWriter
 from headavatar.contract.usage import WORKER_CPU_METRIC, ResourceUsage
 from headavatar.errors import MissingObject, ScratchFull, UpstreamMissing
@@ -239,6 +239,7 @@ def _compute(stage: Stage, capture: str, config: PipelineConfig, store: ObjectSt
     scratch = Path(tempfile.mkdtemp(prefix=f"headavatar-{stage.name}-{capture}-", suffix=f"-pid{os.getpid()}",
                                     dir=scratch_root))
     started, t0 = datetime.now(UTC), time.monotonic()
+    take_devices()  # the devices an earlier stage of this process chose are not this one's
     writer = OutputWriter(store, prefix)
     ctx = StageContext(stage.name, capture, config, store, scratch, exp.upstream, inputs, writer,
                        fresh=force, config_digest=cdigest, code_version=exp.code_version)
@@ -274,7 +275,7 @@ def _compute(stage: Stage, capture: str, config: PipelineConfig, store: ObjectSt
         stage=stage.name, capture=capture, package_version=__version__, config_digest=cdigest,
         config=exp.config, inputs=inputs, files=dict(sorted(writer.entries.items())), metrics=metrics,
         started_at=started.isoformat(), finished_at=datetime.now(UTC).isoformat(), wall_time_s=round(wall, 3),
-        code_version=exp.code_version,
+        code_version=exp.code_version, device=take_devices(),
         volatile=sorted(rel for rel in writer.entries
                         if any(fnmatch.fnmatchcase(rel, pat) for pat in stage.volatile_outputs)),
     )
