@@ -7,7 +7,7 @@ run of the same settings, file by file (content digests from the manifests). Fau
 * every stage SIGKILLed twice at a random point of its computation, then retried;
 * the S3 server stopped for a while and restarted in the middle of every stage;
 * a large multipart upload and a download with the S3 server restarted half-way;
-* two runs of one stage for one capture at once;
+* two runs of one stage for one capture at once, and one paused past its lease while another finished;
 * the scratch disk full (a 256 KiB tmpfs);
 * the MLflow server stopped while a stage trains.
 """
@@ -217,6 +217,44 @@ def test_faults_in_every_stage_lose_nothing(server: EmbeddedS3, tiny_capture: Pa
     print("\n".join(faults))
     assert faults == [f"{s}: {f}" for s in STAGE_NAMES for f in ("SIGKILL #1", "SIGKILL #2", "S3 restarted")] + [
         "meshhead: concurrent run"]
+
+
+def bucket_state(store: ObjectStore) -> dict[str, tuple[str, int, float]]:
+    """Every object of the capture's stages: ETag, size and LastModified (a rewrite of equal bytes shows too)."""
+    return {o.key: (o.etag, o.size, o.modified) for o in store.list(store.key("avatars/018"))}
+
+
+@pytest.mark.parametrize("stage", ["extract", "fitting"])
+def test_a_run_paused_past_its_lease_changes_nothing_when_it_resumes(server: EmbeddedS3, tiny_capture: Path,
+                                                                      stage: str) -> None:
+    """Issue 34.5: the first run is stopped (SIGSTOP, its worker processes too) as it starts computing and
+    stays stopped past its lease; a second run takes the lease over and finishes. The first, resumed,
+    writes and deletes nothing and exits 75 with "lost the lock". Stage 1 writes from worker processes.
+
+    The pause lands before the first write: a request already past the fence when the process stops
+    can still land after it resumes (docs/failures.md says why S3 cannot refuse it)."""
+    env = env_for(server, f"paused-{stage}")
+    store = store_for(env)
+    upload_capture(store, tiny_capture)
+    for upstream in STAGE_NAMES[:STAGE_NAMES.index(stage)]:
+        assert StageProcess(env, upstream).wait() == 0
+    lease = ["--set", "storage.lock_ttl_s=5"]
+    first = StageProcess(env, stage, *lease)
+    assert first.computing.wait(120), first.stderr[-3000:]
+    os.killpg(first.proc.pid, signal.SIGSTOP)
+    try:
+        time.sleep(8)  # past the 5 s lease on the store's clock
+        second = StageProcess(env, stage, *lease)
+        assert second.wait() == 0, second.stderr[-3000:]
+        assert "taking over the lock" in second.stderr, second.stderr[-3000:]
+        before = bucket_state(store)
+        manifest = read_manifest(store, "018", stage)
+    finally:
+        os.killpg(first.proc.pid, signal.SIGCONT)
+    assert first.wait() == 75, first.stderr[-3000:]
+    assert "lost the lock" in first.stderr.strip().splitlines()[-1], first.stderr[-3000:]
+    assert bucket_state(store) == before
+    assert read_manifest(store, "018", stage) == manifest and done_or_absent(store, stage)
 
 
 def test_scratch_disk_full(server: EmbeddedS3, tiny_capture: Path, tmp_path: Path) -> None:

@@ -168,10 +168,19 @@ def test_training_resumes_after_sigkill_and_exports_a_better_avatar(store: Objec
         proc.wait()
     assert read_manifest(store, "018", "gaussianhead") is None
 
-    r = cli(*args, env=s3_env, timeout=600)
+    # The retry runs with other execution settings (issue 34.1): it resumes all the same.
+    retry = ["--set", "gaussianhead.compile=false", "--set", "gaussianhead.device=cpu",
+             "--set", "gaussianhead.precision=fp32", "--set", "gaussianhead.checkpoint_every=50"]
+    r = cli(*args, *retry, env=s3_env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming from the checkpoint at step 100" in r.stderr
     m = read_manifest(store, "018", "gaussianhead")
+    # Another evaluation interval is a cache hit; another learning rate is not.
+    r = cli(*args, "--set", "gaussianhead.eval_every=7", env=s3_env)
+    assert r.returncode == 0 and json.loads(r.stdout.strip().splitlines()[-1])["cached"] is True, r.stderr[-2000:]
+    r = cli("status", "--capture", "018", "--profile", "demo", "--set", "meshhead.steps=60",
+            "--set", "gaussianhead.lr_net=0.0002", env=s3_env)
+    assert "gaussianhead  stale: config gaussianhead.lr_net (made" in r.stdout, r.stdout
     history = json.loads(store.get_bytes(f"{prefix}/history.json"))
     assert [h["step"] for h in history["losses"]] == list(range(10, 201, 10))
     evals = history["holdout"]

@@ -1,4 +1,4 @@
-"""No code from data (issue 34): checkpoints and models from the bucket load as plain tensors only.
+"""No code from data (issue 34): checkpoints, models and arrays from the bucket load as plain data only.
 
 A pickle carrying a payload (an object whose ``__reduce__`` would create a marker file) is planted
 where a stage loads a checkpoint or a model; the load is refused with one line naming the key, the
@@ -21,6 +21,7 @@ from headavatar.contract.manifest import FileEntry, Manifest
 from headavatar.contract.outputs import OutputWriter
 from headavatar.contract.stage import StageContext, manifest_key, read_manifest
 from headavatar.errors import RefusedObject
+from headavatar.imaging import npy_array, npz_arrays, npz_bytes
 from headavatar.layout import stage_prefix
 from headavatar.stages.gaussianhead import load_meshhead
 from headavatar.storage import ObjectStore
@@ -209,3 +210,62 @@ def test_corrupt_or_foreign_files_are_refused_in_one_line(data: bytes | str, why
     msg = str(e.value)
     assert msg.startswith("s3://b/k.pt: refused to load") and msg.endswith("; rerun it") and "\n" not in msg, msg
     assert why in msg
+
+
+class ArrayPayload:
+    """An object array's element: unpickling it creates ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').close()",)
+
+
+def test_planted_arrays_are_refused_in_one_line_and_their_payload_never_runs(store: ObjectStore,
+                                                                               tmp_path: Path) -> None:
+    """Cameras, fitted parameters, landmarks and vertices (.npz/.npy) from the bucket load as plain arrays only."""
+    control, marker = tmp_path / "control", tmp_path / "pwned"
+
+    def evil(path: Path, kind: str) -> bytes:
+        buf = io.BytesIO()
+        objects = np.array([ArrayPayload(path)], dtype=object)
+        if kind == "npz":
+            np.savez(buf, intrinsic=objects, extrinsic=np.eye(4))
+        else:
+            np.save(buf, objects, allow_pickle=True)
+        return buf.getvalue()
+
+    for kind, load in (("npz", lambda data, src: npz_arrays(data, src, ("intrinsic", "extrinsic"))),
+                       ("npy", npy_array)):
+        data = evil(control, kind)
+        loaded = np.load(io.BytesIO(data), allow_pickle=True)  # the payload is live: loaded the unsafe way it runs
+        _ = loaded["intrinsic"] if kind == "npz" else loaded
+        assert control.exists()
+        control.unlink()
+        key = store.key(stage_prefix(CAPTURE, "sample"), f"cameras/frame_000000/camera_x.{kind}")
+        store.put_bytes(key, evil(marker, kind))
+        with pytest.raises(RefusedObject) as e:
+            load(store.get_bytes(key), store.uri(key))
+        msg = str(e.value)
+        assert msg.startswith(f"{store.uri(key)}: refused to load: not plain arrays"), msg
+        assert "an object array" in msg, msg
+        assert "\n" not in msg and "allow_pickle" not in msg, msg  # not numpy's advice: it is the hole
+        assert not marker.exists()
+    # Corrupt bytes, an array missing from an archive, and an archive where one array belongs are refused too.
+    for data, load, why in ((b"PK\x03\x04junk", npz_arrays, "not plain arrays"),
+                            (npz_bytes(intrinsic=np.eye(3)), lambda d, s: npz_arrays(d, s, ("extrinsic",)),
+                             "no array 'extrinsic'"),
+                            (npz_bytes(v=np.eye(3)), npy_array, "an .npz archive")):
+        with pytest.raises(RefusedObject, match=why):
+            load(data, "s3://b/k")
+    plain = npz_arrays(npz_bytes(intrinsic=np.eye(3), extrinsic=np.eye(4)), "s3://b/k", ("intrinsic",))
+    assert plain["extrinsic"].shape == (4, 4)
+
+
+def test_stage_code_loads_arrays_only_through_the_plain_loaders() -> None:
+    """No stage reads .npz/.npy with np.load directly: every array from the bucket goes through the checks above."""
+    root = Path(__file__).resolve().parents[1] / "tasks" / "headavatar"
+    direct = [f"{p.relative_to(root)}:{n}" for p in root.rglob("*.py") if p.name != "imaging.py"
+              for n, line in enumerate(p.read_text().splitlines(), 1) if "np.load(" in line]
+    assert direct == [], direct

@@ -41,6 +41,7 @@ class Setting:
     default: Any
     bounds: str
     description: str
+    execution: bool = False  # how the stage runs, not what it computes: outside its cache key
 
 
 def type_name(tp: Any) -> str:
@@ -96,8 +97,10 @@ def settings(model: type[BaseModel] = PipelineConfig) -> list[Setting]:
     out = []
     for section, sfield in model.model_fields.items():
         for name, field in sfield.annotation.model_fields.items():  # type: ignore[union-attr]
+            extra = field.json_schema_extra
             out.append(Setting(section, name, type_name(field.annotation), defaults[section][name], bounds(field),
-                               (field.description or "").strip()))
+                               (field.description or "").strip(),
+                               isinstance(extra, dict) and bool(extra.get("execution"))))
     return out
 
 
@@ -126,7 +129,7 @@ def pipeline_yaml(model: type[BaseModel] = PipelineConfig) -> str:
             section = s.section
             doc = (model.model_fields[section].annotation.__doc__ or "").strip().splitlines()[0]  # type: ignore[union-attr]
             lines += ["", f"{section}:  # {doc}"]
-        note = s.description + (f" [{s.bounds}]" if s.bounds else "")
+        note = s.description + (f" [{s.bounds}]" if s.bounds else "") + (" (execution)" if s.execution else "")
         lines.append(f"  {s.name}: {_yaml_value(s.default)}  # {note}")
     return "\n".join(lines) + "\n"
 
@@ -152,8 +155,9 @@ def reference_markdown(model: type[BaseModel] = PipelineConfig) -> str:
         f"{len(all_settings)} settings in {len(model.model_fields)} sections. "
         "Set any of them in a profile (`config/profiles/<name>.yaml`, `--profile`), an extra file (`--config`), "
         "or on the command line (`--set section.key=value`); `headavatar config show [--profile X]` prints the "
-        "effective configuration. A stage's cache key covers the sections it reads "
-        "(see [Architecture](../architecture.md#caching)).",
+        "effective configuration. A stage's cache key covers the result settings of the sections it reads; "
+        "settings marked *(execution)* change how a stage runs, not what it computes, and stay out of it "
+        "(see [Caching](../caching.md#result-settings-and-execution-settings)).",
     ]
     section = None
     for s in all_settings:
@@ -163,7 +167,7 @@ def reference_markdown(model: type[BaseModel] = PipelineConfig) -> str:
             out += ["", f"## `{section}`", "", doc, "",
                     "| key | type | default | bounds | description |", "|---|---|---|---|---|"]
         out.append(f"| `{s.section}.{s.name}` | {s.type} | {_md(s.default)} | {cell(s.bounds)} | "
-                   f"{cell(s.description)} |")
+                   f"{cell(s.description)}{' *(execution)*' if s.execution else ''} |")
     return "\n".join(out) + "\n"
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from headavatar.errors import PipelineError
+from headavatar.errors import PipelineError, RefusedObject
 from headavatar.settings import ExtractConfig
 
 PixelFn = Callable[[np.ndarray], np.ndarray]
@@ -97,3 +97,39 @@ def npz_bytes(**arrays: np.ndarray) -> bytes:
             info.external_attr = 0o600 << 16
             zf.writestr(info, member.getvalue())
     return buf.getvalue()
+
+
+def npz_arrays(data: bytes, source: str, names: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` from the bucket, plain ones only (``allow_pickle=False``).
+
+    ``source`` names where the bytes came from (an ``s3://`` URI). An object array (a pickle that
+    would run code when loaded), a corrupt file or a missing ``names`` entry raises
+    :class:`RefusedObject`: one line naming ``source``; nothing in the file runs."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            arrays = {name: z[name] for name in z.files}
+    except Exception as e:  # bytes from the bucket: whatever numpy trips over, the file is refused
+        raise RefusedObject(f"{source}: refused to load: not plain arrays ({_first_line(e)})") from None
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise RefusedObject(f"{source}: refused to load: no array {', '.join(map(repr, missing))}")
+    return arrays
+
+
+def npy_array(data: bytes, source: str) -> np.ndarray:
+    """One ``.npy`` from the bucket, a plain array only: as :func:`npz_arrays`."""
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as e:
+        raise RefusedObject(f"{source}: refused to load: not plain arrays ({_first_line(e)})") from None
+    if not isinstance(array, np.ndarray):
+        raise RefusedObject(f"{source}: refused to load: an .npz archive where one array (.npy) belongs")
+    return array
+
+
+def _first_line(e: BaseException) -> str:
+    """Why numpy refused the bytes, in a few words (never its advice: ``allow_pickle=True`` is the hole)."""
+    text = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+    if "Object arrays cannot be loaded" in text:
+        return "an object array: pickled objects, which could run code"
+    return f"{type(e).__name__}: {text[:157] + '...' if len(text) > 160 else text}"

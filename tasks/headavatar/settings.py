@@ -2,7 +2,8 @@
 
 Every section is a frozen pydantic model with ``extra="forbid"``, so a typo or an out-of-range
 value fails at load time with a one-line error naming the key. A stage's cache key includes the
-digest of exactly the sections it declares (:data:`headavatar.stages.Stage.config_sections`).
+result settings of exactly the sections it declares (:data:`headavatar.stages.Stage.config_sections`):
+every setting but those marked :func:`execution`, and those marked :func:`added_later` at their default.
 """
 
 from __future__ import annotations
@@ -26,6 +27,26 @@ NERSEMBLE_CAMERAS = (
 
 PositiveInt = Annotated[int, Field(gt=0)]
 DeviceName = Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto = CUDA when present")]
+
+
+# A setting marked execution changes how a stage runs, not what it computes (a device, a worker count,
+# how often to checkpoint): it stays out of the stage's cache key (contract/config_key.py), so changing
+# it on a retry keeps the finished outputs and resumes training from its checkpoint.
+EXECUTION = {"execution": True}
+
+
+def execution(default: Any, **kwargs: Any) -> Any:
+    """``Field(default, ...)`` for an execution setting."""
+    return Field(default, json_schema_extra=EXECUTION, **kwargs)
+
+
+def added_later(default: Any, **kwargs: Any) -> Any:
+    """``Field(default, ...)`` for a setting added to a section after captures were processed.
+
+    At ``default`` (which must reproduce what the stage did before the setting existed) it stays
+    out of the cache key, so manifests and checkpoints written before it existed stay valid.
+    """
+    return Field(default, json_schema_extra={"added_later": True}, **kwargs)
 
 
 class Section(BaseModel):
@@ -113,9 +134,9 @@ class ExtractConfig(Section):
         256, description="side of the low-resolution copies (px), resized from the output image")
     jpeg_quality: Annotated[int, Field(ge=50, le=100)] = Field(
         95, description="JPEG quality of the images written (95 = cv2.imwrite's default, as the reference)")
-    workers: Annotated[int, Field(ge=0, le=256)] = Field(
+    workers: Annotated[int, Field(ge=0, le=256)] = execution(
         0, description="camera processes decoding in parallel; 0 = one per core")
-    prefetch_videos: Annotated[int, Field(ge=0, le=256)] = Field(
+    prefetch_videos: Annotated[int, Field(ge=0, le=256)] = execution(
         2, description="raw videos fetched ahead of the camera processes; scratch holds at most workers + this many "
         "videos (each with its camera's plate), each deleted once decoded")
     # NeRSemble v2 ships color_calibration.json (one matrix per camera); the dataset authors recommend applying it.
@@ -160,10 +181,10 @@ class MattingConfig(Section):
         80_000, description="pixels refined per image in the 'sampling' refine mode")
     refine_threshold: Annotated[float, Field(ge=0, le=1)] = Field(
         0.1, description="error threshold of the 'thresholding' refine mode")
-    batch_size: Annotated[int, Field(ge=1, le=64)] = Field(8, description="frames per GPU batch")
-    precision: Literal["fp32", "fp16"] = Field(
+    batch_size: Annotated[int, Field(ge=1, le=64)] = execution(8, description="frames per GPU batch")
+    precision: Literal["fp32", "fp16"] = execution(
         "fp16", description="fp16 takes effect on CUDA only; the CPU always runs fp32")
-    device: DeviceName = Field("auto", description="auto | cpu | cuda | cuda:N (auto = CUDA when present)")
+    device: DeviceName = execution("auto", description="auto | cpu | cuda | cuda:N (auto = CUDA when present)")
     classical_threshold: Annotated[float, Field(ge=0, le=255)] = Field(
         0.0, description="classical: difference to the plate (8-bit levels) that counts as subject; 0 = Otsu")
     classical_low_threshold: Annotated[float, Field(ge=0, le=255)] = Field(
@@ -200,7 +221,7 @@ class LandmarksConfig(Section):
         "of faces turned 30-50 degrees away, which 0 drops")
     fan_face_detector: Literal["blazeface", "sfd"] = Field(
         "blazeface", description="face_alignment's face detector (blazeface as the reference)")
-    device: DeviceName = Field("auto", description="auto | cpu | cuda | cuda:N (auto = CUDA when present)")
+    device: DeviceName = execution("auto", description="auto | cpu | cuda | cuda:N (auto = CUDA when present)")
     overlay_frames: Annotated[int, Field(ge=0, le=100)] = Field(
         3, description="landmark and fit contact sheets written (first, ..., last frame)")
 
@@ -227,7 +248,7 @@ class FittingConfig(Section):
     all_lr: Annotated[float, Field(gt=0, le=1)] = Field(1e-3, description="phase 2 learning rate")
     tolerance: Annotated[float, Field(ge=0)] = Field(
         1e-10, description="a phase stops when the loss changes less than this")
-    device: DeviceName = Field("auto", description="auto | cpu | cuda | cuda:N (auto = CUDA when present)")
+    device: DeviceName = execution("auto", description="auto | cpu | cuda | cuda:N (auto = CUDA when present)")
 
 
 class MeshHeadConfig(Section):
@@ -265,25 +286,25 @@ class MeshHeadConfig(Section):
         100.0, description="weight of the uniform Laplacian smoothness loss")
     edge_softness_px: Annotated[float, Field(gt=0, le=8)] = Field(0.5, description="soft-silhouette sigma (px)")
     # torch runs anywhere and was the faster on an H100 (docs/stages/meshhead.md); pytorch3d (BSD) when installed
-    rasterizer: Literal["torch", "pytorch3d"] = Field(
+    rasterizer: Literal["torch", "pytorch3d"] = execution(
         "torch", description="torch (anywhere; the faster on an H100) or pytorch3d (BSD, when installed)")
-    precision: Literal["fp32", "bf16"] = Field(
+    precision: Literal["fp32", "bf16"] = execution(
         "bf16", description="bf16 = MLP matmuls under autocast on CUDA (geometry stays fp32); fp32 everywhere else")
-    compile: bool = Field(
+    compile: bool = execution(
         True, description="CUDA: MLPs, rasteriser shading, Laplacian under torch.compile (~3 min at step 1); CPU: no")
     holdout_cameras: tuple[str, ...] = Field(
         ("222200039", "222200044"), description="cameras never trained on; scored (silhouette IoU) and pictured")
     # Sequences (name patterns) never trained on; every camera of them is scored (self-reenactment).
     holdout_sequences: tuple[SequencePattern, ...] = Field(
         (), description="sequence name patterns never trained on; every camera of them is scored (self-reenactment)")
-    eval_every: Annotated[int, Field(ge=0)] = Field(
+    eval_every: Annotated[int, Field(ge=0)] = execution(
         1000, description="held-out evaluation every N steps (0 = at the end only)")
-    checkpoint_every: Annotated[int, Field(ge=1)] = Field(
+    checkpoint_every: Annotated[int, Field(ge=1)] = execution(
         500, description="resumable state (_state/checkpoint.pt) every N steps, overwritten")
-    keep_checkpoint_every: Annotated[int, Field(ge=0)] = Field(
+    keep_checkpoint_every: Annotated[int, Field(ge=0)] = execution(
         2500, description="also published as checkpoints/step-N.pt every N steps (0 = never)")
     seed: int = Field(0, description="random seed (sampler, initialisation); CPU training is bit-reproducible")
-    device: DeviceName = Field("auto", description="auto | cpu | cuda | cuda:N (auto = CUDA when present)")
+    device: DeviceName = execution("auto", description="auto | cpu | cuda | cuda:N (auto = CUDA when present)")
 
 
 class GaussianHeadConfig(Section):
@@ -322,25 +343,25 @@ class GaussianHeadConfig(Section):
         0.1, description="weight of the perceptual loss (LPIPS-VGG, or 1 - SSIM without weights)")
     lpips_weights: str | None = Field(None, description="LPIPS-VGG weights (path or s3://); unset = SSIM stand-in")
     # auto = gsplat on CUDA when installed; dgr = diff-gaussian-rasterization built with 32 channels (non-commercial)
-    rasterizer: Literal["auto", "gsplat", "dgr", "torch"] = Field(
+    rasterizer: Literal["auto", "gsplat", "dgr", "torch"] = execution(
         "auto",
         description="auto = gsplat on CUDA when installed, else torch; dgr = 32-channel diff-gaussian-rasterization")
-    precision: Literal["fp32", "bf16"] = Field(
+    precision: Literal["fp32", "bf16"] = execution(
         "bf16", description="bf16 = MLPs + super-resolution under autocast on CUDA; fp32 everywhere else")
-    compile: bool = Field(
+    compile: bool = execution(
         True, description="CUDA: Gaussian MLPs, super-resolution + losses under torch.compile (~1 min at step 1)")
     holdout_cameras: tuple[str, ...] = Field(
         ("222200039", "222200044"), description="cameras never trained on; scored (PSNR, SSIM, LPIPS) and pictured")
     holdout_sequences: tuple[SequencePattern, ...] = Field(
         (), description="sequence name patterns never trained on, as meshhead.holdout_sequences")
-    eval_every: Annotated[int, Field(ge=0)] = Field(
+    eval_every: Annotated[int, Field(ge=0)] = execution(
         5000, description="held-out evaluation every N steps (0 = at the end only)")
-    checkpoint_every: Annotated[int, Field(ge=1)] = Field(
+    checkpoint_every: Annotated[int, Field(ge=1)] = execution(
         1000, description="resumable state (_state/checkpoint.pt) every N steps, overwritten")
-    keep_checkpoint_every: Annotated[int, Field(ge=0)] = Field(
+    keep_checkpoint_every: Annotated[int, Field(ge=0)] = execution(
         25_000, description="also published as checkpoints/step-N.pt every N steps (0 = never)")
     seed: int = Field(0, description="random seed (sampler, initialisation); CPU training is bit-reproducible")
-    device: DeviceName = Field("auto", description="auto | cpu | cuda | cuda:N (auto = CUDA when present)")
+    device: DeviceName = execution("auto", description="auto | cpu | cuda | cuda:N (auto = CUDA when present)")
 
 
 Hours = Annotated[float, Field(gt=0, le=24 * 60)]

@@ -2,6 +2,10 @@
 
 Large files go multipart through s3transfer; batches of small objects run on a thread pool.
 Errors come back as :class:`~headavatar.errors.StorageError` subclasses naming the ``s3://`` URI.
+
+A store can be fenced (:meth:`ObjectStore.fence_with`): every request that writes or deletes,
+each retry and each part of a multipart upload included, first calls the fence, which raises when
+the stage run lost its lease (``contract/lock.py``), so a run that lost its lease changes nothing.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from headavatar.settings import StorageConfig
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 MB = 1024 * 1024
+# Requests that change the bucket (PutObject, parts, CompleteMultipartUpload, DeleteObject(s), copies).
+WRITE_METHODS = frozenset({"PUT", "POST", "DELETE"})
 
 
 @dataclass(frozen=True)
@@ -113,18 +119,9 @@ class ObjectStore:
     def __init__(self, cfg: StorageConfig):
         self.cfg = cfg
         self.bucket = cfg.bucket
-        self.client = boto3.session.Session().client(
-            "s3",
-            endpoint_url=cfg.endpoint_url,
-            region_name=cfg.region,
-            config=Config(
-                retries={"max_attempts": cfg.max_attempts, "mode": "standard"},
-                max_pool_connections=max(cfg.max_concurrency * 2, 10),
-                s3={"addressing_style": "path"},
-                connect_timeout=10,
-                read_timeout=120,
-            ),
-        )
+        self.client = self.new_client()
+        self._fence: Callable[[], None] | None = None
+        self.client.meta.events.register("before-send.s3", self._before_send)
         self.transfer = TransferConfig(
             multipart_threshold=cfg.multipart_threshold_mb * MB,
             multipart_chunksize=cfg.multipart_chunk_mb * MB,
@@ -133,6 +130,31 @@ class ObjectStore:
         )
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+
+    def new_client(self, attempts: int | None = None, connect_timeout: float = 10, read_timeout: float = 120):
+        """A boto3 S3 client for this store's server (the store's own, or an unfenced one for a lease)."""
+        cfg = self.cfg
+        return boto3.session.Session().client(
+            "s3",
+            endpoint_url=cfg.endpoint_url,
+            region_name=cfg.region,
+            config=Config(
+                retries={"max_attempts": attempts or cfg.max_attempts, "mode": "standard"},
+                max_pool_connections=max(cfg.max_concurrency * 2, 10),
+                s3={"addressing_style": "path"},
+                connect_timeout=connect_timeout,
+                read_timeout=read_timeout,
+            ),
+        )
+
+    # --- fencing -------------------------------------------------------------------------
+    def fence_with(self, fence: Callable[[], None] | None) -> None:
+        """Call ``fence`` before every request that writes or deletes (None: no fence)."""
+        self._fence = fence
+
+    def _before_send(self, request, **_: object) -> None:
+        if self._fence is not None and request.method in WRITE_METHODS:
+            self._fence()
 
     # --- keys ----------------------------------------------------------------------------
     def key(self, *parts: str) -> str:
@@ -179,6 +201,24 @@ class ObjectStore:
     def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None:
         extra = {"ContentType": content_type} if content_type else {}
         self._call("write", key, lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=data, **extra))
+
+    def put_new(self, key: str, data: bytes, content_type: str | None = None) -> bool:
+        """Write ``key`` only where no object is (``If-None-Match: *``): False when another one already was.
+
+        A retry whose first attempt did land (its answer lost) finds its own bytes: that counts as written."""
+        extra = {"ContentType": content_type} if content_type else {}
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=data, IfNoneMatch="*", **extra)
+        except ClientError as e:
+            if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
+                try:
+                    return self.get_bytes(key) == data
+                except MissingObject:  # deleted since: not written by this call either
+                    return False
+            raise self._error(e, key, "write") from e
+        except BotoCoreError as e:
+            raise self._error(e, key, "write") from e
+        return True
 
     def get_bytes(self, key: str) -> bytes:
         return self._call("read", key, lambda: self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read())

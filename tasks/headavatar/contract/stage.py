@@ -2,7 +2,8 @@
 
 1. A stage declares its inputs (upstream stages, or the raw capture), the config sections it
    reads and its code version; its cache key is the content digests of those inputs, the digest of
-   those sections and the code version (bumped when the stage's outputs would change). Outputs it
+   those sections' result settings (``contract/config_key.py``: execution settings such as the
+   device stay out) and the code version (bumped when the stage's outputs would change). Outputs it
    declares volatile (telemetry) are listed but left out of the content digest downstream stages key on.
 2. It writes only under ``avatars/<capture>/<stage>/`` through :class:`OutputWriter`.
 3. The old manifest is deleted BEFORE any output is touched and the new one is written LAST, after
@@ -13,8 +14,9 @@
 5. Local scratch space lives in one directory removed at the end, also on errors and SIGTERM; a
    directory left by a SIGKILLed run is removed by the next run on the host.
 6. One run at a time computes a (capture, stage): a lease in the bucket (``contract/lock.py``);
-   a concurrent run exits 75 (retried later, then a cache hit), and a run that lost its lease
-   does not write its manifest.
+   a concurrent run exits 75 (retried later, then a cache hit). Every write and delete of the run
+   is fenced by the lease, so a run that lost it (paused past its ttl) changes nothing more, and
+   the manifest is written only where none is (``If-None-Match``).
 """
 
 from __future__ import annotations
@@ -27,14 +29,15 @@ import shutil
 import tempfile
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import ClassVar
 
 from headavatar import __version__
 from headavatar.capture_id import validate_capture_id
-from headavatar.contract.lock import StageLock, pid_alive
+from headavatar.contract.config_key import config_key, result_config
+from headavatar.contract.lock import StageLock, lost_lock, pid_alive
 from headavatar.contract.manifest import FIRST_CODE_VERSION, Manifest, digest, take_devices
 from headavatar.contract.outputs import RESERVED_PREFIX, OutputWriter
 from headavatar.contract.usage import WORKER_CPU_METRIC, ResourceUsage
@@ -63,11 +66,20 @@ class StageContext:
     fresh: bool = False  # --force: start over, ignoring state kept from earlier attempts
     config_digest: str = ""
     code_version: int = FIRST_CODE_VERSION
+    whole_config_digest: str = ""  # the digest of the whole sections, execution settings included
+    lease: StageLock | None = None  # what worker processes fence their writes with
 
     @property
     def cache_key(self) -> str:
-        """What this attempt computes from: its inputs, its config sections and its code version."""
+        """What this attempt computes from: its inputs, its result settings and its code version."""
         return digest({"inputs": self.inputs, "config": self.config_digest, "code": self.code_version})
+
+    @property
+    def resumable_keys(self) -> frozenset[str]:
+        """Keys of checkpoints this attempt may resume: its own, and the key a release that digested
+        whole sections gave the same config, so upgrading does not restart a training."""
+        legacy = digest({"inputs": self.inputs, "config": self.whole_config_digest, "code": self.code_version})
+        return frozenset({self.cache_key, legacy})
 
     def state_key(self, rel: str) -> str:
         """Key for state that outlives one attempt (checkpoints): never in the manifest, never stale."""
@@ -127,8 +139,16 @@ def read_manifest(store: ObjectStore, capture: str, stage: str) -> Manifest | No
 
 
 def config_digest(stage: Stage, config: PipelineConfig) -> tuple[str, dict]:
+    """The config part of the stage's cache key, and its sections in full (what the manifest records)."""
     sections = {s: config.section(s).model_dump(mode="json") for s in stage.config_sections}
-    return digest(sections), sections
+    return config_key(sections), sections
+
+
+def _keyed(manifest: Manifest) -> Manifest:
+    """``manifest`` as the cache check sees it: its recorded config cut to result settings and keyed anew.
+
+    So a manifest written when keys covered whole sections counts by its result settings too."""
+    return replace(manifest, config=result_config(manifest.config), config_digest=config_key(manifest.config))
 
 
 @dataclass(frozen=True)
@@ -163,7 +183,8 @@ def expected(stage: Stage, capture: str, config: PipelineConfig, store: ObjectSt
 
 def stale_reasons(manifest: Manifest, exp: Expected) -> list[str]:
     """Why ``manifest`` is not what a run now would compute from (empty: a cache hit)."""
-    return manifest.stale_reasons(exp.inputs, exp.config_digest, exp.config, exp.code_version)
+    return _keyed(manifest).stale_reasons(exp.inputs, exp.config_digest, result_config(exp.config),
+                                          exp.code_version)
 
 
 def _outputs_present(store: ObjectStore, prefix: str, manifest: Manifest) -> bool:
@@ -199,6 +220,7 @@ def run_stage(stage: Stage, capture: str, config: PipelineConfig, store: ObjectS
     lock = StageLock(store, f"{prefix}/{RESERVED_PREFIX}state/lock.json", f"capture {capture} stage {stage.name}",
                      ttl=config.storage.lock_ttl_s)
     lock.acquire()
+    store.fence_with(lock.fence)
     try:
         # A concurrent run may have finished while this one was starting: its result is ours.
         cached = _cache_hit(store, stage, capture, prefix, exp, force)
@@ -206,6 +228,7 @@ def run_stage(stage: Stage, capture: str, config: PipelineConfig, store: ObjectS
             return cached
         return _compute(stage, capture, config, store, force, prefix, exp, lock)
     finally:
+        store.fence_with(None)
         lock.release()
 
 
@@ -215,7 +238,7 @@ def _cache_hit(store: ObjectStore, stage: Stage, capture: str, prefix: str, exp:
     existing = read_manifest(store, capture, stage.name)
     if existing is None or force:
         return None
-    if existing.matches(exp.inputs, exp.config_digest, exp.code_version):
+    if _keyed(existing).matches(exp.inputs, exp.config_digest, exp.code_version):
         if _outputs_present(store, prefix, existing):
             log.info("%s/%s: cache hit (%d files, %s)", capture, stage.name, len(existing.files), store.uri(mkey))
             return StageResult(stage.name, capture, True, existing, store.uri(mkey))
@@ -242,7 +265,8 @@ def _compute(stage: Stage, capture: str, config: PipelineConfig, store: ObjectSt
     take_devices()  # the devices an earlier stage of this process chose are not this one's
     writer = OutputWriter(store, prefix)
     ctx = StageContext(stage.name, capture, config, store, scratch, exp.upstream, inputs, writer,
-                       fresh=force, config_digest=cdigest, code_version=exp.code_version)
+                       fresh=force, config_digest=cdigest, code_version=exp.code_version,
+                       whole_config_digest=digest(exp.config), lease=lock)
     log.info("%s/%s: running (inputs %s)", capture, stage.name, ", ".join(inputs) or "none")
     usage = ResourceUsage()
     try:
@@ -279,7 +303,8 @@ def _compute(stage: Stage, capture: str, config: PipelineConfig, store: ObjectSt
         volatile=sorted(rel for rel in writer.entries
                         if any(fnmatch.fnmatchcase(rel, pat) for pat in stage.volatile_outputs)),
     )
-    lock.check()
-    store.put_bytes(mkey, manifest.to_json(), content_type="application/json")
+    lock.fence(renew=True)
+    if not store.put_new(mkey, manifest.to_json(), content_type="application/json"):
+        raise lost_lock(lock.what, store.uri(lock.key))  # another run's manifest is there: never replaced
     log.info("%s/%s: done in %.1fs, %d files -> %s", capture, stage.name, wall, len(writer.entries), store.uri(mkey))
     return StageResult(stage.name, capture, False, manifest, store.uri(mkey))

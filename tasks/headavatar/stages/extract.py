@@ -42,6 +42,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
+from functools import partial
 from multiprocessing import forkserver
 from pathlib import Path
 
@@ -50,6 +51,7 @@ import numpy as np
 from tqdm import tqdm
 
 from headavatar.color import ColorCorrection
+from headavatar.contract.lock import StageLock, shared_fence
 from headavatar.contract.manifest import FileEntry
 from headavatar.contract.outputs import OutputWriter
 from headavatar.contract.stage import Stage, StageContext
@@ -177,6 +179,8 @@ def extract_camera(job: CameraJob) -> CameraResult:
     t0, cpu0 = time.monotonic(), time.process_time()
     shared = _worker_store  # made by the pool's initializer from this job's storage config
     store = shared or ObjectStore(job.storage)
+    if shared is None:
+        store.fence_with(_inline_fence)
     out = OutputWriter(store, job.prefix)
     cam, q = job.camera, job.jpeg_quality
     try:
@@ -282,7 +286,7 @@ class Extract(Stage):
                 self._fetch(ctx, raw, scratch, seq, cam)
             log.info("%s: reading %d video headers", ctx.capture, len(order))
             probing = store.submit_all(lambda o: _probe(store, o), [seq.videos[cam] for seq, cam in order])
-            with worker_pool(workers, store.cfg) as pool:
+            with worker_pool(workers, store.cfg, ctx.lease) as pool:
                 infos = dict(zip([(s.label, cam) for s, cam in order], gather(probing), strict=True))
                 self._extract(ctx, raw, infos, scratch, pool, workers)
         finally:
@@ -385,10 +389,12 @@ def _probe(store: ObjectStore, obj: ObjectInfo) -> VideoInfo:
 
 
 _worker_store: ObjectStore | None = None  # one per camera worker process, made by _init_worker
+_inline_fence: Callable[[], None] | None = None  # the stage's lease fence, for jobs run without workers
 
 
-def _init_worker(level: int, storage: StorageConfig, environ: dict[str, str], cv_threads: int) -> None:
-    """Make the S3 client (about 0.1 s of CPU) while the parent downloads.
+def _init_worker(level: int, storage: StorageConfig, environ: dict[str, str], cv_threads: int,
+                 lease: tuple | None) -> None:
+    """Make the S3 client (about 0.1 s of CPU) while the parent downloads, fenced by the stage's lease.
 
     A forkserver child inherits the server's environment, frozen when the server started;
     the caller's current one (credentials included) is what this run must use.
@@ -399,6 +405,8 @@ def _init_worker(level: int, storage: StorageConfig, environ: dict[str, str], cv
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cv2.setNumThreads(cv_threads)  # cameras are the parallelism: OpenCV gets only the cores left over
     _worker_store = ObjectStore(storage)
+    if lease is not None:
+        _worker_store.fence_with(partial(shared_fence, lease))
 
 
 def start_worker_server() -> multiprocessing.context.ForkServerContext:
@@ -410,19 +418,28 @@ def start_worker_server() -> multiprocessing.context.ForkServerContext:
 
 
 @contextlib.contextmanager
-def worker_pool(workers: int, storage: StorageConfig) -> Iterator[ProcessPoolExecutor | None]:
+def worker_pool(workers: int, storage: StorageConfig,
+                lease: StageLock | None = None) -> Iterator[ProcessPoolExecutor | None]:
     """Camera worker processes, forked from a clean single-threaded server that has imported them.
 
     Not forked from this process, which holds S3 transfer and lease threads. Not spawned either:
     every spawned worker imports numpy, OpenCV, PyAV and boto3 again (about 0.6 s of CPU each).
+    Their writes are fenced by ``lease``, as this process's are.
     """
+    global _inline_fence
     if workers <= 1:
-        yield None
+        _inline_fence = lease.fence if lease is not None else None
+        try:
+            yield None
+        finally:
+            _inline_fence = None
         return
     ctx = start_worker_server()
     level = logging.getLogger().getEffectiveLevel()
+    shared = lease.share() if lease is not None else None
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(level, storage, dict(os.environ), max(1, cpu_count() // workers))) as pool:
+                             initargs=(level, storage, dict(os.environ), max(1, cpu_count() // workers),
+                                       shared)) as pool:
         for _ in range(workers):
             pool.submit(int)  # start every worker now
         yield pool

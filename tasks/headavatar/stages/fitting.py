@@ -35,7 +35,7 @@ from headavatar.devices import resolve_device
 from headavatar.errors import ConfigError, PipelineError
 from headavatar.fitting.bfm import BFM_INSTRUCTIONS, MorphableModel
 from headavatar.fitting.solver import Fit, Observations, fit
-from headavatar.imaging import decode_image, encode_jpg, npz_bytes
+from headavatar.imaging import decode_image, encode_jpg, npz_arrays, npz_bytes
 from headavatar.landmarks.base import LandmarkDetector, Landmarks
 from headavatar.landmarks.factory import build_detector
 from headavatar.layout import FRAMES_INDEX, ground_truth_prefix
@@ -182,16 +182,16 @@ class Fitting(Stage):
         out = {}
         for rel, (key, _, _) in _truth_keys(ctx.store, ctx.capture).items():
             if rel.endswith("/params.npz"):
-                path = ctx.store.download_file(key, ctx.scratch / "truth" / rel)
-                out[rel.split("/")[0]] = dict(np.load(path))
+                out[rel.split("/")[0]] = npz_arrays(ctx.store.get_bytes(key), ctx.store.uri(key))
         return out
 
     def _cameras(self, ctx: StageContext, pool: ThreadPoolExecutor, frames: list[Frame],
                  cams: list[str]) -> dict[tuple[int, int], Camera]:
         def load(job: tuple[int, int]) -> Camera:
             rel = f"cameras/{frames[job[0]].folder}/camera_{cams[job[1]]}.npz"
-            with np.load(io.BytesIO(ctx.store.get_bytes(ctx.input_key("sample", rel)))) as z:
-                return Camera(z["intrinsic"].astype(np.float64), z["extrinsic"][:3].astype(np.float64))
+            key = ctx.input_key("sample", rel)
+            z = npz_arrays(ctx.store.get_bytes(key), ctx.store.uri(key), ("intrinsic", "extrinsic"))
+            return Camera(z["intrinsic"].astype(np.float64), z["extrinsic"][:3].astype(np.float64))
 
         jobs = [(f, c) for f in range(len(frames)) for c in range(len(cams))]
         return dict(zip(jobs, pool.map(load, jobs), strict=True))

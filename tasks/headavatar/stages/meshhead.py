@@ -21,7 +21,7 @@ import torch
 from headavatar.contract.stage import Stage, StageContext
 from headavatar.devices import resolve_device
 from headavatar.errors import PipelineError
-from headavatar.imaging import encode_jpg, npz_bytes
+from headavatar.imaging import encode_jpg, npy_array, npz_bytes
 from headavatar.meshhead.trainer import MeshHeadTrainer, init_model, render
 from headavatar.render.mesh_raster import build_mesh_rasterizer
 from headavatar.training.checkpoints import Checkpoints
@@ -67,7 +67,7 @@ class MeshHeadStage(Stage):
         views = load_views(ctx, cfg.render_size, lowres=cfg.render_size <= ctx.config.extract.lowres_size)
         views, held_views = split_sequences(views, cfg.holdout_sequences, "meshhead.holdout_sequences")
         first = ctx.input_key("fitting", f"params/{views.folders[0]}/vertices.npy")
-        model = init_model(cfg, views, np.load(io.BytesIO(ctx.store.get_bytes(first))))
+        model = init_model(cfg, views, npy_array(ctx.store.get_bytes(first), ctx.store.uri(first)))
         raster = build_mesh_rasterizer(cfg.rasterizer, cfg.edge_softness_px)
         trainer = MeshHeadTrainer(model, views, cfg, raster, device)
         checkpoints = Checkpoints(ctx, cfg.keep_checkpoint_every)

@@ -1,7 +1,9 @@
 """Training checkpoints kept in the stage's private state area of the bucket.
 
-A checkpoint records the attempt's cache key (inputs + config): a retry of the same task resumes
-from it, while changed inputs or config, or ``--force``, start over. Uploads go through a scratch
+A checkpoint records the attempt's cache key (inputs + result settings): a retry of the same task
+resumes from it, also with other execution settings (device, compile, precision: weights and
+optimiser state are fp32 whatever the precision, and load onto the CPU first), while changed inputs
+or result settings, or ``--force``, start over. Uploads go through a scratch
 file and one PUT (multipart when large), so a killed upload never replaces a good checkpoint.
 
 Every ``keep_every`` steps a copy is also published as a stage output, ``checkpoints/step-<N>.pt``
@@ -131,7 +133,7 @@ class Checkpoints:
         state = load_plain(data, self.ctx.store.uri(self.key),
                            f"not a checkpoint this pipeline wrote: delete it, or start over with 'headavatar run "
                            f"{self.ctx.stage} --capture {self.ctx.capture} --force'", required=("step", "cache_key"))
-        if state.get("cache_key") != self.ctx.cache_key:
+        if state.get("cache_key") not in self.ctx.resumable_keys:
             log.info("%s/%s: checkpoint from other inputs/config ignored", self.ctx.capture, self.ctx.stage)
             return None
         for p in state.get("published", []):

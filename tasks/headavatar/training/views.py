@@ -7,7 +7,6 @@ visibility mask at one resolution, the camera, and per frame the stage-4 fit and
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 
 from headavatar.errors import ConfigError, UpstreamMissing
-from headavatar.imaging import decode_image
+from headavatar.imaging import decode_image, npy_array, npz_arrays
 from headavatar.layout import FRAMES_INDEX
 from headavatar.settings import sequence_name
 
@@ -95,16 +94,18 @@ def load_views(ctx: StageContext, size: int, lowres: bool) -> Views:
         mask = image("matting", f"images/{folder}/mask{suffix}_{cam}.jpg", True)
         vis = image("sample", f"images/{folder}/visible{suffix}_{cam}.jpg", True)
         camera = ctx.input_key("sample", f"cameras/{folder}/camera_{cam}.npz")
-        with np.load(io.BytesIO(ctx.store.get_bytes(camera))) as z:
-            k = z["intrinsic"].astype(np.float64).copy()
-            e = z["extrinsic"][:3].astype(np.float64)
+        z = npz_arrays(ctx.store.get_bytes(camera), ctx.store.uri(camera), ("intrinsic", "extrinsic"))
+        k = z["intrinsic"].astype(np.float64).copy()
+        e = z["extrinsic"][:3].astype(np.float64)
         k[:2] *= size / out_size
         return rgb, mask, vis, k, e
 
     def fit(folder: str) -> tuple[np.ndarray, ...]:
-        with np.load(io.BytesIO(ctx.store.get_bytes(ctx.input_key("fitting", f"params/{folder}/params.npz")))) as z:
-            pose, scale, exp = z["pose"][0], float(z["scale"][0]), z["exp_coeff"][0]
-        lmk = np.load(io.BytesIO(ctx.store.get_bytes(ctx.input_key("fitting", f"params/{folder}/lmk_3d.npy"))))
+        params = ctx.input_key("fitting", f"params/{folder}/params.npz")
+        z = npz_arrays(ctx.store.get_bytes(params), ctx.store.uri(params), ("pose", "scale", "exp_coeff"))
+        pose, scale, exp = z["pose"][0], float(z["scale"][0]), z["exp_coeff"][0]
+        lmk_key = ctx.input_key("fitting", f"params/{folder}/lmk_3d.npy")
+        lmk = npy_array(ctx.store.get_bytes(lmk_key), ctx.store.uri(lmk_key))
         return pose, scale, exp, lmk
 
     jobs = [(f, c) for f in folders for c in cams]
