@@ -238,12 +238,12 @@ def test_a_run_paused_past_its_lease_changes_nothing_when_it_resumes(server: Emb
     upload_capture(store, tiny_capture)
     for upstream in STAGE_NAMES[:STAGE_NAMES.index(stage)]:
         assert StageProcess(env, upstream).wait() == 0
-    lease = ["--set", "storage.lock_ttl_s=5"]
+    lease = ["--set", "storage.lock_ttl_s=10"]  # renewals every 3 s: a loaded machine's second run keeps it
     first = StageProcess(env, stage, *lease)
     assert first.computing.wait(120), first.stderr[-3000:]
     os.killpg(first.proc.pid, signal.SIGSTOP)
     try:
-        time.sleep(8)  # past the 5 s lease on the store's clock
+        time.sleep(13)  # past the 10 s lease on the store's clock
         second = StageProcess(env, stage, *lease)
         assert second.wait() == 0, second.stderr[-3000:]
         assert "taking over the lock" in second.stderr, second.stderr[-3000:]
