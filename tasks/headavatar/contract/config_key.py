@@ -28,13 +28,15 @@ def _marked(field: Any, mark: str) -> bool:
 
 def is_execution(section: str, key: str) -> bool:
     """Whether ``section.key`` only changes how a stage runs (it stays out of cache keys)."""
-    field = PipelineConfig.model_fields[section].annotation.model_fields.get(key)
+    known = PipelineConfig.model_fields.get(section)
+    field = known.annotation.model_fields.get(key) if known is not None else None
     return field is not None and _marked(field, "execution")
 
 
 def result_settings(section: str, values: dict[str, Any]) -> dict[str, Any]:
     """``values`` (a section as JSON) less its execution settings and its later settings at their default."""
-    fields = PipelineConfig.model_fields[section].annotation.model_fields
+    known = PipelineConfig.model_fields.get(section)  # a section since removed (an old record) counts whole
+    fields = known.annotation.model_fields if known is not None else {}
     out = {}
     for key, value in values.items():
         field = fields.get(key)
