@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -80,3 +81,16 @@ def test_capacity_plan_follows_the_measurements() -> None:
     assert many["gpu_hours_per_day"] == pytest.approx(40 * one["gpu_hours_per_day"])
     assert many["gpus"] == -(-40 * one["gpu_s_per_capture"] // (86_400 * capacity.GPU_UTILISATION))
     assert many["stored_tb_per_day"] == pytest.approx(40 * one["stored_gb_per_capture"] / 1000)
+
+
+def test_the_docs_name_every_dag_and_count_them_right() -> None:
+    dag_ids = sorted(re.findall(r'(?<!_)dag_id="(\w+)"', "".join(p.read_text() for p in (ROOT / "dags").glob("*.py"))))
+    assert len(dag_ids) == 3, dag_ids
+    layout = next(ln for ln in (ROOT / "README.md").read_text().splitlines() if ln.startswith("dags/"))
+    assert sorted(re.findall(r"headavatar_\w+", layout)) == dag_ids, layout
+    architecture = (ROOT / "docs" / "architecture.md").read_text()
+    row = next(ln for ln in architecture.splitlines() if ln.startswith("| orchestration |"))
+    assert "three Airflow 3 DAGs" in row and sorted(re.findall(r"`(headavatar_\w+)`", row)) == dag_ids, row
+    counted = re.findall(r"\b(one|two|three|four|five|\d+) (?:Airflow (?:3 )?)?DAGs\b", " ".join(
+        p.read_text() for p in [ROOT / "README.md", *(ROOT / "docs").rglob("*.md")]))
+    assert set(counted) <= {"three", "3"}, counted
