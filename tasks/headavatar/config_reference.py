@@ -25,7 +25,7 @@ import yaml
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from headavatar.settings import PipelineConfig
+from headavatar.settings import EXECUTION, PipelineConfig, marked
 
 ROOT = Path(__file__).resolve().parents[2]
 PIPELINE_YAML = ROOT / "config" / "pipeline.yaml"
@@ -97,10 +97,8 @@ def settings(model: type[BaseModel] = PipelineConfig) -> list[Setting]:
     out = []
     for section, sfield in model.model_fields.items():
         for name, field in sfield.annotation.model_fields.items():  # type: ignore[union-attr]
-            extra = field.json_schema_extra
             out.append(Setting(section, name, type_name(field.annotation), defaults[section][name], bounds(field),
-                               (field.description or "").strip(),
-                               isinstance(extra, dict) and bool(extra.get("execution"))))
+                               (field.description or "").strip(), marked(field, EXECUTION)))
     return out
 
 

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic.fields import FieldInfo
 
 from headavatar.errors import ConfigError
 
@@ -32,12 +33,12 @@ DeviceName = Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$", descripti
 # A setting marked execution changes how a stage runs, not what it computes (a device, a worker count,
 # how often to checkpoint): it stays out of the stage's cache key (contract/config_key.py), so changing
 # it on a retry keeps the finished outputs and resumes training from its checkpoint.
-EXECUTION = {"execution": True}
+EXECUTION, ADDED_LATER = "execution", "added_later"  # the marks, in a field's json_schema_extra
 
 
 def execution(default: Any, **kwargs: Any) -> Any:
     """``Field(default, ...)`` for an execution setting."""
-    return Field(default, json_schema_extra=EXECUTION, **kwargs)
+    return Field(default, json_schema_extra={EXECUTION: True}, **kwargs)
 
 
 def added_later(default: Any, **kwargs: Any) -> Any:
@@ -46,7 +47,13 @@ def added_later(default: Any, **kwargs: Any) -> Any:
     At ``default`` (which must reproduce what the stage did before the setting existed) it stays
     out of the cache key, so manifests and checkpoints written before it existed stay valid.
     """
-    return Field(default, json_schema_extra={"added_later": True}, **kwargs)
+    return Field(default, json_schema_extra={ADDED_LATER: True}, **kwargs)
+
+
+def marked(field: FieldInfo, mark: str) -> bool:
+    """Whether a setting carries ``mark`` (:data:`EXECUTION` or :data:`ADDED_LATER`)."""
+    extra = field.json_schema_extra
+    return isinstance(extra, dict) and bool(extra.get(mark))
 
 
 class Section(BaseModel):

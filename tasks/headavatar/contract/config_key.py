@@ -8,8 +8,8 @@ GPU keeps a finished stage and resumes a training from its checkpoint instead of
 A setting marked :func:`headavatar.settings.added_later` enters the key only when it differs from
 its default, so adding a setting to a section leaves every existing key as it was.
 
-The key is computed from a recorded config too (:func:`result_config` takes either a section model
-or the dict a manifest recorded), so manifests written when the key covered whole sections are
+The key is computed from a recorded config too (:func:`result_config` takes a live config's dump
+or the sections a manifest recorded), so manifests written when the key covered whole sections are
 judged by their result settings and stay cache hits.
 """
 
@@ -18,19 +18,14 @@ from __future__ import annotations
 from typing import Any
 
 from headavatar.contract.manifest import digest
-from headavatar.settings import PipelineConfig, Section
-
-
-def _marked(field: Any, mark: str) -> bool:
-    extra = field.json_schema_extra
-    return isinstance(extra, dict) and bool(extra.get(mark))
+from headavatar.settings import ADDED_LATER, EXECUTION, PipelineConfig, Section, marked
 
 
 def is_execution(section: str, key: str) -> bool:
     """Whether ``section.key`` only changes how a stage runs (it stays out of cache keys)."""
     known = PipelineConfig.model_fields.get(section)
     field = known.annotation.model_fields.get(key) if known is not None else None
-    return field is not None and _marked(field, "execution")
+    return field is not None and marked(field, EXECUTION)
 
 
 def result_settings(section: str, values: dict[str, Any]) -> dict[str, Any]:
@@ -40,9 +35,9 @@ def result_settings(section: str, values: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for key, value in values.items():
         field = fields.get(key)
-        if field is not None and _marked(field, "execution"):
+        if field is not None and marked(field, EXECUTION):
             continue
-        if field is not None and _marked(field, "added_later") and value == _json_default(section, key):
+        if field is not None and marked(field, ADDED_LATER) and value == _json_default(section, key):
             continue
         out[key] = value
     return out

@@ -137,7 +137,7 @@ class StageLock:
                             self.what, found[0].get("host"), found[0].get("pid"), found[2])
                 self._took(self._put(IfMatch=found[1]), sent)
             if self.etag is None:
-                holder, age = (found or ({}, "", 0.0))[0], (found or ({}, "", 0.0))[2]
+                holder, _, age = found or ({}, "", 0.0)
                 raise StageBusy(f"{self.what} is being computed by another run ({holder.get('host')} pid "
                                 f"{holder.get('pid')}, renewed {age:.0f} s ago; lock {self.store.uri(self.key)}); "
                                 "retry when it has finished")
@@ -159,6 +159,9 @@ class StageLock:
             self._took(found[1], sent)
             return
         log.error("%s: the lock was taken over by another run", self.what)
+        self._lose()
+
+    def _lose(self) -> None:
         self.lost.set()
         self._publish()
 
@@ -176,10 +179,10 @@ class StageLock:
         with self._mutex:
             if not self.lost.is_set() and (renew or now() - self.renewed > self.ttl / 2):
                 self._renew()
-            if not self.lost.is_set() and now() - self.renewed > self.ttl - self.margin:
-                log.error("%s: the lock was not renewed for %.1f s", self.what, now() - self.renewed)
-                self.lost.set()
-                self._publish()
+            unrenewed = now() - self.renewed
+            if not self.lost.is_set() and unrenewed > self.ttl - self.margin:
+                log.error("%s: the lock was not renewed for %.1f s", self.what, unrenewed)
+                self._lose()
             if self.lost.is_set():
                 raise lost_lock(self.what, self.store.uri(self.key))
 

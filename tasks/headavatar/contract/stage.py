@@ -148,7 +148,8 @@ def _keyed(manifest: Manifest) -> Manifest:
     """``manifest`` as the cache check sees it: its recorded config cut to result settings and keyed anew.
 
     So a manifest written when keys covered whole sections counts by its result settings too."""
-    return replace(manifest, config=result_config(manifest.config), config_digest=config_key(manifest.config))
+    results = result_config(manifest.config)
+    return replace(manifest, config=results, config_digest=digest(results))
 
 
 @dataclass(frozen=True)
