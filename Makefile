@@ -6,6 +6,7 @@
 #   headavatar/cuda:0.1.0        stages 3-6 on CUDA (images/cuda.Dockerfile; needs a registry) make images-cuda
 #   headavatar/base:bookworm     Debian bookworm + Python 3.11 from Debian packages, the base where no
 #                                registry answers (images/base/build.sh, cached by recipe)   make image-base
+#   the compose stack's images   the build: sections of infra/compose/docker-compose.yml      make images-compose
 # BASE=auto|public|local picks the Python base of `make images` (auto: public where a registry answers).
 # The Docker engine: `make docker-engine` installs Debian's docker.io (root + apt-get) and starts the
 # project's own dockerd (data under .headavatar/docker; DOCKER_HOST=$(DOCKER_HOST)).
@@ -13,13 +14,14 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
-TORCH_VERSION ?= 2.13.0
+TORCH_VERSION ?= $(shell sed -n 's/^torch==//p' images/requirements/torch.txt)
+TORCH_CUDA_VERSION ?= $(shell sed -n 's/^torch==//p' images/requirements/torch-cuda.txt)
 BACKEND ?= docker
 BASE ?= auto
 DOCKER_HOST ?= unix://$(CURDIR)/.headavatar/docker/run/docker.sock
 export DOCKER_HOST BASE BACKEND
 
-.PHONY: install tools demo demo-ui test test-fast lint bench images images-cuda image-base docker-install docker-engine \
+.PHONY: install tools demo demo-ui test test-fast lint bench images images-compose images-cuda image-base docker-install docker-engine \
 	docker-engine-stop lock clean
 
 install: $(VENV)/.installed
@@ -50,7 +52,7 @@ tools:
 
 lint: install tools
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/hadolint --config .hadolint.yaml images/*.Dockerfile
+	$(VENV)/bin/hadolint --config .hadolint.yaml images/*.Dockerfile images/compose/*.Dockerfile
 	docker-compose -f infra/compose/docker-compose.yml --env-file infra/compose/.env.example config -q
 	$(VENV)/bin/helm lint --strict infra/k8s/headavatar
 
@@ -102,9 +104,14 @@ GIT_COMMIT ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 images: docker-engine
 	$(PY) -m headavatar.devserver.images --tag $(IMAGE_TAG) --base $(BASE)
 
+# The compose stack's images (postgres, s3, docker-proxy, mlflow, airflow), from the compose file's build: sections.
+images-compose: docker-engine
+	$(PY) -m headavatar.devserver.compose_images --base $(BASE)
+
 # Needs a registry (nvidia/cuda bases) and a CUDA toolchain's worth of disk; not built on the CPU machines.
 images-cuda:
 	DOCKER_BUILDKIT=1 docker build -f images/cuda.Dockerfile --build-arg GIT_COMMIT=$(GIT_COMMIT) \
+	  --build-arg TORCH_VERSION=$(TORCH_CUDA_VERSION) \
 	  -t headavatar/cuda:$(IMAGE_TAG) .
 
 # Re-pin images/requirements/preprocess.txt from pyproject.toml's core dependencies.

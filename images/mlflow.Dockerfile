@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1.7
 # The MLflow tracking server for the compose stack: PostgreSQL backend store, artifacts proxied to S3, and the
 # basic-auth app (`--app-name basic-auth`; admin from MLFLOW_AUTH_ADMIN_* at run time, users in /var/lib/mlflow-auth).
-# PYTHON_IMAGE may be any Debian Python 3.11 image with venv, e.g. headavatar/base:bookworm (no registry).
+# PYTHON_IMAGE: any Debian Python 3.11 image with venv, e.g. the project's own (images/base/build.sh, no registry).
+# The compose stack's s3-init and mlflow-init steps run in this image too (boto3, the standard library).
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 FROM ${PYTHON_IMAGE}
 # PEM text of extra CA certificates pip must trust during the build (TLS-inspecting proxies); not kept.

@@ -1,10 +1,12 @@
-"""The compose stack brought up for real: `docker compose` (or Debian's docker-compose v1) starts
-infra/compose with the locally built images, a DAG run triggered through the REST API succeeds with its
-stage containers started by the scheduler through the socket proxy, and nothing answers anonymously.
+"""The compose stack users deploy, brought up for real: `docker compose` (or Debian's docker-compose v1)
+starts infra/compose/docker-compose.yml as shipped, with a .env from infra/compose/new-env.py and the
+images built from the file's own build: sections (`make images-compose`). A DAG run triggered through the
+REST API succeeds with its stage containers started by the scheduler through the socket proxy, nothing
+answers anonymously, and each identity may only what its policy allows.
 
-Needs a Docker engine (reused, or started by the project's DockerEngine and stopped by PID), the images
-of infra/compose/build-local-images.sh (built here; cached layers make that seconds) and the stage images
-of `make images` (built here too). Run: `pytest -m compose`; skip: `pytest -m "not compose"`.
+Needs a Docker engine (reused, or started by the project's DockerEngine and stopped by PID), the compose
+images and the stage images of `make images` (both built here; cached layers make that seconds).
+Run: `pytest -m compose`; skip: `pytest -m "not compose"`.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from conftest import upload_capture
+from headavatar.devserver.compose_images import build_compose_images
 from headavatar.devserver.docker_engine import DockerEngine
 from headavatar.devserver.images import build_images, cpu_image, preprocess_image
 from headavatar.layout import stage_prefix
@@ -42,7 +45,7 @@ pytestmark = [pytest.mark.compose, pytest.mark.slow, pytest.mark.timeout(2400)]
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_DIR = REPO / "infra" / "compose"
-FILES = [COMPOSE_DIR / "docker-compose.yml", COMPOSE_DIR / "docker-compose.local.yml"]
+FILES = [COMPOSE_DIR / "docker-compose.yml"]
 STAGES = ("extract", "sample", "matting", "fitting", "meshhead", "gaussianhead")
 # The DAG run: capture 018 (tiny synthetic), the plumbing profile (ci) and short training, as tests/test_airflow.py.
 CONF = {"id": "018", "profile": "ci", "meshhead_steps": 20, "gaussianhead_steps": 20}
@@ -101,35 +104,22 @@ class Stack:
                             aws_secret_access_key=secret, config=Config(retries={"max_attempts": 2}))
 
 
-def _secret() -> str:
-    return secrets.token_urlsafe(24)
-
-
 def _env_file(path: Path, socket_path: Path, project: str) -> dict[str, str]:
-    """A .env like an operator writes from .env.example: fresh random secrets, free host ports."""
-    from cryptography.fernet import Fernet
-
-    values = {
-        "COMPOSE_PROJECT_NAME": project,
-        "POSTGRES_PASSWORD": _secret(), "MLFLOW_DB_PASSWORD": _secret(),
-        "MINIO_ROOT_USER": "admin-" + secrets.token_hex(4), "MINIO_ROOT_PASSWORD": _secret(),
-        "HEADAVATAR_S3_ACCESS_KEY": "pipeline-" + secrets.token_hex(4), "HEADAVATAR_S3_SECRET_KEY": _secret(),
-        "HEADAVATAR_BUCKET": "headavatar",
-        "AIRFLOW_FERNET_KEY": Fernet.generate_key().decode(), "AIRFLOW_JWT_SECRET": secrets.token_hex(32),
-        "AIRFLOW_API_SECRET_KEY": secrets.token_hex(32),
-        "AIRFLOW_ADMIN_USER": "airflow-" + secrets.token_hex(3), "AIRFLOW_ADMIN_PASSWORD": _secret(),
-        "MLFLOW_ADMIN_USER": "mlflow-" + secrets.token_hex(3), "MLFLOW_ADMIN_PASSWORD": _secret(),
-        "MLFLOW_FLASK_SECRET_KEY": secrets.token_hex(32),
-        "HEADAVATAR_GPUS": "1",
-        "HEADAVATAR_AIRFLOW_PORT": str(free_port()), "HEADAVATAR_MLFLOW_PORT": str(free_port()),
-        "HEADAVATAR_S3_PORT": str(free_port()),
-        "DOCKER_SOCKET": str(socket_path), "DOCKER_GID": str(socket_path.stat().st_gid),
+    """The .env an operator makes (infra/compose/new-env.py: fresh random secrets), with free host ports,
+    this engine's socket and the CPU stage images."""
+    ports = {k: str(free_port()) for k in ("HEADAVATAR_AIRFLOW_PORT", "HEADAVATAR_MLFLOW_PORT", "HEADAVATAR_S3_PORT")}
+    overrides = {
+        "COMPOSE_PROJECT_NAME": project, **ports, "DOCKER_SOCKET": str(socket_path),
+        "HEADAVATAR_MLFLOW_UI_URL": f"http://127.0.0.1:{ports['HEADAVATAR_MLFLOW_PORT']}",
         "HEADAVATAR_CPU_IMAGE": CPU_IMAGE, "HEADAVATAR_CUDA_IMAGE": STAGE_3_6_IMAGE, "HEADAVATAR_DOCKER_GPUS": "0",
         "AIRFLOW_DAGS_PAUSED_AT_CREATION": "true",  # the ingestion DAG stays off: one run, the test's
     }
-    values["HEADAVATAR_MLFLOW_UI_URL"] = f"http://127.0.0.1:{values['HEADAVATAR_MLFLOW_PORT']}"
-    path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+    r = subprocess.run([sys.executable, str(COMPOSE_DIR / "new-env.py"), *(f"{k}={v}" for k, v in overrides.items())],
+                       capture_output=True, text=True, check=True)
+    path.write_text(r.stdout)
     path.chmod(0o600)
+    values = dict(line.split("=", 1) for line in r.stdout.splitlines() if line and not line.startswith("#"))
+    assert "change-me" not in values.values() and values["DOCKER_GID"] == str(socket_path.stat().st_gid)
     return values
 
 
@@ -165,9 +155,7 @@ def docker_env() -> Iterator[dict[str, str]]:
 def stack(docker_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     socket_path = Path(docker_env["DOCKER_HOST"].removeprefix("unix://"))
     assert socket_path.is_socket(), f"compose needs a unix-socket engine, not {docker_env['DOCKER_HOST']}"
-    r = subprocess.run([str(COMPOSE_DIR / "build-local-images.sh")], env={**os.environ, **docker_env},
-                       capture_output=True, text=True, timeout=3600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    build_compose_images(env=docker_env)  # as `make images-compose` (cached)
     build_images(env=docker_env)  # the stage images, as `make images` (cached)
     project = f"hacompose{secrets.token_hex(3)}"
     env_file = tmp_path_factory.mktemp("compose") / ".env"
@@ -183,7 +171,8 @@ def stack(docker_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) 
             # Seen once, on the first `up` after cold image builds: airflow-init exited 2, unexplained (no
             # logs kept then). Its logs now go into a warning, and `up` is tried once more, as an operator
             # would: every one-shot step (migrate, pool, admin user, bucket) is idempotent.
-            logs = st.compose("logs", "--no-color", "--tail", "80", "airflow-init", "minio-init", check=False).stdout
+            logs = st.compose("logs", "--no-color", "--tail", "80", "airflow-init", "s3-init", "mlflow-init",
+                              check=False).stdout
             warnings.warn(f"compose up failed once, retried:\n{up.stderr[-2000:]}\n{logs[-6000:]}", stacklevel=1)
             st.compose("up", "-d")
         _wait("Airflow api-server", lambda: requests.get(f"{st.airflow}/api/v2/monitor/health", timeout=5).ok, 600)
@@ -246,10 +235,10 @@ def test_nothing_answers_anonymously_and_the_env_credentials_work(stack: Stack) 
             call(anonymous)
         assert refused.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
     with pytest.raises(ClientError):
-        stack.s3_client(s["HEADAVATAR_S3_ACCESS_KEY"], "wrong" + s["HEADAVATAR_S3_SECRET_KEY"]).list_objects_v2(
+        stack.s3_client(s["S3_STAGES_ACCESS_KEY"], "wrong" + s["S3_STAGES_SECRET_KEY"]).list_objects_v2(
             Bucket="headavatar")
-    pipeline = stack.s3_client(s["HEADAVATAR_S3_ACCESS_KEY"], s["HEADAVATAR_S3_SECRET_KEY"])
-    assert pipeline.list_objects_v2(Bucket="headavatar")["ResponseMetadata"]["HTTPStatusCode"] == 200
+    stages = stack.s3_client(s["S3_STAGES_ACCESS_KEY"], s["S3_STAGES_SECRET_KEY"])
+    assert stages.list_objects_v2(Bucket="headavatar")["ResponseMetadata"]["HTTPStatusCode"] == 200
     # The socket proxy, seen from the scheduler: containers and volumes (scratch) yes; networks, exec, swarm no.
     def proxy(path: str, method: str = "GET") -> str:
         code = (f"import urllib.request as u, urllib.error as e\ntry: print(u.urlopen(u.Request("
@@ -265,10 +254,58 @@ def test_nothing_answers_anonymously_and_the_env_credentials_work(stack: Stack) 
     assert proxy("/v1.41/containers/x/exec", "POST") == "403"
 
 
+def test_each_identity_may_do_only_what_its_policy_allows(stack: Stack) -> None:
+    """Least privilege: the stages' S3 identity cannot write raw/, ingestion's cannot write avatars/, the
+    read-only one writes nothing; the stages' MLflow user cannot manage users; the Airflow connections
+    hand the stages exactly those identities. s3-init and mlflow-init proved the same before `up` went on."""
+    s = stack.secrets
+
+    def may_put(identity: str, key: str) -> bool:
+        client = stack.s3_client(s[f"S3_{identity}_ACCESS_KEY"], s[f"S3_{identity}_SECRET_KEY"])
+        try:
+            client.put_object(Bucket="headavatar", Key=key, Body=b"probe")
+        except ClientError as e:
+            assert e.response["Error"]["Code"] == "AccessDenied", e.response
+            return False
+        client.delete_object(Bucket="headavatar", Key=key)
+        return True
+
+    raw, avatars = "nersemble/raw/camera_params/990/camera_params.json", "nersemble/avatars/990/extract/probe"
+    assert (may_put("STAGES", raw), may_put("STAGES", avatars)) == (False, True)
+    assert (may_put("INGEST", raw), may_put("INGEST", avatars)) == (True, False)
+    assert (may_put("READONLY", raw), may_put("READONLY", avatars), may_put("READONLY", "mlflow/x")) == (
+        False, False, False)
+    assert (may_put("MLFLOW", "mlflow/probe"), may_put("MLFLOW", raw)) == (True, False)
+    admin = stack.s3_client(s["S3_ADMIN_USER"], s["S3_ADMIN_PASSWORD"])
+    admin.put_object(Bucket="headavatar", Key=avatars, Body=b"done")
+    readonly = stack.s3_client(s["S3_READONLY_ACCESS_KEY"], s["S3_READONLY_SECRET_KEY"])
+    assert readonly.get_object(Bucket="headavatar", Key=avatars)["Body"].read() == b"done"
+    admin.delete_object(Bucket="headavatar", Key=avatars)
+    # MLflow: the pipeline user signs in but may not create users, make itself admin or re-key the admin.
+    users, pipeline = f"{stack.mlflow}/api/2.0/mlflow/users", (s["MLFLOW_PIPELINE_USER"], s["MLFLOW_PIPELINE_PASSWORD"])
+    me = requests.get(f"{users}/current", auth=pipeline, timeout=30)
+    assert me.status_code == 200 and me.json()["user"]["is_admin"] is False, me.text
+    for method, path, body in (
+            ("POST", "create", {"username": "intruder", "password": secrets.token_urlsafe(16)}),
+            ("PATCH", "update-admin", {"username": s["MLFLOW_PIPELINE_USER"], "is_admin": True}),
+            ("PATCH", "update-password", {"username": s["MLFLOW_ADMIN_USER"], "password": "taken-over-1234"})):
+        r = requests.request(method, f"{users}/{path}", json=body, auth=pipeline, timeout=30)
+        assert r.status_code == 403, (path, r.status_code, r.text[:300])
+    # The identities the scheduler hands the stages and ingestion.
+    code = ("import json, os, sys\nsys.path.insert(0, '/opt/airflow/plugins')\n"
+            "from headavatar_airflow.execution import ExecutionSettings as E\n"
+            "c = lambda i: json.loads(os.environ['AIRFLOW_CONN_' + i.upper()])['login']\n"
+            "print(c(E().s3_conn_id), c(E().ingest_s3_conn_id), c(E().mlflow_conn_id))")
+    logins = stack.compose("exec", "-T", "airflow-scheduler", "python", "-c", code).stdout.split()
+    assert logins == [s["S3_STAGES_ACCESS_KEY"], s["S3_INGEST_ACCESS_KEY"], s["MLFLOW_PIPELINE_USER"]]
+    init_logs = stack.compose("logs", "--no-color", "s3-init", "mlflow-init").stdout
+    assert "ingest, mlflow, readonly, stages limited to their policies" in init_logs, init_logs[-2000:]
+    assert f"pipeline user {s['MLFLOW_PIPELINE_USER']} created; not an admin" in init_logs, init_logs[-2000:]
+
+
 def test_credentials_come_only_from_the_env_file(stack: Stack) -> None:
-    secret_values = [v for k, v in stack.secrets.items()
-                     if any(w in k for w in ("PASSWORD", "SECRET", "FERNET", "_KEY")) and "IMAGE" not in k]
-    assert len(secret_values) >= 10
+    secret_values = [v for k, v in stack.secrets.items() if any(w in k for w in ("PASSWORD", "SECRET", "FERNET"))]
+    assert len(secret_values) >= 14
     # Not in the compose files or anything else under infra/ ...
     for path in (REPO / "infra").rglob("*"):
         if path.is_file():
@@ -284,8 +321,9 @@ def test_credentials_come_only_from_the_env_file(stack: Stack) -> None:
         meta = stack.docker("image", "inspect", image) + stack.docker("history", "--no-trunc", image)
         assert not any(v in meta for v in secret_values), image
     # The stack refuses to start without them: each missing secret is named.
-    for key in ("POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "AIRFLOW_ADMIN_PASSWORD", "MLFLOW_ADMIN_PASSWORD",
-                "HEADAVATAR_S3_SECRET_KEY", "MLFLOW_FLASK_SECRET_KEY", "AIRFLOW_API_SECRET_KEY"):
+    for key in ("POSTGRES_PASSWORD", "S3_ADMIN_PASSWORD", "AIRFLOW_ADMIN_PASSWORD", "MLFLOW_ADMIN_PASSWORD",
+                "MLFLOW_PIPELINE_PASSWORD", "S3_STAGES_SECRET_KEY", "S3_INGEST_SECRET_KEY", "S3_MLFLOW_SECRET_KEY",
+                "MLFLOW_FLASK_SECRET_KEY", "AIRFLOW_API_SECRET_KEY"):
         partial = stack.env_file.with_name(f"missing-{key}.env")
         partial.write_text("".join(line for line in stack.env_file.read_text().splitlines(keepends=True)
                                    if not line.startswith(f"{key}=")))
@@ -300,8 +338,8 @@ def test_a_dag_run_triggered_through_the_api_succeeds_with_stage_containers_via_
     s = stack.secrets
     storage = StorageConfig(endpoint_url=stack.s3, bucket=s["HEADAVATAR_BUCKET"], prefix="nersemble")
     # The capture's provider uploads it (raw/ and the synthetic ground truth, which the pipeline user only reads).
-    for key, value in {"AWS_ACCESS_KEY_ID": s["MINIO_ROOT_USER"], "AWS_DEFAULT_REGION": "us-east-1",
-                       "AWS_SECRET_ACCESS_KEY": s["MINIO_ROOT_PASSWORD"]}.items():
+    for key, value in {"AWS_ACCESS_KEY_ID": s["S3_ADMIN_USER"], "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_SECRET_ACCESS_KEY": s["S3_ADMIN_PASSWORD"]}.items():
         monkeypatch.setenv(key, value)
     store = ObjectStore(storage)
     try:
@@ -340,10 +378,10 @@ def test_a_dag_run_triggered_through_the_api_succeeds_with_stage_containers_via_
     # (Engine events are not used: dockerd keeps only its last 256 events, fewer than a busy host makes in a run.)
     assert len(re.findall(r"POST /v[0-9.]+/containers/[0-9a-f]{64}/start", proxy_log)) >= len(STAGES), proxy_log[-3000:]
     # The stages' outputs are in the stack's object store, and each logged its MLflow run behind basic auth.
-    pipeline = stack.s3_client(s["HEADAVATAR_S3_ACCESS_KEY"], s["HEADAVATAR_S3_SECRET_KEY"])
+    stages = stack.s3_client(s["S3_STAGES_ACCESS_KEY"], s["S3_STAGES_SECRET_KEY"])
     for stage in STAGES:
         key = f"nersemble/{stage_prefix('018', stage)}/manifest.json"
-        assert pipeline.head_object(Bucket=s["HEADAVATAR_BUCKET"], Key=key)["ContentLength"] > 0, key
+        assert stages.head_object(Bucket=s["HEADAVATAR_BUCKET"], Key=key)["ContentLength"] > 0, key
     mlflow_auth = (s["MLFLOW_ADMIN_USER"], s["MLFLOW_ADMIN_PASSWORD"])
     for ti in tis:
         xcom = requests.get(f"{api}/dagRuns/{run_id}/taskInstances/{ti['task_id']}/xcomEntries/return_value",

@@ -66,21 +66,67 @@ def test_pages_not_written_yet_leave_the_nav_and_their_links_become_text(tmp_pat
 
 
 def test_capacity_plan_follows_the_measurements() -> None:
+    """The plan uses the newest default step of stages 5 and 6, the same figures docs/gpu.md reports."""
     from headavatar.bench import capacity
     from headavatar.settings import GaussianHeadConfig, MeshHeadConfig
 
     results = ROOT / "benchmarks" / "results"
     e2e = json.loads((results / "e2e_gpu.json").read_text())
-    mesh_rate = json.loads((results / "backends_gpu.json").read_text())["mesh"]["training_torch"]["steps_per_s"]
+    stage6_ms = json.loads((results / "stage6_compile_gpu.json").read_text())["bf16_compile"]["median_ms"]
+    stage5_runs = json.loads((results / "meshhead_speed_gpu.json").read_text())["summary"]["step_ms"][
+        "after_default_bf16_compile"]
     costs = {c.stage: c for c in capacity.stage_costs(100)}
-    assert costs["meshhead"].seconds == pytest.approx(MeshHeadConfig().steps / mesh_rate)
-    gh_rate = e2e["stages"]["gaussianhead"]["metrics"]["train_steps_per_s"]
-    assert costs["gaussianhead"].seconds == pytest.approx(GaussianHeadConfig().steps / gh_rate)
+    assert costs["meshhead"].seconds == pytest.approx(MeshHeadConfig().steps * sum(stage5_runs) / len(stage5_runs) / 1000)
+    assert costs["gaussianhead"].seconds == pytest.approx(GaussianHeadConfig().steps * stage6_ms / 1000)
+    gpu_md = (ROOT / "docs" / "gpu.md").read_text()
+    assert f"compiled (default since 2026-12-02): {stage6_ms:.1f} ms median" in gpu_md
     assert costs["extract"].seconds == pytest.approx(e2e["stages"]["extract"]["wall_s"] * 1600 / 160)
     one, many = capacity.plan(1, 100), capacity.plan(40, 100)
     assert many["gpu_hours_per_day"] == pytest.approx(40 * one["gpu_hours_per_day"])
     assert many["gpus"] == -(-40 * one["gpu_s_per_capture"] // (86_400 * capacity.GPU_UTILISATION))
     assert many["stored_tb_per_day"] == pytest.approx(40 * one["stored_gb_per_capture"] / 1000)
+
+
+def results_numbers() -> list[float]:
+    """Every number in benchmarks/results/*.json (values, and numbers written inside strings)."""
+    found: list[float] = []
+
+    def walk(x: object) -> None:
+        if isinstance(x, bool):
+            return
+        if isinstance(x, (int, float)):
+            found.append(float(x))
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+        elif isinstance(x, str):
+            found.extend(float(m) for m in re.findall(r"\d+(?:\.\d+)?", x))
+
+    for path in (ROOT / "benchmarks" / "results").glob("*.json"):
+        walk(json.loads(path.read_text()))
+    return found
+
+
+MEASURED = re.compile(r"(\d+(?:\.\d+)?)(?:[-\u2013](\d+(?:\.\d+)?))? (ms|GiB|dB|frames/s|steps/s|images/s)\b")
+
+
+@pytest.mark.parametrize("page", ["gpu.md", "capacity.md", "development.md", "containers.md", "stages/*.md"])
+def test_measured_figures_in_the_docs_come_from_results_files(page: str) -> None:
+    """Every time, memory, quality and rate figure on the pages that report measurements is a number of a
+    results file (as written there, rounded to the digits the page shows): a figure typed in by hand, or
+    left behind when its results file was re-measured, fails with its page and text."""
+    numbers = results_numbers()
+    missing = []
+    for path in sorted((ROOT / "docs").glob(page)):
+        for m in MEASURED.finditer(path.read_text()):
+            for figure in filter(None, m.groups()[:2]):
+                digits = len(figure.partition(".")[2])
+                if not any(abs(n - float(figure)) <= 0.5 * 10 ** -digits + 1e-9 for n in numbers):
+                    missing.append(f"{path.relative_to(ROOT)}: {m.group(0)}")
+    assert not missing, missing
 
 
 def test_the_docs_name_every_dag_and_count_them_right() -> None:

@@ -48,8 +48,9 @@ def final_stage(dockerfile: Path) -> list[str]:
 
 
 def test_dockerfiles_pass_hadolint() -> None:
-    files = sorted(IMAGES.glob("*.Dockerfile"))
-    assert {f.name for f in files} >= {"preprocess.Dockerfile", "cuda.Dockerfile", "airflow.Dockerfile"}
+    files = sorted([*IMAGES.glob("*.Dockerfile"), *IMAGES.glob("compose/*.Dockerfile")])
+    assert {f.name for f in files} >= {"preprocess.Dockerfile", "cuda.Dockerfile", "airflow.Dockerfile",
+                                       "seaweedfs.Dockerfile", "postgres.Dockerfile", "docker-proxy.Dockerfile"}
     r = subprocess.run([tool("hadolint"), "--config", str(REPO / ".hadolint.yaml"), *map(str, files)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -107,8 +108,24 @@ def test_compose_stack_validates_and_takes_secrets_only_from_env(tmp_path: Path)
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     stack = yaml.safe_load(r.stdout)["services"]
-    assert {"postgres", "minio", "mlflow", "docker-proxy", "airflow-apiserver", "airflow-scheduler",
-            "airflow-dag-processor", "airflow-triggerer"} <= set(stack)
+    assert {"postgres", "s3", "s3-init", "mlflow", "mlflow-init", "docker-proxy", "airflow-init", "airflow-apiserver",
+            "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer"} <= set(stack)
+    # One stack, tested as shipped: every service runs an image built from this repository's Dockerfiles by the
+    # file's own build: sections (make images-compose and the compose test build exactly these), and no one-shot
+    # step can hide its failure.
+    built = {svc["image"]: svc["build"] for svc in stack.values() if "build" in svc}
+    for name, svc in stack.items():
+        assert svc["image"] in built, (name, svc["image"], "is not built from a Dockerfile of this repository")
+    for build in built.values():
+        assert (REPO / build["dockerfile"]).is_file() or Path(build["context"], build["dockerfile"]).is_file(), build
+    for name in ("s3-init", "mlflow-init", "airflow-init"):
+        assert "|| true" not in json.dumps(stack[name]), name
+    for script in COMPOSE.parent.glob("*"):
+        assert "|| true" not in script.read_text(), script
+    done = {"condition": "service_completed_successfully"}
+    assert stack["mlflow"]["depends_on"]["s3-init"] == done
+    for name in ("airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer"):
+        assert stack[name]["depends_on"]["mlflow-init"] == stack[name]["depends_on"]["airflow-init"] == done, name
     # Only the socket proxy sees the Docker socket, read-only; the scheduler talks to the proxy.
     for name, svc in stack.items():
         sock = [v for v in svc.get("volumes", []) if "docker.sock" in str(v)]
@@ -134,8 +151,9 @@ def test_compose_stack_validates_and_takes_secrets_only_from_env(tmp_path: Path)
             if re.search(r"PASSWORD|SECRET|FERNET|ACCESS_KEY", key):
                 assert str(value).startswith("${"), (key, value)
                 checked += 1
-        if "AIRFLOW_CONN_HEADAVATAR_S3" in env:
-            assert re.search(r'"password": "\$\{[A-Z0-9_]+:\?', env["AIRFLOW_CONN_HEADAVATAR_S3"])
+        for conn in ("AIRFLOW_CONN_HEADAVATAR_S3", "AIRFLOW_CONN_HEADAVATAR_S3_INGEST", "AIRFLOW_CONN_HEADAVATAR_MLFLOW"):
+            if conn in env:
+                assert re.search(r'"password": "\$\{[A-Z0-9_]+:\?', env[conn]), conn
     assert checked >= 8
 
 
@@ -165,3 +183,20 @@ def test_helm_chart_lints_and_matches_what_the_operators_expect() -> None:
     assert values["workers"]["serviceAccount"]["name"] == chart_values["airflow"]["serviceAccount"]
     binding = docs[("RoleBinding", "headavatar-stage-pods")]
     assert binding["subjects"][0]["name"] == chart_values["airflow"]["serviceAccount"]
+
+
+def test_failure_advice_names_what_the_images_contain() -> None:
+    """docs/failures.md and the detectors' own errors may advise a landmark detector only where the CUDA image
+    has it by default, or together with the build argument that adds it (dlib is off by default)."""
+    defaults = dict(re.findall(r"^ARG (WITH_\w+)=(\d)$", (IMAGES / "cuda.Dockerfile").read_text(), re.M))
+    build_arg = {"dlib": "WITH_DLIB", "face_alignment": "WITH_FAN"}
+    advice = (REPO / "docs" / "failures.md").read_text().split("\n* ")
+    for module in ("fan", "dlib68"):
+        advice += (REPO / "tasks" / "headavatar" / "landmarks" / f"{module}.py").read_text().split("raise ")
+    checked = 0
+    for text in advice:
+        for detector in re.findall(r"(?:set|use) `?landmarks\.detector=(\w+)", text):
+            if detector in build_arg and defaults[build_arg[detector]] == "0":
+                assert f"{build_arg[detector]}=1" in text, text
+                checked += 1
+    assert checked >= 2

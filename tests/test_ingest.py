@@ -6,6 +6,7 @@ import hashlib
 import http.client
 import json
 import logging
+import os
 import runpy
 import shutil
 import sys
@@ -406,3 +407,24 @@ def test_the_ingestion_task_logs_why_each_capture_is_or_is_not_pending(
     assert f"capture 018 pending: no finished run (run {run_id})" in text
     assert any(level == "WARNING" and "not a valid capture id" in m for level, m in lines), lines
     assert f"1 capture(s) pending; 018: run {run_id}" in text
+
+
+@pytest.mark.s3
+def test_ingestion_tasks_use_their_own_s3_identity(store: ObjectStore, tiny_capture: Path, s3_env: dict[str, str],
+                                                   tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With HEADAVATAR_INGEST_S3_CONN_ID set (the compose stack: the stages' identity may not write raw/),
+    unpack and the pending list sign with ingestion's connection: here the stages' one has a wrong secret."""
+    zip_capture(tiny_capture / RAW, "018", tmp_path / "zips")
+    upload_archives(store, tmp_path / "zips")
+    mark_complete(store, "018", "v1")
+    s3_connection(monkeypatch, s3_env)
+    monkeypatch.setenv("AIRFLOW_CONN_HEADAVATAR_S3_INGEST", os.environ["AIRFLOW_CONN_HEADAVATAR_S3"])
+    monkeypatch.setenv("HEADAVATAR_INGEST_S3_CONN_ID", "headavatar_s3_ingest")
+    stages = json.loads(os.environ["AIRFLOW_CONN_HEADAVATAR_S3"])
+    monkeypatch.setenv("AIRFLOW_CONN_HEADAVATAR_S3", json.dumps({**stages, "password": "not-the-secret"}))
+    unpacked = run_unpack_task()
+    assert unpacked is not None and len(unpacked["unpacked"]) == len(list((tmp_path / "zips").glob("*.zip")))
+    assert [f["conf"] for f in ingest_plugin.find_pending_captures.function()] == [{"id": "018"}]
+    # The stages' settings are untouched by ingestion's.
+    settings = ExecutionSettings(backend="local")
+    assert (settings.s3_conn_id, settings.for_ingestion().s3_conn_id) == ("headavatar_s3", "headavatar_s3_ingest")

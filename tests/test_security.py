@@ -6,10 +6,16 @@ SeaweedFS enforces per-identity actions on key patterns (``Read:bucket/prefix/*`
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
 import re
+import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -79,3 +85,46 @@ def test_no_credentials_in_the_repository() -> None:
         found += [f"{name}: {m.group(0)[:20]}" for m in key_id.finditer(text)]
         found += [f"{name}: {m.group(0)[:40]}" for m in assigned.finditer(text) if "change-me" not in m.group(2)]
     assert not found, found
+
+
+def _entrypoint() -> Any:
+    """images/compose/seaweedfs-entrypoint.py, which translates the compose stack's IAM policies."""
+    spec = importlib.util.spec_from_file_location("seaweedfs_entrypoint",
+                                                  REPO / "images" / "compose" / "seaweedfs-entrypoint.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.s3
+def test_s3_init_passes_the_policies_as_enforced_and_stops_on_any_difference(tmp_path: Path) -> None:
+    """infra/compose/s3-init.py against a SeaweedFS given the compose stack's identities (translated by the
+    image's entrypoint): exit 0. Against policies the store does not enforce (the stages' write right taken
+    out of the file s3-init reads, not out of the store): exit 2, naming identity, action and key."""
+    policies = REPO / "infra" / "policies"
+    translate = _entrypoint().policy_actions
+    identities = [Identity("admin", ["Admin"])]
+    for p in sorted(policies.glob("*.json")):
+        identities.append(Identity(p.stem, translate(json.loads(p.read_text()), "headavatar", p)))
+    s3 = EmbeddedS3(tmp_path / "s3", identities=identities).start()
+    try:
+        env = {"PATH": os.environ["PATH"], "S3_ENDPOINT": s3.endpoint_url, "BUCKET": "headavatar",
+               "S3_ADMIN_USER": s3.admin.access_key, "S3_ADMIN_PASSWORD": s3.admin.secret_key,
+               **{k: v for i in identities[1:] for k, v in ((f"S3_{i.name.upper()}_ACCESS_KEY", i.access_key),
+                                                             (f"S3_{i.name.upper()}_SECRET_KEY", i.secret_key))}}
+        init = [sys.executable, str(REPO / "infra" / "compose" / "s3-init.py")]
+        r = subprocess.run(init, env={**env, "S3_POLICIES": str(policies)}, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "ingest, mlflow, readonly, stages limited to their policies" in r.stdout
+        stricter = tmp_path / "policies"
+        shutil.copytree(policies, stricter)
+        stages = json.loads((stricter / "stages.json").read_text())
+        for statement in stages["Statement"]:
+            statement["Action"] = [a for a in statement["Action"] if a != "s3:PutObject"]
+        (stricter / "stages.json").write_text(json.dumps(stages))
+        r = subprocess.run(init, env={**env, "S3_POLICIES": str(stricter)}, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2, (r.stdout, r.stderr[-2000:])
+        assert ("stages may s3:PutObject headavatar/nersemble/avatars/.s3-init-probe, its policy says no"
+                in r.stderr.strip().splitlines()[-1]), r.stderr[-2000:]
+    finally:
+        s3.stop()

@@ -1,9 +1,8 @@
-# The Docker API proxy of the compose stack where tecnativa/docker-socket-proxy cannot be pulled: Debian's
-# HAProxy with the same switches (CONTAINERS, IMAGES, POST, INFO, VERSION, EXEC, ...; 1 allows, 0 denies)
-# in front of the socket mounted at /var/run/docker.sock. Runs as haproxy; give it the socket's group
-# (compose: group_add).
-ARG BASE_IMAGE=headavatar/base:bookworm
-FROM ${BASE_IMAGE}
+# The compose stack's Docker API proxy: Debian's HAProxy with the switches of tecnativa/docker-socket-proxy
+# (CONTAINERS, IMAGES, POST, INFO, VERSION, EXEC, ...; 1 allows, 0 denies) in front of the socket mounted at
+# /var/run/docker.sock. Runs as haproxy; give it the socket's group (compose: group_add).
+ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
+FROM ${PYTHON_IMAGE}
 RUN apt-get update && apt-get install -y --no-install-recommends haproxy \
     && rm -rf /var/lib/apt/lists/*
 COPY images/compose/docker-proxy.cfg /etc/haproxy/docker-proxy.cfg

@@ -1,8 +1,8 @@
-# PostgreSQL 15 from Debian for the compose stack where the postgres image cannot be pulled. Same contract
-# as the official image: POSTGRES_USER/POSTGRES_PASSWORD/POSTGRES_DB, data in /var/lib/postgresql/data,
+# The compose stack's PostgreSQL: Debian's PostgreSQL 15 with the official postgres image's contract:
+# POSTGRES_USER/POSTGRES_PASSWORD/POSTGRES_DB, data in /var/lib/postgresql/data,
 # /docker-entrypoint-initdb.d/*.sh run once on an empty data directory. Runs as the postgres user.
-ARG BASE_IMAGE=headavatar/base:bookworm
-FROM ${BASE_IMAGE}
+ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
+FROM ${PYTHON_IMAGE}
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 RUN mkdir -p /etc/postgresql-common/createcluster.d \
     && echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.d/no-main-cluster.conf \

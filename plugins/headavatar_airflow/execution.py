@@ -4,17 +4,20 @@
 ``docker`` tests run it on the project's own engine), ``kubernetes`` (one pod per task) or ``local``
 (a subprocess of the worker; ``make demo BACKEND=local``). Credentials come from the Airflow
 connection ``headavatar_s3`` (docker, local) or the Kubernetes Secret named below (kubernetes) at
-run time. ``HEADAVATAR_DOCKER_GPUS=0`` runs the GPU stages' image without a GPU request (the CPU
-stage image, ``headavatar/cpu``, on a machine without GPUs). ``HEADAVATAR_GPU_DEVICES``: the GPUs
-of this host that GPU tasks are placed on (``0,1,2,3`` or GPU UUIDs; unset = ``nvidia-smi``'s list
-when it is on PATH), each leased to one running task at a time through lock files in
+run time; ingestion, which writes ``raw/``, may use its own (``HEADAVATAR_INGEST_S3_CONN_ID``,
+``HEADAVATAR_K8S_INGEST_S3_SECRET``; unset = the stages'), so the stages' identity can be denied
+``raw/`` writes (the compose stack does: infra/policies). ``HEADAVATAR_DOCKER_GPUS=0`` runs the GPU
+stages' image without a GPU request (the CPU stage image, ``headavatar/cpu``, on a machine without GPUs).
+``HEADAVATAR_GPU_DEVICES``: the GPUs of this host that GPU tasks are placed on (``0,1,2,3`` or GPU
+UUIDs; unset = ``nvidia-smi``'s list when it is on PATH), each leased to one running task at a time
+through lock files in
 ``HEADAVATAR_GPU_LEASE_DIR`` (one directory per host, seen by every worker of that host).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 def _env(name: str, default: str) -> str:
@@ -27,6 +30,8 @@ class ExecutionSettings:
     cpu_image: str = field(default_factory=lambda: _env("HEADAVATAR_CPU_IMAGE", "headavatar/preprocess:0.1.0"))
     cuda_image: str = field(default_factory=lambda: _env("HEADAVATAR_CUDA_IMAGE", "headavatar/cuda:0.1.0"))
     s3_conn_id: str = field(default_factory=lambda: _env("HEADAVATAR_S3_CONN_ID", "headavatar_s3"))
+    ingest_s3_conn_id: str = field(default_factory=lambda: _env(
+        "HEADAVATAR_INGEST_S3_CONN_ID", _env("HEADAVATAR_S3_CONN_ID", "headavatar_s3")))
     mlflow_conn_id: str = field(default_factory=lambda: _env("HEADAVATAR_MLFLOW_CONN_ID", "headavatar_mlflow"))
     gpu_pool: str = field(default_factory=lambda: _env("HEADAVATAR_GPU_POOL", "headavatar_gpu"))
     docker_url: str = field(default_factory=lambda: _env("HEADAVATAR_DOCKER_URL", "unix://var/run/docker.sock"))
@@ -37,9 +42,15 @@ class ExecutionSettings:
     gpu_lease_dir: str = field(default_factory=lambda: _env("HEADAVATAR_GPU_LEASE_DIR", "/tmp/headavatar-gpu-leases"))
     k8s_namespace: str = field(default_factory=lambda: _env("HEADAVATAR_K8S_NAMESPACE", "headavatar"))
     k8s_s3_secret: str = field(default_factory=lambda: _env("HEADAVATAR_K8S_S3_SECRET", "headavatar-s3"))
+    k8s_ingest_s3_secret: str = field(default_factory=lambda: _env(
+        "HEADAVATAR_K8S_INGEST_S3_SECRET", _env("HEADAVATAR_K8S_S3_SECRET", "headavatar-s3")))
     k8s_settings: str = field(default_factory=lambda: _env("HEADAVATAR_K8S_SETTINGS", "headavatar-settings"))
     k8s_gpu_node_selector: str = field(default_factory=lambda: _env("HEADAVATAR_K8S_GPU_NODES",
                                                                     "nvidia.com/gpu.present=true"))
+
+    def for_ingestion(self) -> ExecutionSettings:
+        """The same settings with ingestion's S3 identity in place of the stages'."""
+        return replace(self, s3_conn_id=self.ingest_s3_conn_id, k8s_s3_secret=self.k8s_ingest_s3_secret)
 
     def __post_init__(self) -> None:
         if self.backend not in ("docker", "kubernetes", "local"):

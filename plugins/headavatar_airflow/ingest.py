@@ -31,7 +31,8 @@ CLI_LOG_LINE = re.compile(r"^\S+ \S+ (DEBUG|INFO|WARNING|ERROR|CRITICAL) \S+: ")
 
 
 def unpack_operator(settings: ExecutionSettings | None = None, **kwargs: Any) -> BaseOperator:
-    return stage_operator(UNPACK, settings, command=["unpack"], retries=2, **kwargs)
+    return stage_operator(UNPACK, (settings or ExecutionSettings()).for_ingestion(), command=["unpack"], retries=2,
+                          **kwargs)
 
 
 def relay(stderr: str) -> None:
@@ -56,7 +57,7 @@ def find_pending_captures() -> list[dict[str, Any]]:
     incomplete but does not hold back the others. The task log says, per capture found, why it is or
     is not pending (the CLI's stderr); a non-zero exit maps as a stage's does (75, S3 unavailable:
     retried; 2: failed for good)."""
-    public, secret = s3_environment(ExecutionSettings().s3_conn_id)
+    public, secret = s3_environment(ExecutionSettings().ingest_s3_conn_id)
     env = {**os.environ, **public, **secret}
     args = ["captures", "--pending"]
     log.info("running: headavatar %s", " ".join(args))

