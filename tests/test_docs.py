@@ -76,7 +76,8 @@ def test_capacity_plan_follows_the_measurements() -> None:
     stage5_runs = json.loads((results / "meshhead_speed_gpu.json").read_text())["summary"]["step_ms"][
         "after_default_bf16_compile"]
     costs = {c.stage: c for c in capacity.stage_costs(100)}
-    assert costs["meshhead"].seconds == pytest.approx(MeshHeadConfig().steps * sum(stage5_runs) / len(stage5_runs) / 1000)
+    stage5_ms = sum(stage5_runs) / len(stage5_runs)
+    assert costs["meshhead"].seconds == pytest.approx(MeshHeadConfig().steps * stage5_ms / 1000)
     assert costs["gaussianhead"].seconds == pytest.approx(GaussianHeadConfig().steps * stage6_ms / 1000)
     gpu_md = (ROOT / "docs" / "gpu.md").read_text()
     assert f"compiled (default since 2026-12-02): {stage6_ms:.1f} ms median" in gpu_md

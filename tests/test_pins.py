@@ -26,7 +26,7 @@ def make_variable(name: str) -> str:
 def test_the_cpu_side_runs_the_pinned_torch() -> None:
     pin = torch_pin("torch.txt")
     assert torch.__version__.split("+")[0] == pin, f"this environment has torch {torch.__version__}, the pin is {pin}"
-    assert TORCH_VERSION == pin  # the CPU stage image's build argument
+    assert pin == TORCH_VERSION  # the CPU stage image's build argument
     assert make_variable("TORCH_VERSION") == pin  # make install
 
 
