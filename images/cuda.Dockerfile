@@ -5,11 +5,12 @@
 #   CPU (headavatar/cpu; what the demo, the tests and CI run): BUILD_IMAGE=RUNTIME_IMAGE=a Debian
 #     Python 3.11 image (public python:3.11 slim, or the project's own headavatar/base), PYTHON_VERSION=system,
 #     BUILD_PACKAGES="", WITH_GSPLAT=0 WITH_FAN=0, TORCH_INDEX = the CPU index (or a local wheel index).
+# Both flavours: dlib (Boost licence; WITH_DLIB=1), the default landmark detector. Its 68-point model is not in
+#   the image (trained on non-commercial data): users put it into the bucket (`headavatar assets put dlib68 FILE`).
 # Optional CUDA backends, off by default (build args = 1 to include):
 #   WITH_DIFF_GAUSSIAN  diff-gaussian-rasterization built with 32 channels (NON-COMMERCIAL licence)
 #   WITH_SIMPLE_KNN     simple-knn (nearest-neighbour scale initialisation)
 #   WITH_PYTORCH3D      pytorch3d (BSD)          WITH_KAOLIN  kaolin (Apache-2.0)
-#   WITH_DLIB           dlib + its 68-point model (model trained on non-commercial data)
 # Layers: toolchain, PyTorch and the locked requirements first; the code (every commit) and the
 # commit label last, so a code-only change rebuilds two small layers in seconds.
 ARG BUILD_IMAGE=nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04
@@ -34,7 +35,7 @@ ARG PYTORCH3D_REF=git+https://github.com/facebookresearch/pytorch3d.git@9381c401
 ARG WITH_KAOLIN=0
 ARG KAOLIN_VERSION=0.18.0
 ARG KAOLIN_INDEX=https://nvidia-kaolin.s3.us-east-2.amazonaws.com/torch-2.8.0_cu128.html
-ARG WITH_DLIB=0
+ARG WITH_DLIB=1
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     UV_PYTHON_INSTALL_DIR=/opt/python TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST} MAX_JOBS=8
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
@@ -76,7 +77,7 @@ RUN if [ "${WITH_DIFF_GAUSSIAN}" = 1 ]; then \
     && if [ "${WITH_SIMPLE_KNN}" = 1 ]; then pip install --no-build-isolation "${SIMPLE_KNN_REF}"; fi \
     && if [ "${WITH_PYTORCH3D}" = 1 ]; then pip install --no-build-isolation "${PYTORCH3D_REF}"; fi \
     && if [ "${WITH_KAOLIN}" = 1 ]; then pip install "kaolin==${KAOLIN_VERSION}" --find-links "${KAOLIN_INDEX}"; fi \
-    && if [ "${WITH_DLIB}" = 1 ]; then pip install dlib-bin==20.0.1.post1 face_recognition_models==0.3.0; fi \
+    && if [ "${WITH_DLIB}" = 1 ]; then pip install dlib-bin==20.0.1.post1; fi \
     && if [ "${WITH_FAN}" = 1 ]; then pip install face-alignment==1.5.0; fi
 
 FROM ${RUNTIME_IMAGE}

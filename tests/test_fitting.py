@@ -18,6 +18,7 @@ from headavatar.contract.stage import read_manifest, run_stage
 from headavatar.fitting.bfm import MorphableModel
 from headavatar.fitting.geometry import axis_angle_to_matrix, project
 from headavatar.fitting.solver import Observations, fit
+from headavatar.landmarks.dlib68 import package_model_path
 from headavatar.layout import GROUND_TRUTH, stage_prefix
 from headavatar.settings import FittingConfig
 from headavatar.stages import build_stages
@@ -174,7 +175,7 @@ def test_offline_detector_on_synthetic_renders_reports_what_it_found(store: Obje
     recorded for the operator. (At the project's default, -0.8, it finds the cartoon face in 3 cameras.)"""
     prepare_sampled(store, tiny_capture)
     r = cli("run", "fitting", "--capture", "018", "--profile", "demo", "--set", "landmarks.detector=dlib",
-            "--set", "landmarks.dlib_threshold=0", env=s3_env)
+            "--set", "landmarks.dlib_threshold=0", "--set", f"landmarks.dlib_model={package_model_path()}", env=s3_env)
     report = store.key(stage_prefix("018", "fitting"), "landmarks/detections.json")
     assert store.exists(report), (r.returncode, r.stdout[-2000:], r.stderr[-3000:])
     detections = json.loads(store.get_bytes(report))
@@ -193,7 +194,8 @@ def test_offline_detector_on_synthetic_renders_reports_what_it_found(store: Obje
 def test_offline_detector_is_safe_to_share_between_threads() -> None:
     """The fitting stage detects in a thread pool; dlib objects shared between threads segfault."""
     code = ("import numpy as np; from concurrent.futures import ThreadPoolExecutor; from skimage import data; "
-            "from headavatar.landmarks.dlib68 import DlibDetector; d = DlibDetector(); img = data.astronaut(); "
+            "from headavatar.landmarks.dlib68 import DlibDetector, package_model_path; "
+            "d = DlibDetector(package_model_path()); img = data.astronaut(); "
             "r = list(ThreadPoolExecutor(4).map(lambda i: d.detect(np.roll(img, i, 1)[::2, ::2].copy()), range(200))); "
             "print(sum(x is not None for x in r))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -212,7 +214,7 @@ def test_offline_detector_finds_a_real_face_in_the_ibug_order() -> None:
     from headavatar.landmarks.dlib68 import DlibDetector
 
     rgb = data.astronaut()  # NASA portrait, public domain, shipped inside scikit-image
-    det = DlibDetector()
+    det = DlibDetector(package_model_path())
     lm = det.detect(rgb)
     assert lm is not None and lm.points.shape == (68, 2) and lm.score > 0.5
     right_eye, left_eye = lm.points[36:42].mean(0), lm.points[42:48].mean(0)  # subject's right is image left

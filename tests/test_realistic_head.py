@@ -17,6 +17,7 @@ import pytest
 
 from conftest import TINY, cli, prepare_sampled
 from headavatar.contract.stage import read_manifest
+from headavatar.landmarks.dlib68 import package_model_path
 from headavatar.layout import RAW, stage_prefix
 from headavatar.storage import ObjectStore
 from headavatar.synthetic.capture import SyntheticSpec, write_capture
@@ -50,6 +51,10 @@ def test_the_photo_texture_is_opt_in() -> None:
 def test_stage_4_fits_dlib_detections_on_the_photo_textured_head(store: ObjectStore, astronaut_capture: Path,
                                                                  s3_env: dict[str, str]) -> None:
     prepare_sampled(store, astronaut_capture)
+    # The model as a user supplies it: the file of the face_recognition_models wheel, put into the bucket once
+    # and checked against its pins; the run then uses the default landmarks.dlib_model=asset:dlib68.
+    put = cli("assets", "put", "dlib68", str(package_model_path()), env=s3_env)
+    assert put.returncode == 0, put.stderr[-2000:]
     r = cli("run", "fitting", "--capture", "018", "--profile", "demo", "--set", "landmarks.detector=dlib",
             env=s3_env, timeout=900)
     assert r.returncode == 0, (r.returncode, r.stderr[-3000:])
@@ -74,5 +79,5 @@ def test_stage_4_fits_dlib_detections_on_the_photo_textured_head(store: ObjectSt
     assert sum(r == 1.0 for r in by_camera.values()) >= 8, summary
     assert metrics["frames_fitted"] == len(per_frame) and metrics["frames_excluded"] == 0, summary
     assert metrics["reprojection_error_px_median"] <= 9.0, summary
-    assert metrics["detection_error_px_mean"] <= 14.0 and metrics["detection_error_px_max"] <= 40.0, summary
+    assert metrics["detection_error_px_mean"] <= 12.0 and metrics["detection_error_px_max"] <= 40.0, summary
     assert metrics["rotation_error_deg_mean"] <= 10.0, summary

