@@ -108,7 +108,7 @@ def test_list_and_validate_say_what_the_configured_run_lacks(small_capture_any: 
     r = cli("validate", "--capture", "500", env=s3_env)  # default config: the real-run models
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert set(out["assets_lacking"]) == {"bmv2", "bfm09", "fan", "blazeface", "blazeface-anchors", "lpips"}
+    assert set(out["assets_lacking"]) == {"bmv2", "bfm09", "dlib68", "lpips"}
     assert "warning: the configured run lacks asset bmv2: matting.weights is not set; headavatar assets put bmv2" \
         in r.stderr
     r = cli("validate", "--capture", "500", "--profile", "demo", env=s3_env)  # synthetic models, no weights

