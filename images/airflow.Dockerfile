@@ -33,6 +33,10 @@ COPY config/ /opt/headavatar/config/
 COPY --chown=50000:0 plugins/ /opt/airflow/plugins/
 RUN pip-install --no-deps --force-reinstall /opt/headavatar/src && rm -rf /opt/headavatar/src/build
 COPY images/airflow-entrypoint.sh /usr/local/bin/airflow-entrypoint
+# The official image's paths that the Airflow Helm chart calls: its probes (`/entrypoint airflow jobs check`)
+# and its log-groomer sidecar (`bash /clean-logs`).
+COPY images/airflow-clean-logs.sh /clean-logs
+RUN ln -s /usr/local/bin/airflow-entrypoint /entrypoint
 # Declared late: a new commit must not invalidate the install layers above.
 ARG GIT_COMMIT=unknown
 ENV HEADAVATAR_CONFIG_DIR=/opt/headavatar/config HEADAVATAR_GIT_COMMIT=${GIT_COMMIT}

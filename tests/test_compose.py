@@ -114,11 +114,11 @@ def _env_file(path: Path, socket_path: Path, project: str) -> dict[str, str]:
         "HEADAVATAR_CPU_IMAGE": CPU_IMAGE, "HEADAVATAR_CUDA_IMAGE": STAGE_3_6_IMAGE, "HEADAVATAR_DOCKER_GPUS": "0",
         "AIRFLOW_DAGS_PAUSED_AT_CREATION": "true",  # the ingestion DAG stays off: one run, the test's
     }
-    r = subprocess.run([sys.executable, str(COMPOSE_DIR / "new-env.py"), *(f"{k}={v}" for k, v in overrides.items())],
-                       capture_output=True, text=True, check=True)
-    path.write_text(r.stdout)
-    path.chmod(0o600)
-    values = dict(line.split("=", 1) for line in r.stdout.splitlines() if line and not line.startswith("#"))
+    subprocess.run([sys.executable, str(COMPOSE_DIR / "new-env.py"), "--out", str(path),
+                    *(f"{k}={v}" for k, v in overrides.items())], capture_output=True, text=True, check=True)
+    assert path.stat().st_mode & 0o777 == 0o600
+    text = path.read_text()
+    values = dict(line.split("=", 1) for line in text.splitlines() if line and not line.startswith("#"))
     assert "change-me" not in values.values() and values["DOCKER_GID"] == str(socket_path.stat().st_gid)
     return values
 
@@ -226,7 +226,7 @@ def test_nothing_answers_anonymously_and_the_env_credentials_work(stack: Stack) 
     ok = requests.post(search, json={"max_results": 1}, auth=(s["MLFLOW_ADMIN_USER"], s["MLFLOW_ADMIN_PASSWORD"]),
                        timeout=30)
     assert ok.status_code == 200, ok.text
-    # Object store: unsigned and wrongly signed requests are refused; the pipeline user lists its bucket.
+    # Object store: unsigned and wrongly signed requests are refused; the stages' identity lists the bucket.
     anonymous = boto3.client("s3", endpoint_url=stack.s3, region_name="us-east-1",
                              config=Config(signature_version=UNSIGNED))
     for call in (lambda c: c.list_objects_v2(Bucket="headavatar"), lambda c: c.list_buckets(),
@@ -295,12 +295,12 @@ def test_each_identity_may_do_only_what_its_policy_allows(stack: Stack) -> None:
     code = ("import json, os, sys\nsys.path.insert(0, '/opt/airflow/plugins')\n"
             "from headavatar_airflow.execution import ExecutionSettings as E\n"
             "c = lambda i: json.loads(os.environ['AIRFLOW_CONN_' + i.upper()])['login']\n"
-            "print(c(E().s3_conn_id), c(E().ingest_s3_conn_id), c(E().mlflow_conn_id))")
+            "print(c(E().s3_conn_id), c(E().for_ingestion().s3_conn_id), c(E().mlflow_conn_id))")
     logins = stack.compose("exec", "-T", "airflow-scheduler", "python", "-c", code).stdout.split()
     assert logins == [s["S3_STAGES_ACCESS_KEY"], s["S3_INGEST_ACCESS_KEY"], s["MLFLOW_PIPELINE_USER"]]
     init_logs = stack.compose("logs", "--no-color", "s3-init", "mlflow-init").stdout
     assert "ingest, mlflow, readonly, stages limited to their policies" in init_logs, init_logs[-2000:]
-    assert f"pipeline user {s['MLFLOW_PIPELINE_USER']} created; not an admin" in init_logs, init_logs[-2000:]
+    assert f"pipeline user {s['MLFLOW_PIPELINE_USER']} created; not an admin;" in init_logs, init_logs[-2000:]
 
 
 def test_credentials_come_only_from_the_env_file(stack: Stack) -> None:
@@ -337,7 +337,7 @@ def test_a_dag_run_triggered_through_the_api_succeeds_with_stage_containers_via_
         stack: Stack, tiny_capture: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     s = stack.secrets
     storage = StorageConfig(endpoint_url=stack.s3, bucket=s["HEADAVATAR_BUCKET"], prefix="nersemble")
-    # The capture's provider uploads it (raw/ and the synthetic ground truth, which the pipeline user only reads).
+    # The capture's provider uploads it (raw/ and the synthetic ground truth, which the stages' identity only reads).
     for key, value in {"AWS_ACCESS_KEY_ID": s["S3_ADMIN_USER"], "AWS_DEFAULT_REGION": "us-east-1",
                        "AWS_SECRET_ACCESS_KEY": s["S3_ADMIN_PASSWORD"]}.items():
         monkeypatch.setenv(key, value)

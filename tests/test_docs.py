@@ -141,3 +141,24 @@ def test_the_docs_name_every_dag_and_count_them_right() -> None:
     counted = re.findall(r"\b(one|two|three|four|five|\d+) (?:Airflow (?:3 )?)?DAGs\b", " ".join(
         p.read_text() for p in [ROOT / "README.md", *(ROOT / "docs").rglob("*.md")]))
     assert set(counted) <= {"three", "3"}, counted
+
+
+def test_the_detector_choice_quotes_its_results_file() -> None:
+    """Every percentage in docs/stages/fitting.md's "Why dlib is the default" is a share in
+    benchmarks/results/landmark_detectors.json (times 100, as rounded on the page)."""
+    text = (ROOT / "docs" / "stages" / "fitting.md").read_text()
+    section = text.split("### Why dlib is the default", 1)[1].split("\n## ", 1)[0]
+    shares: list[float] = []
+
+    def walk(x: object) -> None:
+        if isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, float) and 0 <= x <= 1:
+            shares.append(100 * x)
+
+    walk(json.loads((ROOT / "benchmarks" / "results" / "landmark_detectors.json").read_text()))
+    quoted = re.findall(r"(\d+(?:\.\d+)?) ?%", section)
+    assert len(quoted) >= 8, quoted
+    missing = [q for q in quoted if not any(abs(s - float(q)) <= 0.5 for s in shares)]
+    assert not missing, missing

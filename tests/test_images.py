@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from docker_fixtures import docker_env  # noqa: F401 (the session fixture)
-from headavatar.devserver.images import cpu_image, git_commit, preprocess_image
+from headavatar.devserver.images import TORCH_VERSION, cpu_image, git_commit, preprocess_image
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -53,7 +53,7 @@ def test_stage_images_hold_what_their_stages_import(docker_env: dict[str, str]) 
                   "import torch, torchmetrics, headavatar.stages.gaussianhead; "
                   "print(torch.__version__, torch.cuda.is_available())")
     assert cpu.returncode == 0, cpu.stderr[-2000:]
-    assert cpu.stdout.split() == ["2.13.0+cpu", "False"]
+    assert cpu.stdout.split() == [f"{TORCH_VERSION}+cpu", "False"]  # images/requirements/torch.txt
 
 
 def test_torch_threads_follow_the_container_cpu_limit(docker_env: dict[str, str]) -> None:  # noqa: F811

@@ -6,7 +6,10 @@ for each policy ``<name>.json`` in S3_POLICIES (keys S3_<NAME>_ACCESS_KEY/S3_<NA
 prefix the pipeline uses, a probe object is read and written as that identity: the store must allow
 exactly what the policy's Allow statements name (``s3:GetObject``, ``s3:PutObject``) and refuse the
 rest with AccessDenied. Any difference exits 2 with one line naming the identity, the action and the key,
-so `up` stops before Airflow or MLflow start on a store that does not enforce the policies.
+so `up` stops before Airflow or MLflow start on a store that does not enforce the policies. It reads the
+policies itself (``granted``), apart from the store's entrypoint that translates them, so a mistake in
+that translation is caught here instead of repeated. The policies name the prefix ``nersemble/`` (the
+default ``storage.prefix``); a deployment with another prefix edits them and PREFIXES below.
 """
 
 from __future__ import annotations

@@ -30,8 +30,7 @@ class ExecutionSettings:
     cpu_image: str = field(default_factory=lambda: _env("HEADAVATAR_CPU_IMAGE", "headavatar/preprocess:0.1.0"))
     cuda_image: str = field(default_factory=lambda: _env("HEADAVATAR_CUDA_IMAGE", "headavatar/cuda:0.1.0"))
     s3_conn_id: str = field(default_factory=lambda: _env("HEADAVATAR_S3_CONN_ID", "headavatar_s3"))
-    ingest_s3_conn_id: str = field(default_factory=lambda: _env(
-        "HEADAVATAR_INGEST_S3_CONN_ID", _env("HEADAVATAR_S3_CONN_ID", "headavatar_s3")))
+    ingest_s3_conn_id: str | None = field(default_factory=lambda: os.environ.get("HEADAVATAR_INGEST_S3_CONN_ID"))
     mlflow_conn_id: str = field(default_factory=lambda: _env("HEADAVATAR_MLFLOW_CONN_ID", "headavatar_mlflow"))
     gpu_pool: str = field(default_factory=lambda: _env("HEADAVATAR_GPU_POOL", "headavatar_gpu"))
     docker_url: str = field(default_factory=lambda: _env("HEADAVATAR_DOCKER_URL", "unix://var/run/docker.sock"))
@@ -42,15 +41,15 @@ class ExecutionSettings:
     gpu_lease_dir: str = field(default_factory=lambda: _env("HEADAVATAR_GPU_LEASE_DIR", "/tmp/headavatar-gpu-leases"))
     k8s_namespace: str = field(default_factory=lambda: _env("HEADAVATAR_K8S_NAMESPACE", "headavatar"))
     k8s_s3_secret: str = field(default_factory=lambda: _env("HEADAVATAR_K8S_S3_SECRET", "headavatar-s3"))
-    k8s_ingest_s3_secret: str = field(default_factory=lambda: _env(
-        "HEADAVATAR_K8S_INGEST_S3_SECRET", _env("HEADAVATAR_K8S_S3_SECRET", "headavatar-s3")))
+    k8s_ingest_s3_secret: str | None = field(default_factory=lambda: os.environ.get("HEADAVATAR_K8S_INGEST_S3_SECRET"))
     k8s_settings: str = field(default_factory=lambda: _env("HEADAVATAR_K8S_SETTINGS", "headavatar-settings"))
     k8s_gpu_node_selector: str = field(default_factory=lambda: _env("HEADAVATAR_K8S_GPU_NODES",
                                                                     "nvidia.com/gpu.present=true"))
 
     def for_ingestion(self) -> ExecutionSettings:
-        """The same settings with ingestion's S3 identity in place of the stages'."""
-        return replace(self, s3_conn_id=self.ingest_s3_conn_id, k8s_s3_secret=self.k8s_ingest_s3_secret)
+        """The same settings with ingestion's S3 identity in place of the stages' (the stages' where unset)."""
+        return replace(self, s3_conn_id=self.ingest_s3_conn_id or self.s3_conn_id,
+                       k8s_s3_secret=self.k8s_ingest_s3_secret or self.k8s_s3_secret)
 
     def __post_init__(self) -> None:
         if self.backend not in ("docker", "kubernetes", "local"):

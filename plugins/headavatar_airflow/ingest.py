@@ -57,7 +57,7 @@ def find_pending_captures() -> list[dict[str, Any]]:
     incomplete but does not hold back the others. The task log says, per capture found, why it is or
     is not pending (the CLI's stderr); a non-zero exit maps as a stage's does (75, S3 unavailable:
     retried; 2: failed for good)."""
-    public, secret = s3_environment(ExecutionSettings().ingest_s3_conn_id)
+    public, secret = s3_environment(ExecutionSettings().for_ingestion().s3_conn_id)
     env = {**os.environ, **public, **secret}
     args = ["captures", "--pending"]
     log.info("running: headavatar %s", " ".join(args))

