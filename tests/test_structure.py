@@ -141,7 +141,7 @@ def test_no_plugin_module_shadows_an_installed_module() -> None:
     repo = PACKAGE_ROOT.parent
     plugins = repo / "plugins"
     pinned = {re.split(r"[=<>\[ ]", line, maxsplit=1)[0].strip().lower().replace("-", "_")
-              for line in (repo / "images" / "compose" / "airflow-constraints.txt").read_text().splitlines()
+              for line in (repo / "images" / "requirements" / "airflow-constraints.txt").read_text().splitlines()
               if line.strip() and not line.startswith("#")}
     pinned |= {"limits"}  # flask-limiter's, which FAB brings into the image unpinned (the case found)
     def origin(name: str) -> str | None:
