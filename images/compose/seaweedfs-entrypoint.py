@@ -35,8 +35,10 @@ def policy_actions(policy: dict, bucket: str, source: Path) -> list[str]:
     """``Read:bucket/prefix/*``-style actions granting what the policy's Allow statements grant."""
     out: set[str] = set()
     for st in policy["Statement"]:
-        if st.get("Effect") != "Allow":
-            continue
+        if st.get("Effect") != "Allow" or "Condition" in st or "NotAction" in st or "NotResource" in st:
+            # SeaweedFS grants actions and nothing else: a statement it cannot express must not be dropped.
+            raise SystemExit(f"{source}: statement {st.get('Sid', '?')}: only plain Allow statements can be "
+                             "expressed as SeaweedFS actions")
         for action in st["Action"]:
             if action not in ACTIONS:
                 raise SystemExit(f"{source}: action {action} has no SeaweedFS equivalent")
