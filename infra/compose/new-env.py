@@ -20,7 +20,9 @@ EXAMPLE = Path(__file__).with_name(".env.example")
 def secret(key: str) -> str:
     if key == "AIRFLOW_FERNET_KEY":  # a Fernet key: 32 random bytes, URL-safe base64
         return base64.urlsafe_b64encode(os.urandom(32)).decode()
-    return secrets.token_urlsafe(24)
+    while not (value := secrets.token_urlsafe(24))[0].isalnum():  # "-x..." reads as an option on command lines
+        pass
+    return value
 
 
 def new_env(overrides: dict[str, str]) -> str:
