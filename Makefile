@@ -3,7 +3,7 @@
 # Images (docs/containers.md), tag $(IMAGE_TAG) = 0.1.0:
 #   headavatar/preprocess:0.1.0  stages 1-2 + ingestion (images/preprocess.Dockerfile)       make images
 #   headavatar/cpu:0.1.0         stages 3-6 on CPU (images/cuda.Dockerfile, CPU build args)   make images
-#   headavatar/cuda:0.1.0        stages 3-6 on CUDA (images/cuda.Dockerfile; needs a registry) make images-cuda
+#   headavatar/cuda:0.1.0        stages 3-6 on CUDA (images/cuda.Dockerfile, CUDA build args) make images-cuda
 #   headavatar/base:bookworm     Debian bookworm + Python 3.11 from Debian packages, the base where no
 #                                registry answers (images/base/build.sh, cached by recipe)   make image-base
 #   the compose stack's images   the build: sections of infra/compose/docker-compose.yml      make images-compose
@@ -15,22 +15,25 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 TORCH_VERSION ?= $(shell sed -n 's/^torch==//p' images/requirements/torch.txt)
-TORCH_CUDA_VERSION ?= $(shell sed -n 's/^torch==//p' images/requirements/torch-cuda.txt)
 BACKEND ?= docker
 BASE ?= auto
 DOCKER_HOST ?= unix://$(CURDIR)/.headavatar/docker/run/docker.sock
 export DOCKER_HOST BASE BACKEND
 
-.PHONY: install tools demo demo-ui test test-fast lint bench images images-compose images-cuda image-base docker-install docker-engine \
+.PHONY: install tools demo demo-ui test test-fast lint bench images images-compose images-cuda smoke-cuda image-base docker-install docker-engine \
 	docker-engine-stop lock clean
 
 install: $(VENV)/.installed
 
+# pip through heartbeat.py: a line at least every 20 s (what is collected, the install step) instead of minutes of -q.
+HEARTBEAT = $(PYTHON) tasks/headavatar/devserver/heartbeat.py
+PIP = $(PY) -m pip install --progress-bar off
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==$(TORCH_VERSION)
-	$(PY) -m pip install -q -e ".[dev]"
+	@echo "install: pip, then torch $(TORCH_VERSION), then the project with its dependencies (about 3 min)"
+	@$(HEARTBEAT) --label "install 1/3 pip" -- $(PIP) --upgrade pip
+	@$(HEARTBEAT) --label "install 2/3 torch" -- $(PIP) torch==$(TORCH_VERSION)
+	@$(HEARTBEAT) --label "install 3/3 project" -- $(PIP) -e ".[dev]"
 	touch $@
 
 # BACKEND=docker (default): every task a container; the engine and images are set up on first use.
@@ -108,11 +111,15 @@ images: docker-engine
 images-compose: docker-engine
 	$(PY) -m headavatar.devserver.compose_images --base $(BASE)
 
-# Needs a registry (nvidia/cuda bases) and a CUDA toolchain's worth of disk; not built on the CPU machines.
-images-cuda:
-	DOCKER_BUILDKIT=1 docker build -f images/cuda.Dockerfile --build-arg GIT_COMMIT=$(GIT_COMMIT) \
-	  --build-arg TORCH_VERSION=$(TORCH_CUDA_VERSION) \
-	  -t headavatar/cuda:$(IMAGE_TAG) .
+# The CUDA stage image on the project's Python base (no registry): PyPI's CUDA torch of torch-cuda.txt, gsplat's
+# kernels compiled with NVIDIA's compiler wheels for CUDA_ARCHS (docs/containers.md: size, build time).
+CUDA_ARCHS ?= 8.0;8.6;8.9;9.0
+images-cuda: docker-engine
+	$(PY) -m headavatar.devserver.images --cuda --tag $(IMAGE_TAG) --base $(BASE) --arch-list "$(CUDA_ARCHS)"
+
+# That image on this CPU: gsplat's kernels load, and the demo DAG runs stages 3-6 in it (docs/containers.md).
+smoke-cuda: docker-engine
+	$(PY) -m headavatar.devserver.cuda_smoke --image headavatar/cuda:$(IMAGE_TAG)
 
 # Re-pin images/requirements/preprocess.txt from pyproject.toml's core dependencies.
 lock:

@@ -2,6 +2,10 @@
 # one file; build from the repository root with `make images` (CPU) or `make images-cuda` (CUDA).
 #   CUDA (defaults; needs a registry): nvidia/cuda bases, a standalone CPython 3.11 (uv), PyTorch
 #     from the cu128 index, gsplat compiled ahead of time (no nvcc at run time), face_alignment.
+#   CUDA on the project's Debian base (`make images-cuda`; no registry needed, headavatar.devserver.images):
+#     BUILD_IMAGE=RUNTIME_IMAGE=headavatar/base, PYTHON_VERSION=system, TORCH_INDEX=PyPI (whose torch 2.11.0
+#     is the cu130 build: it carries the CUDA 13 runtime as nvidia-* wheels), CUDA_COMPILER = NVIDIA's
+#     compiler wheels of the same CUDA release, the CUDA_HOME that gsplat is compiled with and then removed.
 #   CPU (headavatar/cpu; what the demo, the tests and CI run): BUILD_IMAGE=RUNTIME_IMAGE=a Debian
 #     Python 3.11 image (public python:3.11 slim, or the project's own headavatar/base), PYTHON_VERSION=system,
 #     BUILD_PACKAGES="", WITH_GSPLAT=0 WITH_FAN=0, TORCH_INDEX = the CPU index (or a local wheel index).
@@ -26,6 +30,8 @@ ARG WITH_GSPLAT=1
 ARG GSPLAT_VERSION=1.5.3
 ARG WITH_FAN=1
 ARG TORCH_CUDA_ARCH_LIST="8.0;8.6;8.9;9.0"
+ARG MAX_JOBS=8
+ARG CUDA_COMPILER=""
 ARG WITH_DIFF_GAUSSIAN=0
 ARG DIFF_GAUSSIAN_REPO=https://github.com/graphdeco-inria/diff-gaussian-rasterization.git
 ARG WITH_SIMPLE_KNN=0
@@ -37,7 +43,7 @@ ARG KAOLIN_VERSION=0.18.0
 ARG KAOLIN_INDEX=https://nvidia-kaolin.s3.us-east-2.amazonaws.com/torch-2.8.0_cu128.html
 ARG WITH_DLIB=1
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    UV_PYTHON_INSTALL_DIR=/opt/python TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST} MAX_JOBS=8
+    UV_PYTHON_INSTALL_DIR=/opt/python TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST} MAX_JOBS=${MAX_JOBS}
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # hadolint ignore=DL3008
 RUN if [ -n "${BUILD_PACKAGES}" ]; then apt-get update \
@@ -60,10 +66,26 @@ RUN pip install --requirement /tmp/torch-deps.txt \
 COPY images/requirements/preprocess.txt images/requirements/train.txt /tmp/
 RUN pip install --requirement /tmp/preprocess.txt --requirement /tmp/train.txt \
     && python -c "import torch; assert torch.__version__.startswith('${TORCH_VERSION}'), torch.__version__"
-# gsplat from its source distribution, so its CUDA kernels are compiled here, once.
+# gsplat from its source distribution, so its CUDA kernels are compiled here, once. Without a CUDA
+# toolkit in the base, CUDA_COMPILER's wheels (nvcc, its front end and headers, all under
+# site-packages/nvidia/cu<major>, beside the runtime torch brought) are the CUDA_HOME, and leave after.
+# CUDA_COMPILER's pins are in the build argument; its names are split into words on purpose.
+# hadolint ignore=DL3013,SC2046
 RUN if [ "${WITH_GSPLAT}" = 1 ]; then \
-      pip install --no-build-isolation --no-binary gsplat "gsplat==${GSPLAT_VERSION}" \
-      && python -c "import importlib.util as u; assert u.find_spec('gsplat.csrc'), 'gsplat kernels not built'"; fi
+      if [ -n "${CUDA_COMPILER}" ]; then \
+        pip install ${CUDA_COMPILER} \
+        && major=$(python -c "import torch; print(torch.version.cuda.split('.')[0])") \
+        && CUDA_HOME="$(python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/nvidia/cu${major}" \
+        && export CUDA_HOME PATH="${CUDA_HOME}/bin:${PATH}" \
+        && { [ -e "${CUDA_HOME}/lib/libcudart.so" ] || ln -s "libcudart.so.${major}" "${CUDA_HOME}/lib/libcudart.so"; } \
+        && nvcc --version | tail -1; fi \
+      && pip install ninja==1.13.0 \
+      && pip install --no-build-isolation --no-binary gsplat "gsplat==${GSPLAT_VERSION}" \
+      && python -c "import importlib.util as u; assert u.find_spec('gsplat.csrc'), 'gsplat kernels not built'" \
+      && pip uninstall -y ninja $(echo "${CUDA_COMPILER}" | sed 's/==[^ ]*//g') \
+      && python -c "import gsplat.csrc"; fi
+# face-alignment asks for opencv-python, whose cv2 needs X11 libraries no stage image has (and replaces the
+# locked headless build): it goes, the locked opencv-python-headless comes back, and cv2 must import.
 # The reference renders 32 feature channels: the rasteriser's NUM_CHANNELS is a compile-time constant.
 # These are the builds measured on CUDA 13 + torch 2.11 (docs/gpu.md, docs/stages/).
 # Git sources are pinned by their *_REF/*_REPO build args, which hadolint cannot see.
@@ -78,7 +100,10 @@ RUN if [ "${WITH_DIFF_GAUSSIAN}" = 1 ]; then \
     && if [ "${WITH_PYTORCH3D}" = 1 ]; then pip install --no-build-isolation "${PYTORCH3D_REF}"; fi \
     && if [ "${WITH_KAOLIN}" = 1 ]; then pip install "kaolin==${KAOLIN_VERSION}" --find-links "${KAOLIN_INDEX}"; fi \
     && if [ "${WITH_DLIB}" = 1 ]; then pip install dlib-bin==20.0.1.post1; fi \
-    && if [ "${WITH_FAN}" = 1 ]; then pip install face-alignment==1.5.0; fi
+    && if [ "${WITH_FAN}" = 1 ]; then pip install face-alignment==1.5.0 \
+      && pip uninstall -y opencv-python \
+      && pip install --force-reinstall --no-deps "$(grep '^opencv-python-headless==' /tmp/preprocess.txt)"; fi \
+    && python -c "import cv2; print('cv2', cv2.__version__)"
 
 FROM ${RUNTIME_IMAGE}
 ARG FLAVOUR=cuda

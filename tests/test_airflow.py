@@ -18,6 +18,7 @@ from headavatar.capture_id import CAPTURE_ID_PATTERN
 from headavatar.cli import build_parser
 from headavatar.contract.manifest import Manifest
 from headavatar.contract.stage import manifest_key
+from headavatar.devserver.demo import _last_run_id, _mlflow_run, export_results
 from headavatar.storage import ObjectStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -180,13 +181,15 @@ def uploaded(store: ObjectStore, tiny_capture: Path) -> Iterator[ObjectStore]:
 @pytest.mark.timeout(1800)  # two DAG runs: ~15 min on 2 cores shared with other work, past the default 900 s
 def test_triggered_run_executes_all_six_stages_and_a_rerun_hits_the_cache(
         airflow_home: Path, uploaded: ObjectStore, s3_env: dict[str, str], mlflow_server: str,
-        local_dag_runs: dict[str, str]) -> None:
+        local_dag_runs: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     models = f"{s3_env['HEADAVATAR_S3_PREFIX']}-avatar-"
     env = {"AIRFLOW_CONN_HEADAVATAR_S3": _env(airflow_home, s3_env)["AIRFLOW_CONN_HEADAVATAR_S3"],
            "AIRFLOW_CONN_HEADAVATAR_MLFLOW": json.dumps({"conn_type": "http", "extra": {
                "tracking_uri": mlflow_server, "ui_url": "https://mlflow.example.org/"}}),
            "HEADAVATAR_MLFLOW_MODEL_PREFIX": models}
     conf = json.dumps(LOCAL_RUN)
+    db = airflow_home / "airflow.db"
+    before_first = _last_run_id(db)
     first = _airflow(airflow_home, env, "dags", "test", "headavatar_capture", "--conf", conf)
     log = first.stdout + first.stderr
     names = [s.name for s in STAGES]
@@ -204,6 +207,7 @@ def test_triggered_run_executes_all_six_stages_and_a_rerun_hits_the_cache(
 
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("headavatar")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # MLflow's UI: training runs, not GenAI
     parents = client.search_runs([exp.experiment_id], filter_string=(
         f"tags.`headavatar.kind` = 'pipeline' and tags.`airflow.run_id` = '{manual[0]['run_id']}'"))
     assert len(parents) == 1 and parents[0].data.tags["airflow.dag_id"] == "headavatar_capture"
@@ -212,6 +216,11 @@ def test_triggered_run_executes_all_six_stages_and_a_rerun_hits_the_cache(
     assert sorted(children) == sorted(names)
     gh = children["gaussianhead"]
     assert gh.data.metrics["holdout_psnr"] == read(uploaded, "gaussianhead").metrics["holdout_psnr"]
+    # The parent run carries the avatar's held-out metrics and each stage's time (MLflow's compare view).
+    parent = client.get_run(parents[0].info.run_id).data.metrics
+    assert {k: parent[k] for k in gh.data.metrics if k.startswith("holdout_")} == {
+        k: v for k, v in gh.data.metrics.items() if k.startswith("holdout_")} != {}
+    assert sorted(k for k in parent if k.endswith("_wall_time_s")) == sorted(f"{s}_wall_time_s" for s in names)
     assert gh.data.tags["airflow.try_number"] == "1"
     curve = client.get_metric_history(children["meshhead"].info.run_id, "train/loss")
     assert [m.step for m in curve] == [10, 20]
@@ -244,11 +253,37 @@ def test_triggered_run_executes_all_six_stages_and_a_rerun_hits_the_cache(
     """)
     assert [[t, e["capture"], e["cached"]] for t, e in events] == [["gaussianhead", "018", False]], events
 
+    # `make demo`'s results page, from this run's outputs and MLflow runs: labelled pictures that exist,
+    # the avatar's held-out scores with their protocol, its videos, links to the runs and the model.
+    monkeypatch.setenv("HEADAVATAR_MLFLOW_MODEL_PREFIX", models)
+    found = _mlflow_run(mlflow_server, "018", manual[0]["run_id"])
+    assert (found["run_id"], found["version"]) == (parents[0].info.run_id, "1")
+    index = export_results(uploaded, "018", tmp_path / "output", found)[1]
+    page = index.read_text()
+    assert f"PSNR {read(uploaded, 'gaussianhead').metrics['holdout_psnr']:.2f} dB" in page
+    assert "(protocol headavatar-eval/1)" in page
+    for label in ("ground truth", "avatar render", "difference x4", "mesh-head render", "normals"):
+        assert f"<span>{label}</span>" in page, label
+    sources = re.findall(r"src='([^']+)'", page)
+    assert all((index.parent / src).is_file() for src in sources), sources
+    assert {Path(src).parts[0] for src in sources if src.endswith(".jpg")} == {"matting", "fitting", "meshhead",
+                                                                             "gaussianhead"}
+    assert sorted(src for src in sources if src.endswith(".mp4")) == [
+        "gaussianhead/videos/reenactment.mp4", "gaussianhead/videos/turntable.mp4"]
+    for run in [*parents, *children.values()]:
+        if run.data.tags.get("headavatar.stage") not in ("extract", "sample"):  # stages without pictures
+            assert run.info.run_id in page, run.data.tags
+    assert f"/#/models/{models}018/versions/1" in page
+
     # A second run (what clearing a task and its downstream amounts to): every stage is a cache hit.
+    before_second = _last_run_id(db)
     second = _airflow(airflow_home, env, "dags", "test", "headavatar_capture", "--conf", conf)
     log2 = second.stdout + second.stderr
     for stage in names:
         assert f"018/{stage}: cache hit" in log2, log2[-3000:]
+    # `make demo`'s console, read off this Airflow's database: "success" for work done, "cached" for a hit.
+    assert _demo_console(db, before_first, tmp_path / "first.log") == ["success"] * len(names)
+    assert _demo_console(db, before_second, tmp_path / "second.log") == ["cached"] * len(names)
     assert len(client.search_model_versions(f"name = '{models}018'")) == 1  # the same avatar: no new version
     # A bad id never reaches a stage: the form's schema rejects it before any task runs.
     before = len(_runs(airflow_home, env))
@@ -263,6 +298,16 @@ def test_triggered_run_executes_all_six_stages_and_a_rerun_hits_the_cache(
         assert secret not in json.dumps({"params": run.data.params, "tags": run.data.tags})
     for stage in names:
         assert secret not in uploaded.get_bytes(manifest_key(uploaded, "018", stage)).decode()
+
+
+def _demo_console(db: Path, after_run: int, logfile: Path) -> list[str]:
+    """The state column of the lines ``make demo`` prints for the first DAG run after ``after_run``."""
+    from headavatar.devserver.demo import Console, _StageMonitor
+
+    console = Console(logfile)
+    _StageMonitor(db, after_run, console)._poll()
+    console.close()
+    return [line.split()[2] for line in logfile.read_text().splitlines()]
 
 
 def read(store: ObjectStore, stage: str) -> Manifest | None:

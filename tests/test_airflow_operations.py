@@ -358,3 +358,30 @@ def test_docker_containers_ask_the_engine_for_the_leased_gpu() -> None:
     leased = gpu_request("1")
     assert (leased["DeviceIDs"], leased["Count"], leased["Capabilities"]) == (["1"], 0, [["gpu"]])
     assert gpu_request(None)["Count"] == 1  # host GPUs unknown: any one (the engine's GPU 0)
+
+
+def test_a_cpu_only_host_places_gpu_stages_without_a_warning(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The demo's host has no GPU and no nvidia-smi: a GPU stage run as a subprocess there takes no lease
+    and its log has no warning; a host with nvidia-smi whose GPUs cannot be listed still warns."""
+    sys.path.insert(0, str(REPO / "plugins"))
+    from headavatar_airflow.execution import ExecutionSettings
+    from headavatar_airflow.gpus import placed_gpu
+
+    monkeypatch.delenv("HEADAVATAR_GPU_DEVICES", raising=False)
+    settings = ExecutionSettings(backend="local", gpu_lease_dir=str(tmp_path / "leases"))
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # nothing on PATH: no nvidia-smi
+    caplog.set_level("INFO", logger="headavatar_airflow.gpus")
+    with placed_gpu(settings, {}, "run/matting") as lease:
+        assert lease is None
+    assert [r.levelname for r in caplog.records] == ["INFO"], caplog.text
+    assert "no GPU on this host" in caplog.text
+
+    caplog.clear()
+    (tmp_path / "bin").mkdir()
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.write_text("#!/bin/sh\nexit 9\n")  # a GPU host whose driver does not answer
+    smi.chmod(0o755)
+    with placed_gpu(settings, {}, "run/matting") as lease:
+        assert lease is None
+    assert [r.levelname for r in caplog.records] == ["WARNING"], caplog.text

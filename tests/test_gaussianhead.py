@@ -192,7 +192,12 @@ def test_training_resumes_after_sigkill_and_exports_a_better_avatar(store: Objec
     assert avatar["gaussians"] == m.metrics["gaussians"] > 300 and avatar["fine_size"] == 64
     assert "avatar/avatar.pt" in m.files
     sheet = cv2.imdecode(np.frombuffer(store.get_bytes(f"{prefix}/renders/0000.jpg"), np.uint8), 1)
-    assert sheet.shape == (2 * 64, 2 * 64, 3)  # 2 held-out cameras x (GT | render)
+    # 2 held-out cameras x (GT | render | difference x4), 64 px each, enlarged x3 to reach 384 px.
+    assert sheet.shape == (3 * 2 * 64, 3 * 3 * 64, 3)
+    gt, render, diff = (sheet[::3, ::3][:, i * 64:(i + 1) * 64].astype(float) for i in range(3))
+    expected = np.clip(np.abs(gt - render) * 4, 0, 255)  # from the JPEG's own panels: its error, x4
+    assert np.abs(diff - expected).mean() < 12, np.abs(diff - expected).mean()
+    assert diff.mean() > 1  # a trained avatar is close, not identical
     # The named evaluation protocol and the avatar videos (issue 22).
     assert avatar["eval_protocol"] == "headavatar-eval/1"
     assert {"novel_view_psnr_matte", "novel_view_ssim_matte"} <= set(m.metrics)

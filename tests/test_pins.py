@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from headavatar.devserver.images import TORCH_VERSION, torch_pin
+from headavatar.devserver.images import TORCH_VERSION, cuda_build_args, torch_pin
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,7 +34,7 @@ def test_the_cuda_image_and_the_gpu_benchmarks_use_the_cuda_pin() -> None:
     pin = torch_pin("torch-cuda.txt")
     dockerfile = (REPO / "images" / "cuda.Dockerfile").read_text()
     assert re.search(r"^ARG TORCH_VERSION=(\S+)$", dockerfile, re.M).group(1) == pin
-    assert make_variable("TORCH_CUDA_VERSION") == pin  # make images-cuda passes it
+    assert cuda_build_args("headavatar/base:bookworm")["TORCH_VERSION"] == pin  # make images-cuda passes it
     measured = {}
     for result in sorted((REPO / "benchmarks" / "results").glob("*gpu*.json")):
         for version in re.findall(r'"torch": "([^"]+)"', result.read_text()):

@@ -91,6 +91,7 @@ def test_bad_capture_fails_with_one_line(capture: str, small_capture: Path, tmp_
 def test_unknown_capture(s3_env: dict[str, str]) -> None:
     r = cli("validate", "--capture", "777", env=s3_env)
     assert r.returncode == 2 and "error: unknown capture '777'" in r.stderr
+    assert "captures there: none; upload it first (docs/data.md) or check the id" in r.stderr
 
 
 @pytest.mark.parametrize("bad", ["../018", "018;rm", "018/..", "", "x" * 200, "０１８"])

@@ -66,8 +66,46 @@ def test_prefix_without_permission_is_access_denied(s3: EmbeddedS3, store: Objec
         ro.put_bytes(store.key("y.txt"), b"nope")
 
 
+def test_missing_credentials_say_how_to_set_them(s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+                                                 tmp_path: Path) -> None:
+    """No key pair anywhere (a new shell after `make demo`): one line that says what to set and where the
+    demo's values are, not botocore's NoCredentialsError."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    st = ObjectStore(tiny_config().storage)
+    try:
+        with pytest.raises(AccessDenied, match=r"no S3 credentials; set AWS_ACCESS_KEY_ID .*source "
+                                               r"\.headavatar/demo/s3\.env"):
+            st.get_bytes(st.key("anything"))
+    finally:
+        st.close()
+
+
 def test_wrong_credentials_are_refused(s3: EmbeddedS3) -> None:
     client = boto3.client("s3", endpoint_url=s3.endpoint_url, region_name="us-east-1",
                           aws_access_key_id="AKNOTAKEY", aws_secret_access_key="wrong")
     with pytest.raises(client.exceptions.ClientError):
         client.list_objects_v2(Bucket=BUCKET)
+
+
+def test_the_embedded_server_leaves_nothing_in_tmp(tmp_path: Path) -> None:
+    """SeaweedFS puts its local and gRPC sockets in /tmp, where they outlive it; the embedded server keeps
+    the ones it can place in its data folder and removes the others when it stops: /tmp is as it was."""
+    import tempfile
+
+    tmp = Path(tempfile.gettempdir())
+
+    def ours() -> set[str]:
+        return {p.name for p in tmp.glob("seaweedfs-*")}
+
+    before = ours()  # other servers' sockets, e.g. of tests running beside this one, left alone
+    s3 = EmbeddedS3(tmp_path / "s3").start()
+    try:
+        assert {p.name for p in (tmp_path / "s3").glob("*.sock")} == {"filer.sock", "s3.sock"}
+        assert ours() - before  # its gRPC sockets: in /tmp whatever it is told
+    finally:
+        s3.stop()
+    assert ours() == before

@@ -108,6 +108,8 @@ def test_training_runs_are_registered_once_each_and_compared(store: ObjectStore,
     assert sorted(p.name for p in videos.iterdir()) == ["reenactment.mp4", "turntable.mp4"]
     assert versions[1].tags["headavatar.video.turntable"].endswith("/videos/turntable.mp4")
     assert "novel_view_psnr_matte" in versions[1].tags
+    best = max(versions, key=lambda v: (float(v.tags["holdout_psnr"]), int(v.version)))
+    assert client.get_model_version_by_alias(f"{models}018", "champion").version == best.version
 
     parent = client.get_run(client.get_run(first["mlflow"]["run_id"]).data.tags["mlflow.parentRunId"])
     assert parent.data.tags["headavatar.run_key"] == "first"
@@ -131,3 +133,20 @@ def test_training_runs_are_registered_once_each_and_compared(store: ObjectStore,
     assert page.count("<svg") >= 2 and first["mlflow"]["run_id"] in page
     missing = cli("compare", "--capture", "999", env=env)
     assert missing.returncode == 2 and "no tracked gaussianhead run for 999" in missing.stderr
+
+
+def test_champion_is_the_best_held_out_avatar_not_the_newest(mlflow_server: str, s3_env: dict[str, str]) -> None:
+    """Three avatars of one capture, the best in the middle: ``champion`` follows the held-out PSNR, also
+    when a worse one is registered later; a version without a score never takes it."""
+    from headavatar.tracking import crown_champion
+
+    client = MlflowClient(mlflow_server)
+    name = f"{s3_env['HEADAVATAR_S3_PREFIX']}-champion-018"
+    client.create_registered_model(name)
+    for psnr in ("24.6", "31.9", "28.0"):
+        client.create_model_version(name, source="s3://headavatar/x/avatar", tags={"holdout_psnr": psnr})
+    assert crown_champion(client, name) == "2"
+    client.create_model_version(name, source="s3://headavatar/x/avatar", tags={"holdout_psnr": "30.1"})
+    client.create_model_version(name, source="s3://headavatar/x/avatar")  # no held-out score
+    assert crown_champion(client, name) == "2"
+    assert client.get_model_version_by_alias(name, "champion").tags["holdout_psnr"] == "31.9"

@@ -38,6 +38,7 @@ ARTIFACTS = Path(os.environ.get("HEADAVATAR_UI_ARTIFACTS", REPO / ".headavatar" 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 DAG = "headavatar_capture"
+COMPARE = "headavatar_compare"
 STEPS = "20"  # mesh-head and Gaussian-head training steps entered in the form: a short run
 STAGES = ("extract", "sample", "matting", "fitting", "meshhead", "gaussianhead")
 
@@ -50,13 +51,12 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoStack]:
-    """The demo stack with capture 018 and ingestion every minute. DAGs start paused here (the demo's
-    start unpaused): the capture DAG is unpaused at once, ingestion only in its own test, so that only
-    the runs the tests trigger work on 018."""
+    """The demo stack with capture 018 and ingestion every minute. The DAGs are recorded paused, as an
+    older `make demo` left them; the stack unpauses them as the demo does, all but ingestion, which only
+    its own test unpauses, so that only the runs the tests trigger work on 018."""
     with DemoStack(tmp_path_factory.mktemp("demo-ui"), capture="018", frames=20, port=0,
-                   ingest_schedule="* * * * *",
+                   ingest_schedule="* * * * *", paused=("headavatar_ingest",),
                    extra_env={"AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True"}) as st:
-        st.api("PATCH", f"/api/v2/dags/{DAG}", {"is_paused": False})
         yield st
 
 
@@ -198,6 +198,27 @@ def test_trigger_form_refuses_a_path_as_capture_id_and_creates_no_run(page: Any,
     page.keyboard.press("Escape")
 
 
+def test_an_unknown_capture_fails_its_first_task_once_saying_what_the_bucket_holds(
+        page: Any, stack: DemoStack) -> None:
+    """A well-formed id with no upload behind it: the form accepts it (the bucket is not the form's to
+    read), and the first task fails without retries, its log in the UI naming the captures that are there."""
+    form = open_trigger_form(page, stack)
+    form.locator("#element_id").fill("999")
+    form.locator("#element_profile").fill("demo")
+    form.get_by_test_id("trigger-dag-submit").click()
+    page.wait_for_url(re.compile(rf"/dags/{DAG}/runs/manual__"))
+    run_id = page.url.split("/runs/")[1]
+    assert _wait_run(stack, run_id, timeout=600) == "failed"
+    tis = _tis(stack, run_id)
+    assert (tis["extract"]["state"], tis["extract"]["try_number"]) == ("failed", 1), tis["extract"]
+    assert {tis[s]["state"] for s in STAGES[1:]} == {"upstream_failed"}
+    page.goto(f"{stack.url}/dags/{DAG}/runs/{run_id}/tasks/extract")
+    message = page.get_by_text(re.compile(r"unknown capture '999'.*captures there: 018; upload it first"))
+    playwright_api.expect(message.first).to_be_visible()
+    message.first.scroll_into_view_if_needed()
+    shot(page, "unknown-capture")
+
+
 @pytest.mark.timeout(1800)  # the project's 900 s is too short when other work shares the 2 cores
 def test_form_triggers_018_and_the_run_succeeds_with_an_mlflow_link(page: Any, stack: DemoStack) -> None:
     form = open_trigger_form(page, stack)
@@ -245,6 +266,33 @@ def test_form_triggers_018_and_the_run_succeeds_with_an_mlflow_link(page: Any, s
     shot(mlflow, "mlflow-run")
     if mlflow is not page:
         mlflow.close()
+
+    # The avatar's Asset event (when gaussianhead succeeds) schedules the comparison: a run of
+    # headavatar_compare queued after this run started, shown in the UI.
+    started = stack.api("GET", f"/api/v2/dags/{DAG}/dagRuns/{run_id}")["start_date"]
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        compare = {r["dag_run_id"]: r["state"] for r in stack.api(
+            "GET", f"/api/v2/dags/{COMPARE}/dagRuns?order_by=-id&limit=5")["dag_runs"]
+            if (r["queued_at"] or "") >= started}
+        if "success" in compare.values() or "failed" in compare.values():
+            break
+        time.sleep(5)
+    assert "success" in compare.values(), compare
+    page.goto(f"{stack.url}/dags/{COMPARE}/runs")
+    playwright_api.expect(page.get_by_text(next(r for r, st in compare.items() if st == "success")).first
+                          ).to_be_visible()
+    shot(page, "comparison-run")
+
+
+def test_the_demo_dags_run_unpaused(page: Any, stack: DemoStack) -> None:
+    """Recorded paused (as `make demo` used to leave them), shown unpaused once the demo stack is up."""
+    for dag in (DAG, COMPARE):
+        assert stack.api("GET", f"/api/v2/dags/{dag}")["is_paused"] is False, dag
+        page.goto(f"{stack.url}/dags/{dag}")
+        toggle = page.get_by_test_id("toggle-pause").first  # Airflow's switch: checked = not paused
+        playwright_api.expect(toggle).to_have_attribute("data-state", "checked")
+    shot(page, "unpaused-dag")
 
 
 def test_a_capture_uploaded_while_airflow_runs_is_ingested_and_shown(

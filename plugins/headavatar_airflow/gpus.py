@@ -106,7 +106,12 @@ def placed_gpu(settings: ExecutionSettings, params: dict[str, Any], holder: str,
     pinned = params.get("gpu")
     devices = (str(pinned),) if pinned is not None else host_gpus(settings)
     if not devices:
-        log.warning("GPUs of this host unknown (set HEADAVATAR_GPU_DEVICES): the GPU is not chosen per task")
+        # Stages as subprocesses on a host without the NVIDIA driver (the demo's CPU): nothing to lease.
+        # A container engine's GPUs are not seen from the scheduler's container: there it stays a warning.
+        if settings.backend == "local" and shutil.which("nvidia-smi") is None:
+            log.info("no GPU on this host (no nvidia-smi, HEADAVATAR_GPU_DEVICES unset): no GPU lease")
+        else:
+            log.warning("GPUs of this host unknown (set HEADAVATAR_GPU_DEVICES): the GPU is not chosen per task")
         yield None
         return
     with gpu_lease(devices, Path(settings.gpu_lease_dir), holder, busy=busy) as lease:

@@ -98,6 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
     rnd.add_argument("--out", type=Path, required=True, help="folder to write reenactment.mp4 and turntable.mp4 into")
     _config_args(rnd)
 
+    exp = sub.add_parser("export", help="a capture's trained avatar in a standard format")
+    exp_sub = exp.add_subparsers(dest="format", required=True)
+    ply = exp_sub.add_parser("ply", help="its Gaussians at a frame as a 3DGS .ply (splat viewers): positions, "
+                                         "f_dc from the coarse RGB, opacity logit, log-scales, quaternion")
+    ply.add_argument("--capture", required=True)
+    which = ply.add_mutually_exclusive_group()
+    which.add_argument("--frame", help="frame folder, e.g. 0012 (default: the first trained frame)")
+    which.add_argument("--sequence", help="every frame of this sequence, one <frame>.ply each into --out")
+    ply.add_argument("--out", type=Path, required=True, help="the .ply file (--frame), or a folder (--sequence)")
+    _config_args(ply)
+
     unpack = sub.add_parser("unpack", help="unpack the .zip archives under raw/ into the raw layout (S3 to S3)")
     unpack.add_argument("--workers", type=int, default=4, help="members unpacked in parallel")
     _config_args(unpack)
@@ -180,6 +191,20 @@ def cmd_render(args: argparse.Namespace) -> int:
     store = ObjectStore(config.storage)
     try:
         print(json.dumps(render_capture(store, capture, config, args.out)))
+    finally:
+        store.close()
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from headavatar.export_ply import export_ply
+    from headavatar.storage import ObjectStore
+
+    capture = validate_capture_id(args.capture)
+    config = _config(args)
+    store = ObjectStore(config.storage)
+    try:
+        print(json.dumps(export_ply(store, capture, config, args.out, args.frame, args.sequence)))
     finally:
         store.close()
     return 0
@@ -387,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     commands = {"run": cmd_run, "synth": cmd_synth, "validate": cmd_validate, "status": cmd_status,
                 "captures": cmd_captures, "compare": cmd_compare, "unpack": cmd_unpack, "assets": cmd_assets,
-                "config": cmd_config, "costs": cmd_costs, "render": cmd_render,
+                "config": cmd_config, "costs": cmd_costs, "render": cmd_render, "export": cmd_export,
                 "stages": lambda _a: print("\n".join(STAGE_NAMES)) or 0}
     try:
         return commands[args.command](args)

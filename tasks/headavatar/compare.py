@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from headavatar.errors import PipelineError
-from headavatar.tracking import experiment_name
+from headavatar.tracking import experiment_name, pipeline_experiment
 
 COLUMNS = ("capture", "run_name", "run_id", "started", "model_version", "steps", "wall_time_s")
 # Held-out metrics and whether higher is better (shown on the chart).
@@ -145,8 +145,7 @@ def log_report(tracking_uri: str, rows: list[dict[str, Any]], title: str, stage:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    exp = client.get_experiment_by_name(experiment_name())
-    exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment_name())
+    exp_id = pipeline_experiment(client)
     tags = {"headavatar.kind": "compare", "headavatar.stage": stage,
             "headavatar.captures": ",".join(sorted({r["capture"] for r in rows}))}
     if os.environ.get("HEADAVATAR_RUN_ID"):  # set by the Airflow task

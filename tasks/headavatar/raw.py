@@ -22,6 +22,7 @@ from headavatar.layout import (
     BACKGROUND_NAME,
     BACKGROUND_SEQUENCE,
     RAW,
+    V2,
     VIDEO_NAME,
     background_key,
     camera_params_key,
@@ -162,8 +163,11 @@ def discover(store: ObjectStore, capture: str, config: PipelineConfig) -> RawCap
     if v2_objs:
         return _discover_v2(store, capture, config, v2_objs)
     if v1_params is None and not v1_found:
+        there = sorted(set(store.list_dirs(store.key(RAW, V2))) | set(store.list_dirs(f"{raw_root}/camera_params")))
         raise RawCaptureError(f"unknown capture {capture!r}: nothing under {store.uri(raw_root)}/*/{capture}/ "
-                              f"(v1 layout) or {store.uri(store.key(v2_root(capture)))}/ (v2 layout)")
+                              f"(v1 layout) or {store.uri(store.key(v2_root(capture)))}/ (v2 layout); captures "
+                              f"there: {', '.join(there[:20]) + (' ...' if len(there) > 20 else '') or 'none'}; "
+                              f"upload it first (docs/data.md) or check the id")
     return _discover_v1(store, capture, config, v1_params, v1_found)
 
 

@@ -9,22 +9,21 @@ from __future__ import annotations
 from pathlib import Path
 
 from headavatar.avatar_video import reenactment_video, turntable_video
+from headavatar.gaussianhead.trainer import GaussianHeadTrainer
 from headavatar.settings import PipelineConfig
 from headavatar.storage import ObjectStore
 
 
-def render_capture(store: ObjectStore, capture: str, config: PipelineConfig, out: Path) -> dict:
-    """``headavatar render``: both videos of a capture's trained avatar (stage 6 outputs), written to ``out``.
-
-    Rebuilds the avatar as stage 6 left it (its own saved config, the stage-5 mesh head it started
-    from) and the views it was scored on, from the stage outputs in the bucket."""
+def load_avatar(store: ObjectStore, capture: str, config: PipelineConfig) -> GaussianHeadTrainer:
+    """A capture's trained avatar as stage 6 left it, ready to render: its own saved config, the stage-5
+    mesh head it started from, and the views (training frames, held-out cameras and sequences) it was
+    scored on, all from the stage outputs in the bucket."""
     import tempfile
 
     from headavatar.contract.stage import StageContext, read_manifest
     from headavatar.devices import resolve_device
     from headavatar.errors import PipelineError
     from headavatar.gaussianhead.perceptual import Perceptual
-    from headavatar.gaussianhead.trainer import GaussianHeadTrainer
     from headavatar.render.gaussian_raster import build_gaussian_rasterizer
     from headavatar.settings import GaussianHeadConfig
     from headavatar.stages.gaussianhead import build_avatar
@@ -46,11 +45,18 @@ def render_capture(store: ObjectStore, capture: str, config: PipelineConfig, out
         coarse, fine, extra, head, sr = build_avatar(ctx, cfg)
     head.load_state_dict(saved["head"])
     sr.load_state_dict(saved["sr"])
-    trainer = GaussianHeadTrainer(head.eval(), sr.eval(), coarse, fine, cfg,
-                                  build_gaussian_rasterizer(cfg.rasterizer, device), Perceptual(None), device, extra)
+    return GaussianHeadTrainer(head.eval(), sr.eval(), coarse, fine, cfg,
+                               build_gaussian_rasterizer(cfg.rasterizer, device), Perceptual(None), device, extra)
+
+
+def render_capture(store: ObjectStore, capture: str, config: PipelineConfig, out: Path) -> dict:
+    """``headavatar render``: both videos of a capture's trained avatar (stage 6 outputs), written to ``out``."""
+    from headavatar.errors import PipelineError
+
+    trainer = load_avatar(store, capture, config)
     if not trainer.eval_sets:
         raise PipelineError(f"{capture}: the avatar has no held-out camera to render from")
     s = next((e for e in trainer.eval_sets if e.name == "self_reenactment"), trainer.eval_sets[0])
-    cam, height = trainer.held_cams[0], min(1024, cfg.fine_size)
+    cam, height = trainer.held_cams[0], min(1024, trainer.cfg.fine_size)
     return {"reenactment": reenactment_video(trainer, s, cam, out / "reenactment.mp4", height=height),
             "turntable": turntable_video(trainer, 0, cam, out / "turntable.mp4", height=height)}

@@ -24,7 +24,7 @@ import boto3
 from boto3.exceptions import S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, NoCredentialsError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from headavatar.errors import AccessDenied, MissingObject, StorageError, StorageUnavailable
@@ -179,6 +179,9 @@ class ObjectStore:
                 return StorageUnavailable(f"cannot {action} {self.uri(key)}: the object store answered "
                                           f"{code or status}")
             return StorageError(f"cannot {action} {self.uri(key)}: {code or status}")
+        if isinstance(exc, NoCredentialsError):
+            return AccessDenied(f"cannot {action} {self.uri(key)}: no S3 credentials; set AWS_ACCESS_KEY_ID and "
+                                f"AWS_SECRET_ACCESS_KEY (after make demo: source .headavatar/demo/s3.env)")
         if isinstance(exc, (BotoConnectionError, HTTPClientError)):  # refused, reset, timed out: after all retries
             return StorageUnavailable(f"cannot {action} {self.uri(key)}: object store unreachable "
                                       f"({type(exc).__name__})")

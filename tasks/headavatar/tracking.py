@@ -50,6 +50,22 @@ def experiment_name() -> str:
     return os.environ.get(EXPERIMENT_ENV) or "headavatar"
 
 
+# MLflow 3's UI opens an experiment without this tag as a GenAI one (traces, an assistant panel); the
+# pipeline's runs are model training: its runs table, charts and compare view.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def pipeline_experiment(client: Any) -> str:
+    """The pipeline's experiment id, created (as model development, :data:`EXPERIMENT_KIND`) on first use."""
+    exp = client.get_experiment_by_name(experiment_name())
+    if exp is None:
+        return str(client.create_experiment(experiment_name(), tags=EXPERIMENT_KIND))
+    if exp.tags.get("mlflow.experimentKind") is None:  # created by an older release, or by hand
+        for key, value in EXPERIMENT_KIND.items():
+            client.set_experiment_tag(exp.experiment_id, key, value)
+    return str(exp.experiment_id)
+
+
 def model_name(capture: str) -> str:
     """One registered model per capture id: ``headavatar-<id>`` unless the deployment sets another prefix."""
     return f"{os.environ.get(MODEL_PREFIX_ENV) or 'headavatar-'}{capture}"
@@ -126,8 +142,7 @@ def _track(uri: str, result: StageResult, store: ObjectStore, config: PipelineCo
     from headavatar import __version__
 
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment_name())
-    experiment_id = exp.experiment_id if exp else client.create_experiment(experiment_name())
+    experiment_id = pipeline_experiment(client)
     m = result.manifest
     parent = _parent(client, experiment_id, result.capture, os.environ.get("HEADAVATAR_RUN_ID") or "manual", config)
     digest = m.content_digest
@@ -161,6 +176,13 @@ def _track(uri: str, result: StageResult, store: ObjectStore, config: PipelineCo
         client.log_batch(run_id, params=params[i : i + 90])
     for i in range(0, len(metrics), 900):
         client.log_batch(run_id, metrics=metrics[i : i + 900])
+    # The parent run carries the headline figures, so MLflow's own compare view works on pipeline runs:
+    # each stage's wall time, and the avatar's held-out metrics under their own names.
+    headline = {f"{result.stage}_wall_time_s": m.wall_time_s}
+    if result.stage == "gaussianhead":
+        headline.update(m.metrics)
+    client.log_batch(parent, metrics=[Metric(k, float(v), now, 0) for k, v in headline.items()
+                                      if isinstance(v, (int, float))])
     _pictures(client, run_id, store, result)
     _log_files(client, run_id, store, result, _videos(result), "")
     version = _register_avatar(client, run_id, store, result) if result.stage == "gaussianhead" else None
@@ -232,6 +254,7 @@ def _register_avatar(client: Any, run_id: str, store: ObjectStore, result: Stage
     for mv in client.search_model_versions(f"name = '{name}'"):
         if mv.tags.get("headavatar.manifest") == digest:  # this very avatar (a cache hit, or a cut-short attempt)
             client.set_tag(run_id, "headavatar.model_version", mv.version)
+            crown_champion(client, name)
             return mv.version
     _log_files(client, run_id, store, result, names, "")
     metrics = {k: str(v) for k, v in result.manifest.metrics.items()
@@ -243,4 +266,21 @@ def _register_avatar(client: Any, run_id: str, store: ObjectStore, result: Stage
                                      description=f"avatar of {result.capture}, manifest {digest[:12]}")
     client.set_tag(run_id, "headavatar.model_version", mv.version)
     log.info("%s/gaussianhead: registered as model %s version %s", result.capture, name, mv.version)
+    crown_champion(client, name)
     return mv.version
+
+
+CHAMPION = "champion"
+
+
+def crown_champion(client: Any, name: str) -> str | None:
+    """Point the alias ``champion`` of registered model ``name`` at its version with the best held-out PSNR
+    (the newest among equals): the newest avatar of a capture need not be its best. Returns that version."""
+    scored = [(float(mv.tags["holdout_psnr"]), int(mv.version)) for mv in client.search_model_versions(
+        f"name = '{name}'") if "holdout_psnr" in mv.tags]
+    if not scored:
+        return None
+    best = str(max(scored)[1])
+    client.set_registered_model_alias(name, CHAMPION, best)
+    log.info("model %s: %s is version %s (held-out PSNR %.2f dB)", name, CHAMPION, best, max(scored)[0])
+    return best

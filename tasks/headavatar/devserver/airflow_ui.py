@@ -26,23 +26,25 @@ from typing import Any
 
 import psutil
 
-from headavatar.devserver.common import BUCKET, _port, airflow_env, load_state, save_state
+from headavatar.devserver.common import BUCKET, _port, airflow_env, load_state, save_state, write_s3_env
 from headavatar.devserver.mlflow_server import EmbeddedMLflow
 from headavatar.devserver.seaweed import LOOPBACK, EmbeddedS3, Identity
 
 log = logging.getLogger("headavatar.demo_ui")
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 USER = "admin"
-DAGS = ("headavatar_capture", "headavatar_ingest")
+DAGS = ("headavatar_capture", "headavatar_ingest", "headavatar_compare")
 
 
 class DemoStack:
     """S3 + MLflow + the four Airflow 3 components, started together and stopped by PID."""
 
     def __init__(self, home: Path, *, capture: str | None = "018", frames: int = 60, port: int = 8080,
-                 ingest_schedule: str | None = None, extra_env: dict[str, str] | None = None, layout: str = "v2"):
+                 ingest_schedule: str | None = None, extra_env: dict[str, str] | None = None, layout: str = "v2",
+                 paused: tuple[str, ...] = ()):
         self.home = Path(home).resolve()
         self.capture, self.frames, self.preferred_port, self.layout = capture, frames, port, layout
+        self.paused = paused  # DAGs left paused (a test's isolation); the demo runs every one
         self.ingest_schedule, self.extra_env = ingest_schedule, extra_env or {}
         self.state = load_state(self.home)
         self.s3: EmbeddedS3 | None = None
@@ -65,6 +67,13 @@ class DemoStack:
     def mlflow_uri(self) -> str:
         assert self.mlflow is not None
         return self.mlflow.uri
+
+    def pids(self) -> dict[str, int]:
+        """Every process this stack started and stops (each the leader of its own process group)."""
+        out = {"s3": self.s3.process.pid} if self.s3 is not None and self.s3.process is not None else {}
+        if self.mlflow is not None and self.mlflow.proc is not None:
+            out["mlflow"] = self.mlflow.proc.pid
+        return {**out, **{f"airflow {name}": p.pid for name, p in self.procs.items()}}
 
     def s3_env(self) -> dict[str, str]:
         """Endpoint, bucket and the admin key pair: what a stage process or an ``aws`` client needs."""
@@ -91,7 +100,7 @@ class DemoStack:
         self.mlflow.start(timeout=300)  # a busy 2-core machine needs more than 90 s
         self.port = ports["airflow"] = _port(st, "airflow", self.preferred_port)
         save_state(self.home, st)
-        self._write_s3_env_file()
+        write_s3_env(self.home, self.s3_env())
         if self.capture:
             self.ensure_capture(self.capture)
         self.env = self._airflow_env()
@@ -109,6 +118,8 @@ class DemoStack:
             if name == "api-server":  # tasks report to its execution API: up before the scheduler runs any
                 self._wait_ready(components=())
         self._wait_ready()
+        for dag in DAGS:  # whatever state an earlier run of the demo's home left them in
+            self.api("PATCH", f"/api/v2/dags/{dag}", {"is_paused": dag in self.paused})
 
     def _airflow_env(self) -> dict[str, str]:
         af_home = self.home / "airflow"
@@ -121,7 +132,6 @@ class DemoStack:
                "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
                "AIRFLOW__CORE__PARALLELISM": "4",
                "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "30",  # 5 s is too short on a busy 2-core machine
-               "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",  # a trigger runs at once
                "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
                "AIRFLOW__API__HOST": LOOPBACK, "AIRFLOW__API__PORT": str(self.port),
                "AIRFLOW__API__BASE_URL": self.url,
@@ -141,12 +151,6 @@ class DemoStack:
         r = subprocess.run([sys.executable, "-m", "airflow", *args], env=self.env, capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"airflow {' '.join(args[:2])} failed: {(r.stderr or r.stdout).strip()[-800:]}")
-
-    def _write_s3_env_file(self) -> None:
-        path = self.home / "s3.env"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.writelines(f"export {k}={v}\n" for k, v in sorted(self.s3_env().items()))
 
     def ensure_capture(self, capture: str) -> None:
         """Write the synthetic capture when the bucket has no complete raw capture of that id."""
@@ -279,12 +283,19 @@ def _serve(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     with DemoStack(args.home, capture=args.capture, frames=args.frames, port=args.port, layout=args.layout) as stack:
         s3 = stack.s3_env()
+        # One ingestion run now, so it is seen at work (then every 15 min): it triggers headavatar_capture
+        # for each complete capture without an avatar of its raw inputs, and says why for the others.
+        ingest = stack.api("POST", "/api/v2/dags/headavatar_ingest/dagRuns", {"logical_date": None})["dag_run_id"]
+        pids = ", ".join(f"{name} {pid}" for name, pid in stack.pids().items())
         print(f"""
 Airflow UI   {stack.url}   user {USER}, password {stack.password}
 MLflow UI    {stack.mlflow_uri}
 S3 endpoint  {s3['HEADAVATAR_S3_ENDPOINT']}   bucket {BUCKET}
              AWS_ACCESS_KEY_ID={s3['AWS_ACCESS_KEY_ID']} AWS_SECRET_ACCESS_KEY={s3['AWS_SECRET_ACCESS_KEY']}
              (the same every start; `source {stack.home / 's3.env'}` sets them)
+Processes    {pids}
+DAGs         {', '.join(DAGS)}: unpaused; ingestion started now ({ingest}), then every 15 min;
+             the comparison runs each time an avatar is finished
 Ready after {time.monotonic() - t0:.0f} s. Trigger headavatar_capture with capture id {args.capture}; logs under
 {stack.home / 'airflow' / 'logs'}. Ctrl-C stops everything.""", flush=True)
         try:

@@ -17,15 +17,18 @@ BUCKET = "headavatar"
 REPO = Path(__file__).resolve().parents[3]  # a source checkout: dags/ and plugins/ live beside tasks/
 
 def airflow_env(home: Path, s3: dict[str, str], mlflow_uri: str, backend: str = "local",
-                docker_host: str | None = None) -> dict[str, str]:
+                docker_host: str | None = None, stage_image: str | None = None) -> dict[str, str]:
     """A self-contained Airflow (SQLite under ``home``) whose connections point at the embedded services;
     on ``docker`` the stage containers use the host network (the services listen on 127.0.0.1) and the
-    CPU stage image for stages 3-6."""
+    CPU stage image for stages 3-6, or ``stage_image`` (the CUDA image's smoke test runs it on the CPU)."""
     env = {
         "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "PYTHONPATH": os.pathsep.join([str(REPO / "plugins"), str(REPO / "tasks")]),
         "HEADAVATAR_EXECUTION": backend,
+        # `make demo`'s `airflow dags test` records the DAGs in the metadata DB that `make demo-ui` serves:
+        # unpaused, as docs/ui.md says, so ingestion and comparison run there on their own.
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
         "AIRFLOW_CONN_HEADAVATAR_S3": json.dumps({
             "conn_type": "aws", "login": s3["AWS_ACCESS_KEY_ID"], "password": s3["AWS_SECRET_ACCESS_KEY"],
             "extra": {"endpoint_url": s3["HEADAVATAR_S3_ENDPOINT"], "bucket": BUCKET, "region_name": "us-east-1"}}),
@@ -36,8 +39,18 @@ def airflow_env(home: Path, s3: dict[str, str], mlflow_uri: str, backend: str = 
 
         env.update({"HEADAVATAR_DOCKER_URL": docker_host or "unix://var/run/docker.sock",
                     "HEADAVATAR_DOCKER_NETWORK": "host", "HEADAVATAR_DOCKER_GPUS": "0",
-                    "HEADAVATAR_CPU_IMAGE": preprocess_image(), "HEADAVATAR_CUDA_IMAGE": cpu_image()})
+                    "HEADAVATAR_CPU_IMAGE": preprocess_image(), "HEADAVATAR_CUDA_IMAGE": stage_image or cpu_image()})
     return env
+
+
+def write_s3_env(home: Path, s3: dict[str, str]) -> Path:
+    """``<home>/s3.env`` (mode 0600): ``export`` lines of the demo's S3 endpoint, bucket and key pair, for
+    ``source`` before ``headavatar status``/``costs``; the same values every start (``state.json``)."""
+    path = home / "s3.env"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.writelines(f"export {k}={v}\n" for k, v in sorted({**s3, "HEADAVATAR_S3_BUCKET": BUCKET}.items()))
+    return path
 
 
 def load_state(home: Path) -> dict[str, Any]:

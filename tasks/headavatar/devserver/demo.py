@@ -7,8 +7,11 @@ tasks is a container of the project's images (``make images``, built on first us
 DockerOperator on the project's own Docker engine (started when none answers). ``--backend local``
 (``make demo BACKEND=local``) runs the same ``headavatar run`` commands as subprocesses instead.
 
-The console says up front what will happen and about how long, prints one line per phase and per
-stage, and ends with where everything is; Airflow's own output goes to a log file. Ports and the
+The console (:mod:`headavatar.devserver.console`) says up front what will happen and about how long
+(measured: :func:`estimate`), prints one line per phase and per stage (``cached`` for a cache hit) and a
+progress line whenever it has been quiet for 20 s, and ends with the avatar's held-out quality, the
+results page (:mod:`headavatar.devserver.demo_report`) and where everything is; Airflow's own output
+goes to a log file. Ports and the
 S3 key pair are those of ``make demo-ui`` (``state.json`` in the demo home), so the URLs printed
 here open once ``make demo-ui`` serves the same data.
 """
@@ -26,13 +29,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from headavatar.contract.outputs import RESERVED_PREFIX
 from headavatar.contract.stage import read_manifest
-from headavatar.devserver.common import BUCKET, REPO, _port, airflow_env, load_state, save_state
+from headavatar.devserver.common import BUCKET, REPO, _port, airflow_env, load_state, save_state, write_s3_env
+from headavatar.devserver.console import Console, LogTail, duration
+from headavatar.devserver.demo_report import quality_line, write_index
 from headavatar.devserver.mlflow_server import EmbeddedMLflow
 from headavatar.devserver.seaweed import EmbeddedS3, Identity
 from headavatar.layout import stage_prefix
@@ -42,41 +47,22 @@ from headavatar.storage import ObjectStore
 
 log = logging.getLogger("headavatar.demo")
 PICTURE_DIRS = ("overlays/", "renders/")  # the stages' contact sheets (tracking logs the same ones)
-# Measured on a quiet 2-core machine (docs/containers.md): minutes for (first run, later runs).
-ESTIMATE_MIN = {"docker": (12, 2), "local": (7, 6)}
 
 
-class Console:
-    """What the person sees: short lines with elapsed times; everything also goes to the demo log."""
-
-    def __init__(self, logfile: Path):
-        logfile.parent.mkdir(parents=True, exist_ok=True)
-        self.logfile = logfile
-        self._log = open(logfile, "a", buffering=1)  # noqa: SIM115 - closed in close()
-        self.phases: dict[str, float] = {}
-
-    def say(self, text: str = "", end: str = "\n") -> None:
-        print(text, end=end, flush=True)
-        self._log.write(text + end)
-
-    @contextlib.contextmanager
-    def phase(self, name: str, what: str) -> Iterator[None]:
-        self.say(f"  {what:<58}", end="")
-        t = time.monotonic()
-        try:
-            yield
-        except BaseException:
-            self.say("failed")
-            raise
-        self.phases[name] = time.monotonic() - t
-        self.say(f"{_dur(self.phases[name]):>8}")
-
-    def close(self) -> None:
-        self._log.close()
+def demo_times(backend: str) -> Path:
+    """`make demo` timed on a fresh clone (headavatar.bench.demo_times): where the estimate comes from."""
+    return REPO / "benchmarks" / "results" / f"demo_times_{backend}.json"
 
 
-def _dur(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 90 else f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
+def estimate(backend: str, fresh: bool) -> str:
+    """How long this run should take on 2 free cores: the measured first or cached run of this backend."""
+    path = demo_times(backend)
+    if not path.exists():
+        return f"No measured time for BACKEND={backend} (no {path.name})"
+    measured = json.loads(path.read_text())
+    run = measured["first" if fresh else "later"]
+    return (f"About {duration(run['demo_s'])} on 2 free cores ({'first run' if fresh else 'data and images are cached'}"
+            f"; measured at {measured['commit'][:8]})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
                         default=os.environ.get("BACKEND") or "docker",
                         help="docker (default): every task a container; local: subprocesses of Airflow")
     parser.add_argument("--serve", action="store_true", help="only serve the demo's S3 + MLflow until Ctrl-C")
+    parser.add_argument("--stage-image", help="image of stages 3-6 on the docker backend, run without a GPU "
+                                              "(default: headavatar/cpu; make smoke-cuda: headavatar/cuda)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, lambda signum, _f: sys.exit(128 + signum))  # stop the servers on SIGTERM too
@@ -106,19 +94,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def _demo(args: argparse.Namespace, home: Path, console: Console, stack: contextlib.ExitStack) -> int:
     t0 = time.monotonic()
-    first, later = ESTIMATE_MIN[args.backend]
-    fresh = not (home / "airflow" / "airflow.db").exists()
+    fresh = not (home / "summary.json").exists()
     if not args.serve:
         console.say(f"""headavatar demo: NeRSemble-style capture -> Gaussian head avatar, on this machine's CPU.
   1. start S3 (SeaweedFS) and MLflow on 127.0.0.1, write a synthetic capture {args.capture}
      (NeRSemble {args.layout} layout, 16 cameras, 2 sequences x {args.frames} frames, 256x372)
-  2. {'meanwhile, start the Docker engine and build the stage images (first time only: about 5 min)'
+  2. {'meanwhile, start the Docker engine and build the stage images (first time only)'
       if args.backend == 'docker' else 'no containers (BACKEND=local): stages run as subprocesses of Airflow'}
   3. run the Airflow DAG headavatar_capture: {' -> '.join(STAGE_NAMES)}
      ({'each task a container' if args.backend == 'docker' else 'local backend'}; demo profile: tiny models)
   4. copy each stage's pictures out and print where the runs, the model and the UIs are
-About {first if fresh else later} min on 2 free cores ({'first run' if fresh else 'data and images are cached'}); \
-longer if other work shares the CPU.
+{estimate(args.backend, fresh)}; longer if other work shares the CPU.
 Full log: {console.logfile}
 """)
     state = load_state(home)
@@ -128,6 +114,7 @@ Full log: {console.logfile}
         admin = Identity("admin", ["Admin"], access_key=state["s3_access_key"], secret_key=state["s3_secret_key"])
         s3 = EmbeddedS3(home / "s3", identities=[admin], s3_port=ports["s3"]).start()
         stack.callback(s3.stop)
+        write_s3_env(home, s3.env())
         mlflow = EmbeddedMLflow(home / "mlflow", s3.env(), BUCKET)
         mlflow.port = ports["mlflow"] = _port(state, "mlflow")
         stack.callback(mlflow.stop)
@@ -148,7 +135,9 @@ Full log: {console.logfile}
         with console.phase("engine", "Docker engine"):
             _quietly(console.logfile, engine.start)
             stack.callback(engine.stop)  # only if this run started it
-        with console.phase("images", "stage images (built on first use, then cached)"):
+        build = LogTail(console.logfile, r"Step (\d+)/(\d+) : (.{0,50})",
+                        lambda m: f"image build: step {m[1]}/{m[2]}: {m[3]}")
+        with console.phase("images", "stage images (built on first use, then cached)", build):
             _quietly(console.logfile, lambda: build_images(env=engine.env()))
         docker_host = engine.url
     with console.phase("capture", f"synthetic capture {args.capture}" + (
@@ -171,10 +160,14 @@ def _start_capture(args: argparse.Namespace, env: dict[str, str], logfile: Path)
                                  "--layout", args.layout], env=env, stdout=logf, stderr=subprocess.STDOUT)
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def _stop(proc: subprocess.Popen, grace_s: float = 30) -> None:
     if proc.poll() is None:
         proc.terminate()
-        proc.wait()
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _quietly(logfile: Path, fn: Callable[[], Any]) -> Any:
@@ -200,7 +193,7 @@ def _run(args: argparse.Namespace, home: Path, env: dict[str, str], mlflow_uri: 
          docker_host: str | None, t0: float) -> int:
     with open(console.logfile, "ab") as logf:
         af_home = home / "airflow"
-        af = {**env, **airflow_env(af_home, env, mlflow_uri, args.backend, docker_host)}
+        af = {**env, **airflow_env(af_home, env, mlflow_uri, args.backend, docker_host, args.stage_image)}
         airflow = [sys.executable, "-m", "airflow"]
         with console.phase("airflow", "Airflow metadata database"):
             subprocess.run([*airflow, "db", "migrate"], env=af, check=True, stdout=logf, stderr=subprocess.STDOUT)
@@ -213,8 +206,11 @@ def _run(args: argparse.Namespace, home: Path, env: dict[str, str], mlflow_uri: 
                                stdout=logf, stderr=subprocess.STDOUT)
         monitor = _StageMonitor(db, last_run, console)
         monitor.start()
-        rc = dag.wait()
-        monitor.stop()
+        try:
+            rc = dag.wait()
+        finally:  # the demo stopped by a signal: Airflow (and the task it runs) with it, not left behind
+            _stop(dag)
+            monitor.stop()
         console.phases["dag"] = time.monotonic() - t_dag
 
     os.environ.update(env)
@@ -225,26 +221,29 @@ def _run(args: argparse.Namespace, home: Path, env: dict[str, str], mlflow_uri: 
             console.say(f"\nThe DAG run failed (exit {rc}); stages done: {[s for s, ok in done.items() if ok]}.")
             console.say(f"Airflow's output, with each task's log: {console.logfile}")
             return rc or 1
+        run = _mlflow_run(mlflow_uri, args.capture, monitor.run_id)
         with console.phase("export", f"copy pictures to {home / 'output' / args.capture}"):
-            pictures = {s: export(store, args.capture, s, home / "output" / args.capture / s,
-                                  everything=s == STAGE_NAMES[-1]) for s in STAGE_NAMES}
+            pictures, index = export_results(store, args.capture, home / "output" / args.capture, run)
         outputs = {s: store.uri(store.key(stage_prefix(args.capture, s))) + "/" for s in STAGE_NAMES}
+        avatar = read_manifest(store, args.capture, STAGE_NAMES[-1]).metrics
+        quality = quality_line(avatar, _protocol(index.parent))
+        metrics = {k: v for k, v in avatar.items() if k.startswith(("holdout_", "novel_view_", "self_reenactment_"))}
     finally:
         store.close()
-    run = _mlflow_run(mlflow_uri, args.capture, monitor.run_id)
     summary = {"capture": args.capture, "backend": args.backend, "seconds": round(time.monotonic() - t0, 1),
                "phases": {k: round(v, 1) for k, v in console.phases.items()},
                "stages": {s: round(v, 1) for s, v in monitor.durations.items()},
                "outputs": outputs, "pictures": {s: str(p) for s, p in pictures.items()}, "mlflow": run,
-               "airflow_run_id": monitor.run_id, "log": str(console.logfile)}
+               "airflow_run_id": monitor.run_id, "log": str(console.logfile), "quality": quality, "metrics": metrics,
+               "index": str(index)}
     (home / "summary.json").write_text(json.dumps(summary, indent=1))
     _print_summary(console, summary, pictures, home)
     return 0
 
 
 def _print_summary(console: Console, s: dict[str, Any], pictures: dict[str, Path], home: Path) -> None:
-    phases = ", ".join(f"{k} {_dur(v)}" for k, v in s["phases"].items())
-    console.say(f"\nDone in {_dur(s['seconds'])} ({phases}).")
+    phases = ", ".join(f"{k} {duration(v)}" for k, v in s["phases"].items())
+    console.say(f"\nDone in {duration(s['seconds'])} ({phases}).")
     console.say("Pictures of each stage (copied from the bucket; the outputs stay under s3://"
                 f"{BUCKET}/.../avatars/{s['capture']}/<stage>/):")
     for stage, folder in pictures.items():
@@ -252,6 +251,8 @@ def _print_summary(console: Console, s: dict[str, Any], pictures: dict[str, Path
         console.say(f"  {stage:<13} {folder}  ({n} files)" if n else f"  {stage:<13} (no pictures: "
                     f"{s['outputs'][stage]})")
     m = s["mlflow"]
+    console.say(f"Avatar quality {s['quality']}")
+    console.say(f"Results page   file://{s['index']}  (pictures labelled, scores, videos, MLflow links)")
     console.say(f"MLflow run     {m['run']}: {m['url']}")
     console.say(f"Avatar model   {m['registered_model']} version {m['version']}: {m['model_url']}")
     console.say(f"Airflow run    headavatar_capture / {s['airflow_run_id']}")
@@ -270,6 +271,7 @@ class _StageMonitor(threading.Thread):
         self.durations: dict[str, float] = {}
         self._halt = threading.Event()
         self._printed: set[str] = set()
+        self._running: dict[str, tuple[float, LogTail]] = {}  # stage -> (seen running since, its progress lines)
 
     def stop(self) -> None:
         self._halt.set()
@@ -291,8 +293,13 @@ class _StageMonitor(threading.Thread):
             tasks = {r[0]: r[1:] for r in con.execute(
                 "select task_id, state, start_date, end_date, try_number from task_instance "
                 "where dag_id = 'headavatar_capture' and run_id = ?", (self.run_id,))}
+            results = {r[0]: r[1] for r in con.execute(
+                "select task_id, value from xcom where dag_id = 'headavatar_capture' and run_id = ? "
+                "and key = 'return_value'", (self.run_id,))}
         for i, stage in enumerate(STAGE_NAMES, 1):
             state, start, end, tries = tasks.get(stage, (None, None, None, 0))
+            if state == "running":
+                self._heartbeat(i, stage)
             if state == "up_for_retry" and f"{stage}/{tries}" not in self._printed:
                 self._printed.add(f"{stage}/{tries}")
                 self.console.say(f"    [{i}/{len(STAGE_NAMES)}] {stage:<13} try {tries} failed, retrying (see the log)")
@@ -301,10 +308,34 @@ class _StageMonitor(threading.Thread):
             seconds = _seconds(start, end)
             if seconds is not None:
                 self.durations[stage] = seconds
-            took = _dur(seconds) if seconds is not None else "-"
+            took = duration(seconds) if seconds is not None else "-"
             retry = f" (try {tries})" if tries and tries > 1 else ""
-            self.console.say(f"    [{i}/{len(STAGE_NAMES)}] {stage:<13} {state:<16}{took:>10}{retry}")
+            shown = "cached" if state == "success" and _cached(results.get(stage)) else state
+            self.console.say(f"    [{i}/{len(STAGE_NAMES)}] {stage:<13} {shown:<16}{took:>10}{retry}")
             self._printed.add(stage)
+
+
+    def _heartbeat(self, i: int, stage: str) -> None:
+        """A line for a running stage when the console has been quiet: its training progress, else its time."""
+        if stage not in self._running:
+            self._running[stage] = time.monotonic(), LogTail(
+                self.console.logfile, rf"\b{stage}: step (\d+)/(\d+) .*about (.+) left\)",
+                lambda m: f"step {m[1]}/{m[2]}, about {m[3]} left")
+        if self.console.quiet_for() >= self.console.quiet_s:
+            since, progress = self._running[stage]
+            self.console.note(f"    [{i}/{len(STAGE_NAMES)}] {stage:<13} {progress.latest() or 'running'} "
+                              f"({duration(time.monotonic() - since)})")
+
+
+def _cached(value: Any) -> bool:
+    """Whether a stage task's result (its XCom: the CLI's last JSON line) says the stage was a cache hit."""
+    for _ in range(2):  # the JSON column may hold the result or the result encoded once more as a string
+        if isinstance(value, (str, bytes)):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                return False
+    return isinstance(value, dict) and value.get("cached") is True
 
 
 def _seconds(start: str | None, end: str | None) -> float | None:
@@ -333,15 +364,19 @@ def _mlflow_run(uri: str, capture: str, airflow_run_id: str | None) -> dict[str,
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment_name())
+    of_run = f" and tags.`airflow.run_id` = '{airflow_run_id}'" if airflow_run_id else ""
     runs = client.search_runs([exp.experiment_id], filter_string=(
-        f"tags.`headavatar.kind` = 'pipeline' and tags.`headavatar.capture` = '{capture}'"),
+        f"tags.`headavatar.kind` = 'pipeline' and tags.`headavatar.capture` = '{capture}'{of_run}"),
         order_by=["attributes.start_time DESC"], max_results=1)
     versions = client.search_model_versions(f"name = '{model_name(capture)}'")
     latest = max((int(v.version) for v in versions), default=0)
-    return {"run": runs[0].info.run_name, "run_id": runs[0].info.run_id, "experiment_id": exp.experiment_id,
-            "url": f"{uri}/#/experiments/{exp.experiment_id}/runs/{runs[0].info.run_id}",
-            "registered_model": model_name(capture), "version": str(latest),
-            "model_url": f"{uri}/#/models/{model_name(capture)}/versions/{latest}"}
+    parent = runs[0].info.run_id
+    children = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+    run_url = f"{uri}/#/experiments/{exp.experiment_id}/runs/"
+    return {"run": runs[0].info.run_name, "run_id": parent, "experiment_id": exp.experiment_id,
+            "url": run_url + parent, "registered_model": model_name(capture), "version": str(latest),
+            "model_url": f"{uri}/#/models/{model_name(capture)}/versions/{latest}",
+            "stages": {c.data.tags.get("headavatar.stage"): run_url + c.info.run_id for c in children}}
 
 
 def _serve(mlflow_uri: str, s3_url: str) -> int:
@@ -351,6 +386,20 @@ def _serve(mlflow_uri: str, s3_url: str) -> int:
             time.sleep(3600)
     except KeyboardInterrupt:
         return 0
+
+
+def export_results(store: ObjectStore, capture: str, dest: Path,
+                   mlflow: dict[str, Any]) -> tuple[dict[str, Path], Path]:
+    """Each stage's pictures (the last stage's whole output) into ``dest/<stage>/``, and ``dest/index.html``."""
+    pictures = {s: export(store, capture, s, dest / s, everything=s == STAGE_NAMES[-1]) for s in STAGE_NAMES}
+    metrics = {s: m.metrics for s in STAGE_NAMES if (m := read_manifest(store, capture, s)) is not None}
+    return pictures, write_index(dest, capture, metrics, mlflow, _protocol(dest))
+
+
+def _protocol(dest: Path) -> str | None:
+    """The evaluation protocol the avatar's scores were measured under (its ``avatar.json``)."""
+    path = dest / STAGE_NAMES[-1] / "avatar" / "avatar.json"
+    return json.loads(path.read_text()).get("eval_protocol") if path.exists() else None
 
 
 def export(store: ObjectStore, capture: str, stage: str, dest: Path, everything: bool = False) -> Path:

@@ -69,6 +69,10 @@ def cpu_image(tag: str = IMAGE_TAG) -> str:
     return f"headavatar/cpu:{tag}"
 
 
+def cuda_image(tag: str = IMAGE_TAG) -> str:
+    return f"headavatar/cuda:{tag}"
+
+
 def git_commit() -> str:
     r = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
     return r.stdout.strip() if r.returncode == 0 else "unknown"
@@ -184,19 +188,71 @@ def _build_images(tag: str, base: str, env: dict[str, str], context: Path) -> di
     return times
 
 
+# NVIDIA's CUDA compiler wheels (nvcc, its C++ front end, NVVM, CCCL headers) of the CUDA release that
+# PyPI's torch of images/requirements/torch-cuda.txt is built with (2.11.0: cu130, runtime 13.0.96).
+CUDA_COMPILER = "nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-cccl==13.0.85"
+PYPI_INDEX = "https://pypi.org/simple"
+
+
+def cuda_build_args(python_image: str, arch_list: str | None = None) -> dict[str, str]:
+    """The build arguments of ``images/cuda.Dockerfile`` for the CUDA image on a Debian Python base."""
+    args = {"BUILD_IMAGE": python_image, "RUNTIME_IMAGE": python_image, "PYTHON_VERSION": "system",
+            "BUILD_PACKAGES": "build-essential python3-dev", "TORCH_VERSION": torch_pin("torch-cuda.txt"),
+            "TORCH_INDEX": PYPI_INDEX, "CUDA_COMPILER": CUDA_COMPILER, "MAX_JOBS": str(os.cpu_count() or 2),
+            "FLAVOUR": "cuda", "GIT_COMMIT": git_commit()}
+    return {**args, "TORCH_CUDA_ARCH_LIST": arch_list} if arch_list else args
+
+
+def build_cuda_image(tag: str = IMAGE_TAG, base: str = "auto", arch_list: str | None = None,
+                     env: dict[str, str] | None = None, context: Path = REPO) -> dict[str, float]:
+    """``headavatar/cuda`` from ``images/cuda.Dockerfile`` on the Python base of :func:`python_base`
+    (no nvidia/cuda image, no registry): PyPI's CUDA build of the CUDA torch pin, gsplat's kernels
+    compiled by :data:`CUDA_COMPILER`'s nvcc for ``arch_list`` (default: the Dockerfile's list)."""
+    env = {**os.environ, "DOCKER_BUILDKIT": "0", **(env or {})}
+    times: dict[str, float] = {}
+    with build_lock():
+        copy_local_cas(context / "images" / "ca")
+        t = time.monotonic()
+        python_image = python_base(base, env)
+        times["base"] = time.monotonic() - t
+        args = cuda_build_args(python_image, arch_list)
+        t = time.monotonic()
+        _docker("build", "-f", str(context / "images/cuda.Dockerfile"), "--network", "host",
+                *[a for k, v in args.items() for a in ("--build-arg", f"{k}={v}")],
+                "-t", cuda_image(tag), str(context), env=env)
+        times["cuda"] = time.monotonic() - t
+    return times
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tag", default=IMAGE_TAG)
     parser.add_argument("--base", default=os.environ.get("BASE", "auto"), choices=["auto", "public", "local"])
+    parser.add_argument("--cuda", action="store_true", help="build headavatar/cuda instead (make images-cuda)")
+    parser.add_argument("--arch-list", default=os.environ.get("TORCH_CUDA_ARCH_LIST"),
+                        help="with --cuda: the GPU architectures gsplat is compiled for (default: the Dockerfile's)")
+    parser.add_argument("--out", type=Path, help="also write the result, with the images' sizes, as a benchmark "
+                                                 "result (commit, date, machine, command)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        times = build_images(args.tag, args.base)
+        if args.cuda:
+            images, times = [cuda_image(args.tag)], build_cuda_image(args.tag, args.base, args.arch_list)
+        else:
+            images, times = [preprocess_image(args.tag), cpu_image(args.tag)], build_images(args.tag, args.base)
     except (subprocess.CalledProcessError, RuntimeError, ValueError) as e:
         print(f"make images: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({"images": [preprocess_image(args.tag), cpu_image(args.tag)],
-                      "seconds": {k: round(v, 1) for k, v in times.items()}}))
+    result = {"images": images, "seconds": {k: round(v, 1) for k, v in times.items()}}
+    if args.out:
+        from headavatar.bench.provenance import stamp
+
+        env = {**os.environ, "DOCKER_BUILDKIT": "0"}
+        sizes = {i: int(subprocess.run(["docker", "image", "inspect", "--format", "{{.Size}}", i], env=env,
+                                       capture_output=True, text=True, check=True).stdout) for i in images}
+        args.out.write_text(json.dumps(stamp({**result, "size_bytes": sizes, "arch_list": args.arch_list if args.cuda
+                                              else None}, "headavatar.devserver.images", argv), indent=1) + "\n")
+    print(json.dumps(result))
     return 0
 
 

@@ -75,6 +75,7 @@ class EmbeddedS3:
     s3_port: int = 0
     process: subprocess.Popen | None = None
     _ports: list[int] = field(default_factory=list)
+    _tmp_sockets: list[Path] = field(default_factory=list)
 
     @property
     def endpoint_url(self) -> str:
@@ -96,7 +97,10 @@ class EmbeddedS3:
         config_path.chmod(0o600)
         master, volume, filer = free_port(), free_port(), free_port()
         self.s3_port = self.s3_port or free_port()
-        self._ports = [master, volume, filer, self.s3_port]
+        grpc = {kind: free_port() for kind in ("master", "volume", "filer", "s3")}
+        self._ports = [master, volume, filer, self.s3_port, *grpc.values()]
+        # SeaweedFS names a local socket after each gRPC port, always in /tmp: removed by stop().
+        self._tmp_sockets = [Path("/tmp") / f"seaweedfs-{kind}-grpc-{port}.sock" for kind, port in grpc.items()]
         cmd = [
             weed_binary(), "server", f"-ip={LOOPBACK}", f"-ip.bind={LOOPBACK}",
             f"-dir={self.data_dir}", f"-master.port={master}", f"-volume.port={volume}",
@@ -104,7 +108,9 @@ class EmbeddedS3:
             # Their fixed default ports (8181, 9101) would keep a second server on the host from starting.
             "-s3.port.iceberg=0", "-s3.port.lance=0",
             "-master.volumeSizeLimitMB=512", "-volume.max=0", "-volume.preStopSeconds=0",
-            "-master.telemetry=false",
+            "-master.telemetry=false", *(f"-{kind}.port.grpc={port}" for kind, port in grpc.items()),
+            # Their local sockets in the data folder, not /tmp (where they would outlive the server).
+            f"-filer.localSocket={self.data_dir / 'filer.sock'}", f"-s3.localSocket={self.data_dir / 's3.sock'}",
         ]
         logfile = open(self.data_dir / "weed.log", "ab")  # noqa: SIM115 - the child owns it
         self.process = subprocess.Popen(
@@ -178,6 +184,8 @@ class EmbeddedS3:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not all(_is_free(p) for p in self._ports):
             time.sleep(0.1)
+        for sock in self._tmp_sockets:
+            sock.unlink(missing_ok=True)
 
     def __enter__(self) -> EmbeddedS3:
         return self.start()

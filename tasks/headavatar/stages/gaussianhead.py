@@ -3,8 +3,8 @@
 Outputs: ``avatar/avatar.pt`` (Gaussian head, super-resolution net, per-frame pose corrections)
 and ``avatar/avatar.json`` (what rendering it needs: config, expression size, the frames and
 cameras it was trained on, its held-out scores), ``history.json`` (losses and CPU/GPU usage,
-held-out PSNR/SSIM[/LPIPS] by step) and ``renders/<NNNN>.jpg`` (GT | render for every held-out
-camera). Checkpoints (resumable and published) as stage 5.
+held-out PSNR/SSIM[/LPIPS] by step) and ``renders/<NNNN>.jpg`` (GT | render | difference x4, one row
+per held-out camera, at least 384 px high). Checkpoints (resumable and published) as stage 5.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ from headavatar.training.checkpoints import Checkpoints, load_stored
 from headavatar.training.views import Views, load_views, split_sequences
 
 log = logging.getLogger(__name__)
+DIFF_GAIN = 4.0  # the difference panel: |GT - render| x 4, so errors of a few percent are visible
+SHEET_MIN_HEIGHT = 384  # pixels; smaller sheets are enlarged by a whole factor (nearest neighbour)
 
 
 def load_meshhead(ctx: StageContext) -> MeshHead:
@@ -73,7 +75,8 @@ class GaussianHeadStage(Stage):
     name = "gaussianhead"
     inputs = ("sample", "matting", "fitting", "meshhead")
     config_sections = ("capture", "extract", "gaussianhead")
-    code_version = 2  # bump when outputs change (docs/caching.md); 2: bf16, batched views, videos (issue 22)
+    # bump when outputs change (docs/caching.md); 2: bf16, batched views, videos (issue 22); 3: difference panel
+    code_version = 3
     volatile_outputs = ("history.json", "checkpoints/*")  # CPU/GPU samples differ on every run
 
     def raw_inputs(self, store: ObjectStore, capture: str, config: PipelineConfig) -> dict[str, str]:
@@ -166,6 +169,10 @@ class GaussianHeadStage(Stage):
             for c in cams:
                 _, sr = trainer.render(f, c)
                 gt = trainer.targets(f, c)["fine"]
-                rows.append(torch.cat([gt, sr], 2).permute(1, 2, 0).cpu().numpy())
+                diff = ((gt - sr).abs() * DIFF_GAIN).clamp(0, 1)
+                rows.append(torch.cat([gt, sr, diff], 2).permute(1, 2, 0).float().cpu().numpy())
             sheet = (np.clip(np.vstack(rows), 0, 1) * 255).astype(np.uint8)[..., ::-1]
+            scale = -(-SHEET_MIN_HEIGHT // sheet.shape[0])  # small demo renders: whole pixels, enlarged
+            if scale > 1:
+                sheet = np.repeat(np.repeat(sheet, scale, 0), scale, 1)
             ctx.outputs.put_bytes(f"renders/{frames[f]}.jpg", encode_jpg(sheet, 92))

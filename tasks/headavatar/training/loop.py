@@ -20,6 +20,7 @@ import torch
 from headavatar.training.system import SystemSampler
 
 log = logging.getLogger(__name__)
+PROGRESS_EVERY_S = 20.0  # a progress line at least this often (and every 5% of the steps), never silent for long
 
 
 @dataclass
@@ -104,6 +105,7 @@ class Trainer(ABC):
             self.state.evals.append({"step": 0, **self.evaluate()})
         window_t: float | None = None  # the first step of an attempt warms up (compilation, allocator): untimed
         window_steps = 0
+        last_progress = t0
         for step in range(self.state.step, cfg.steps):
             loss, parts = self.step_loss()
             self.opt.zero_grad(set_to_none=True)
@@ -116,7 +118,7 @@ class Trainer(ABC):
             logged = done % log_every == 0 or done == cfg.steps
             evaluating = bool(cfg.eval_every) and done % cfg.eval_every == 0 and done < cfg.steps
             saving = (done % cfg.checkpoint_every == 0 or (keep and done % keep == 0)) and done < cfg.steps
-            progress = done % max(1, cfg.steps // 20) == 0
+            progress = done % max(1, cfg.steps // 20) == 0 or time.monotonic() - last_progress >= PROGRESS_EVERY_S
             if not (logged or evaluating or saving or progress):
                 continue
             values = _floats(parts)  # the one synchronisation of this window
@@ -128,13 +130,25 @@ class Trainer(ABC):
             if evaluating:
                 self.state.evals.append({"step": done, **self.evaluate()})
             if progress:
-                rate = (done - since) / max(time.monotonic() - t0, 1e-9)
-                log.info("%s: step %d/%d loss %.4f (%.2f steps/s)", self.name, done, cfg.steps, values["loss"], rate)
+                last_progress = time.monotonic()
+                rate = (done - since) / max(last_progress - t0, 1e-9)
+                log.info("%s: step %d/%d loss %.4f (%.2f steps/s, about %s left)", self.name, done, cfg.steps,
+                         values["loss"], rate, remaining(cfg.steps - done, rate))
             if saving:
                 save(self.state_dict())
             window_t = self._sync_window(None, 0)
         self.state.evals.append({"step": cfg.steps, **self.evaluate()})
         return self.state
+
+
+def remaining(steps: int, rate: float) -> str:
+    """``steps`` at ``rate`` steps/s as a person says it: ``40 s``, ``3 min``, ``2 h 10 min``."""
+    seconds = steps / max(rate, 1e-9)
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
 
 
 def make_optimizer(groups: list[dict], device: torch.device) -> torch.optim.Adam:
