@@ -23,11 +23,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from headavatar.contract.manifest import Manifest
 from headavatar.contract.stage import manifest_key, read_manifest
-from headavatar.devserver.airflow_ui import USER, DemoStack
+from headavatar.devserver.airflow_ui import COMPONENTS, USER, DemoStack
 from headavatar.settings import load_config
 from headavatar.storage import ObjectStore
 
@@ -286,7 +287,11 @@ def test_form_triggers_018_and_the_run_succeeds_with_an_mlflow_link(page: Any, s
 
 
 def test_the_demo_dags_run_unpaused(page: Any, stack: DemoStack) -> None:
-    """Recorded paused (as `make demo` used to leave them), shown unpaused once the demo stack is up."""
+    """Recorded paused (as `make demo` used to leave them), shown unpaused once the demo stack is up; and
+    every process `make demo-ui` prints is one it started and runs."""
+    pids = stack.pids()
+    assert sorted(pids) == sorted(["s3", "mlflow", *(f"airflow {c}" for c in COMPONENTS)]), pids
+    assert all(psutil.pid_exists(pid) for pid in pids.values()), pids
     for dag in (DAG, COMPARE):
         assert stack.api("GET", f"/api/v2/dags/{dag}")["is_paused"] is False, dag
         page.goto(f"{stack.url}/dags/{dag}")

@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         probe = subprocess.run(["docker", "run", "--rm", "--network", "none", "--entrypoint", "python",
                                 args.image, "-c", PROBE], env=env, capture_output=True, text=True, timeout=300)
         if probe.returncode != 0:
-            print(f"smoke-cuda: torch or gsplat's kernels do not load in {args.image}: {probe.stderr[-1500:]}",
-                  file=sys.stderr)
+            print(f"smoke-cuda: torch, gsplat's kernels, cv2, dlib or face_alignment does not load in {args.image}: "
+                  f"{probe.stderr[-1500:]}", file=sys.stderr)
             return 1
         inside = json.loads(probe.stdout.strip().splitlines()[-1])
         if not inside["torch"].startswith(torch_pin("torch-cuda.txt")) or not inside["cuda"]:
