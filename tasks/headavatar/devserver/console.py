@@ -16,11 +16,9 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from headavatar.devserver.heartbeat import duration
+
 QUIET_S = 20.0
-
-
-def duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 90 else f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
 
 
 class LogTail:

@@ -223,10 +223,11 @@ def _run(args: argparse.Namespace, home: Path, env: dict[str, str], mlflow_uri: 
             return rc or 1
         run = _mlflow_run(mlflow_uri, args.capture, monitor.run_id)
         with console.phase("export", f"copy pictures to {home / 'output' / args.capture}"):
-            pictures, index = export_results(store, args.capture, home / "output" / args.capture, run)
+            pictures, index, stage_metrics, protocol = export_results(store, args.capture,
+                                                                      home / "output" / args.capture, run)
         outputs = {s: store.uri(store.key(stage_prefix(args.capture, s))) + "/" for s in STAGE_NAMES}
-        avatar = read_manifest(store, args.capture, STAGE_NAMES[-1]).metrics
-        quality = quality_line(avatar, _protocol(index.parent))
+        avatar = stage_metrics[STAGE_NAMES[-1]]
+        quality = quality_line(avatar, protocol)
         metrics = {k: v for k, v in avatar.items() if k.startswith(("holdout_", "novel_view_", "self_reenactment_"))}
     finally:
         store.close()
@@ -388,12 +389,14 @@ def _serve(mlflow_uri: str, s3_url: str) -> int:
         return 0
 
 
-def export_results(store: ObjectStore, capture: str, dest: Path,
-                   mlflow: dict[str, Any]) -> tuple[dict[str, Path], Path]:
-    """Each stage's pictures (the last stage's whole output) into ``dest/<stage>/``, and ``dest/index.html``."""
+def export_results(store: ObjectStore, capture: str, dest: Path, mlflow: dict[str, Any]
+                   ) -> tuple[dict[str, Path], Path, dict[str, dict[str, Any]], str | None]:
+    """Each stage's pictures (the last stage's whole output) into ``dest/<stage>/``, and ``dest/index.html``;
+    returns the folders, the page, each stage's manifest metrics and the avatar's evaluation protocol."""
     pictures = {s: export(store, capture, s, dest / s, everything=s == STAGE_NAMES[-1]) for s in STAGE_NAMES}
     metrics = {s: m.metrics for s in STAGE_NAMES if (m := read_manifest(store, capture, s)) is not None}
-    return pictures, write_index(dest, capture, metrics, mlflow, _protocol(dest))
+    protocol = _protocol(dest)
+    return pictures, write_index(dest, capture, metrics, mlflow, protocol), metrics, protocol
 
 
 def _protocol(dest: Path) -> str | None:
