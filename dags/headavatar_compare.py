@@ -3,8 +3,10 @@
 
 Scheduled on the `headavatar_avatar` Asset, which the last stage of `headavatar_capture` updates:
 runs `headavatar compare --mlflow` (held-out metrics of every trained avatar, from the MLflow
-server) on the stages' backend and logs the table, CSV and HTML report to MLflow as a run of kind
-`compare` (experiment `headavatar`). Several avatars finished close together make one run.
+server) on the stages' backend and logs the table, CSV and HTML report (charts, each capture's
+avatar variants with the settings that differ and their videos side by side) to MLflow as a run of
+kind `compare` (experiment `headavatar`), linked from every compared model version. Several avatars
+finished close together make one run.
 """
 
 from datetime import timedelta

@@ -81,14 +81,25 @@ LOAD = """
 
 def test_dags_parse_and_declare_six_retried_stages(airflow_home: Path) -> None:
     facts = _python(airflow_home, LOAD + """
+    import jsonschema
+    from airflow import plugins_manager
     from airflow.sdk.definitions.param import Param
+    from headavatar_airflow.plain_refusals import plain
     schema = {k: v.schema for k, v in dag.params.items()}
-    rejected = []
+    rejected, sentences = [], []
     for bad in ["../018", "018;rm", "018/..", "", "x" * 200, "ü018", "-018"]:
         try:
             Param(bad, **schema["id"]).resolve()
         except Exception:
             rejected.append(bad)
+        try:  # what the API server's own check raises, worded as it words it
+            jsonschema.validate(bad, schema["id"], format_checker=jsonschema.FormatChecker())
+        except jsonschema.ValidationError as e:
+            sentences.append(plain(f"Invalid input for param id: {e}"))
+    try:
+        jsonschema.validate(0, schema["sample_stride"])
+    except jsonschema.ValidationError as e:
+        sentences.append(plain(f"Invalid input for param sample_stride: {e}"))
     print(json.dumps({
         "errors": bag.import_errors and {k: str(v)[:300] for k, v in bag.import_errors.items()},
         "dags": sorted(bag.dags),
@@ -98,7 +109,8 @@ def test_dags_parse_and_declare_six_retried_stages(airflow_home: Path) -> None:
         "retries": {t.task_id: [t.retries, t.retry_exponential_backoff] for t in dag.tasks},
         "types": sorted({type(t).__name__ for t in dag.tasks}),
         "id_pattern": schema["id"]["pattern"], "rejected": rejected,
-        "ok": Param("018", **schema["id"]).resolve(),
+        "ok": Param("018", **schema["id"]).resolve(), "sentences": sentences,
+        "middlewares": [m["name"] for m in plugins_manager.get_fastapi_plugins()[1]],
     }))
     """)
     assert not facts["errors"], facts["errors"]
@@ -112,6 +124,14 @@ def test_dags_parse_and_declare_six_retried_stages(airflow_home: Path) -> None:
     assert facts["types"] == ["LocalStageOperator"]
     assert facts["id_pattern"] == DAG_PATTERN == CAPTURE_ID_PATTERN
     assert len(facts["rejected"]) == 7 and facts["ok"] == "018"
+    # The API server loads the plugin that words a refusal as one sentence instead of the schema dump.
+    assert facts["middlewares"] == ["plain parameter refusals"]
+    rule = "use the capture's name as it is in the bucket, such as 018: letters, digits, '_' and '-', " \
+           "starting with a letter or digit, at most 64 characters."
+    assert facts["sentences"][0] == f"Capture id '../018' is not valid: {rule}"
+    assert facts["sentences"][3] == f"Capture id '' is not valid: {rule}"
+    assert all(s.endswith(rule) and "\n" not in s for s in facts["sentences"][:7]), facts["sentences"]
+    assert facts["sentences"][7] == "Sample stride: 0 is less than the minimum of 1."
     ingest = _python(airflow_home, LOAD.replace('"headavatar_capture"', '"headavatar_ingest"') + """
     print(json.dumps({t.task_id: [type(t).__name__, sorted(t.upstream_task_ids), str(t.trigger_rule.value)]
                       for t in dag.tasks}))

@@ -131,8 +131,40 @@ def test_training_runs_are_registered_once_each_and_compared(store: ObjectStore,
     assert again["mlflow"]["run_id"] not in mine  # the cache hit is the same avatar: one row
     page = (out / "compare.html").read_text()
     assert page.count("<svg") >= 2 and first["mlflow"]["run_id"] in page
+    assert "Matplotlib v" in page and "holdout_psnr (higher is better)" in page  # charts drawn by matplotlib
+    # Per capture: its avatars, the setting in which they differ, their videos side by side (embedded).
+    section = page[page.index("<h2>Capture 018: "):page.index("<h2>All avatars</h2>")]
+
+    def row(version: str) -> str:
+        start = section.index(f"<tr><td>018 v{version}</td>")
+        return section[start:section.index("</tr>", start)]
+
+    assert "gaussianhead.steps = 20" in row("1") and "gaussianhead.steps = 30" in row("2")
+    assert section.count("<video") >= 4 and section.count("src='data:video/mp4;base64,") == section.count("<video")
+    assert sorted(p.name for p in (out / "videos" / longer["mlflow"]["run_id"]).iterdir()) == [
+        "reenactment.mp4", "turntable.mp4"]
+    logged = cli("compare", "--capture", "018", "--mlflow", env={**env, "HEADAVATAR_MLFLOW_UI_URL": "http://ui.example"})
+    assert logged.returncode == 0, logged.stderr[-2000:]
+    report_id = logged.stderr.strip().splitlines()[-1].split()[-1]
+    assert "compare.html" in [a.path for a in client.list_artifacts(report_id)]
+    for v in client.search_model_versions(f"name = '{models}018'"):  # every version links to the report
+        assert v.tags["headavatar.compare_report"] == (
+            f"http://ui.example/#/experiments/{client.get_run(report_id).info.experiment_id}/runs/{report_id}"
+            "/artifacts/compare.html")
     missing = cli("compare", "--capture", "999", env=env)
     assert missing.returncode == 2 and "no tracked gaussianhead run for 999" in missing.stderr
+
+    # Back to 20 steps: the first avatar was kept in the bucket as a variant and comes back uncomputed,
+    # the same avatar (model version 1); status lists the 30-step one now kept in its place.
+    back = run("gaussianhead", "fourth")
+    assert back["cached"] and back["mlflow"]["model_version"] == "1"
+    assert client.get_run(back["mlflow"]["run_id"]).data.tags["headavatar.variant"] == \
+        client.get_run(first["mlflow"]["run_id"]).data.tags["headavatar.variant"]
+    status = cli("status", "--capture", "018", "--profile", "ci", *TRAINING, env=env)
+    assert status.returncode == 0, status.stderr[-2000:]
+    lines = status.stdout.splitlines()
+    kept = lines[lines.index(next(x for x in lines if x.startswith("gaussianhead  done"))) + 1]
+    assert "variant" in kept and "gaussianhead.steps=30" in kept and "psnr" in kept, status.stdout
 
 
 def test_champion_is_the_best_held_out_avatar_not_the_newest(mlflow_server: str, s3_env: dict[str, str]) -> None:

@@ -189,8 +189,11 @@ def test_trigger_form_refuses_a_path_as_capture_id_and_creates_no_run(page: Any,
     form.locator("#element_id").fill("../018")
     form.locator("#element_profile").fill("demo")
     form.get_by_test_id("trigger-dag-submit").click()
-    message = form.get_by_text(re.compile(r"Invalid input for param id: '\.\./018' does not match"))
+    message = form.get_by_text("Capture id '../018' is not valid: use the capture's name as it is in the bucket, "
+                               "such as 018", exact=False)
     playwright_api.expect(message).to_be_visible()
+    # The plugin replaced Airflow's wording: no regular expression, no schema dump.
+    playwright_api.expect(form.get_by_text(re.compile("does not match|Failed validating"))).to_have_count(0)
     playwright_api.expect(page.get_by_text("Failed to Trigger Dag").first).to_be_visible()
     message.scroll_into_view_if_needed()
     shot(page, "refused-id")

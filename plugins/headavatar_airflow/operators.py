@@ -105,6 +105,7 @@ def run_environment(context: Any, mlflow_conn_id: str) -> dict[str, str]:
            "HEADAVATAR_TRY_NUMBER": str(ti.try_number)}
     if (endpoints := mlflow_endpoints(mlflow_conn_id)) is not None:
         env["MLFLOW_TRACKING_URI"] = endpoints[0]
+        env["HEADAVATAR_MLFLOW_UI_URL"] = endpoints[1]  # links a person follows (the comparison report's)
     return env
 
 

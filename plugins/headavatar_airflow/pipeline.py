@@ -52,6 +52,14 @@ def param_schema() -> dict[str, dict[str, Any]]:
     }
 
 
+# What a refused value should have been, in words (plain_refusals.py puts it in place of the schema dump).
+PARAM_RULES = {
+    "id": "use the capture's name as it is in the bucket, such as 018: letters, digits, '_' and '-', "
+          "starting with a letter or digit, at most 64 characters",
+    "profile": "use the name of a file in config/profiles/ without .yaml, such as demo, or leave it empty",
+}
+
+
 PARAM_DEFAULTS: dict[str, Any] = {"profile": None, "sample_stride": None, "meshhead_steps": None,
                                   "gaussianhead_steps": None, "gpu": None, "force": False}  # id: required
 

@@ -65,8 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--capture", required=True)
     _config_args(val)
 
-    status = sub.add_parser("status", help="show which stages of a capture are done, stale or missing "
-                                           "(use the config the runs used: --profile/--set)")
+    status = sub.add_parser("status", help="show which stages of a capture are done, stale or missing, and the "
+                                           "earlier results kept as variants (use the config the runs used: "
+                                           "--profile/--set)")
     status.add_argument("--capture", required=True)
     _config_args(status)
 
@@ -86,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp = sub.add_parser("compare", help="held-out metrics of trained avatars, from the MLflow server")
     cmp.add_argument("--capture", action="append", help="capture id (repeatable); default: every capture")
     cmp.add_argument("--stage", choices=("gaussianhead", "meshhead"), default="gaussianhead")
-    cmp.add_argument("--out", type=Path, help="folder to write compare.csv and compare.html into")
+    cmp.add_argument("--out", type=Path, help="folder to write compare.csv, compare.html and the avatars' videos into")
     cmp.add_argument("--mlflow", action="store_true",
                      help="also log the report (table, CSV, HTML) to the MLflow experiment as a run of kind 'compare'")
     cmp.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
@@ -173,7 +174,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(as_table(rows))
     title = f"{args.stage}: {', '.join(captures) or 'all captures'}"
     if args.out:
-        for path in write_reports(rows, args.out, title):
+        from headavatar.compare import fetch_videos
+
+        for path in write_reports(rows, args.out, title, fetch_videos(args.tracking_uri, rows, args.out)):
             print(path, file=sys.stderr)
     if args.mlflow:
         from headavatar.compare import log_report
@@ -336,7 +339,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     store = ObjectStore(config.storage)
     try:
         for st in capture_status(stages, capture, config, store):
-            print(st.line())
+            print("\n".join(st.lines()))
     finally:
         store.close()
     return 0

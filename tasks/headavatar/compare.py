@@ -1,14 +1,17 @@
 """Compare trained avatars across runs and captures from the MLflow tracking server.
 
 One row per distinct trained model (stage runs are deduplicated by their manifest digest: a cache
-hit in a later DAG run is the same avatar, not a new one). Written as a text table, CSV, and a
-self-contained HTML page with one bar chart per held-out metric (inline SVG, no plotting library),
-and optionally as an MLflow run of kind ``compare`` holding the three (what the ``headavatar_compare``
-DAG does each time an avatar is finished).
+hit in a later DAG run is the same avatar, not a new one). Written as a text table, CSV, and an
+HTML page: per held-out metric a bar chart (matplotlib, as inline SVG), then per capture its avatar
+variants with their held-out metrics, the settings in which they differ, and their videos side by
+side (embedded while they fit ``INLINE_VIDEO_MB``, so the one file shows them in MLflow's artifact
+view). Optionally logged as an MLflow run of kind ``compare`` whose page every compared model version
+links to (what the ``headavatar_compare`` DAG does each time an avatar is finished).
 """
 
 from __future__ import annotations
 
+import base64
 import csv
 import html
 import io
@@ -19,12 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from headavatar.errors import PipelineError
-from headavatar.tracking import experiment_name, pipeline_experiment
+from headavatar.tracking import experiment_name, model_name, pipeline_experiment
 
 COLUMNS = ("capture", "run_name", "run_id", "started", "model_version", "steps", "wall_time_s")
 # Held-out metrics and whether higher is better (shown on the chart).
 METRICS = {"holdout_psnr": True, "holdout_ssim": True, "holdout_lpips": False, "holdout_iou": True}
-PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#9c755f")
+VIDEOS = "videos"  # the stage run's artifact folder of avatar videos (tracking.py logs them)
+INLINE_VIDEO_MB = 48  # videos embedded in compare.html up to this many MB in all; the rest are linked files
+UI_URL_ENV = "HEADAVATAR_MLFLOW_UI_URL"  # the MLflow URL a browser opens (the Airflow task sets it)
+REPORT_TAG = "headavatar.compare_report"  # on each compared model version: the report's page in MLflow
 
 
 def collect(tracking_uri: str, captures: list[str] | None, stage: str) -> list[dict[str, Any]]:
@@ -63,6 +69,7 @@ def collect(tracking_uri: str, captures: list[str] | None, stage: str) -> list[d
         m = run.data.metrics
         rows.append({
             "capture": tags.get("headavatar.capture", ""), "run_name": parents.get(parent_id, ""),
+            "settings": dict(run.data.params), "variant": tags.get("headavatar.variant", ""),
             "run_id": run.info.run_id,
             "started": datetime.fromtimestamp(run.info.start_time / 1000, UTC).strftime("%Y-%m-%d %H:%M"),
             "model_version": tags.get("headavatar.model_version", ""),
@@ -93,55 +100,137 @@ def as_csv(rows: list[dict[str, Any]]) -> str:
     return out.getvalue()
 
 
-def as_html(rows: list[dict[str, Any]], title: str) -> str:
-    colors = {c: PALETTE[i % len(PALETTE)] for i, c in enumerate(dict.fromkeys(r["capture"] for r in rows))}
-    charts = "".join(_bar_chart(rows, k, colors) for k in metric_columns(rows))
-    legend = " ".join(f'<span style="color:{c}">&#9632;</span> {html.escape(k)}' for k, c in colors.items())
+def differing_settings(rows: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
+    """Per avatar (by run id), the settings in which it differs from the other avatars of its capture."""
+    out: dict[str, dict[str, str]] = {}
+    for capture in dict.fromkeys(r["capture"] for r in rows):
+        group = [r for r in rows if r["capture"] == capture]
+        keys = sorted({k for r in group for k in r.get("settings", {})})
+        differ = [k for k in keys if len({r.get("settings", {}).get(k, "") for r in group}) > 1]
+        for r in group:
+            out[r["run_id"]] = {k: r.get("settings", {}).get(k, "") for k in differ}
+    return out
+
+
+def fetch_videos(tracking_uri: str, rows: list[dict[str, Any]], out: Path) -> dict[str, list[Path]]:
+    """Each avatar's videos, downloaded from its run's artifacts to ``out/videos/<run id>/``."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    found: dict[str, list[Path]] = {}
+    for r in rows:
+        names = [a.path for a in client.list_artifacts(r["run_id"], VIDEOS) if a.path.endswith(".mp4")]
+        if names:
+            dest = out / VIDEOS / r["run_id"]
+            dest.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=dest) as tmp:  # MLflow keeps the artifact's folder: drop it
+                found[r["run_id"]] = [Path(client.download_artifacts(r["run_id"], n, tmp)).replace(dest / Path(n).name)
+                                      for n in names]
+    return found
+
+
+def label(row: dict[str, Any]) -> str:
+    """How an avatar is named in the report: its capture and model version (else its run name)."""
+    return f"{row['capture']} v{row['model_version']}" if row.get("model_version") else \
+        f"{row['capture']} {row['run_name'] or row['run_id'][:8]}"
+
+
+def as_html(rows: list[dict[str, Any]], title: str, videos: dict[str, list[Path]] | None = None,
+            base: Path | None = None) -> str:
+    """The report page; ``videos`` (from :func:`fetch_videos`) are embedded while they fit, else linked
+    relative to ``base`` (the folder the page is written to)."""
+    differ = differing_settings(rows)
+    budget = [INLINE_VIDEO_MB * 2**20]
+    charts = "".join(_bar_chart(rows, k) for k in metric_columns(rows))
+    sections = "".join(_capture_section(rows, c, differ, videos or {}, base, budget)
+                       for c in dict.fromkeys(r["capture"] for r in rows))
     head = "".join(f"<th>{html.escape(c)}</th>" for c in [*COLUMNS, *metric_columns(rows)])
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c, '')))}</td>"
                                     for c in [*COLUMNS, *metric_columns(rows)]) + "</tr>" for r in rows)
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             "<style>body{font-family:sans-serif}table{border-collapse:collapse}"
-            "td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px}</style></head><body>"
-            f"<h1>{html.escape(title)}</h1><p>{legend}</p>{charts}<table><tr>{head}</tr>{body}</table>"
-            "</body></html>\n")
+            "td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px;vertical-align:top}"
+            ".charts{display:flex;flex-wrap:wrap;gap:12px}.videos{display:flex;flex-wrap:wrap;gap:12px}"
+            "figure{margin:0}figcaption{font-size:12px}video{max-width:360px}</style></head><body>"
+            f"<h1>{html.escape(title)}</h1><p>Generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC from MLflow: "
+            f"one avatar per distinct trained model; held-out metrics on the avatar's own held-out cameras "
+            f"and sequences (docs/stages/gaussianhead.md).</p><div class='charts'>{charts}</div>{sections}"
+            f"<h2>All avatars</h2><table><tr>{head}</tr>{body}</table></body></html>\n")
+
+
+def _capture_section(rows: list[dict[str, Any]], capture: str, differ: dict[str, dict[str, str]],
+                     videos: dict[str, list[Path]], base: Path | None, budget: list[int]) -> str:
+    group = [r for r in rows if r["capture"] == capture]
+    metrics = [k for k in METRICS if any(k in r for r in group)]
+    keys = sorted({k for r in group for k in differ.get(r["run_id"], {})})
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in ["avatar", "started", "steps", *metrics,
+                                                          "settings that differ"])
+    body = ""
+    for r in group:
+        settings = "<br>".join(f"{html.escape(k)} = {html.escape(differ[r['run_id']][k])}" for k in keys) or \
+            ("(the only avatar)" if len(group) == 1 else "(same settings)")
+        cells = [label(r), r["started"], _fmt(r.get("steps", "")), *(_fmt(r.get(k, "")) for k in metrics)]
+        body += "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + f"<td>{settings}</td></tr>"
+    clips = ""
+    for r in group:
+        for path in videos.get(r["run_id"], []):
+            caption = f"{label(r)}: {path.stem}" + "".join(f", {k.split('.')[-1]}={differ[r['run_id']][k]}"
+                                                           for k in keys)
+            clips += (f"<figure><video controls muted loop playsinline src='{_video_src(path, base, budget)}'>"
+                      f"</video><figcaption>{html.escape(caption)}</figcaption></figure>")
+    return (f"<h2>Capture {html.escape(capture)}: {len(group)} avatar{'s' if len(group) != 1 else ''}</h2>"
+            f"<table><tr>{head}</tr>{body}</table>" + (f"<div class='videos'>{clips}</div>" if clips else ""))
+
+
+def _video_src(path: Path, base: Path | None, budget: list[int]) -> str:
+    """A data: URI while the budget lasts (the page alone shows it, also in MLflow), else a relative link."""
+    size = path.stat().st_size
+    if size <= budget[0] or base is None:
+        budget[0] -= size
+        return "data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode()
+    return html.escape(path.relative_to(base).as_posix())
 
 
 def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) and not float(v).is_integer() else str(v)
 
 
-def _bar_chart(rows: list[dict[str, Any]], metric: str, colors: dict[str, str]) -> str:
-    vals = [(r, r[metric]) for r in rows if metric in r]
-    w, h, pad, bar = 60 + 28 * len(vals), 220, 40, 20
-    top = max(v for _, v in vals) or 1.0
-    better = "higher" if METRICS[metric] else "lower"
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h + 60}" role="img" '
-             f'aria-label="{metric}"><text x="4" y="14" font-size="13">{metric} ({better} is better)</text>',
-             f'<line x1="{pad}" y1="{h}" x2="{w}" y2="{h}" stroke="#333"/>']
-    for i, (r, v) in enumerate(vals):
-        x, bh = pad + 4 + 28 * i, (h - 30) * v / top
-        label = html.escape(f"{r['capture']} {r['run_name']}: {_fmt(v)}")
-        parts.append(f'<rect x="{x}" y="{h - bh:.1f}" width="{bar}" height="{bh:.1f}" '
-                     f'fill="{colors[r["capture"]]}"><title>{label}</title></rect>')
-        parts.append(f'<text x="{x + bar / 2}" y="{h - bh - 3:.1f}" font-size="9" text-anchor="middle">'
-                     f'{_fmt(round(v, 2))}</text>')
-        parts.append(f'<text x="{x + 4}" y="{h + 8}" font-size="9" transform="rotate(60 {x + 4} {h + 8})">'
-                     f'{html.escape(r["capture"])}#{i + 1}</text>')
-    return "".join(parts) + "</svg>"
+def _bar_chart(rows: list[dict[str, Any]], metric: str) -> str:
+    """One bar per avatar, coloured by capture, drawn by matplotlib as SVG (text kept as text)."""
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    vals = [r for r in rows if metric in r]
+    captures = list(dict.fromkeys(r["capture"] for r in vals))
+    palette = matplotlib.colormaps["tab10"]
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": metric}):
+        fig = Figure(figsize=(max(3.5, 0.55 * len(vals) + 1.5), 3.2), layout="constrained")
+        ax = fig.add_subplot()
+        bars = ax.bar(range(len(vals)), [r[metric] for r in vals],
+                      color=[palette(captures.index(r["capture"]) % 10) for r in vals])
+        ax.bar_label(bars, labels=[f"{r[metric]:.3g}" for r in vals], fontsize=8)
+        ax.set_xticks(range(len(vals)), [label(r) for r in vals], rotation=45, ha="right", fontsize=8)
+        ax.set_title(f"{metric} ({'higher' if METRICS[metric] else 'lower'} is better)", fontsize=10)
+        ax.spines[["top", "right"]].set_visible(False)
+        buf = io.StringIO()
+        fig.savefig(buf, format="svg")
+    svg = buf.getvalue()
+    return f"<figure role='img' aria-label='{metric}'>{svg[svg.index('<svg'):]}</figure>"
 
 
-def write_reports(rows: list[dict[str, Any]], out: Path, title: str) -> list[Path]:
+def write_reports(rows: list[dict[str, Any]], out: Path, title: str,
+                  videos: dict[str, list[Path]] | None = None) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "compare.csv", out / "compare.html"]
     paths[0].write_text(as_csv(rows))
-    paths[1].write_text(as_html(rows, title))
+    paths[1].write_text(as_html(rows, title, videos, out))
     return paths
 
 
 def log_report(tracking_uri: str, rows: list[dict[str, Any]], title: str, stage: str) -> str:
     """The report as a new run (tag ``headavatar.kind = compare``, so :func:`collect` never reads it back) in the
-    pipeline's experiment: ``compare.txt``, ``compare.csv``, ``compare.html``; returns the run id."""
+    pipeline's experiment: ``compare.txt``, ``compare.csv``, ``compare.html`` and the videos it links; each
+    compared model version gets the tag :data:`REPORT_TAG` with the report's URL. Returns the run id."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
@@ -153,10 +242,14 @@ def log_report(tracking_uri: str, rows: list[dict[str, Any]], title: str, stage:
     run = client.create_run(exp_id, run_name=f"compare {datetime.now(UTC):%Y-%m-%d %H:%M}", tags=tags)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        paths = write_reports(rows, out, title)
+        write_reports(rows, out, title, fetch_videos(tracking_uri, rows, out))
         (out / "compare.txt").write_text(as_table(rows) + "\n")
-        for path in [out / "compare.txt", *paths]:
-            client.log_artifact(run.info.run_id, str(path))
+        client.log_artifacts(run.info.run_id, str(out))
     client.log_metric(run.info.run_id, "avatars", len(rows))
     client.set_terminated(run.info.run_id)
+    ui = (os.environ.get(UI_URL_ENV) or tracking_uri).rstrip("/")
+    url = f"{ui}/#/experiments/{exp_id}/runs/{run.info.run_id}/artifacts/compare.html"
+    for r in rows:
+        if r.get("model_version"):
+            client.set_model_version_tag(model_name(r["capture"]), r["model_version"], REPORT_TAG, url)
     return run.info.run_id

@@ -81,6 +81,10 @@ class StorageConfig(Section):
         10, description="boto3 attempts per request (with backoff) before a stage exits 75 (retryable)")
     lock_ttl_s: Annotated[float, Field(ge=5, le=3600)] = Field(
         90, description="a stage lease not renewed for this many seconds is free (its holder died)")
+    keep_variants: Annotated[int, Field(ge=0, le=1000)] = Field(
+        3, description="earlier results kept per stage of a capture, each under its cache key, when a run with "
+                       "other settings or inputs replaces them (going back to those settings brings one back "
+                       "without computing); the oldest beyond this many are removed; 0 keeps none")
 
     @field_validator("prefix")
     @classmethod

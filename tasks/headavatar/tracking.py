@@ -27,6 +27,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from headavatar.contract import variants
 from headavatar.contract.stage import StageResult
 from headavatar.layout import stage_prefix
 from headavatar.settings import PipelineConfig
@@ -163,6 +164,8 @@ def _track(uri: str, result: StageResult, store: ObjectStore, config: PipelineCo
     for key, value in {"headavatar.attempts": str(attempts),
                        "headavatar.cached": str(result.cached), "headavatar.package_version": __version__,
                        "headavatar.config_digest": m.config_digest, "headavatar.manifest_uri": result.manifest_uri,
+                       # where its files are once another result is live: _variants/<this>/ (docs/caching.md)
+                       "headavatar.variant": variants.key_of(m)[:variants.KEY_CHARS],
                        "airflow.try_number": os.environ.get("HEADAVATAR_TRY_NUMBER", ""),
                        **_checkpoint_tags(store, result)}.items():
         client.set_tag(run_id, key, value)

@@ -41,7 +41,8 @@ def timed_demo(clone: Path, backend: str, log: Path) -> dict[str, Any]:
     seconds = time.monotonic() - t
     summary = json.loads((clone / ".headavatar" / "demo" / "summary.json").read_text())
     return {"make_demo_s": round(seconds, 1), "demo_s": summary["seconds"], "install_s": round(seconds - summary[
-        "seconds"], 1), "phases_s": summary["phases"], "stages_s": summary["stages"]}
+        "seconds"], 1), "phases_s": summary["phases"], "stages_s": summary["stages"],
+            "cpu_workload_s": summary.get("cpu_workload_s")}  # this CPU's speed: the estimate scales by it
 
 
 README_MARKER = "The CLI reads the demo's bucket"

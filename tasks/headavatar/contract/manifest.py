@@ -62,6 +62,8 @@ class Manifest:
     # The torch device the stage ran on ("cpu", "cuda:0"; "" for a stage that chose none): an operator sees
     # a GPU stage that trained on the CPU. Not part of any digest.
     device: str = ""
+    # When the result was set aside as a variant (contract/variants.py); "" while it is the live result.
+    kept_at: str = ""
 
     @property
     def content_digest(self) -> str:
@@ -89,7 +91,7 @@ class Manifest:
         if self.code_version != code_version:
             reasons.append(f"code version {self.code_version}, now {code_version}")
         if self.config_digest != config_digest:
-            changed = sorted(_changed_keys(self.config, config)) or ["(digest)"]
+            changed = sorted(changed_keys(self.config, config)) or ["(digest)"]
             reasons.append("config " + ", ".join(changed[:4]) + (" ..." if len(changed) > 4 else ""))
         changed_inputs = sorted(k for k in {*self.inputs, *inputs} if self.inputs.get(k) != inputs.get(k))
         if changed_inputs:
@@ -113,10 +115,10 @@ class Manifest:
         return cls(**d)
 
 
-def _changed_keys(old: Any, new: Any, path: str = "") -> Iterable[str]:
+def changed_keys(old: Any, new: Any, path: str = "") -> Iterable[str]:
     """Dotted keys whose values differ between two nested config dicts."""
     if isinstance(old, dict) and isinstance(new, dict):
         for k in sorted({*old, *new}):
-            yield from _changed_keys(old.get(k), new.get(k), f"{path}.{k}" if path else str(k))
+            yield from changed_keys(old.get(k), new.get(k), f"{path}.{k}" if path else str(k))
     elif canonical_json(old) != canonical_json(new):
         yield path

@@ -17,6 +17,8 @@
    a concurrent run exits 75 (retried later, then a cache hit). Every write and delete of the run
    is fenced by the lease, so a run that lost it (paused past its ttl) changes nothing more, and
    the manifest is written only where none is (``If-None-Match``).
+7. A result replaced by one computed under another cache key is kept as a variant
+   (``contract/variants.py``); a run whose key names a kept variant brings it back as a cache hit.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import ClassVar
 
 from headavatar import __version__
 from headavatar.capture_id import validate_capture_id
+from headavatar.contract import variants
 from headavatar.contract.config_key import config_key, result_config
 from headavatar.contract.lock import StageLock, lost_lock, pid_alive
 from headavatar.contract.manifest import FIRST_CODE_VERSION, Manifest, digest, take_devices
@@ -72,13 +75,13 @@ class StageContext:
     @property
     def cache_key(self) -> str:
         """What this attempt computes from: its inputs, its result settings and its code version."""
-        return digest({"inputs": self.inputs, "config": self.config_digest, "code": self.code_version})
+        return variants.cache_key(self.inputs, self.config_digest, self.code_version)
 
     @property
     def resumable_keys(self) -> frozenset[str]:
         """Keys of checkpoints this attempt may resume: its own, and the key a release that digested
         whole sections gave the same config, so upgrading does not restart a training."""
-        legacy = digest({"inputs": self.inputs, "config": self.whole_config_digest, "code": self.code_version})
+        legacy = variants.cache_key(self.inputs, self.whole_config_digest, self.code_version)
         return frozenset({self.cache_key, legacy})
 
     def state_key(self, rel: str) -> str:
@@ -163,6 +166,10 @@ class Expected:
     upstream: dict[str, Manifest]
     missing: tuple[str, ...]  # upstream stages without a manifest
 
+    @property
+    def cache_key(self) -> str:
+        return variants.cache_key(self.inputs, self.config_digest, self.code_version)
+
 
 def expected(stage: Stage, capture: str, config: PipelineConfig, store: ObjectStore) -> Expected:
     """Inputs, config and code version a run of ``stage`` would use now (the cache key's parts)."""
@@ -227,6 +234,8 @@ def run_stage(stage: Stage, capture: str, config: PipelineConfig, store: ObjectS
         cached = _cache_hit(store, stage, capture, prefix, exp, force)
         if cached is not None:
             return cached
+        if not force and (kept := variants.find(store, prefix, exp.cache_key)) is not None:
+            return _bring_back(store, stage, capture, prefix, kept, config.storage.keep_variants, lock)
         return _compute(stage, capture, config, store, force, prefix, exp, lock)
     finally:
         store.fence_with(None)
@@ -249,10 +258,52 @@ def _cache_hit(store: ObjectStore, stage: Stage, capture: str, prefix: str, exp:
     return None
 
 
+def _keep_outgoing(store: ObjectStore, stage: Stage, capture: str, prefix: str, new_key: str,
+                   keep: int) -> Manifest | None:
+    """Keep the live result as a variant if a result under ``new_key`` is about to replace it.
+
+    Returns the live manifest when its files are all present (whether kept or not), else None."""
+    live = read_manifest(store, capture, stage.name)
+    if live is None or not _outputs_present(store, prefix, live):
+        return None
+    if keep > 0 and variants.key_of(live) != new_key:
+        variants.keep(store, prefix, live)
+    return live
+
+
+def _bring_back(store: ObjectStore, stage: Stage, capture: str, prefix: str, kept: Manifest, keep: int,
+                lock: StageLock) -> StageResult:
+    """A cache hit from a kept variant: it becomes the live result, the outgoing one is kept instead."""
+    key = variants.key_of(kept)
+    mkey = f"{prefix}/{MANIFEST}"
+    live = _keep_outgoing(store, stage, capture, prefix, key, keep)
+    store.delete(mkey)
+    variants.bring_back(store, prefix, kept, live)
+    _remove_unlisted(store, capture, stage, prefix, kept.files)
+    lock.fence(renew=True)
+    kept = replace(kept, kept_at="")
+    if not store.put_new(mkey, kept.to_json(), content_type="application/json"):
+        raise lost_lock(lock.what, store.uri(lock.key))
+    variants.prune(store, prefix, keep, live=key)
+    log.info("%s/%s: cache hit: variant %s of %s brought back (%d files, %s)", capture, stage.name,
+             key[:variants.KEY_CHARS], kept.finished_at, len(kept.files), store.uri(mkey))
+    return StageResult(stage.name, capture, True, kept, store.uri(mkey))
+
+
+def _remove_unlisted(store: ObjectStore, capture: str, stage: Stage, prefix: str, listed: dict) -> None:
+    """Delete live outputs the new result does not list (stage-private ``_`` folders stay)."""
+    stale = [o.key for o in store.list(prefix)
+             if o.key[len(prefix) + 1:] not in listed and not o.key[len(prefix) + 1:].startswith(RESERVED_PREFIX)]
+    if stale:
+        log.info("%s/%s: removing %d stale outputs", capture, stage.name, len(stale))
+        store.delete_many(stale)
+
+
 def _compute(stage: Stage, capture: str, config: PipelineConfig, store: ObjectStore, force: bool, prefix: str,
              exp: Expected, lock: StageLock) -> StageResult:
     inputs, cdigest = exp.inputs, exp.config_digest
     mkey = f"{prefix}/{MANIFEST}"
+    _keep_outgoing(store, stage, capture, prefix, exp.cache_key, config.storage.keep_variants)
     store.delete(mkey)  # from here on the stage is "not done" until the new manifest lands
     if aborted := store.abort_multipart_uploads(prefix):  # we hold the lease: no one else uploads here
         log.info("%s/%s: aborted %d unfinished multipart uploads of an earlier attempt", capture, stage.name, aborted)
@@ -285,12 +336,7 @@ def _compute(stage: Stage, capture: str, config: PipelineConfig, store: ObjectSt
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
-    stale = [o.key for o in store.list(prefix)
-             if o.key[len(prefix) + 1:] not in writer.entries
-             and not o.key[len(prefix) + 1:].startswith(RESERVED_PREFIX)]
-    if stale:
-        log.info("%s/%s: removing %d stale outputs", capture, stage.name, len(stale))
-        store.delete_many(stale)
+    _remove_unlisted(store, capture, stage, prefix, writer.entries)
 
     wall = time.monotonic() - t0
     metrics = {"files": float(len(writer.entries)),
@@ -307,5 +353,6 @@ def _compute(stage: Stage, capture: str, config: PipelineConfig, store: ObjectSt
     lock.fence(renew=True)
     if not store.put_new(mkey, manifest.to_json(), content_type="application/json"):
         raise lost_lock(lock.what, store.uri(lock.key))  # another run's manifest is there: never replaced
+    variants.prune(store, prefix, config.storage.keep_variants, live=exp.cache_key)
     log.info("%s/%s: done in %.1fs, %d files -> %s", capture, stage.name, wall, len(writer.entries), store.uri(mkey))
     return StageResult(stage.name, capture, False, manifest, store.uri(mkey))

@@ -54,15 +54,22 @@ def demo_times(backend: str) -> Path:
     return REPO / "benchmarks" / "results" / f"demo_times_{backend}.json"
 
 
-def estimate(backend: str, fresh: bool) -> str:
-    """How long this run should take on 2 free cores: the measured first or cached run of this backend."""
+def estimate(backend: str, fresh: bool, speed_s: float | None) -> str:
+    """How long this run should take on 2 free cores: the measured first or cached run of this backend,
+    scaled by how fast this CPU ran :func:`headavatar.bench.cpu_speed.workload_s` (``speed_s``) against the
+    machine the run was measured on."""
     path = demo_times(backend)
     if not path.exists():
         return f"No measured time for BACKEND={backend} (no {path.name})"
     measured = json.loads(path.read_text())
     run = measured["first" if fresh else "later"]
-    return (f"About {duration(run['demo_s'])} on 2 free cores ({'first run' if fresh else 'data and images are cached'}"
-            f"; measured at {measured['commit'][:8]})")
+    what = "first run" if fresh else "data and images are cached"
+    there = measured["first"].get("cpu_workload_s")
+    if not speed_s or not there:
+        return f"About {duration(run['demo_s'])} on 2 free cores ({what}; measured at {measured['commit'][:8]})"
+    ratio = min(max(speed_s / there, 0.25), 4.0)
+    return (f"About {duration(run['demo_s'] * ratio)} on 2 free cores ({what}; {duration(run['demo_s'])} measured at "
+            f"{measured['commit'][:8]}, x{ratio:.2f} for this CPU's speed)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,7 +102,11 @@ def main(argv: list[str] | None = None) -> int:
 def _demo(args: argparse.Namespace, home: Path, console: Console, stack: contextlib.ExitStack) -> int:
     t0 = time.monotonic()
     fresh = not (home / "summary.json").exists()
+    speed_s = None
     if not args.serve:
+        from headavatar.bench.cpu_speed import workload_s
+
+        speed_s = workload_s()
         console.say(f"""headavatar demo: NeRSemble-style capture -> Gaussian head avatar, on this machine's CPU.
   1. start S3 (SeaweedFS) and MLflow on 127.0.0.1, write a synthetic capture {args.capture}
      (NeRSemble {args.layout} layout, 16 cameras, 2 sequences x {args.frames} frames, 256x372)
@@ -104,7 +115,7 @@ def _demo(args: argparse.Namespace, home: Path, console: Console, stack: context
   3. run the Airflow DAG headavatar_capture: {' -> '.join(STAGE_NAMES)}
      ({'each task a container' if args.backend == 'docker' else 'local backend'}; demo profile: tiny models)
   4. copy each stage's pictures out and print where the runs, the model and the UIs are
-{estimate(args.backend, fresh)}; longer if other work shares the CPU.
+{estimate(args.backend, fresh, speed_s)}; longer if other work shares the CPU.
 Full log: {console.logfile}
 """)
     state = load_state(home)
@@ -144,7 +155,7 @@ Full log: {console.logfile}
             " (in the bucket)" if synth is None else " (written meanwhile)" if args.backend == "docker" else "")):
         if synth is not None and synth.wait() != 0:
             raise subprocess.CalledProcessError(synth.returncode, synth.args)
-    return _run(args, home, env, mlflow.uri, console, docker_host, t0)
+    return _run(args, home, env, mlflow.uri, console, docker_host, t0, speed_s)
 
 
 def _start_capture(args: argparse.Namespace, env: dict[str, str], logfile: Path) -> subprocess.Popen | None:
@@ -190,7 +201,7 @@ def _quietly(logfile: Path, fn: Callable[[], Any]) -> Any:
 
 
 def _run(args: argparse.Namespace, home: Path, env: dict[str, str], mlflow_uri: str, console: Console,
-         docker_host: str | None, t0: float) -> int:
+         docker_host: str | None, t0: float, speed_s: float | None) -> int:
     with open(console.logfile, "ab") as logf:
         af_home = home / "airflow"
         af = {**env, **airflow_env(af_home, env, mlflow_uri, args.backend, docker_host, args.stage_image)}
@@ -236,7 +247,7 @@ def _run(args: argparse.Namespace, home: Path, env: dict[str, str], mlflow_uri: 
                "stages": {s: round(v, 1) for s, v in monitor.durations.items()},
                "outputs": outputs, "pictures": {s: str(p) for s, p in pictures.items()}, "mlflow": run,
                "airflow_run_id": monitor.run_id, "log": str(console.logfile), "quality": quality, "metrics": metrics,
-               "index": str(index)}
+               "index": str(index), "cpu_workload_s": speed_s}
     (home / "summary.json").write_text(json.dumps(summary, indent=1))
     _print_summary(console, summary, pictures, home)
     return 0
