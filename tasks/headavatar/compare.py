@@ -229,7 +229,8 @@ def write_reports(rows: list[dict[str, Any]], out: Path, title: str,
 
 def log_report(tracking_uri: str, rows: list[dict[str, Any]], title: str, stage: str) -> str:
     """The report as a new run (tag ``headavatar.kind = compare``, so :func:`collect` never reads it back) in the
-    pipeline's experiment: ``compare.txt``, ``compare.csv``, ``compare.html`` and the videos it links; each
+    pipeline's experiment: ``compare.txt``, ``compare.csv``, ``compare.html`` and the videos it links (not those
+    it embeds); each
     compared model version gets the tag :data:`REPORT_TAG` with the report's URL. Returns the run id."""
     from mlflow.tracking import MlflowClient
 
@@ -242,7 +243,11 @@ def log_report(tracking_uri: str, rows: list[dict[str, Any]], title: str, stage:
     run = client.create_run(exp_id, run_name=f"compare {datetime.now(UTC):%Y-%m-%d %H:%M}", tags=tags)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        write_reports(rows, out, title, fetch_videos(tracking_uri, rows, out))
+        videos = fetch_videos(tracking_uri, rows, out)
+        page = write_reports(rows, out, title, videos)[1].read_text()
+        for path in (p for paths in videos.values() for p in paths):
+            if path.relative_to(out).as_posix() not in page:  # embedded: not logged a second time
+                path.unlink()
         (out / "compare.txt").write_text(as_table(rows) + "\n")
         client.log_artifacts(run.info.run_id, str(out))
     client.log_metric(run.info.run_id, "avatars", len(rows))
