@@ -34,6 +34,9 @@ $(VENV)/.installed: pyproject.toml
 	@$(HEARTBEAT) --label "install 1/3 pip" -- $(PIP) --upgrade pip
 	@$(HEARTBEAT) --label "install 2/3 torch" -- $(PIP) torch==$(TORCH_VERSION)
 	@$(HEARTBEAT) --label "install 3/3 project" -- $(PIP) -e ".[dev]"
+	@# The NeRSemble benchmark toolkit (Apache-2.0), only its constants and source for the tests to check the
+	@# submission against: its own dependencies (open3d, a CUDA torch) are not wanted here, so none is installed.
+	@$(PIP) -q --no-deps nersemble-benchmark==0.2.0
 	touch $@
 
 # BACKEND=docker (default): every task a container; the engine and images are set up on first use.

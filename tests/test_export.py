@@ -4,6 +4,9 @@ alone as the avatar renders itself (its coarse RGB) at that frame."""
 from __future__ import annotations
 
 import json
+import secrets
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +14,9 @@ import plyfile
 import pytest
 import torch
 
-from conftest import cli, tiny_config, upload_capture
+from conftest import BUCKET, cli, tiny_config, upload_capture
+from headavatar.nvs_scores import score_submission
+from headavatar.nvs_submission import HEIGHT, HOLD_OUT_SERIALS, WIDTH, Request, add_video, check_submission, video_name
 from headavatar.render.gaussian_raster import Splats, build_gaussian_rasterizer
 from headavatar.render_avatar import load_avatar
 from headavatar.splat_ply import PROPERTIES, SH_C0
@@ -19,10 +24,13 @@ from headavatar.storage import ObjectStore
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
 STAGES = ("extract", "sample", "matting", "fitting", "meshhead", "gaussianhead")
-TRAINING = ["--set", "meshhead.steps=20", "--set", "gaussianhead.steps=40"]
+# The benchmark's split (its 3 hold-out cameras never trained on), short training.
+SETTINGS = ["--profile", "ci", "--config", str(Path(__file__).parents[1] / "config" / "benchmark-nvs.yaml"),
+            "--set", "meshhead.steps=20", "--set", "gaussianhead.steps=40"]
 # Rendered from the file vs the avatar's own coarse render: the same Gaussians through float32 log/exp and
 # logit/sigmoid, so only rounding differs (163.4 dB measured, docs/export.md).
 MIN_PSNR_DB = 60.0
+MIN_GAIN_DB = 3.0  # the benchmark export over an all-black one, inside the head (measured: see the test's print)
 
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -30,14 +38,35 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return 10 * np.log10(1.0 / max(mse, 1e-20))
 
 
-def test_the_ply_reads_back_and_renders_as_the_avatar(store: ObjectStore, tiny_capture: Path,
-                                                       s3_env: dict[str, str], tmp_path: Path) -> None:
-    upload_capture(store, tiny_capture)
+@pytest.fixture(scope="module")
+def trained_env(s3, tiny_capture: Path) -> dict[str, str]:
+    """A bucket prefix holding capture 018 trained through stage 6 once for this module's tests."""
+    env = {**s3.env(), "HEADAVATAR_S3_BUCKET": BUCKET, "HEADAVATAR_S3_PREFIX": f"t-{secrets.token_hex(4)}"}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        store = ObjectStore(tiny_config().storage)
+        upload_capture(store, tiny_capture)
+        store.close()
     for stage in STAGES:
-        r = cli("run", stage, "--capture", "018", "--profile", "ci", *TRAINING, env=s3_env, timeout=900)
+        r = cli("run", stage, "--capture", "018", *SETTINGS, env=env, timeout=900)
         assert r.returncode == 0, r.stderr[-3000:]
+    return env
+
+
+@pytest.fixture
+def store(trained_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[ObjectStore]:
+    for k, v in trained_env.items():
+        monkeypatch.setenv(k, v)
+    st = ObjectStore(tiny_config().storage)
+    yield st
+    st.close()
+
+
+def test_the_ply_reads_back_and_renders_as_the_avatar(store: ObjectStore, trained_env: dict[str, str],
+                                                       tmp_path: Path) -> None:
     out = tmp_path / "avatar.ply"
-    r = cli("export", "ply", "--capture", "018", "--profile", "ci", "--frame", "0000", "--out", str(out), env=s3_env)
+    r = cli("export", "ply", "--capture", "018", *SETTINGS, "--frame", "0000", "--out", str(out), env=trained_env)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -69,10 +98,44 @@ def test_the_ply_reads_back_and_renders_as_the_avatar(store: ObjectStore, tiny_c
     assert float(own.std()) > 0.05  # a head, not an empty frame
 
     seq = tmp_path / "EXP-1-head"
-    r = cli("export", "ply", "--capture", "018", "--profile", "ci", "--sequence", "EXP-1-head", "--out", str(seq),
-            env=s3_env)
+    r = cli("export", "ply", "--capture", "018", *SETTINGS, "--sequence", "EXP-1-head", "--out", str(seq),
+            env=trained_env)
     assert r.returncode == 0, r.stderr[-3000:]
     frames = json.loads(r.stdout.strip().splitlines()[-1])["frames"]
     assert frames and sorted(p.name for p in seq.iterdir()) == sorted(f"{f}.ply" for f in frames)
-    bad = cli("export", "ply", "--capture", "018", "--profile", "ci", "--frame", "9999", "--out", str(out), env=s3_env)
+    bad = cli("export", "ply", "--capture", "018", *SETTINGS, "--frame", "9999", "--out", str(out), env=trained_env)
     assert bad.returncode == 2 and "no frame '9999' in the avatar" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_the_benchmark_submission_passes_its_check_and_scores_against_the_held_out_truth(
+        store: ObjectStore, trained_env: dict[str, str], tmp_path: Path) -> None:
+    out = tmp_path / "submission.zip"
+    r = cli("export", "benchmark", "--captures", "018:EXP-1-head", "--out", str(out), "--evaluate", *SETTINGS,
+            env=trained_env, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    # Every frame of the sequence (20, of which stage 2 kept every 2nd) from each hold-out camera, 1100x1604.
+    names = [video_name(18, "EXP-1-head", s) for s in HOLD_OUT_SERIALS]
+    with zipfile.ZipFile(out) as zf:
+        assert sorted(zf.namelist()) == sorted(names)
+    assert check_submission(out, dict.fromkeys(names, 20)) == {}
+    assert {n: (v["frames"], v["width"], v["height"]) for n, v in result["videos"].items()} == \
+        dict.fromkeys(names, (20, WIDTH, HEIGHT))
+    assert len(result["benchmark_videos_missing"]) == 15  # none of the 5 benchmark participants was exported
+
+    scores = result["scores"]
+    print("benchmark export vs held-out truth:", scores)
+    assert scores["protocol"] == "headavatar-nvs-benchmark-matted/1" and scores["frames"] == 60
+    # The same scoring of an all-black submission: the head rendered where the truth has it beats it by far.
+    black = tmp_path / "black.zip"
+    with zipfile.ZipFile(black, "w") as zf:
+        for n in names:
+            add_video(zf, n, [np.zeros((HEIGHT, WIDTH, 3), np.uint8)] * 20, tmp_path)
+    floor = score_submission(store, tiny_config(), black, [Request("018", "EXP-1-head")])
+    print("all-black submission:", floor)
+    assert scores["nvs_psnr_matte"] > floor["nvs_psnr_matte"] + MIN_GAIN_DB, (scores, floor)
+    assert scores["nvs_psnr"] > floor["nvs_psnr"] + MIN_GAIN_DB / 2, (scores, floor)
+
+    bad = cli("export", "benchmark", "--captures", "018:EXP-9-none", "--out", str(out), *SETTINGS, env=trained_env)
+    assert bad.returncode == 2 and "no sequence 'EXP-9-none'" in bad.stderr.strip().splitlines()[-1]
+    assert check_submission(out, dict.fromkeys(names, 20)) == {}  # the refused export left the earlier zip as it was

@@ -27,6 +27,15 @@ def test_roundtrip_list_copy_delete(store: ObjectStore) -> None:
     assert list(store.list(store.key("a"))) == []
 
 
+def test_listing_a_stages_live_outputs_leaves_its_private_folders_unlisted(store: ObjectStore) -> None:
+    live = ["manifest.json", "images/0000/a.jpg", "images/0001/b.jpg"]
+    private = ["_variants/0123abcd/manifest.json", "_variants/0123abcd/images/0000/a.jpg", "_state/lock.json",
+               "_note.json"]
+    store.map(lambda rel: store.put_bytes(store.key("stage", rel), b"x"), live + private)
+    listed = sorted(o.key for o in store.list_live(store.key("stage"), "_"))
+    assert listed == sorted(store.key("stage", r) for r in live)
+
+
 def test_large_files_go_multipart_and_come_back_intact(store: ObjectStore, tmp_path: Path) -> None:
     data = os.urandom(13 * 1024 * 1024 + 123)
     src = tmp_path / "big.bin"

@@ -109,6 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--sequence", help="every frame of this sequence, one <frame>.ply each into --out")
     ply.add_argument("--out", type=Path, required=True, help="the .ply file (--frame), or a folder (--sequence)")
     _config_args(ply)
+    bench = exp_sub.add_parser("benchmark", help="a NeRSemble novel-view benchmark submission: every frame of a "
+                                                 "sequence from the 3 hold-out cameras, whole frames at 1100x1604, "
+                                                 "H.264 crf 14, zipped as {participant}/{sequence}/cam_{serial}.mp4")
+    bench.add_argument("--captures", nargs="+", required=True, metavar="ID[:SEQUENCE]",
+                       help="benchmark participants (388 renders its scored sequence GLASSES) or id:sequence")
+    bench.add_argument("--out", type=Path, required=True, help="the submission .zip")
+    bench.add_argument("--evaluate", action="store_true",
+                       help="also score it against the captures' synthetic ground truth (docs/benchmark.md)")
+    _config_args(bench)
 
     unpack = sub.add_parser("unpack", help="unpack the .zip archives under raw/ into the raw layout (S3 to S3)")
     unpack.add_argument("--workers", type=int, default=4, help="members unpacked in parallel")
@@ -200,14 +209,22 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from headavatar.export_benchmark import export_benchmark
     from headavatar.export_ply import export_ply
+    from headavatar.nvs_submission import Request
     from headavatar.storage import ObjectStore
 
-    capture = validate_capture_id(args.capture)
+    if args.format == "benchmark":
+        requests = [Request.parse(c) for c in args.captures]
+    else:
+        capture = validate_capture_id(args.capture)
     config = _config(args)
     store = ObjectStore(config.storage)
     try:
-        print(json.dumps(export_ply(store, capture, config, args.out, args.frame, args.sequence)))
+        if args.format == "benchmark":
+            print(json.dumps(export_benchmark(store, requests, config, args.out, args.evaluate)))
+        else:
+            print(json.dumps(export_ply(store, capture, config, args.out, args.frame, args.sequence)))
     finally:
         store.close()
     return 0

@@ -305,6 +305,24 @@ class ObjectStore:
         except (ClientError, BotoCoreError) as e:
             raise self._error(e, prefix, "list") from e
 
+    def list_live(self, prefix: str, reserved: str) -> Iterator[ObjectInfo]:
+        """All objects under ``prefix`` except the immediate children whose name starts with ``reserved``:
+        objects skipped, folders (a stage's kept variants and state) not listed at all."""
+        prefix = prefix.rstrip("/") + "/"
+        folders: list[str] = []
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix, Delimiter="/"):
+                for o in page.get("Contents", []):
+                    if not o["Key"][len(prefix):].startswith(reserved):
+                        yield ObjectInfo(o["Key"], o["Size"], o["ETag"].strip('"'), o["LastModified"].timestamp())
+                folders += [p["Prefix"] for p in page.get("CommonPrefixes", [])]
+        except (ClientError, BotoCoreError) as e:
+            raise self._error(e, prefix, "list") from e
+        for folder in folders:
+            if not folder[len(prefix):].startswith(reserved):
+                yield from self.list(folder)
+
     def list_dirs(self, prefix: str) -> list[str]:
         """Names of the immediate sub-folders of ``prefix``."""
         prefix = prefix.rstrip("/") + "/"

@@ -196,7 +196,7 @@ def stale_reasons(manifest: Manifest, exp: Expected) -> list[str]:
 
 
 def _outputs_present(store: ObjectStore, prefix: str, manifest: Manifest) -> bool:
-    sizes = {o.key[len(prefix) + 1:]: o.size for o in store.list(prefix)}
+    sizes = {o.key[len(prefix) + 1:]: o.size for o in store.list_live(prefix, RESERVED_PREFIX)}
     return all(sizes.get(rel) == e.size for rel, e in manifest.files.items())
 
 
@@ -292,8 +292,7 @@ def _bring_back(store: ObjectStore, stage: Stage, capture: str, prefix: str, kep
 
 def _remove_unlisted(store: ObjectStore, capture: str, stage: Stage, prefix: str, listed: dict) -> None:
     """Delete live outputs the new result does not list (stage-private ``_`` folders stay)."""
-    stale = [o.key for o in store.list(prefix)
-             if o.key[len(prefix) + 1:] not in listed and not o.key[len(prefix) + 1:].startswith(RESERVED_PREFIX)]
+    stale = [o.key for o in store.list_live(prefix, RESERVED_PREFIX) if o.key[len(prefix) + 1:] not in listed]
     if stale:
         log.info("%s/%s: removing %d stale outputs", capture, stage.name, len(stale))
         store.delete_many(stale)

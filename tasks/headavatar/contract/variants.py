@@ -51,25 +51,26 @@ class Variant:
     manifest: Manifest
 
 
-def kept(store: ObjectStore, prefix: str) -> list[Variant]:
-    """The whole variants kept for the stage at ``prefix``, newest first (a half-written one has no manifest)."""
-    out = []
-    for name in store.list_dirs(f"{prefix}/{VARIANTS}"):
-        try:
-            out.append(Variant(name, Manifest.from_json(store.get_bytes(f"{folder(prefix, name)}/{MANIFEST}"))))
-        except MissingObject:  # being written or removed, or an empty folder the store still lists
-            continue
+def _manifest(store: ObjectStore, where: str) -> Manifest | None:
+    try:
+        return Manifest.from_json(store.get_bytes(f"{where}/{MANIFEST}"))
+    except MissingObject:  # being written or removed, or an empty folder the store still lists
+        return None
+
+
+def kept(store: ObjectStore, prefix: str, names: list[str] | None = None) -> list[Variant]:
+    """The whole variants kept for the stage at ``prefix`` (of the folders ``names``, default all), newest
+    first (a half-written one has no manifest)."""
+    names = store.list_dirs(f"{prefix}/{VARIANTS}") if names is None else names
+    out = [Variant(n, m) for n in names if (m := _manifest(store, folder(prefix, n))) is not None]
     return sorted(out, key=lambda v: (v.manifest.kept_at, v.manifest.finished_at), reverse=True)
 
 
 def find(store: ObjectStore, prefix: str, key: str) -> Manifest | None:
     """The kept variant computed under cache key ``key``, if it is whole (every file present at its size)."""
     where = folder(prefix, key)
-    try:
-        m = Manifest.from_json(store.get_bytes(f"{where}/{MANIFEST}"))
-    except MissingObject:
-        return None
-    if key_of(m) != key:
+    m = _manifest(store, where)
+    if m is None or key_of(m) != key:
         return None
     sizes = {o.key[len(where) + 1:]: o.size for o in store.list(where)}
     return m if all(sizes.get(rel) == e.size for rel, e in m.files.items()) else None
@@ -108,9 +109,9 @@ def drop(store: ObjectStore, prefix: str, key: str) -> None:
 def prune(store: ObjectStore, prefix: str, count: int, live: str) -> list[str]:
     """Keep the ``count`` newest whole variants of the stage other than the ``live`` key's; remove the
     others (and half-written ones)."""
-    whole = [v for v in kept(store, prefix) if v.key != live[:KEY_CHARS]]
-    names = {v.key for v in whole[:count]}
-    gone = sorted(set(store.list_dirs(f"{prefix}/{VARIANTS}")) - names)
+    names = store.list_dirs(f"{prefix}/{VARIANTS}")
+    whole = [v for v in kept(store, prefix, names) if v.key != live[:KEY_CHARS]]
+    gone = sorted(set(names) - {v.key for v in whole[:count]})
     for name in gone:
         drop(store, prefix, name)
     return gone
