@@ -49,12 +49,15 @@ demo-ui: install
 	$(PY) -m headavatar.devserver.airflow_ui
 
 # Debian packages the lint and the tests use: docker-compose (v1; validates infra/compose, runs the compose
-# test) and chromium (the UI tests drive it through Playwright). Installed where apt-get is usable as root.
+# test), chromium (the UI tests drive it through Playwright) and npm (the avatar page's script is rebuilt
+# from its lock file by tests/test_web_viewer.py). Installed where apt-get is usable as root.
 tools:
-	@{ command -v docker-compose >/dev/null && command -v chromium >/dev/null; } || { command -v apt-get >/dev/null \
-	  && [ "$$(id -u)" = 0 ] && apt-get update -qq \
-	  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose chromium >/dev/null; } \
-	  || { echo "docker-compose or chromium missing: install Debian's docker-compose and chromium" >&2; exit 1; }
+	@{ command -v docker-compose >/dev/null && command -v chromium >/dev/null && command -v npm >/dev/null; } \
+	  || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get update -qq \
+	  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose chromium \
+	     $$(command -v npm >/dev/null || echo npm) >/dev/null; } \
+	  || { echo "docker-compose, chromium or npm missing: install Debian's docker-compose, chromium and npm" >&2; \
+	       exit 1; }
 
 lint: install tools
 	$(VENV)/bin/ruff check .

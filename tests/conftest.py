@@ -29,6 +29,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                else 0)
 
 
+CHROMIUM = os.environ.get("HEADAVATAR_CHROMIUM", "/usr/bin/chromium")
+# Offline and quiet: no sandbox (root in CI containers), no GPU, nothing fetched from the internet.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
 @pytest.fixture(scope="session")
 def local_dag_runs() -> dict[str, str]:
     """{conf as JSON: key prefix} of the local-backend DAG runs of tiny capture 018 made so far this

@@ -294,6 +294,8 @@ def test_triggered_run_executes_all_six_stages_and_a_rerun_hits_the_cache(
         if run.data.tags.get("headavatar.stage") not in ("extract", "sample"):  # stages without pictures
             assert run.info.run_id in page, run.data.tags
     assert f"/#/models/{models}018/versions/1" in page
+    assert "href='gaussianhead/viewer/avatar.html'" in page  # the animated avatar, downloaded with the rest
+    assert (index.parent / "gaussianhead" / "viewer" / "avatar.html").is_file()
 
     # A second run (what clearing a task and its downstream amounts to): every stage is a cache hit.
     before_second = _last_run_id(db)

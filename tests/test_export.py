@@ -1,12 +1,18 @@
-"""The avatar as a 3DGS ``.ply``: read back by plyfile (an independent reader), and rendered from the file
-alone as the avatar renders itself (its coarse RGB) at that frame."""
+"""The avatar's exports, from one avatar trained through stage 6 with the benchmark's split: the 3DGS ``.ply``
+(read back by plyfile, an independent reader, and rendered from the file alone as the avatar renders itself),
+the NeRSemble benchmark submission (checked and scored against the held-out truth), and the animated web page
+(played and orbited in Chromium)."""
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 import secrets
+import threading
 import zipfile
 from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +20,7 @@ import plyfile
 import pytest
 import torch
 
-from conftest import BUCKET, cli, tiny_config, upload_capture
+from conftest import BUCKET, CHROMIUM, CHROMIUM_ARGS, cli, tiny_config, upload_capture
 from headavatar.nvs_scores import score_submission
 from headavatar.nvs_submission import HEIGHT, HOLD_OUT_SERIALS, WIDTH, Request, add_video, check_submission, video_name
 from headavatar.render.gaussian_raster import Splats, build_gaussian_rasterizer
@@ -139,3 +145,80 @@ def test_the_benchmark_submission_passes_its_check_and_scores_against_the_held_o
     bad = cli("export", "benchmark", "--captures", "018:EXP-9-none", "--out", str(out), *SETTINGS, env=trained_env)
     assert bad.returncode == 2 and "no sequence 'EXP-9-none'" in bad.stderr.strip().splitlines()[-1]
     assert check_submission(out, dict.fromkeys(names, 20)) == {}  # the refused export left the earlier zip as it was
+
+
+def _canvas(page, path: Path) -> np.ndarray:
+    """The avatar canvas as it shows now: RGB (H, W, 3) float in [0, 1]."""
+    import cv2
+
+    page.locator("#avatar").screenshot(path=str(path))
+    return cv2.imread(str(path))[..., ::-1].astype(np.float32) / 255
+
+
+def test_the_web_page_plays_the_avatar_and_orbits_in_chromium(trained_env: dict[str, str], tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    out = tmp_path / "site" / "avatar.html"
+    r = cli("export", "web", "--capture", "018", *SETTINGS, "--out", str(out), env=trained_env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    info = json.loads(r.stdout.strip().splitlines()[-1])
+    print("web export:", {k: info[k] for k in ("count", "frames", "bytes_per_frame", "bytes", "truth_bytes")})
+    assert info["bytes_per_frame"] == 17 * info["count"] and info["frames"] >= 3
+    page_text = out.read_text()
+    assert not re.search(r"""(src|href)\s*=\s*['"]?(https?:|//)""", page_text)  # everything inline, no CDN
+
+    # Served over HTTP (module workers from blob: URLs need an origin; file:// has none: docs/export.md).
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(out.parent))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    shots = Path(__file__).resolve().parents[1] / ".headavatar" / "ui-artifacts"
+    shots.mkdir(parents=True, exist_ok=True)
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1100, "height": 800})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(f"http://127.0.0.1:{server.server_port}/avatar.html")
+            page.wait_for_function("window.avatarViewer && window.avatarViewer.state.rendered > 10", timeout=60_000)
+            page.locator("#play").click()  # pause
+            assert page.evaluate("window.avatarViewer.state.playing") is False
+            assert page.locator("#play").inner_text() == "Play"
+
+            def frame(f: int) -> np.ndarray:
+                page.evaluate(f"window.avatarViewer.show({f})")
+                page.wait_for_function(f"window.avatarViewer.state.shown === {f}")
+                page.wait_for_timeout(1500)  # the data worker packs the frame, the sort worker orders it
+                return _canvas(page, tmp_path / f"frame{f}.png")
+
+            first, last = frame(0), frame(info["frames"] - 1)
+            page.screenshot(path=str(shots / "web-viewer.png"))
+            lit = (first.max(-1) > 0.1).mean()
+            assert lit > 0.02, f"the canvas is blank ({lit:.3%} of it lit)"
+            moved = np.abs(first - last).mean()
+            assert moved > 1e-3, f"the first and last frames look the same ({moved:.5f})"
+            assert frame(info["frames"] - 1).tolist() == last.tolist()  # a frame is drawn the same again
+
+            box = page.locator("#avatar").bounding_box()
+            cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+            page.mouse.move(cx, cy)
+            page.mouse.down()
+            page.mouse.move(cx + 150, cy, steps=10)
+            page.mouse.up()
+            page.wait_for_timeout(1500)
+            orbited = _canvas(page, tmp_path / "orbited.png")
+            assert np.abs(orbited - last).mean() > 1e-3, "dragging did not turn the view"
+            assert (orbited.max(-1) > 0.1).mean() > 0.01, "the avatar left the view when orbiting"
+
+            page.locator("#play").click()  # playing again: the frame advances, the video follows
+            seen = {page.evaluate("window.avatarViewer.state.shown")}
+            for _ in range(20):
+                page.wait_for_timeout(150)
+                seen.add(page.evaluate("window.avatarViewer.state.shown"))
+            assert len(seen) >= 3, f"playing showed frames {sorted(seen)}"
+            assert page.evaluate("document.getElementById('truth').readyState") >= 1  # the ground-truth video loads
+            assert not errors, errors
+            browser.close()
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -107,6 +107,10 @@ def test_training_runs_are_registered_once_each_and_compared(store: ObjectStore,
     videos = Path(client.download_artifacts(longer["mlflow"]["run_id"], "videos"))  # issue 22: linked videos
     assert sorted(p.name for p in videos.iterdir()) == ["reenactment.mp4", "turntable.mp4"]
     assert versions[1].tags["headavatar.video.turntable"].endswith("/videos/turntable.mp4")
+    viewer = Path(client.download_artifacts(longer["mlflow"]["run_id"], "viewer"))  # the animated avatar page
+    assert [p.name for p in viewer.iterdir()] == ["avatar.html"]
+    assert "avatar-frames" in (viewer / "avatar.html").read_text()
+    assert versions[1].tags["headavatar.viewer.avatar"].endswith("/viewer/avatar.html")
     assert "novel_view_psnr_matte" in versions[1].tags
     best = max(versions, key=lambda v: (float(v.tags["holdout_psnr"]), int(v.version)))
     assert client.get_model_version_by_alias(f"{models}018", "champion").version == best.version

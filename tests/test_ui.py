@@ -19,13 +19,17 @@ import re
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import cv2
 import psutil
 import pytest
 
+from conftest import CHROMIUM, CHROMIUM_ARGS
 from headavatar.contract.manifest import Manifest
 from headavatar.contract.stage import manifest_key, read_manifest
 from headavatar.devserver.airflow_ui import COMPONENTS, USER, DemoStack
@@ -33,11 +37,7 @@ from headavatar.settings import load_config
 from headavatar.storage import ObjectStore
 
 REPO = Path(__file__).resolve().parents[1]
-CHROMIUM = os.environ.get("HEADAVATAR_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(os.environ.get("HEADAVATAR_UI_ARTIFACTS", REPO / ".headavatar" / "ui-artifacts"))
-# Offline and quiet: no sandbox (root in CI containers), no GPU, nothing fetched from the internet.
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
 DAG = "headavatar_capture"
 COMPARE = "headavatar_compare"
 STEPS = "20"  # mesh-head and Gaussian-head training steps entered in the form: a short run
@@ -271,6 +271,23 @@ def test_form_triggers_018_and_the_run_succeeds_with_an_mlflow_link(page: Any, s
     if mlflow is not page:
         mlflow.close()
 
+    # The animated avatar (stage 6's viewer/avatar.html) at the address `make demo-ui` prints, listed on its
+    # index, playing in the browser (tests/test_export.py checks frames and orbiting in detail).
+    page.goto(stack.pages_url + "/")
+    page.get_by_role("link", name="018").click()
+    page.wait_for_url(stack.pages_url + "/018/avatar.html")
+    page.wait_for_function("window.avatarViewer && window.avatarViewer.state.rendered > 10", timeout=60_000)
+    page.locator("#play").click()
+    page.wait_for_timeout(2000)
+    canvas = ARTIFACTS / "avatar-page-canvas.png"
+    page.locator("#avatar").screenshot(path=str(canvas))
+    lit = (cv2.imread(str(canvas)).max(-1) > 25).mean()
+    assert lit > 0.02, f"the avatar page's canvas is blank ({lit:.2%} lit)"
+    shot(page, "avatar-page")
+    with pytest.raises(urllib.error.HTTPError) as missing:  # a capture without an avatar: not found, nothing else
+        urllib.request.urlopen(stack.pages_url + "/999/avatar.html", timeout=30)
+    assert missing.value.code == 404
+
     # The avatar's Asset event (when gaussianhead succeeds) schedules the comparison: a run of
     # headavatar_compare queued after this run started, shown in the UI.
     started = stack.api("GET", f"/api/v2/dags/{DAG}/dagRuns/{run_id}")["start_date"]
@@ -293,7 +310,7 @@ def test_the_demo_dags_run_unpaused(page: Any, stack: DemoStack) -> None:
     """Recorded paused (as `make demo` used to leave them), shown unpaused once the demo stack is up; and
     every process `make demo-ui` prints is one it started and runs."""
     pids = stack.pids()
-    assert sorted(pids) == sorted(["s3", "mlflow", *(f"airflow {c}" for c in COMPONENTS)]), pids
+    assert sorted(pids) == sorted(["s3", "mlflow", "avatar pages", *(f"airflow {c}" for c in COMPONENTS)]), pids
     assert all(psutil.pid_exists(pid) for pid in pids.values()), pids
     for dag in (DAG, COMPARE):
         assert stack.api("GET", f"/api/v2/dags/{dag}")["is_paused"] is False, dag

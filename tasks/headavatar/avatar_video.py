@@ -53,7 +53,7 @@ def write_mp4(frames: Iterable[np.ndarray], path: Path, fps: int = 15, crf: int 
     return {"frames": count, "width": w, "height": h, "bytes": path.stat().st_size}
 
 
-def _to_uint8(img: torch.Tensor, height: int | None) -> np.ndarray:
+def to_uint8(img: torch.Tensor, height: int | None) -> np.ndarray:
     """(3, H, W) in [0, 1] -> (h, w, 3) uint8, resized (antialiased) to ``height`` when given."""
     x = img.float().clamp(0, 1)[None]
     if height and x.shape[-2] != height:
@@ -71,7 +71,7 @@ def reenactment_frames(trainer: GaussianHeadTrainer, s: EvalSet, cam: int,
         _, sr = trainer.render(f, cam, s.coarse, s.known_frames)
         t = trainer.targets(f, cam, s.coarse, s.fine)
         vis = t["fine_visible"]
-        yield np.hstack([_to_uint8(t["fine"] * vis, height), _to_uint8(sr * vis, height)])
+        yield np.hstack([to_uint8(t["fine"] * vis, height), to_uint8(sr * vis, height)])
 
 
 def orbit(extrinsic: torch.Tensor, center: torch.Tensor, angle: float) -> torch.Tensor:
@@ -92,7 +92,7 @@ def turntable_frames(trainer: GaussianHeadTrainer, frame: int, cam: int, steps: 
     for i in range(steps):
         ext = orbit(v.E[frame, cam], center, 2 * math.pi * i / steps)
         _, sr = trainer.render(frame, cam, extrinsic=ext)
-        yield _to_uint8(sr, height)
+        yield to_uint8(sr, height)
 
 
 def reenactment_video(trainer: GaussianHeadTrainer, s: EvalSet, cam: int, path: Path, fps: int = 15,

@@ -109,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--sequence", help="every frame of this sequence, one <frame>.ply each into --out")
     ply.add_argument("--out", type=Path, required=True, help="the .ply file (--frame), or a folder (--sequence)")
     _config_args(ply)
+    web = exp_sub.add_parser("web", help="an animated avatar page (one self-contained .html: the per-frame "
+                                           "Gaussians of a sequence, quantised, played by gsplat.js beside the "
+                                           "ground truth)")
+    web.add_argument("--capture", required=True)
+    web.add_argument("--sequence", help="the sequence to play (default: the held-out one, else the first)")
+    web.add_argument("--fps", type=float, default=10.0, help="frames per second of the playback")
+    web.add_argument("--out", type=Path, required=True, help="the .html file")
+    _config_args(web)
     bench = exp_sub.add_parser("benchmark", help="a NeRSemble novel-view benchmark submission: every frame of a "
                                                  "sequence from the 3 hold-out cameras, whole frames at 1100x1604, "
                                                  "H.264 crf 14, zipped as {participant}/{sequence}/cam_{serial}.mp4")
@@ -211,6 +219,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from headavatar.export_benchmark import export_benchmark
     from headavatar.export_ply import export_ply
+    from headavatar.export_web import export_web
     from headavatar.nvs_submission import Request
     from headavatar.storage import ObjectStore
 
@@ -223,6 +232,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         if args.format == "benchmark":
             print(json.dumps(export_benchmark(store, requests, config, args.out, args.evaluate)))
+        elif args.format == "web":
+            print(json.dumps(export_web(store, capture, config, args.out, args.sequence, args.fps)))
         else:
             print(json.dumps(export_ply(store, capture, config, args.out, args.frame, args.sequence)))
     finally:

@@ -35,7 +35,6 @@ import torch
 
 from headavatar.contract.stage import read_manifest
 from headavatar.errors import ConfigError, PipelineError
-from headavatar.export_ply import avatar_frames
 from headavatar.gaussianhead.trainer import GaussianHeadTrainer
 from headavatar.layout import FRAMES_INDEX, stage_prefix
 from headavatar.nvs_submission import (
@@ -48,6 +47,7 @@ from headavatar.nvs_submission import (
     check_submission,
     video_name,
 )
+from headavatar.posing import avatar_frames
 from headavatar.render.gaussian_raster import Splats
 from headavatar.settings import PipelineConfig, sequence_name
 from headavatar.storage import ObjectStore

@@ -187,7 +187,7 @@ def _track(uri: str, result: StageResult, store: ObjectStore, config: PipelineCo
     client.log_batch(parent, metrics=[Metric(k, float(v), now, 0) for k, v in headline.items()
                                       if isinstance(v, (int, float))])
     _pictures(client, run_id, store, result)
-    _log_files(client, run_id, store, result, _videos(result), "")
+    _log_files(client, run_id, store, result, _media(result), "")
     version = _register_avatar(client, run_id, store, result) if result.stage == "gaussianhead" else None
     client.set_tag(run_id, "headavatar.manifest", digest)
     client.set_terminated(run_id)
@@ -235,9 +235,12 @@ def _pictures(client: Any, run_id: str, store: ObjectStore, result: StageResult)
     _log_files(client, run_id, store, result, names, "pictures")
 
 
-def _videos(result: StageResult) -> list[str]:
-    """Stage 6's avatar videos (``videos/*.mp4``), logged as run artifacts and linked from the model version."""
-    return sorted(f for f in result.manifest.files if f.startswith("videos/") and f.endswith(".mp4"))
+def _media(result: StageResult) -> list[str]:
+    """Stage 6's avatar videos (``videos/*.mp4``) and animated page (``viewer/*.html``), logged as run
+    artifacts and linked from the model version."""
+    files = result.manifest.files
+    return sorted([f for f in files if f.startswith("videos/") and f.endswith(".mp4")]
+                  + [f for f in files if f.startswith("viewer/") and f.endswith(".html")])
 
 
 def _register_avatar(client: Any, run_id: str, store: ObjectStore, result: StageResult) -> str | None:
@@ -263,7 +266,8 @@ def _register_avatar(client: Any, run_id: str, store: ObjectStore, result: Stage
     metrics = {k: str(v) for k, v in result.manifest.metrics.items()
                if k.startswith(("holdout_", "novel_view_", "self_reenactment_"))}
     artifacts = client.get_run(run_id).info.artifact_uri
-    videos = {f"headavatar.video.{Path(f).stem}": f"{artifacts}/{f}" for f in _videos(result)}
+    videos = {f"headavatar.{'video' if f.endswith('.mp4') else 'viewer'}.{Path(f).stem}": f"{artifacts}/{f}"
+              for f in _media(result)}
     mv = client.create_model_version(name, source=f"{artifacts}/avatar",
                                      run_id=run_id, tags={"headavatar.manifest": digest, **metrics, **videos},
                                      description=f"avatar of {result.capture}, manifest {digest[:12]}")

@@ -1,8 +1,9 @@
 """``make demo-ui``: the Airflow web UI beside the embedded S3 and MLflow servers, until Ctrl-C.
 
 One context manager, :class:`DemoStack`, starts everything on 127.0.0.1 (SeaweedFS S3, ``mlflow server``,
-Airflow 3's api-server, scheduler, dag-processor and triggerer with the LocalExecutor and SQLite) with
-the connections, the GPU pool and the synthetic capture 018 in place; the browser test uses the same class.
+the avatar pages, Airflow 3's api-server, scheduler, dag-processor and triggerer with the LocalExecutor and
+SQLite) with the connections, the GPU pool and the synthetic capture 018 in place; the browser test uses the
+same class.
 Credentials (S3 key pair, the UI password of the Simple auth manager, Airflow's JWT secret) and ports are
 generated once per demo home and kept in a 0600 file, so URLs and logins stay the same across restarts.
 Tasks run on the ``local`` backend with the ``demo`` config profile (``HEADAVATAR_PROFILE``).
@@ -50,6 +51,8 @@ class DemoStack:
         self.s3: EmbeddedS3 | None = None
         self.mlflow: EmbeddedMLflow | None = None
         self.procs: dict[str, subprocess.Popen] = {}
+        self.pages: subprocess.Popen | None = None  # the avatar pages (devserver/avatar_pages.py)
+        self.pages_port = 0
         self.port = 0
         self.env: dict[str, str] = {}  # the Airflow components' environment (for `airflow` CLI calls too)
         self._token = ""
@@ -64,6 +67,11 @@ class DemoStack:
         return self.state["airflow_password"]
 
     @property
+    def pages_url(self) -> str:
+        """Where each capture's animated avatar is served: ``/<capture>/avatar.html``."""
+        return f"http://{LOOPBACK}:{self.pages_port}"
+
+    @property
     def mlflow_uri(self) -> str:
         assert self.mlflow is not None
         return self.mlflow.uri
@@ -73,6 +81,8 @@ class DemoStack:
         out = {"s3": self.s3.process.pid} if self.s3 is not None and self.s3.process is not None else {}
         if self.mlflow is not None and self.mlflow.proc is not None:
             out["mlflow"] = self.mlflow.proc.pid
+        if self.pages is not None:
+            out["avatar pages"] = self.pages.pid
         return {**out, **{f"airflow {name}": p.pid for name, p in self.procs.items()}}
 
     def s3_env(self) -> dict[str, str]:
@@ -99,8 +109,15 @@ class DemoStack:
         self.mlflow.port = ports["mlflow"] = _port(st, "mlflow")
         self.mlflow.start(timeout=300)  # a busy 2-core machine needs more than 90 s
         self.port = ports["airflow"] = _port(st, "airflow", self.preferred_port)
+        self.pages_port = ports["pages"] = _port(st, "pages")
         save_state(self.home, st)
         write_s3_env(self.home, self.s3_env())
+        out = open(self.home / "avatar-pages.log", "ab")  # noqa: SIM115 - the child owns it
+        self.pages = subprocess.Popen(
+            [sys.executable, "-m", "headavatar.devserver.avatar_pages", "--host", LOOPBACK, "--port",
+             str(self.pages_port)], env={**os.environ, **self.s3_env()}, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        out.close()
         if self.capture:
             self.ensure_capture(self.capture)
         self.env = self._airflow_env()
@@ -237,6 +254,14 @@ class DemoStack:
         for child in tree:
             with contextlib.suppress(psutil.NoSuchProcess):
                 child.kill()
+        if self.pages is not None:
+            _signal_group(self.pages.pid, signal.SIGTERM)
+            try:
+                self.pages.wait(15)
+            except subprocess.TimeoutExpired:
+                _signal_group(self.pages.pid, signal.SIGKILL)
+                self.pages.wait()
+            self.pages = None
         if self.mlflow is not None:
             self.mlflow.stop()
             self.mlflow = None
@@ -290,6 +315,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"""
 Airflow UI   {stack.url}   user {USER}, password {stack.password}
 MLflow UI    {stack.mlflow_uri}
+Avatars      {stack.pages_url}/   (each capture's animated avatar: {stack.pages_url}/<id>/avatar.html)
 S3 endpoint  {s3['HEADAVATAR_S3_ENDPOINT']}   bucket {BUCKET}
              AWS_ACCESS_KEY_ID={s3['AWS_ACCESS_KEY_ID']} AWS_SECRET_ACCESS_KEY={s3['AWS_SECRET_ACCESS_KEY']}
              (the same every start; `source {stack.home / 's3.env'}` sets them)

@@ -62,6 +62,13 @@ def write_index(folder: Path, capture: str, metrics: dict[str, dict[str, Any]], 
             rel = v.relative_to(folder).as_posix()
             out.append(f"<figure><video controls src='{e(rel)}'></video><figcaption>{e(v.stem)} "
                        f"(<a href='{e(rel)}'>{e(rel)}</a>)</figcaption></figure>")
+    page = folder / "gaussianhead" / "viewer" / "avatar.html"
+    if page.exists():
+        rel = page.relative_to(folder).as_posix()
+        out.append(f"<h2>Animated avatar</h2><p><a href='{e(rel)}'>{e(rel)}</a>: the avatar playing a sequence "
+                   f"beside the ground truth; orbit it with the mouse. It needs a web server (browsers run its "
+                   f"workers only for pages served over HTTP): <code>make demo-ui</code> serves it and prints "
+                   f"the address.</p>")
     for stage, kinds in PICTURES.items():
         pictures = sorted(p for p in (folder / stage).rglob("*.jpg")) if (folder / stage).exists() else []
         if not pictures:

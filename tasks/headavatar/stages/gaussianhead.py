@@ -35,6 +35,8 @@ from headavatar.training.views import Views, load_views, split_sequences
 
 log = logging.getLogger(__name__)
 DIFF_GAIN = 4.0  # the difference panel: |GT - render| x 4, so errors of a few percent are visible
+VIEWER_FRAMES = 60  # at most, evenly spread over the sequence: the page holds every frame it plays
+VIEWER_BYTES = 48_000_000  # of Gaussians in the page, at most (17 bytes each per frame): fewer frames if more
 SHEET_MIN_HEIGHT = 384  # pixels; smaller sheets are enlarged by a whole factor (nearest neighbour)
 
 
@@ -132,6 +134,7 @@ class GaussianHeadStage(Stage):
                                                           "system": state.system}).encode())
         self._pictures(ctx, trainer)
         self._videos(ctx, trainer)
+        self._viewer(ctx, trainer)
         ctx.metrics.update({"steps": cfg.steps, "resumed_from_step": state.resumed_from,
             "train_steps_per_s": state.steps_per_s, "gaussians": len(head.xyz),
                             **{k: v for k, v in final.items() if k != "step"},
@@ -158,6 +161,19 @@ class GaussianHeadStage(Stage):
             path.unlink()
             log.info("%s/gaussianhead: videos/%s.mp4: %d frames of %dx%d", ctx.capture, name, info["frames"],
                      info["width"], info["height"])
+
+    @staticmethod
+    def _viewer(ctx: StageContext, trainer: GaussianHeadTrainer) -> None:
+        """``viewer/avatar.html``: the avatar playing its held-out sequence in the browser, beside the ground
+        truth (headavatar.web_viewer; docs/export.md)."""
+        from headavatar.web_viewer import avatar_page
+
+        page, info = avatar_page(trainer, f"Avatar {ctx.capture}", max_frames=VIEWER_FRAMES, max_bytes=VIEWER_BYTES)
+        ctx.outputs.put_bytes("viewer/avatar.html", page.encode())
+        ctx.metrics["viewer_bytes_per_frame"] = info["bytes_per_frame"]
+        log.info("%s/gaussianhead: viewer/avatar.html: %s, %d frames of %d Gaussians (%d bytes each), %.1f MB",
+                 ctx.capture, info["sequence"], info["frames"], info["count"], info["bytes_per_frame"],
+                 info["bytes"] / 1e6)
 
     @staticmethod
     @torch.no_grad()
