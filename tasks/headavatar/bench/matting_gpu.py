@@ -39,31 +39,38 @@ def measure(model: torch.nn.Module, batch: int, size: int, dtype: torch.dtype, i
             "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
 
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--size", type=int, default=2048)
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--dtypes", default="float32,float16", help="comma-separated: float32, float16, bfloat16")
+    p.add_argument("--batches", default="1,4,8", help="comma-separated batch sizes")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = True
     model = MattingRefine("resnet101", 0.25, "sampling", 80_000).eval()
-    runs = [measure(model, b, args.size, dt, args.iters)
-            for dt in (torch.float32, torch.float16) for b in (1, 4, 8)]
-    # fp16 vs fp32 on identical inputs (same weights): how much does half precision move the matte?
+    dtypes = [DTYPES[d] for d in args.dtypes.split(",")]
+    runs = [measure(model, b, args.size, dt, args.iters) for dt in dtypes for b in map(int, args.batches.split(","))]
+    # Lower precision vs fp32 on identical inputs (same weights): how much does it move the matte?
     dev = torch.device("cuda")
     src = torch.rand(2, 3, args.size, args.size, device=dev)
     bgr = (src + 0.2 * torch.rand_like(src)).clamp(0, 1)
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "size": args.size,
+              "model": "MattingRefine resnet101, backbone_scale 0.25, sampling 80000 px", "runs": runs}
     with torch.inference_mode():
         a32 = model.to(dev, torch.float32)(src, bgr)[0]
-        a16 = model.to(dev, torch.float16)(src.half(), bgr.half())[0].float()
-    diff = (a32 - a16).abs()
-    result = {
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "size": args.size,
-        "model": "MattingRefine resnet101, backbone_scale 0.25, sampling 80000 px", "runs": runs,
-        "fp16_vs_fp32_alpha_abs_diff": {"max": round(diff.max().item(), 4), "mean": round(diff.mean().item(), 6),
-                                        "pixels_over_1_level": round((diff > 1 / 255).float().mean().item(), 6)},
-    }
+        for dt in dtypes:
+            if dt == torch.float32:
+                continue
+            diff = (a32 - model.to(dev, dt)(src.to(dt), bgr.to(dt))[0].float()).abs()
+            name = "fp16" if dt == torch.float16 else str(dt).removeprefix("torch.")
+            result[f"{name}_vs_fp32_alpha_abs_diff"] = {
+                "max": round(diff.max().item(), 4), "mean": round(diff.mean().item(), 6),
+                "pixels_over_1_level": round((diff > 1 / 255).float().mean().item(), 6)}
     stamp(result, "headavatar.bench.matting_gpu", argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
