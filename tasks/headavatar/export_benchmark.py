@@ -72,10 +72,10 @@ def sequence_track(trainer: GaussianHeadTrainer, store: ObjectStore, capture: st
                    sequence: str) -> tuple[list[Fitted], int]:
     """The avatar's fitted frames of ``sequence`` in video order (parts one after another), and the number
     of frames the sequence has."""
-    parts = sorted((s for s in _index(store, capture, "extract")["sequences"] if s["name"] == sequence),
-                   key=lambda s: s["part"])
+    extracted = _index(store, capture, "extract")["sequences"]
+    parts = sorted((s for s in extracted if s["name"] == sequence), key=lambda s: s["part"])
     if not parts:
-        known = sorted({s["name"] for s in _index(store, capture, "extract")["sequences"]})
+        known = sorted({s["name"] for s in extracted})
         raise ConfigError(f"{capture}: no sequence {sequence!r} was extracted (its sequences: {', '.join(known)})")
     offset, total = {}, 0
     for s in parts:

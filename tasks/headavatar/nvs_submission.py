@@ -8,17 +8,18 @@ open3d, trimesh and a CUDA build of torch, and its frame counts come from metada
 
 from __future__ import annotations
 
+import io
 import re
 import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import av
 import numpy as np
 
 from headavatar.capture_id import validate_capture_id
 from headavatar.errors import ConfigError
+from headavatar.video import probe
 
 HOLD_OUT_SERIALS = ("222200046", "222200037", "222200039")  # left, centre, right: the cameras to render
 WIDTH, HEIGHT = 1100, 1604  # each submitted video: half the cameras' 2200x3208 frames (portrait)
@@ -76,16 +77,6 @@ def add_video(zf: zipfile.ZipFile, name: str, frames: Iterable[np.ndarray], scra
     return info
 
 
-def probe_video(data: bytes) -> tuple[int, int, int]:
-    """(frames, width, height) of an mp4 held in memory, frames counted by decoding."""
-    import io
-
-    with av.open(io.BytesIO(data)) as c:
-        s = c.streams.video[0]
-        frames = sum(1 for _ in c.decode(s))
-        return frames, s.codec_context.width, s.codec_context.height
-
-
 def check_submission(zip_path: Path, expected: dict[str, int]) -> dict[str, list]:
     """What is wrong with a submission zip, as the toolkit's reader reports it (``missing_files``,
     ``wrong_frame_counts``, ``wrong_resolutions``) plus ``unexpected_files`` (other names, or names its
@@ -97,7 +88,7 @@ def check_submission(zip_path: Path, expected: dict[str, int]) -> dict[str, list
             if name not in names:
                 issues.setdefault("missing_files", []).append(name)
                 continue
-            frames, width, height = probe_video(zf.read(name))
+            frames, width, height = probe(io.BytesIO(zf.read(name)), name)
             if frames != count:
                 issues.setdefault("wrong_frame_counts", []).append((name, frames, count))
             if (width, height) != (WIDTH, HEIGHT):
