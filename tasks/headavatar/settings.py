@@ -316,6 +316,17 @@ class MeshHeadConfig(Section):
         (), description="sequence name patterns never trained on; every camera of them is scored (self-reenactment)")
     eval_every: Annotated[int, Field(ge=0)] = execution(
         1000, description="held-out evaluation every N steps (0 = at the end only)")
+    # The plateau rule (headavatar.training.plateau): ``steps`` is a ceiling; training ends when the
+    # mesh head's held-out PSNR stops rising. These settings change what is trained, so unlike
+    # eval_every they key the cache.
+    plateau_every: Annotated[int, Field(ge=0)] = Field(
+        1000, description="held-out check of the plateau rule every N steps (0 = off: train all `steps`)")
+    plateau_checks: Annotated[int, Field(ge=1, le=100)] = Field(
+        3, description="stop when the best held-out PSNR of the last K checks ...")
+    plateau_gain_db: Annotated[float, Field(ge=0, le=10)] = Field(
+        0.1, description="... beats the best before them by less than this many dB")
+    plateau_min_steps: Annotated[int, Field(ge=0)] = Field(
+        3000, description="never stop before this step")
     checkpoint_every: Annotated[int, Field(ge=1)] = execution(
         500, description="resumable state (_state/checkpoint.pt) every N steps, overwritten")
     keep_checkpoint_every: Annotated[int, Field(ge=0)] = execution(
@@ -373,6 +384,17 @@ class GaussianHeadConfig(Section):
         (), description="sequence name patterns never trained on, as meshhead.holdout_sequences")
     eval_every: Annotated[int, Field(ge=0)] = execution(
         5000, description="held-out evaluation every N steps (0 = at the end only)")
+    # The plateau rule (headavatar.training.plateau): ``steps`` is a ceiling; training ends when the
+    # novel-view PSNR (else self-reenactment's) stops rising. These settings change what is trained,
+    # so unlike eval_every they key the cache.
+    plateau_every: Annotated[int, Field(ge=0)] = Field(
+        5000, description="held-out check of the plateau rule every N steps (0 = off: train all `steps`)")
+    plateau_checks: Annotated[int, Field(ge=1, le=100)] = Field(
+        3, description="stop when the best held-out PSNR of the last K checks ...")
+    plateau_gain_db: Annotated[float, Field(ge=0, le=10)] = Field(
+        0.1, description="... beats the best before them by less than this many dB")
+    plateau_min_steps: Annotated[int, Field(ge=0)] = Field(
+        20_000, description="never stop before this step")
     checkpoint_every: Annotated[int, Field(ge=1)] = execution(
         1000, description="resumable state (_state/checkpoint.pt) every N steps, overwritten")
     keep_checkpoint_every: Annotated[int, Field(ge=0)] = execution(

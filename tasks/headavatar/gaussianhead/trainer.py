@@ -20,6 +20,7 @@ from headavatar.render.gaussian_raster import GaussianRasterizer, Splats
 from headavatar.settings import GaussianHeadConfig
 from headavatar.training.device_data import DeviceViews
 from headavatar.training.loop import Trainer, make_optimizer
+from headavatar.training.plateau import PlateauRule
 from headavatar.training.views import Views
 
 
@@ -75,6 +76,8 @@ class GaussianHeadTrainer(Trainer):
             pairs = [(f, c) for f in range(len(c_views.folders)) for c in range(len(c_views.cameras))]
             self.eval_sets.append(EvalSet(name, cv, fv, pairs, False,
                                           "a held-out sequence (its fitted expressions and poses), all cameras"))
+        if self.eval_sets:  # novel view when there are held-out cameras, else self-reenactment
+            self.plateau = PlateauRule.of(cfg, f"{self.eval_sets[0].name}_psnr")
 
     def modules(self) -> dict[str, torch.nn.Module]:
         return {"head": self.head, "sr": self.sr}

@@ -15,6 +15,7 @@ from headavatar.render.mesh_raster import MeshRasterizer
 from headavatar.settings import MeshHeadConfig
 from headavatar.training.device_data import DeviceViews
 from headavatar.training.loop import Trainer, make_optimizer
+from headavatar.training.plateau import PlateauRule
 from headavatar.training.views import Views
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,7 @@ class MeshHeadTrainer(Trainer):
         self.held_cams = sorted(held)
         if not self.train_cams:
             raise PipelineError("meshhead.holdout_cameras leaves no camera to train on")
+        self.plateau = PlateauRule.of(cfg, "holdout_psnr") if self.held_cams else None
 
     def modules(self) -> dict[str, torch.nn.Module]:
         return {"model": self.model}
@@ -141,18 +143,26 @@ class MeshHeadTrainer(Trainer):
         return losses(self.model, self.raster, self.batch(frames, cams), self.views.size, self.cfg)
 
     @torch.no_grad()
-    def silhouette_iou(self, cams: list[int]) -> float:
-        """Mean silhouette IoU (matte > 0.5 vs render > 0.5) over the given cameras and all frames."""
+    def holdout_scores(self, cams: list[int]) -> dict[str, float]:
+        """Over the given cameras and every frame: mean silhouette IoU (matte > 0.5 vs render > 0.5) and
+        mean per-view PSNR of the rendered colours against the image x matte (both on black, x visibility)."""
         if not cams:
-            return float("nan")
-        ious = []
+            return {"iou": float("nan"), "psnr": float("nan")}
+        ious, psnrs = [], []
         pairs = [(f, c) for f in range(len(self.views.folders)) for c in cams]
         for s in range(0, len(pairs), 8):
             f, c = (torch.tensor(x) for x in zip(*pairs[s : s + 8], strict=True))
             b = self.batch(f, c)
             r = render(self.model, self.raster, b, self.views.size)
-            ious.append(hard_iou(r.alpha * b["visible"], b["mask"] * b["visible"]).cpu())
-        return float(torch.cat(ious).mean())
+            vis = b["visible"]
+            ious.append(hard_iou(r.alpha * vis, b["mask"] * vis).cpu())
+            gt = b["image"] * b["mask"][..., None]
+            mse = (((r.rgb.float().clamp(0, 1) - gt) * vis[..., None]) ** 2).mean((1, 2, 3))
+            psnrs.append((-10 * torch.log10(mse.clamp_min(1e-10))).cpu())
+        return {"iou": float(torch.cat(ious).mean()), "psnr": float(torch.cat(psnrs).mean())}
+
+    def silhouette_iou(self, cams: list[int]) -> float:
+        return self.holdout_scores(cams)["iou"]
 
     def evaluate(self) -> dict[str, float]:
-        return {"holdout_iou": self.silhouette_iou(self.held_cams)}
+        return {f"holdout_{k}": v for k, v in self.holdout_scores(self.held_cams).items()}

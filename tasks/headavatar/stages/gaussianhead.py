@@ -113,9 +113,9 @@ class GaussianHeadStage(Stage):
             trainer.load_state_dict(saved)
             log.info("%s/gaussianhead: resuming from the checkpoint at step %d", ctx.capture, trainer.state.step)
         log.info("%s/gaussianhead: %d Gaussians, %d frames, %d training + %d held-out cameras, %s rasteriser, "
-                 "%d -> %d px, %d steps on %s", ctx.capture, len(head.xyz), len(coarse.folders),
-                 len(trainer.train_cams), len(trainer.held_cams), raster.name, cfg.coarse_size, cfg.fine_size,
-                 cfg.steps, device)
+                 "%d -> %d px, at most %d steps on %s; plateau rule: %s", ctx.capture, len(head.xyz),
+                 len(coarse.folders), len(trainer.train_cams), len(trainer.held_cams), raster.name, cfg.coarse_size,
+                 cfg.fine_size, cfg.steps, device, trainer.plateau_text())
         state = trainer.train(save=checkpoints.save)
 
         final = state.evals[-1]
@@ -133,13 +133,12 @@ class GaussianHeadStage(Stage):
             "render": "headavatar.gaussianhead.model.GaussianHead.splats(exp, pose, scale, frame) -> "
                       "headavatar.render.gaussian_raster -> SuperResolution",
         }, indent=1).encode())
-        ctx.outputs.put_bytes("history.json", json.dumps({"losses": state.history, "holdout": state.evals,
-                                                          "system": state.system}).encode())
+        ctx.outputs.put_bytes("history.json", json.dumps(trainer.history()).encode())
         self._pictures(ctx, trainer)
         self._videos(ctx, trainer)
         self._viewer(ctx, trainer)
-        ctx.metrics.update({"steps": cfg.steps, "resumed_from_step": state.resumed_from,
-            "train_steps_per_s": state.steps_per_s, "gaussians": len(head.xyz),
+        ctx.metrics.update({**trainer.schedule(), "resumed_from_step": state.resumed_from,
+                            "train_steps_per_s": state.steps_per_s, "gaussians": len(head.xyz),
                             **{k: v for k, v in final.items() if k != "step"},
                             **{f"final_{k}": v for k, v in state.history[-1].items() if k != "step"}})
         log.info("%s/gaussianhead: held-out %s", ctx.capture,

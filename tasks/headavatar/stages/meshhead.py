@@ -75,8 +75,9 @@ class MeshHeadStage(Stage):
         if saved is not None:
             trainer.load_state_dict(saved)
             log.info("%s/meshhead: resuming from the checkpoint at step %d", ctx.capture, trainer.state.step)
-        log.info("%s/meshhead: %d frames, %d training + %d held-out cameras, %d steps on %s", ctx.capture,
-                 len(views.folders), len(trainer.train_cams), len(trainer.held_cams), cfg.steps, device)
+        log.info("%s/meshhead: %d frames, %d training + %d held-out cameras, at most %d steps on %s; plateau rule: %s",
+                 ctx.capture, len(views.folders), len(trainer.train_cams), len(trainer.held_cams), cfg.steps, device,
+                 trainer.plateau_text())
         state = trainer.train(save=checkpoints.save)
 
         with torch.no_grad():
@@ -87,13 +88,13 @@ class MeshHeadStage(Stage):
         ctx.outputs.put_bytes("model.pt", buf.getvalue())
         ctx.outputs.put_bytes("neutral_mesh.npz", npz_bytes(vertices=model.to_canonical(verts).cpu().numpy().astype(
             np.float32), faces=faces.cpu().numpy().astype(np.int32)))
-        ctx.outputs.put_bytes("history.json", json.dumps({"losses": state.history, "holdout": state.evals,
-                                                          "system": state.system}).encode())
+        ctx.outputs.put_bytes("history.json", json.dumps(trainer.history()).encode())
         self._pictures(ctx, trainer)
         last = state.history[-1]
         ctx.metrics.update({
-            "steps": cfg.steps, "resumed_from_step": state.resumed_from,
+            **trainer.schedule(), "resumed_from_step": state.resumed_from,
             "train_steps_per_s": state.steps_per_s, "holdout_iou": state.evals[-1]["holdout_iou"],
+            "holdout_psnr": state.evals[-1]["holdout_psnr"],
             "train_iou": trainer.silhouette_iou(trainer.train_cams[:: max(1, len(trainer.train_cams) // 4)]),
             "mesh_vertices": len(verts), "mesh_faces": len(faces),
             **{f"final_{k}": v for k, v in last.items() if k != "step"},

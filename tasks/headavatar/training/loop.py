@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from headavatar.training.plateau import PlateauRule
 from headavatar.training.system import SystemSampler
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ class TrainState:
     system: list[dict[str, float]] = field(default_factory=list)  # CPU/memory/GPU usage every log step
     step_seconds: float = 0.0  # time in training steps only (no evaluation, no checkpoints), all attempts
     timed_steps: int = 0
+    stopped_at: int = 0  # the step the plateau rule ended training at (0: it did not)
 
     @property
     def steps_per_s(self) -> float:
@@ -43,6 +45,7 @@ class Trainer(ABC):
     cfg: Any  # a stage config with steps, eval_every, checkpoint_every, keep_checkpoint_every
     opt: torch.optim.Optimizer
     device: torch.device
+    plateau: PlateauRule | None = None  # ends training early when the held-out score stops rising
 
     def __init__(self, seed: int):
         self.gen = torch.Generator().manual_seed(seed)
@@ -63,7 +66,7 @@ class Trainer(ABC):
     def state_dict(self) -> dict:
         return {"step": self.state.step, "optimizer": self.opt.state_dict(), "generator": self.gen.get_state(),
                 "history": self.state.history, "evals": self.state.evals, "system": self.state.system,
-                "timing": [self.state.step_seconds, self.state.timed_steps],
+                "timing": [self.state.step_seconds, self.state.timed_steps], "stopped_at": self.state.stopped_at,
                 **{k: m.state_dict() for k, m in self.modules().items()}}
 
     def load_state_dict(self, s: dict) -> None:
@@ -72,7 +75,20 @@ class Trainer(ABC):
         self.opt.load_state_dict(s["optimizer"])
         self.gen.set_state(s["generator"])
         self.state = TrainState(s["step"], s["step"], s["history"], s["evals"], s.get("system", []),
-                                *s.get("timing", (0.0, 0)))
+                                *s.get("timing", (0.0, 0)), stopped_at=s.get("stopped_at", 0))
+
+    def schedule(self) -> dict[str, float]:
+        """How long training ran against its ceiling (metrics for the manifest and MLflow)."""
+        return {"steps": self.state.step, "step_ceiling": self.cfg.steps,
+                "stopped_early": float(bool(self.state.stopped_at))}
+
+    def plateau_text(self) -> str:
+        return self.plateau.describe() if self.plateau is not None else "off (no held-out views)"
+
+    def history(self) -> dict[str, Any]:
+        """``history.json``: losses, held-out scores and system usage by step, and the stopping rule."""
+        return {"losses": self.state.history, "holdout": self.state.evals, "system": self.state.system,
+                "plateau": {"rule": self.plateau_text(), "stopped_at": self.state.stopped_at}}
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast on CUDA when the trainer asks for it (``self.amp``); a no-op otherwise."""
@@ -91,9 +107,12 @@ class Trainer(ABC):
         return now
 
     def train(self, save: Callable[[dict], None], log_every: int = 10) -> TrainState:
-        """Run to ``cfg.steps``. The step never waits for the device: loss terms stay on it and are read
-        (one synchronisation) every ``log_every`` steps, at evaluations and at checkpoints."""
+        """Run to ``cfg.steps``, or until ``self.plateau`` says the held-out score stopped paying (the
+        state is saved at that step, so a resumed attempt stops there too). The step never waits for the
+        device: loss terms stay on it and are read (one synchronisation) every ``log_every`` steps, at
+        evaluations and at checkpoints."""
         cfg = self.cfg
+        rule = self.plateau if self.plateau is not None and self.plateau.every else None
         if torch.device(self.device).type == "cpu":
             # Bit-reproducible on the CPU (a resumed run equals an undisturbed one); on CUDA the
             # rasterisers' atomics make runs differ in the last bits whatever this says.
@@ -101,12 +120,12 @@ class Trainer(ABC):
         t0, since = time.monotonic(), self.state.step
         system = SystemSampler(self.device)
         keep = getattr(cfg, "keep_checkpoint_every", 0)
-        if self.state.step == 0 and cfg.eval_every:
+        if self.state.step == 0 and (cfg.eval_every or rule):
             self.state.evals.append({"step": 0, **self.evaluate()})
         window_t: float | None = None  # the first step of an attempt warms up (compilation, allocator): untimed
         window_steps = 0
         last_progress = t0
-        for step in range(self.state.step, cfg.steps):
+        for step in range(self.state.step, self.state.stopped_at or cfg.steps):
             loss, parts = self.step_loss()
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -116,7 +135,8 @@ class Trainer(ABC):
             if step == since:
                 window_t, window_steps = self._sync_window(None, 0), 0
             logged = done % log_every == 0 or done == cfg.steps
-            evaluating = bool(cfg.eval_every) and done % cfg.eval_every == 0 and done < cfg.steps
+            checking = rule is not None and rule.checks_at(done) and done < cfg.steps
+            evaluating = (bool(cfg.eval_every) and done % cfg.eval_every == 0 and done < cfg.steps) or checking
             saving = (done % cfg.checkpoint_every == 0 or (keep and done % keep == 0)) and done < cfg.steps
             progress = done % max(1, cfg.steps // 20) == 0 or time.monotonic() - last_progress >= PROGRESS_EVERY_S
             if not (logged or evaluating or saving or progress):
@@ -134,10 +154,17 @@ class Trainer(ABC):
                 rate = (done - since) / max(last_progress - t0, 1e-9)
                 log.info("%s: step %d/%d loss %.4f (%.2f steps/s, about %s left)", self.name, done, cfg.steps,
                          values["loss"], rate, remaining(cfg.steps - done, rate))
+            if checking and rule.plateaued(done, self.state.evals):
+                self.state.stopped_at = done
+                log.info("%s: held-out %s rose less than %g over the last %d checks: stopping at step %d of %d",
+                         self.name, rule.metric, rule.gain, rule.checks, done, cfg.steps)
+                save(self.state_dict())
+                break
             if saving:
                 save(self.state_dict())
             window_t = self._sync_window(None, 0)
-        self.state.evals.append({"step": cfg.steps, **self.evaluate()})
+        if not self.state.evals or self.state.evals[-1]["step"] != self.state.step:
+            self.state.evals.append({"step": self.state.step, **self.evaluate()})
         return self.state
 
 

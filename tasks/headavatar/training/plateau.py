@@ -1,0 +1,51 @@
+"""When training stops paying: the rule that ends stages 5 and 6 before their step ceiling.
+
+Every ``every`` steps the trainer scores its held-out views. Training stops at a check when the
+best score of the last ``checks`` checks beats the best score before them by less than ``gain``
+(and never before ``min_steps``). Taking the best of a window, not the last value, keeps one noisy
+evaluation from ending (or prolonging) a run. The decision reads only the scores at multiples of
+``every``, which live in the training state, so a resumed run decides exactly as an undisturbed one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class PlateauRule:
+    metric: str  # the held-out score that must keep rising (higher is better), e.g. holdout_psnr
+    every: int  # steps between checks; 0 = the rule is off (train to the ceiling)
+    checks: int  # K: the window of recent checks
+    gain: float  # the least rise (metric units, dB for PSNR) over the window that keeps training going
+    min_steps: int  # never stop before this step
+
+    @classmethod
+    def of(cls, cfg: Any, metric: str) -> PlateauRule:
+        """The rule a stage config (``plateau_every``, ``plateau_checks``, ``plateau_gain_db``,
+        ``plateau_min_steps``) sets."""
+        return cls(metric, cfg.plateau_every, cfg.plateau_checks, cfg.plateau_gain_db, cfg.plateau_min_steps)
+
+    def checks_at(self, step: int) -> bool:
+        return bool(self.every) and step % self.every == 0
+
+    def scores(self, evals: list[dict[str, float]]) -> list[float]:
+        """The metric at each check (the evaluation before training, step 0, included), in step order."""
+        return [e[self.metric] for e in evals if self.checks_at(e["step"]) and self.metric in e]
+
+    def plateaued(self, step: int, evals: list[dict[str, float]]) -> bool:
+        """Whether training should stop at ``step`` (a check) given every evaluation so far."""
+        if not self.checks_at(step) or step < self.min_steps:
+            return False
+        scores = self.scores(evals)
+        if len(scores) <= self.checks or any(math.isnan(s) for s in scores):
+            return False
+        return max(scores[-self.checks:]) - max(scores[:-self.checks]) < self.gain
+
+    def describe(self) -> str:
+        if not self.every:
+            return "off (fixed schedule)"
+        return (f"stop when the best {self.metric} of the last {self.checks} checks (every {self.every} steps) "
+                f"beats the best before them by less than {self.gain:g}, never before step {self.min_steps}")

@@ -1,0 +1,154 @@
+"""The plateau rule: training stops when the held-out score stops paying, and a resumed run stops where an
+undisturbed one does (issue 35, item 2)."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import prepare_sampled, tiny_config
+from headavatar.contract.stage import read_manifest, run_stage
+from headavatar.layout import stage_prefix
+from headavatar.stages import build_stages
+from headavatar.storage import ObjectStore
+from headavatar.training.loop import Trainer
+from headavatar.training.plateau import PlateauRule
+
+
+def _evals(every: int, scores: list[float]) -> list[dict[str, float]]:
+    return [{"step": i * every, "holdout_psnr": s} for i, s in enumerate(scores)]
+
+
+def _first_stop(rule: PlateauRule, scores: list[float]) -> int | None:
+    """The step the rule stops at when the checks see ``scores`` one after another."""
+    for i in range(1, len(scores)):
+        if rule.plateaued(i * rule.every, _evals(rule.every, scores[: i + 1])):
+            return i * rule.every
+    return None
+
+
+RULE = PlateauRule("holdout_psnr", every=100, checks=3, gain=0.1, min_steps=0)
+
+
+@pytest.mark.parametrize(("scores", "stop"), [
+    ([10, 15, 18, 20, 21, 21.5, 21.7, 21.8, 21.85, 21.9], None),  # still rising 0.1 dB or more per 3 checks
+    ([10, 15, 18, 20, 20.05, 20.08, 20.09, 20.1], 600),  # 20 -> 20.09: +0.09 dB over the last 3 checks
+    ([10, 15, 18, 20, 19.2, 20.05, 20.3, 20.3, 20.3, 20.3], 900),  # one bad evaluation does not end the run
+    ([10, 20, 19, 18, 17], 400),  # getting worse: stops once the window is past the best
+    ([10, 11, float("nan"), 11, 11, 11], None),  # a failed evaluation never decides
+])
+def test_rule_stops_at_the_first_check_whose_window_gained_too_little(scores: list[float], stop: int | None) -> None:
+    assert _first_stop(RULE, scores) == stop
+
+
+def test_rule_waits_for_min_steps_and_is_off_at_every_0() -> None:
+    flat = [10.0] * 12
+    assert _first_stop(RULE, flat) == 300  # the first check with 3 checks after step 0
+    assert _first_stop(PlateauRule("holdout_psnr", 100, 3, 0.1, min_steps=750), flat) == 800
+    off = PlateauRule("holdout_psnr", 0, 3, 0.1, 0)
+    assert not off.checks_at(100) and off.describe() == "off (fixed schedule)"
+    assert "every 100 steps" in RULE.describe()
+
+
+class Regression(Trainer):
+    """A linear model fitted by Adam; held-out PSNR of its predictions: a real, quickly saturating curve."""
+
+    name = "regression"
+
+    def __init__(self, cfg: SimpleNamespace):
+        super().__init__(cfg.seed)
+        self.cfg, self.device = cfg, torch.device("cpu")
+        g = torch.Generator().manual_seed(1)
+        self.w_true = torch.randn(8, 1, generator=g)
+        self.x_held = torch.randn(64, 8, generator=g)
+        torch.manual_seed(cfg.seed)
+        self.net = torch.nn.Linear(8, 1)
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=0.02)
+        self.plateau = PlateauRule.of(cfg, "holdout_psnr")
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"net": self.net}
+
+    def step_loss(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x = torch.randn(16, 8, generator=self.gen)
+        y = x @ self.w_true + 0.05 * torch.randn(16, 1, generator=self.gen)  # noise: the fit saturates
+        loss = torch.nn.functional.mse_loss(self.net(x), y)
+        return loss, {"loss": loss.detach()}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        mse = torch.nn.functional.mse_loss(self.net(self.x_held), self.x_held @ self.w_true)
+        return {"holdout_psnr": float(-10 * torch.log10(mse))}
+
+
+def _cfg(**kw: int | float) -> SimpleNamespace:
+    base = {"steps": 5000, "eval_every": 0, "checkpoint_every": 50, "seed": 0, "plateau_every": 50,
+            "plateau_checks": 3, "plateau_gain_db": 0.5, "plateau_min_steps": 200}
+    return SimpleNamespace(**{**base, **kw})
+
+
+class Killed(Exception):
+    pass
+
+
+def test_training_stops_at_the_plateau_and_a_resumed_run_stops_at_the_same_step() -> None:
+    saved: list[dict] = []
+    full = Regression(_cfg())
+    state = full.train(save=saved.append)
+    stop = state.stopped_at
+    assert 200 <= stop < 5000 and stop % 50 == 0 and state.step == stop
+    assert full.schedule() == {"steps": stop, "step_ceiling": 5000, "stopped_early": 1.0}
+    assert [e["step"] for e in state.evals] == list(range(0, stop + 1, 50))  # the stop's check is the last eval
+    psnr = [e["holdout_psnr"] for e in state.evals]
+    assert psnr[-1] > psnr[0] + 20  # it did learn
+    assert max(psnr[-3:]) - max(psnr[:-3]) < 0.5 <= max(psnr[-4:-1]) - max(psnr[:-4])  # first check to stall
+    assert saved[-1]["step"] == stop and saved[-1]["stopped_at"] == stop
+    assert full.history()["plateau"] == {"rule": full.plateau.describe(), "stopped_at": stop}
+
+    # Killed after the checkpoint 100 steps before the stop: the resumed run stops at the same step, the same way.
+    saved_mid: list[dict] = []
+
+    def save_then_die(s: dict) -> None:
+        saved_mid.append(s)
+        if s["step"] == stop - 100:
+            raise Killed
+
+    with pytest.raises(Killed):
+        Regression(_cfg()).train(save=save_then_die)
+    resumed = Regression(_cfg())
+    resumed.load_state_dict(saved_mid[-1])
+    again = resumed.train(save=lambda s: None)
+    assert again.stopped_at == stop and again.evals == state.evals and again.history == state.history
+
+    # Killed after the stop (while the stage wrote its outputs): resuming trains nothing more.
+    after = Regression(_cfg())
+    after.load_state_dict(saved[-1])
+    assert after.train(save=lambda s: None).evals == state.evals
+
+    # The same run without the rule trains to the ceiling and gains less than the rule's window allowed.
+    fixed = Regression(_cfg(steps=2 * stop, plateau_every=0)).train(save=lambda s: None)
+    assert fixed.step == 2 * stop and fixed.stopped_at == 0
+    assert fixed.evals[-1]["holdout_psnr"] - psnr[-1] < 3
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_meshhead_stage_records_where_the_rule_stopped_it(store: ObjectStore, tiny_capture) -> None:
+    """The stage's settings reach the rule, and the manifest (so MLflow) and history.json say where it stopped."""
+    prepare_sampled(store, tiny_capture)
+    rule = ("meshhead.plateau_every=20", "meshhead.plateau_checks=2", "meshhead.plateau_min_steps=60",
+            "meshhead.plateau_gain_db=10")  # 10 dB over 40 steps: the demo's mesh head never gains that
+    cfg = tiny_config("matting.method=classical", *rule)
+    stages = build_stages()
+    for name in ("matting", "fitting", "meshhead"):
+        run_stage(stages[name], "018", cfg, store)
+    m = read_manifest(store, "018", "meshhead")
+    assert (m.metrics["steps"], m.metrics["step_ceiling"], m.metrics["stopped_early"]) == (60, 300, 1.0)
+    assert m.config["meshhead"]["plateau_gain_db"] == 10
+    history = json.loads(store.get_bytes(store.key(stage_prefix("018", "meshhead"), "history.json")))
+    assert history["plateau"]["stopped_at"] == 60 and "last 2 checks (every 20 steps)" in history["plateau"]["rule"]
+    assert [e["step"] for e in history["holdout"]] == [0, 20, 40, 60]
+    assert m.metrics["holdout_psnr"] == history["holdout"][-1]["holdout_psnr"] > history["holdout"][0]["holdout_psnr"]
