@@ -50,11 +50,14 @@ class Probe(LocalStageOperator):
     program = (sys.executable, {probe!r})
 
 GPU = StageSpec("matting", gpu=True)
-with DAG("gpu_probe", schedule=None, params={{"id": Param("probe"), "gpu": Param(None, type=["null", "integer"])}}):
+PAIR = StageSpec("gaussianhead", gpu=True, gpus_param="gaussianhead_gpus")
+with DAG("gpu_probe", schedule=None, params={{"id": Param("probe"), "gpu": Param(None, type=["null", "integer"]),
+                                             "gaussianhead_gpus": Param(None, type=["null", "integer"])}}):
     settings = ExecutionSettings(backend="local")
     Probe(task_id="a", stage=GPU, settings=settings, command=[{out!r}, "a", "60", "b"])
     Probe(task_id="b", stage=GPU, settings=settings, command=[{out!r}, "b", "60", "a"])
     Probe(task_id="pinned", stage=GPU, settings=settings, command=[{out!r}, "pinned", "0"])
+    Probe(task_id="pair", stage=PAIR, settings=settings, command=[{out!r}, "pair", "0"])
     Probe(task_id="hung", stage=GPU, settings=settings, command=[{out!r}, "hung", "600"],
           execution_timeout=timedelta(seconds=5))
     Probe(task_id="orphaned", stage=GPU, settings=settings, command=[{out!r}, "orphaned", "600"])
@@ -103,6 +106,11 @@ def test_concurrent_gpu_stages_get_different_gpus_the_form_wins_and_a_timeout_fr
     pinned = _task_test(airflow_home, probe_env, "pinned", 3, "-t", json.dumps({"gpu": 1}))
     log = pinned.communicate(timeout=600)[0]
     assert json.loads((out / "pinned.json").read_text())["device"] == "1", log[-2000:]
+
+    # Stage 6 on two GPUs (data-parallel): both leases, both devices visible to the stage.
+    pair = _task_test(airflow_home, probe_env, "pair", 6, "-t", json.dumps({"gaussianhead_gpus": 2}))
+    log = pair.communicate(timeout=600)[0]
+    assert json.loads((out / "pair.json").read_text())["device"] == "0,1", log[-2000:]
 
     # A hung GPU stage: stopped at its time limit, its process gone and its GPU free again.
     started = time.monotonic()
@@ -226,6 +234,9 @@ def test_kubernetes_pods_request_cpu_memory_disk_and_exit_2_is_final(airflow_hom
     for t in dag.tasks:
         spec = t.build_pod_request_obj().spec.containers[0].resources
         out["resources"][t.task_id] = {"requests": spec.requests, "limits": spec.limits}
+    pair = dag.task_dict["gaussianhead"]
+    pair.request_gpus({"gaussianhead_gpus": 2})  # a data-parallel run's pod: two GPUs of one node
+    out["pair"] = pair.build_pod_request_obj().spec.containers[0].resources.limits
     t = dag.task_dict["extract"]
     t.on_finish_action, t.log_events_on_failure, t.arguments = "keep_pod", False, ["run", "extract"]
     # No cluster here: the provider's two API calls on this path answer as a cluster would (no istio, label set).
@@ -243,6 +254,7 @@ def test_kubernetes_pods_request_cpu_memory_disk_and_exit_2_is_final(airflow_hom
                               "limits": {"memory": "16Gi", "ephemeral-storage": "200Gi"}}
     assert res["gaussianhead"] == {"requests": {"cpu": "8", "memory": "64Gi", "ephemeral-storage": "50Gi"},
                                    "limits": {"memory": "64Gi", "ephemeral-storage": "50Gi", "nvidia.com/gpu": "1"}}
+    assert facts["pair"]["nvidia.com/gpu"] == "2"
     for stage, r in res.items():
         assert set(r["requests"]) == {"cpu", "memory", "ephemeral-storage"}, stage
     final = {code: f[1] for code, f in facts["failures"].items()}
@@ -350,6 +362,41 @@ def test_compare_dag_logs_the_cross_capture_report_to_mlflow(airflow_home: Path,
     assert "31.5" in csv[1] and "29.25" in csv[2]
 
 
+def test_a_task_needing_two_gpus_takes_both_leases_or_none(tmp_path: Path) -> None:
+    """All or none: while another process holds GPU 0, a two-GPU lease holds nothing (GPU 1 stays free for a
+    one-GPU task) and waits; once GPU 0 is free it holds both, and its stage inherits both locks."""
+    sys.path.insert(0, str(REPO / "plugins"))
+    from headavatar_airflow.gpus import gpu_lease
+
+    leases = tmp_path / "leases"
+    with gpu_lease(["0", "1"], leases, "other") as other:
+        assert other.device == "0"
+        holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], pass_fds=other.fds)
+    try:  # the lease lives on in a stage process that inherited it
+        import threading
+
+        got: list[str] = []
+        waiting = threading.Thread(target=lambda: got.extend(_hold_two(gpu_lease, leases)), daemon=True)
+        waiting.start()
+        time.sleep(1.5)
+        assert not got and _leased(leases, "0")  # still waiting ...
+        with gpu_lease(["0", "1"], leases, "one-gpu task") as single:
+            assert single.device == "1"  # ... and holding nothing meanwhile
+    finally:
+        holder.kill()
+        holder.wait()
+    waiting.join(timeout=30)
+    assert got == ["0,1"]
+    with pytest.raises(ValueError, match="3 GPU"), gpu_lease(["0", "1"], leases, count=3):
+        pass
+
+
+def _hold_two(gpu_lease, leases: Path) -> list[str]:
+    with gpu_lease(["0", "1"], leases, "stage 6 on two GPUs", poll_s=0.1, count=2) as lease:
+        assert len(lease.fds) == 2 and _leased(leases, "0") and _leased(leases, "1")
+        return [lease.device]
+
+
 def test_docker_containers_ask_the_engine_for_the_leased_gpu() -> None:
     """What DockerOperator sends as HostConfig.DeviceRequests (no engine here: the request object itself)."""
     sys.path.insert(0, str(REPO / "plugins"))
@@ -357,6 +404,7 @@ def test_docker_containers_ask_the_engine_for_the_leased_gpu() -> None:
 
     leased = gpu_request("1")
     assert (leased["DeviceIDs"], leased["Count"], leased["Capabilities"]) == (["1"], 0, [["gpu"]])
+    assert gpu_request("0,1")["DeviceIDs"] == ["0", "1"]  # data-parallel stage 6: both leased GPUs
     assert gpu_request(None)["Count"] == 1  # host GPUs unknown: any one (the engine's GPU 0)
 
 

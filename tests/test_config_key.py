@@ -36,11 +36,12 @@ EXECUTION_CHANGES = {
     "meshhead": {"device": "cuda", "compile": False, "precision": "fp32", "rasterizer": "pytorch3d",
                  "eval_every": 7, "checkpoint_every": 3, "keep_checkpoint_every": 0},
     "gaussianhead": {"device": "cuda:0", "compile": False, "precision": "fp32", "rasterizer": "torch",
-                     "eval_every": 7, "checkpoint_every": 3, "keep_checkpoint_every": 0},
+                     "eval_every": 7, "checkpoint_every": 3, "keep_checkpoint_every": 0, "ranks": 2},
 }
 RESULT_CHANGES = {"extract": {"jpeg_quality": 90}, "matting": {"method": "classical"},
                   "fitting": {"all_lr": 0.002}, "meshhead": {"w_laplacian": 10.0},
-                  "gaussianhead": {"lr_net": 0.0002, "steps": 99}, "landmarks": {"detect_size": 256}}
+                  "gaussianhead": {"lr_net": 0.0002, "steps": 99, "plateau_gain_db": 0.2},
+                  "landmarks": {"detect_size": 256}}
 
 
 def _sections(cfg: PipelineConfig, *names: str) -> dict[str, dict]:

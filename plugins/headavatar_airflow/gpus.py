@@ -1,4 +1,5 @@
-"""GPU leases: each running GPU task holds one GPU of its host, so concurrent GPU stages never share one.
+"""GPU leases: each running GPU task holds its GPUs of its host (one, or one per data-parallel rank), so
+concurrent GPU stages never share one.
 
 The ``headavatar_gpu`` pool bounds how many GPU tasks run at once but cannot say *which* GPU a task
 gets (Docker's ``count=1`` request is GPU 0 every time; an unset ``CUDA_VISIBLE_DEVICES`` is GPU 0
@@ -55,55 +56,77 @@ GPU_LABEL = "headavatar.gpu"  # on a GPU stage's container: the device it was le
 
 @dataclass(frozen=True)
 class GpuLease:
-    """A held GPU: ``device`` (its index, for ``CUDA_VISIBLE_DEVICES`` or a Docker device request) and
-    ``fd``, the locked descriptor, for a stage subprocess to inherit (``pass_fds``)."""
+    """Held GPUs: ``device``, their indices comma-joined (for ``CUDA_VISIBLE_DEVICES``, a Docker device
+    request and the container label), and ``fds``, the locked descriptors, for a stage subprocess to
+    inherit (``pass_fds``)."""
 
     device: str
-    fd: int
+    fds: tuple[int, ...]
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return tuple(self.device.split(","))
+
+
+def _try_lock(lease_dir: Path, device: str, holder: str) -> int | None:
+    fd = os.open(_lock_path(lease_dir, device), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{holder} pid={os.getpid()}\n".encode())
+    return fd
 
 
 @contextmanager
 def gpu_lease(devices: Sequence[str], lease_dir: Path, holder: str = "", poll_s: float = 1.0,
-              busy: Callable[[], set[str]] = set) -> Iterator[GpuLease]:
-    """Hold the first free device of ``devices`` for the ``with`` block; waits (polling) while all are leased.
+              busy: Callable[[], set[str]] = set, count: int = 1) -> Iterator[GpuLease]:
+    """Hold ``count`` free devices of ``devices`` for the ``with`` block; waits (polling) until that many are.
 
-    ``devices`` of one item is a pinned GPU: the task waits for that one. ``busy``: devices in use
-    by stages no lock shows (containers of killed tasks); they are not leased while they are.
+    All or none: a task that needs two GPUs (data-parallel stage 6) takes both at once or holds none
+    while it waits, so two such tasks can never each hold one and wait for the other. ``devices`` of one
+    item is a pinned GPU: the task waits for that one. ``busy``: devices in use by stages no lock shows
+    (containers of killed tasks); they are not leased while they are.
     """
-    if not devices:
-        raise ValueError("no GPU to lease")
+    if len(devices) < count or count < 1:
+        raise ValueError(f"{count} GPU(s) asked for, {len(devices)} on this host ({', '.join(devices) or 'none'})")
     lease_dir.mkdir(parents=True, exist_ok=True)
     waiting_since = None
     while True:
         in_use = busy()
+        held: list[tuple[str, int]] = []
         for device in devices:
-            if device in in_use:
-                continue
-            fd = os.open(_lock_path(lease_dir, device), os.O_RDWR | os.O_CREAT, 0o666)
+            if len(held) == count:
+                break
+            fd = None if device in in_use else _try_lock(lease_dir, device, holder)
+            if fd is not None:
+                held.append((device, fd))
+        if len(held) == count:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                continue
-            try:
-                os.ftruncate(fd, 0)
-                os.write(fd, f"{holder} pid={os.getpid()}\n".encode())
-                yield GpuLease(device, fd)
+                yield GpuLease(",".join(d for d, _ in held), tuple(fd for _, fd in held))
             finally:
-                os.close(fd)  # this process's descriptor; the lock lasts while a stage still has one
+                for _, fd in held:
+                    os.close(fd)  # this process's descriptor; the lock lasts while a stage still has one
             return
+        for _, fd in held:  # fewer than asked for: hold none while waiting
+            os.close(fd)
         if waiting_since is None:
             waiting_since = time.monotonic()
-            log.info("all GPUs leased (%s): waiting for one to be free", ", ".join(devices))
+            log.info("fewer than %d of the GPUs free (%s): waiting", count, ", ".join(devices))
         time.sleep(poll_s)
 
 
 @contextmanager
 def placed_gpu(settings: ExecutionSettings, params: dict[str, Any], holder: str,
-               busy: Callable[[], set[str]] = set) -> Iterator[GpuLease | None]:
-    """The GPU a GPU task runs on, leased for the ``with`` block: the form's ``gpu`` when set (it wins),
-    else a free one of this host. None when the host's GPUs are unknown (no lease; the old behaviour)."""
+               busy: Callable[[], set[str]] = set, count: int = 1) -> Iterator[GpuLease | None]:
+    """The GPUs (``count``) a GPU task runs on, leased for the ``with`` block: the form's ``gpu`` when set
+    (it wins; one GPU only), else free ones of this host. None when the host's GPUs are unknown (no lease;
+    the old behaviour)."""
     pinned = params.get("gpu")
+    if pinned is not None and count > 1:
+        raise ValueError(f"the run pins GPU {pinned} but this task needs {count} GPUs: leave 'GPU index' empty")
     devices = (str(pinned),) if pinned is not None else host_gpus(settings)
     if not devices:
         # Stages as subprocesses on a host without the NVIDIA driver (the demo's CPU): nothing to lease.
@@ -114,6 +137,6 @@ def placed_gpu(settings: ExecutionSettings, params: dict[str, Any], holder: str,
             log.warning("GPUs of this host unknown (set HEADAVATAR_GPU_DEVICES): the GPU is not chosen per task")
         yield None
         return
-    with gpu_lease(devices, Path(settings.gpu_lease_dir), holder, busy=busy) as lease:
+    with gpu_lease(devices, Path(settings.gpu_lease_dir), holder, busy=busy, count=count) as lease:
         log.info("GPU %s leased to %s", lease.device, holder)
         yield lease

@@ -171,11 +171,11 @@ class LocalStageOperator(ShowsStageCommand, BaseOperator):
         args = task_command(self.stage, params, self.cli_command)
         if not self.stage.gpu:
             return self._run(args, env, context)
-        with placed_gpu(self.settings, params, lease_holder(context)) as lease:
+        with placed_gpu(self.settings, params, lease_holder(context), count=self.stage.gpus(params)) as lease:
             if lease is None:
                 return self._run(args, env, context)
             env["CUDA_VISIBLE_DEVICES"] = lease.device
-            return self._run(args, env, context, holds=(lease.fd,))  # the stage holds the lease too
+            return self._run(args, env, context, holds=lease.fds)  # the stage holds the lease too
 
     def _run(self, args: list[str], env: dict[str, str], context: Any,
              holds: tuple[int, ...] = ()) -> dict[str, Any] | None:
@@ -263,14 +263,15 @@ def _docker_operator() -> type:
             if not (self.stage.gpu and self.settings.docker_gpus):
                 return self._execute(context)
             with placed_gpu(self.settings, context["params"], lease_holder(context),
-                            busy=self._gpus_of_running_stages) as lease:
+                            busy=self._gpus_of_running_stages, count=self.stage.gpus(context["params"])) as lease:
                 self.gpu_device = lease.device if lease else None
                 self.device_requests = [gpu_request(self.gpu_device)]
                 return self._execute(context)
 
         def _gpus_of_running_stages(self) -> set[str]:
             """GPUs of this engine's running stage containers (labelled): held even after their task died."""
-            return {c["Labels"][GPU_LABEL] for c in self.cli.containers(filters={"label": GPU_LABEL})}
+            labels = [c["Labels"][GPU_LABEL] for c in self.cli.containers(filters={"label": GPU_LABEL})]
+            return {d for label in labels for d in label.split(",")}
 
         def _execute(self, context: Any) -> Any:
             params = context["params"]
@@ -327,12 +328,13 @@ def _docker_operator() -> type:
 
 
 def gpu_request(device: str | None) -> Any:
-    """The container's GPU: the leased one; any one (``count=1``, GPU 0) only when the host's GPUs are unknown."""
+    """The container's GPUs: the leased ones (``device``: indices, comma-joined); any one (``count=1``,
+    GPU 0) only when the host's GPUs are unknown."""
     from docker.types import DeviceRequest
 
     if device is None:
         return DeviceRequest(count=1, capabilities=[["gpu"]])
-    return DeviceRequest(device_ids=[device], capabilities=[["gpu"]])
+    return DeviceRequest(device_ids=device.split(","), capabilities=[["gpu"]])
 
 
 XCOM_RESULT = "/airflow/xcom/return.json"  # where KubernetesPodOperator's sidecar reads a pod's XCom
@@ -389,7 +391,14 @@ def _kubernetes_operator() -> type:
             self.stage, self.mlflow_conn_id, self.cli_command = stage, settings.mlflow_conn_id, command
             self.stage_command = ""
 
+        def request_gpus(self, params: dict[str, Any]) -> None:
+            """The pod's ``nvidia.com/gpu`` limit for this run: data-parallel stage 6 asks for one per rank."""
+            res = self.container_resources
+            if self.stage.gpu and res is not None:
+                res.limits = {**(res.limits or {}), "nvidia.com/gpu": str(self.stage.gpus(params))}
+
         def execute(self, context: Any) -> Any:
+            self.request_gpus(context["params"])
             self.arguments = task_command(self.stage, context["params"], self.cli_command)
             if self.cli_command is None:  # a stage run reports its result through the xcom sidecar
                 self.arguments += ["--result-file", XCOM_RESULT]

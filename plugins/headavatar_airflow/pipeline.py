@@ -14,6 +14,11 @@ CAPTURE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 class StageSpec:
     name: str
     gpu: bool  # runs in the CUDA image, in the GPU pool
+    gpus_param: str | None = None  # the run parameter saying how many GPUs it leases (unset: one)
+
+    def gpus(self, params: dict[str, Any]) -> int:
+        """How many GPUs this stage leases for a run with ``params``."""
+        return int(params.get(self.gpus_param) or 1) if self.gpus_param else 1
 
 
 STAGES = (
@@ -22,7 +27,7 @@ STAGES = (
     StageSpec("matting", gpu=True),
     StageSpec("fitting", gpu=True),
     StageSpec("meshhead", gpu=True),
-    StageSpec("gaussianhead", gpu=True),
+    StageSpec("gaussianhead", gpu=True, gpus_param="gaussianhead_gpus"),
 )
 
 # Trigger-form parameter -> pipeline setting (passed as --set); null means "the profile's value".
@@ -30,6 +35,7 @@ PARAM_SETTINGS = {
     "sample_stride": "sample.frame_stride",
     "meshhead_steps": "meshhead.steps",
     "gaussianhead_steps": "gaussianhead.steps",
+    "gaussianhead_gpus": "gaussianhead.ranks",
 }
 
 
@@ -46,6 +52,10 @@ def param_schema() -> dict[str, dict[str, Any]]:
                            "title": "Mesh-head training steps"},
         "gaussianhead_steps": {"type": ["null", "integer"], "minimum": 1, "maximum": 10_000_000,
                                "title": "Gaussian-head training steps"},
+        "gaussianhead_gpus": {"type": ["null", "integer"], "minimum": 1, "maximum": 64,
+                              "title": "Gaussian-head GPUs",
+                              "description": "train stage 6 data-parallel on this many GPUs of one host, one "
+                                             "lease each (empty = 1)"},
         "gpu": {"type": ["null", "integer"], "minimum": 0, "maximum": 63, "title": "GPU index",
                 "description": "pin GPU stages to this device (docker/local); empty = any free GPU"},
         "force": {"type": "boolean", "title": "Recompute", "description": "ignore cache hits and checkpoints"},
@@ -60,8 +70,8 @@ PARAM_RULES = {
 }
 
 
-PARAM_DEFAULTS: dict[str, Any] = {"profile": None, "sample_stride": None, "meshhead_steps": None,
-                                  "gaussianhead_steps": None, "gpu": None, "force": False}  # id: required
+PARAM_DEFAULTS: dict[str, Any] = {"profile": None, "sample_stride": None, "meshhead_steps": None,  # id: required
+                                  "gaussianhead_steps": None, "gaussianhead_gpus": None, "gpu": None, "force": False}
 
 
 def cli_args(stage: str, params: dict[str, Any]) -> list[str]:

@@ -378,6 +378,9 @@ class GaussianHeadConfig(Section):
         "bf16", description="bf16 = MLPs + super-resolution under autocast on CUDA; fp32 everywhere else")
     compile: bool = execution(
         True, description="CUDA: Gaussian MLPs, super-resolution + losses under torch.compile (~1 min at step 1)")
+    ranks: Annotated[int, Field(ge=1, le=64)] = execution(
+        1, description="processes training together, data-parallel: one per GPU (NCCL), or gloo on the CPU; "
+                       "each takes views_per_step / ranks of a step's views")
     holdout_cameras: tuple[str, ...] = Field(
         ("222200039", "222200044"), description="cameras never trained on; scored (PSNR, SSIM, LPIPS) and pictured")
     holdout_sequences: tuple[SequencePattern, ...] = Field(

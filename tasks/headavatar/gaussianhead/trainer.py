@@ -18,10 +18,33 @@ from headavatar.gaussianhead.model import GaussianHead, SuperResolution
 from headavatar.gaussianhead.perceptual import Perceptual
 from headavatar.render.gaussian_raster import GaussianRasterizer, Splats
 from headavatar.settings import GaussianHeadConfig
+from headavatar.training.data_parallel import gather, rank_and_world, shard
 from headavatar.training.device_data import DeviceViews
 from headavatar.training.loop import Trainer, make_optimizer
 from headavatar.training.plateau import PlateauRule
 from headavatar.training.views import Views
+
+
+class StepViews(torch.nn.Module):
+    """One rank's views of a training step as one module call: what DistributedDataParallel wraps so
+    it can average the gradients of the head and the super-resolution net over the ranks."""
+
+    def __init__(self, trainer: GaussianHeadTrainer):
+        super().__init__()
+        self.head, self.sr = trainer.head, trainer.sr
+        self._losses = trainer.losses  # a bound method, not a submodule
+
+    def forward(self, pairs: list[tuple[int, int]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Mean loss (and loss terms) of the views ``pairs`` (frame, camera)."""
+        n = len(pairs)
+        total: torch.Tensor | float = 0.0
+        parts_sum: dict[str, torch.Tensor] = {}
+        for f, c in pairs:
+            loss, parts = self._losses(f, c)
+            total = total + loss / n
+            parts_sum = {k: parts_sum.get(k, 0.0) + v / n for k, v in parts.items()}
+        assert isinstance(total, torch.Tensor)
+        return total, parts_sum
 
 
 def matted(image: torch.Tensor, mask: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,6 +101,11 @@ class GaussianHeadTrainer(Trainer):
                                           "a held-out sequence (its fitted expressions and poses), all cameras"))
         if self.eval_sets:  # novel view when there are held-out cameras, else self-reenactment
             self.plateau = PlateauRule.of(cfg, f"{self.eval_sets[0].name}_psnr")
+        self.rank, self.world = rank_and_world()
+        self.step_views: torch.nn.Module = StepViews(self)
+        if self.world > 1:
+            self.step_views = torch.nn.parallel.DistributedDataParallel(
+                self.step_views, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
 
     def modules(self) -> dict[str, torch.nn.Module]:
         return {"head": self.head, "sr": self.sr}
@@ -148,11 +176,12 @@ class GaussianHeadTrainer(Trainer):
         lpips = self.perceptual.lpips
         for s in self.eval_sets:
             rows = []
-            for f, c in s.pairs:
+            for f, c in shard(s.pairs):  # each rank scores its share; every rank averages them all, in order
                 _, sr = self.render(f, c, s.coarse, s.known_frames)
                 t = self.targets(f, c, s.coarse, s.fine)
                 vis = t["fine_visible"]
                 rows.append(image_scores(sr.clamp(0, 1) * vis, t["fine"] * vis, t["fine_mask"] * vis[0], lpips))
+            rows = gather(rows)
             out.update(average(rows, s.name))
         for k in ("psnr", "ssim", "lpips"):
             if f"novel_view_{k}" in out:
@@ -160,14 +189,10 @@ class GaussianHeadTrainer(Trainer):
         return out
 
     def step_loss(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The step's ``views_per_step`` views, drawn alike on every rank; this rank computes the mean loss
+        of every world-th of them, and DDP averages the ranks' gradients: the gradient of the mean of all."""
         n = self.cfg.views_per_step
         frames = torch.randint(len(self.coarse_views.folders), (n,), generator=self.gen)
         cams = torch.randint(len(self.train_cams), (n,), generator=self.gen)
-        total: torch.Tensor | float = 0.0
-        parts_sum: dict[str, torch.Tensor] = {}
-        for f, c in zip(frames.tolist(), cams.tolist(), strict=True):
-            loss, parts = self.losses(f, self.train_cams[c])
-            total = total + loss / n
-            parts_sum = {k: parts_sum.get(k, 0.0) + v / n for k, v in parts.items()}
-        assert isinstance(total, torch.Tensor)
-        return total, parts_sum
+        pairs = [(f, self.train_cams[c]) for f, c in zip(frames.tolist(), cams.tolist(), strict=True)]
+        return self.step_views(pairs[self.rank::self.world])

@@ -30,6 +30,7 @@ from headavatar.meshhead.model import MeshHead
 from headavatar.render.gaussian_raster import build_gaussian_rasterizer
 from headavatar.settings import GaussianHeadConfig, MeshHeadConfig, PipelineConfig
 from headavatar.storage import ObjectStore
+from headavatar.training import data_parallel
 from headavatar.training.checkpoints import Checkpoints, load_stored
 from headavatar.training.views import Views, load_views, split_sequences
 
@@ -73,6 +74,50 @@ def build_avatar(ctx: StageContext, cfg: GaussianHeadConfig) -> tuple[Views, Vie
     return coarse, fine, extra_eval, head, sr
 
 
+def build_trainer(ctx: StageContext, cfg: GaussianHeadConfig, device: torch.device,
+                  saved: dict | None) -> GaussianHeadTrainer:
+    """The trainer of this rank (every rank builds the same one), resumed from ``saved`` when given."""
+    torch.manual_seed(cfg.seed)
+    if device.type == "cpu" and cfg.ranks > 1:  # ranks share the CPUs instead of each taking them all
+        torch.set_num_threads(max(1, torch.get_num_threads() // cfg.ranks))
+    lpips = None
+    if cfg.lpips_weights:
+        path = fetch_asset(ctx.store, cfg.lpips_weights, "gaussianhead.lpips_weights", ctx.scratch)
+        lpips = LPIPSVGG().load(path, cfg.lpips_weights).to(device)
+    raster = build_gaussian_rasterizer(cfg.rasterizer, device)
+    coarse, fine, extra_eval, head, sr = build_avatar(ctx, cfg)
+    trainer = GaussianHeadTrainer(head, sr, coarse, fine, cfg, raster, Perceptual(lpips), device, extra_eval=extra_eval)
+    if saved is not None:
+        trainer.load_state_dict(saved)
+        log.info("%s/gaussianhead: resuming from the checkpoint at step %d", ctx.capture, trainer.state.step)
+    log.info("%s/gaussianhead: %d Gaussians, %d frames, %d training + %d held-out cameras, %s rasteriser, "
+             "%d -> %d px, at most %d steps on %s%s; plateau rule: %s", ctx.capture, len(head.xyz),
+             len(coarse.folders), len(trainer.train_cams), len(trainer.held_cams), raster.name, cfg.coarse_size,
+             cfg.fine_size, cfg.steps, device, f" (rank 0 of {cfg.ranks})" if cfg.ranks > 1 else "",
+             trainer.plateau_text())
+    return trainer
+
+
+def rank_job(ctx: StageContext, saved: dict | None) -> data_parallel.RankJob:
+    """What the spawned ranks need; the checkpoint rank 0 resumes from goes to scratch for them."""
+    start = None
+    if saved is not None:
+        start = ctx.scratch / "ranks-start.pt"
+        torch.save(saved, start)
+    return data_parallel.RankJob(ctx.stage, ctx.capture, ctx.config, ctx.upstream, ctx.inputs, ctx.scratch,
+                                 ctx.config.gaussianhead.ranks, start)
+
+
+def train_rank(rank: int, job: data_parallel.RankJob) -> None:
+    """A spawned rank (1..ranks-1): the same trainer as rank 0 on its own device; it saves nothing."""
+    ctx = data_parallel.rank_context(job)
+    cfg = job.config.gaussianhead
+    device = data_parallel.rank_device(resolve_device(cfg.device), rank)
+    data_parallel.join(rank, job, device)
+    saved = None if job.start is None else torch.load(job.start, map_location="cpu", weights_only=True)
+    build_trainer(ctx, cfg, device, saved).train(save=lambda state: None)
+
+
 class GaussianHeadStage(Stage):
     name = "gaussianhead"
     inputs = ("sample", "matting", "fitting", "meshhead")
@@ -90,6 +135,12 @@ class GaussianHeadStage(Stage):
         if cfg.fine_size % cfg.coarse_size or factor & (factor - 1):
             raise ConfigError(f"gaussianhead.fine_size ({cfg.fine_size}) must be coarse_size ({cfg.coarse_size}) "
                               "times a power of two")
+        if cfg.views_per_step % cfg.ranks:
+            raise ConfigError(f"gaussianhead.views_per_step ({cfg.views_per_step}) must be a multiple of "
+                              f"gaussianhead.ranks ({cfg.ranks}): each rank takes an equal share of a step's views")
+        if cfg.ranks > 1 and cfg.device.startswith("cuda:"):
+            raise ConfigError(f"gaussianhead.device {cfg.device} names one GPU but gaussianhead.ranks is {cfg.ranks}: "
+                              "use auto or cuda (rank r trains on the r-th GPU this process sees)")
         if cfg.lpips_weights:
             return {"lpips_weights": asset_identity(store, cfg.lpips_weights, "gaussianhead.lpips_weights")}
         return {}
@@ -97,26 +148,22 @@ class GaussianHeadStage(Stage):
     def run(self, ctx: StageContext) -> None:
         cfg = ctx.config.gaussianhead
         device = resolve_device(cfg.device)
-        torch.manual_seed(cfg.seed)
+        if device.type == "cuda" and torch.cuda.device_count() < cfg.ranks:
+            raise ConfigError(f"gaussianhead.ranks is {cfg.ranks} but this process sees "
+                              f"{torch.cuda.device_count()} GPU(s) (CUDA_VISIBLE_DEVICES: one per rank)")
         # First: a checkpoint that is refused (not plain tensors) fails the stage before minutes of loading views.
         checkpoints = Checkpoints(ctx, cfg.keep_checkpoint_every)
         saved = checkpoints.load()
-        lpips = None
-        if cfg.lpips_weights:
-            path = fetch_asset(ctx.store, cfg.lpips_weights, "gaussianhead.lpips_weights", ctx.scratch)
-            lpips = LPIPSVGG().load(path, cfg.lpips_weights).to(device)
-        raster = build_gaussian_rasterizer(cfg.rasterizer, device)
-        coarse, fine, extra_eval, head, sr = build_avatar(ctx, cfg)
-        trainer = GaussianHeadTrainer(head, sr, coarse, fine, cfg, raster, Perceptual(lpips), device,
-                                      extra_eval=extra_eval)
-        if saved is not None:
-            trainer.load_state_dict(saved)
-            log.info("%s/gaussianhead: resuming from the checkpoint at step %d", ctx.capture, trainer.state.step)
-        log.info("%s/gaussianhead: %d Gaussians, %d frames, %d training + %d held-out cameras, %s rasteriser, "
-                 "%d -> %d px, at most %d steps on %s; plateau rule: %s", ctx.capture, len(head.xyz),
-                 len(coarse.folders), len(trainer.train_cams), len(trainer.held_cams), raster.name, cfg.coarse_size,
-                 cfg.fine_size, cfg.steps, device, trainer.plateau_text())
-        state = trainer.train(save=checkpoints.save)
+        if cfg.ranks == 1:
+            trainer = build_trainer(ctx, cfg, device, saved)
+            state = trainer.train(save=checkpoints.save)
+        else:
+            job = rank_job(ctx, saved)
+            device = data_parallel.rank_device(device, 0)
+            with data_parallel.ranks(job, train_rank, device):
+                trainer = build_trainer(ctx, cfg, device, saved)
+                state = trainer.train(save=checkpoints.save)
+        head, sr, coarse = trainer.head, trainer.sr, trainer.coarse_views
 
         final = state.evals[-1]
         buf = io.BytesIO()

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from headavatar.training.data_parallel import mean_over_ranks
 from headavatar.training.plateau import PlateauRule
 from headavatar.training.system import SystemSampler
 
@@ -127,6 +128,7 @@ class Trainer(ABC):
         last_progress = t0
         for step in range(self.state.step, self.state.stopped_at or cfg.steps):
             loss, parts = self.step_loss()
+            parts = mean_over_ranks(parts)  # data-parallel: the terms of all the step's views, not this rank's
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()

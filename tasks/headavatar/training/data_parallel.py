@@ -1,0 +1,168 @@
+"""Data-parallel training of one capture: N ranks share each step's views and average their gradients.
+
+Rank 0 is the stage process itself: it loads the views, trains, and writes every output. Ranks
+1..N-1 are spawned processes (``spawn``: CUDA cannot be forked) that load the same views from the
+bucket, train on their share of each step, and write nothing. Every rank draws the step's views from
+the same seeded sampler and keeps every N-th, so the sampler, the parameters and a checkpoint are
+one for all ranks; torch's DistributedDataParallel averages the gradients (NCCL on GPUs, gloo on the
+CPU), so N ranks with ``views_per_step`` views in all take the step one rank takes.
+
+A rank does not outlive its stage: spawned ranks get SIGKILL when rank 0 dies, however it dies
+(``PR_SET_PDEATHSIG``), and a rank that dies makes the others' next collective fail (gloo at once,
+NCCL after :data:`TIMEOUT`), so the stage exits and its retry resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime
+import logging
+import multiprocessing
+import signal
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from headavatar.contract.manifest import Manifest
+    from headavatar.contract.stage import StageContext
+    from headavatar.settings import PipelineConfig
+
+log = logging.getLogger(__name__)
+TIMEOUT = datetime.timedelta(minutes=10)  # a collective waits this long for a rank (a checkpoint upload is shorter)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RankJob:
+    """What a spawned rank needs to rebuild rank 0's inputs (picklable: no clients, no open files)."""
+
+    stage: str
+    capture: str
+    config: PipelineConfig
+    upstream: dict[str, Manifest]
+    inputs: dict[str, str]
+    scratch: Path
+    world: int
+    start: Path | None  # the checkpoint rank 0 resumes from, saved for the others (None: from step 0)
+
+    @property
+    def rendezvous(self) -> Path:
+        return self.scratch / "ranks.rendezvous"
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(this process's rank, the number of ranks): (0, 1) outside data-parallel training."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard(items: Sequence[T]) -> list[T]:
+    """This rank's share of ``items``: every world-th, starting at its rank."""
+    rank, world = rank_and_world()
+    return list(items[rank::world])
+
+
+def gather(mine: list[T]) -> list[T]:
+    """The inverse of :func:`shard`: every rank's share, back in the original order, on every rank."""
+    _, world = rank_and_world()
+    if world == 1:
+        return mine
+    shares: list[list[T] | None] = [None] * world
+    dist.all_gather_object(shares, mine)
+    out: list[T] = []
+    for i in range(max(len(s or []) for s in shares)):
+        out += [s[i] for s in shares if s is not None and i < len(s)]
+    return out
+
+
+def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each (scalar) tensor averaged over the ranks: the step's loss terms over all its views."""
+    _, world = rank_and_world()
+    if world == 1 or not values:
+        return values
+    stacked = torch.stack([v.detach().float().reshape(()) for v in values.values()])
+    dist.all_reduce(stacked)  # gloo has no AVG
+    return dict(zip(values, (stacked / world).unbind(), strict=True))
+
+
+def rank_device(device: torch.device, rank: int) -> torch.device:
+    """Rank r trains on GPU r of those the process sees (its leases: ``CUDA_VISIBLE_DEVICES``), or the CPU."""
+    return torch.device("cuda", rank) if device.type == "cuda" else device
+
+
+def join(rank: int, job: RankJob, device: torch.device) -> None:
+    """Enter the process group (waits until every rank has)."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=f"file://{job.rendezvous}", rank=rank, world_size=job.world,
+                            timeout=TIMEOUT)
+    log.info("%s/%s: rank %d of %d joined (%s on %s)", job.capture, job.stage, rank, job.world, backend, device)
+
+
+def leave() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextmanager
+def ranks(job: RankJob, target: Callable[[int, RankJob], None], device: torch.device) -> Iterator[None]:
+    """This process as rank 0 of ``job.world`` for the ``with`` block; ranks 1.. spawned, each running
+    ``target(rank, job)`` (a module-level function). The block's end waits for them, and a rank that
+    failed fails the block; a block that fails kills them."""
+    job.rendezvous.unlink(missing_ok=True)  # a file left by an earlier attempt would be joined by mistake
+    spawn = multiprocessing.get_context("spawn")
+    procs = [spawn.Process(target=_rank_main, args=(target, rank, job), name=f"{job.stage} rank {rank}", daemon=True)
+             for rank in range(1, job.world)]
+    for p in procs:
+        p.start()
+    try:
+        join(0, job, device)
+        yield
+        leave()
+        for p in procs:
+            p.join()
+        failed = [f"{p.name} (exit {p.exitcode})" for p in procs if p.exitcode != 0]
+        if failed:
+            raise RuntimeError(f"data-parallel training: {', '.join(failed)} failed")
+    finally:
+        leave()
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+
+def _rank_main(target: Callable[[int, RankJob], None], rank: int, job: RankJob) -> None:
+    _die_with_parent()
+    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
+    try:
+        target(rank, job)
+    finally:
+        leave()
+
+
+def _die_with_parent() -> None:
+    """SIGKILL when the process that spawned this one dies (Linux ``prctl(PR_SET_PDEATHSIG)``)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except OSError:
+        log.warning("prctl unavailable: this rank may outlive its stage if the stage is killed")
+
+
+def rank_context(job: RankJob) -> StageContext:
+    """A spawned rank's read-only view of the stage: the same config, upstream manifests and inputs as
+    rank 0, its own bucket client; no output writer (a rank writes nothing)."""
+    from headavatar.contract.stage import StageContext
+    from headavatar.storage import ObjectStore
+
+    store = ObjectStore(job.config.storage)
+    out: Any = None
+    return StageContext(job.stage, job.capture, job.config, store, job.scratch, job.upstream, job.inputs, out)
