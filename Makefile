@@ -20,7 +20,7 @@ BASE ?= auto
 DOCKER_HOST ?= unix://$(CURDIR)/.headavatar/docker/run/docker.sock
 export DOCKER_HOST BASE BACKEND
 
-.PHONY: install tools demo demo-ui test test-fast lint bench images images-compose images-cuda smoke-cuda image-base docker-install docker-engine \
+.PHONY: install jod tools demo demo-ui test test-fast lint bench images images-compose images-cuda smoke-cuda image-base docker-install docker-engine \
 	docker-engine-stop lock clean
 
 install: $(VENV)/.installed
@@ -37,6 +37,16 @@ $(VENV)/.installed: pyproject.toml
 	@# The NeRSemble benchmark toolkit (Apache-2.0), only its constants and source for the tests to check the
 	@# submission against: its own dependencies (open3d, a CUDA torch) are not wanted here, so none is installed.
 	@$(PIP) -q --no-deps nersemble-benchmark==0.2.0
+	touch $@
+
+# The JOD environment (tasks/headavatar/jod.py): ColorVideoVDP needs torchvision, which cannot share the
+# project's CPU torch, so it gets its own venv, pinned by images/requirements/jod.txt (about 6 GB, 2 min).
+JOD_VENV ?= .venv-jod
+jod: $(JOD_VENV)/.installed
+$(JOD_VENV)/.installed: images/requirements/jod.txt
+	$(PYTHON) -m venv $(JOD_VENV)
+	@$(HEARTBEAT) --label "jod environment" -- $(JOD_VENV)/bin/python -m pip install --progress-bar off \
+	  -r images/requirements/jod.txt
 	touch $@
 
 # BACKEND=docker (default): every task a container; the engine and images are set up on first use.
@@ -70,13 +80,13 @@ lint: install tools
 # the test gate (tests/gate.py) fails the run for any test that did not run. PYTEST_ARGS adds options,
 # e.g. PYTEST_ARGS='--durations=30'; narrowing the run (-m, -k, paths) is for work outside the gate.
 PYTEST_ARGS ?=
-test: install tools docker-install
+test: install tools docker-install jod
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # The quick loop while editing: ruff + the tests not marked slow (no Docker, Airflow, browser or
 # training; tests/gate.py marks those using such fixtures). A few minutes; `make test` before pushing.
-test-fast: install tools
+test-fast: install tools jod
 	$(VENV)/bin/ruff check .
 	HEADAVATAR_TEST_GATE=0 $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
@@ -135,4 +145,4 @@ lock:
 	rm -rf .lockvenv
 
 clean:
-	rm -rf $(VENV) .headavatar .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(JOD_VENV) .headavatar .pytest_cache .ruff_cache

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from conftest import BUCKET, CHROMIUM, CHROMIUM_ARGS, cli, tiny_config, upload_capture
+from headavatar.jod import PROTOCOL as JOD_PROTOCOL
 from headavatar.nvs_scores import score_submission
 from headavatar.nvs_submission import HEIGHT, HOLD_OUT_SERIALS, WIDTH, Request, add_video, check_submission, video_name
 from headavatar.render.gaussian_raster import Splats, build_gaussian_rasterizer
@@ -141,6 +142,9 @@ def test_the_benchmark_submission_passes_its_check_and_scores_against_the_held_o
     print("all-black submission:", floor)
     assert scores["nvs_psnr_matte"] > floor["nvs_psnr_matte"] + MIN_GAIN_DB, (scores, floor)
     assert scores["nvs_psnr"] > floor["nvs_psnr"] + MIN_GAIN_DB / 2, (scores, floor)
+    # JOD (ColorVideoVDP, the JOD environment): one per hold-out video; the avatar's beats black's.
+    assert scores["jod_videos"] == floor["jod_videos"] == 3 and scores["jod_protocol"] == JOD_PROTOCOL
+    assert scores["nvs_jod"] > floor["nvs_jod"] + 1, (scores, floor)
 
     bad = cli("export", "benchmark", "--captures", "018:EXP-9-none", "--out", str(out), *SETTINGS, env=trained_env)
     assert bad.returncode == 2 and "no sequence 'EXP-9-none'" in bad.stderr.strip().splitlines()[-1]

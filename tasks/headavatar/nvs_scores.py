@@ -7,7 +7,8 @@ describes it (each submitted 1100x1604 frame against the hold-out camera's recor
 PSNR, SSIM and, where ``gaussianhead.lpips_weights`` is supplied, LPIPS-VGG), with one difference stated in the
 protocol name: the recorded frame is matted with the true alpha onto black, because the avatar has no
 background (``*_matte`` scores are inside the head only). A v2 capture's frames are colour-corrected first,
-as stage 1 corrects the frames the avatar learned from.
+as stage 1 corrects the frames the avatar learned from. JOD (``headavatar.jod``: ColorVideoVDP) scores each
+submitted video against the same matted recorded frames as one video, at the rig's 73 fps.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from headavatar.errors import PipelineError
 from headavatar.gaussianhead.metrics import average, image_scores
 from headavatar.imaging import decode_image
 from headavatar.layout import ground_truth_prefix
-from headavatar.nvs_submission import HEIGHT, HOLD_OUT_SERIALS, WIDTH, Request, video_name
+from headavatar.nvs_submission import FPS, HEIGHT, HOLD_OUT_SERIALS, WIDTH, Request, video_name
 from headavatar.settings import PipelineConfig
 from headavatar.storage import ObjectStore
 from headavatar.video import decode_frames
@@ -55,13 +56,19 @@ def _submitted(zf: zipfile.ZipFile, name: str) -> list[np.ndarray]:
 def score_submission(store: ObjectStore, config: PipelineConfig, zip_path: Path,
                      requests: list[Request]) -> dict[str, Any]:
     """Mean scores over every submitted frame of ``requests`` (keys ``nvs_psnr``, ``nvs_ssim``,
-    ``nvs_psnr_matte``, ``nvs_ssim_matte``, ``nvs_lpips``), with the protocol and frame count."""
+    ``nvs_psnr_matte``, ``nvs_ssim_matte``, ``nvs_lpips``), with the protocol and frame count; and
+    ``nvs_jod``, the mean JOD of the submitted videos, where the JOD environment exists (else
+    ``jod_missing`` says why)."""
     from headavatar.color import ColorCorrection
+    from headavatar.jod import PROTOCOL as JOD_PROTOCOL
+    from headavatar.jod import JodPairs, jod_python
     from headavatar.raw import discover
 
     lpips = None
     rows = []
+    python, jod_missing = jod_python()
     with tempfile.TemporaryDirectory(prefix="headavatar-nvs-scores-") as tmp, zipfile.ZipFile(zip_path) as zf:
+        videos = JodPairs(Path(tmp) / "jod")
         if config.gaussianhead.lpips_weights:
             from headavatar.assets import fetch_asset
             from headavatar.gaussianhead.perceptual import LPIPSVGG
@@ -87,6 +94,7 @@ def score_submission(store: ObjectStore, config: PipelineConfig, zip_path: Path,
                 submitted = _submitted(zf, video_name(r.participant, r.sequence, serial))
                 recorded = dict(decode_frames(str(local), set(range(len(submitted))), store.uri(obj.key)))
                 color = ColorCorrection(raw.color_matrices[serial]) if correct else None  # type: ignore[index]
+                truths = []
                 for k, pred in enumerate(submitted):
                     bgr = color(recorded[k]) if color else recorded[k]
                     key = store.key(truth, r.sequence, "alpha", f"{k:04d}", f"cam_{serial}.png")
@@ -94,5 +102,12 @@ def score_submission(store: ObjectStore, config: PipelineConfig, zip_path: Path,
                     alpha = _resized(alpha if alpha.ndim == 2 else alpha[..., 0]).astype(np.float32) / 255
                     gt = _resized(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)).astype(np.float32) * alpha[..., None]
                     matte = torch.from_numpy(alpha)
-                    rows.append(image_scores(_tensor(pred), _tensor(gt.round().astype(np.uint8)), matte, lpips))
-    return {"protocol": PROTOCOL, "frames": len(rows), **average(rows, "nvs")}
+                    truths.append(gt.round().astype(np.uint8))
+                    rows.append(image_scores(_tensor(pred), _tensor(truths[-1]), matte, lpips))
+                if python is not None:
+                    videos.add(np.stack(submitted), np.stack(truths))
+        jod = {"jod_missing": jod_missing}
+        if python is not None:
+            scores = videos.score(python, FPS)
+            jod = {"nvs_jod": sum(scores) / len(scores), "jod_videos": len(scores), "jod_protocol": JOD_PROTOCOL}
+    return {"protocol": PROTOCOL, "frames": len(rows), **average(rows, "nvs"), **jod}
