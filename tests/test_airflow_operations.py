@@ -237,6 +237,7 @@ def test_kubernetes_pods_request_cpu_memory_disk_and_exit_2_is_final(airflow_hom
     pair = dag.task_dict["gaussianhead"]
     pair.request_gpus({"gaussianhead_gpus": 2})  # a data-parallel run's pod: two GPUs of one node
     out["pair"] = pair.build_pod_request_obj().spec.containers[0].resources.limits
+    out["pair_requests"] = pair.build_pod_request_obj().spec.containers[0].resources.requests
     t = dag.task_dict["extract"]
     t.on_finish_action, t.log_events_on_failure, t.arguments = "keep_pod", False, ["run", "extract"]
     # No cluster here: the provider's two API calls on this path answer as a cluster would (no istio, label set).
@@ -254,7 +255,8 @@ def test_kubernetes_pods_request_cpu_memory_disk_and_exit_2_is_final(airflow_hom
                               "limits": {"memory": "16Gi", "ephemeral-storage": "200Gi"}}
     assert res["gaussianhead"] == {"requests": {"cpu": "8", "memory": "64Gi", "ephemeral-storage": "50Gi"},
                                    "limits": {"memory": "64Gi", "ephemeral-storage": "50Gi", "nvidia.com/gpu": "1"}}
-    assert facts["pair"]["nvidia.com/gpu"] == "2"
+    assert facts["pair"] == {"memory": "128Gi", "ephemeral-storage": "50Gi", "nvidia.com/gpu": "2"}  # 2 ranks
+    assert facts["pair_requests"] == {"cpu": "8", "memory": "128Gi", "ephemeral-storage": "50Gi"}
     for stage, r in res.items():
         assert set(r["requests"]) == {"cpu", "memory", "ephemeral-storage"}, stage
     final = {code: f[1] for code, f in facts["failures"].items()}
@@ -405,7 +407,8 @@ def test_docker_containers_ask_the_engine_for_the_leased_gpu() -> None:
     leased = gpu_request("1")
     assert (leased["DeviceIDs"], leased["Count"], leased["Capabilities"]) == (["1"], 0, [["gpu"]])
     assert gpu_request("0,1")["DeviceIDs"] == ["0", "1"]  # data-parallel stage 6: both leased GPUs
-    assert gpu_request(None)["Count"] == 1  # host GPUs unknown: any one (the engine's GPU 0)
+    assert gpu_request(None)["Count"] == 1  # host GPUs unknown: any one (the engine's GPU 0) ...
+    assert gpu_request(None, 2)["Count"] == 2  # ... or as many as the stage's ranks
 
 
 def test_a_cpu_only_host_places_gpu_stages_without_a_warning(

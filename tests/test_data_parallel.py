@@ -103,8 +103,38 @@ def test_two_gloo_ranks_train_the_avatar_one_rank_trains_and_die_with_their_stag
 
 
 @pytest.mark.s3
-def test_a_step_must_split_evenly_over_the_ranks(s3_env: dict[str, str]) -> None:
-    r = cli("run", "gaussianhead", "--capture", "018", "--profile", "demo", "--set", "gaussianhead.ranks=3",
-            env=s3_env)
+def test_a_step_must_split_evenly_over_the_ranks_and_a_run_says_so_at_its_first_task(s3_env: dict[str, str]) -> None:
+    r = cli("run", "extract", "--capture", "018", "--profile", "demo", "--set", "gaussianhead.ranks=3", env=s3_env)
     assert r.returncode == 2, r.stderr[-2000:]
-    assert "gaussianhead.views_per_step (2) must be a multiple of gaussianhead.ranks (3)" in r.stderr.splitlines()[-1]
+    assert r.stderr.strip().splitlines()[-1].endswith(
+        "gaussianhead.views_per_step (2) must be a multiple of gaussianhead.ranks (3): each rank takes an equal "
+        "share of a step's views"), r.stderr[-2000:]
+
+
+def _rank(rank: int, folder: Path) -> None:
+    """One of two gloo ranks: its share of 5 items, everything gathered back, loss terms averaged."""
+    import torch.distributed as dist
+
+    from headavatar.training.data_parallel import gather, mean_over_ranks, shard
+
+    dist.init_process_group("gloo", init_method=f"file://{folder / 'rendezvous'}", rank=rank, world_size=2)
+    mine = shard(list(range(5)))
+    out = {"mine": mine, "gathered": gather([x * 10 for x in mine]),
+           "mean": float(mean_over_ranks({"loss": torch.tensor(float(rank + 1))})["loss"])}
+    dist.destroy_process_group()
+    (folder / f"rank{rank}.json").write_text(json.dumps(out))
+
+
+def test_ranks_take_every_other_item_and_gather_them_back_in_order(tmp_path: Path) -> None:
+    """What the trainer shards a step's views and the evaluation sets with (5 items: an uneven split)."""
+    import multiprocessing
+
+    procs = [multiprocessing.get_context("spawn").Process(target=_rank, args=(r, tmp_path)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["mine"] for r in ranks] == [[0, 2, 4], [1, 3]]
+    assert all(r["gathered"] == [0, 10, 20, 30, 40] and r["mean"] == 1.5 for r in ranks), ranks

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from conftest import BUCKET, CHROMIUM, CHROMIUM_ARGS, cli, tiny_config, upload_capture
+from headavatar.jod import JOD_PYTHON_ENV
 from headavatar.jod import PROTOCOL as JOD_PROTOCOL
 from headavatar.nvs_scores import score_submission
 from headavatar.nvs_submission import HEIGHT, HOLD_OUT_SERIALS, WIDTH, Request, add_video, check_submission, video_name
@@ -115,7 +116,7 @@ def test_the_ply_reads_back_and_renders_as_the_avatar(store: ObjectStore, traine
 
 
 def test_the_benchmark_submission_passes_its_check_and_scores_against_the_held_out_truth(
-        store: ObjectStore, trained_env: dict[str, str], tmp_path: Path) -> None:
+        store: ObjectStore, trained_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "submission.zip"
     r = cli("export", "benchmark", "--captures", "018:EXP-1-head", "--out", str(out), "--evaluate", *SETTINGS,
             env=trained_env, timeout=900)
@@ -145,6 +146,10 @@ def test_the_benchmark_submission_passes_its_check_and_scores_against_the_held_o
     # JOD (ColorVideoVDP, the JOD environment): one per hold-out video; the avatar's beats black's.
     assert scores["jod_videos"] == floor["jod_videos"] == 3 and scores["jod_protocol"] == JOD_PROTOCOL
     assert scores["nvs_jod"] > floor["nvs_jod"] + 1, (scores, floor)
+    monkeypatch.setenv(JOD_PYTHON_ENV, str(tmp_path / "no-jod" / "python"))  # a host without the JOD environment
+    without = score_submission(store, tiny_config(), black, [Request("018", "EXP-1-head")])
+    assert "nvs_jod" not in without and "make jod" in without["jod_missing"], without
+    assert without["nvs_psnr"] == floor["nvs_psnr"]  # the other scores as before
 
     bad = cli("export", "benchmark", "--captures", "018:EXP-9-none", "--out", str(out), *SETTINGS, env=trained_env)
     assert bad.returncode == 2 and "no sequence 'EXP-9-none'" in bad.stderr.strip().splitlines()[-1]

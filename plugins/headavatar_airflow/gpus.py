@@ -9,7 +9,8 @@ exits, however it exits (SIGKILL, OOM, a lost worker). The stage holds it as lon
 stage subprocess inherits the lock's descriptor, and a stage container, which no descriptor can
 follow, is labelled ``headavatar.gpu=<device>`` and its GPU is skipped while it runs. So a stage
 that outlives a killed task process keeps its GPU until it ends. The lock file holds who has it
-(``cat`` it to see). Kubernetes takes none: the device plugin places pods (``nvidia.com/gpu: 1``).
+(``cat`` it to see). Kubernetes takes none: the device plugin places pods (``nvidia.com/gpu``: one per
+GPU the stage uses).
 """
 
 from __future__ import annotations
@@ -63,10 +64,6 @@ class GpuLease:
     device: str
     fds: tuple[int, ...]
 
-    @property
-    def devices(self) -> tuple[str, ...]:
-        return tuple(self.device.split(","))
-
 
 def _try_lock(lease_dir: Path, device: str, holder: str) -> int | None:
     fd = os.open(_lock_path(lease_dir, device), os.O_RDWR | os.O_CREAT, 0o666)
@@ -75,8 +72,12 @@ def _try_lock(lease_dir: Path, device: str, holder: str) -> int | None:
     except BlockingIOError:
         os.close(fd)
         return None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{holder} pid={os.getpid()}\n".encode())
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{holder} pid={os.getpid()}\n".encode())
+    except OSError:
+        os.close(fd)
+        raise
     return fd
 
 
@@ -97,21 +98,19 @@ def gpu_lease(devices: Sequence[str], lease_dir: Path, holder: str = "", poll_s:
     while True:
         in_use = busy()
         held: list[tuple[str, int]] = []
-        for device in devices:
+        try:
+            for device in devices:
+                if len(held) == count:
+                    break
+                fd = None if device in in_use else _try_lock(lease_dir, device, holder)
+                if fd is not None:
+                    held.append((device, fd))
             if len(held) == count:
-                break
-            fd = None if device in in_use else _try_lock(lease_dir, device, holder)
-            if fd is not None:
-                held.append((device, fd))
-        if len(held) == count:
-            try:
                 yield GpuLease(",".join(d for d, _ in held), tuple(fd for _, fd in held))
-            finally:
-                for _, fd in held:
-                    os.close(fd)  # this process's descriptor; the lock lasts while a stage still has one
-            return
-        for _, fd in held:  # fewer than asked for: hold none while waiting
-            os.close(fd)
+                return
+        finally:  # this process's descriptors; a lock lasts while a stage still has one. Fewer than asked
+            for _, fd in held:  # for: none is kept while waiting
+                os.close(fd)
         if waiting_since is None:
             waiting_since = time.monotonic()
             log.info("fewer than %d of the GPUs free (%s): waiting", count, ", ".join(devices))

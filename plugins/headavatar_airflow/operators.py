@@ -265,7 +265,7 @@ def _docker_operator() -> type:
             with placed_gpu(self.settings, context["params"], lease_holder(context),
                             busy=self._gpus_of_running_stages, count=self.stage.gpus(context["params"])) as lease:
                 self.gpu_device = lease.device if lease else None
-                self.device_requests = [gpu_request(self.gpu_device)]
+                self.device_requests = [gpu_request(self.gpu_device, self.stage.gpus(context["params"]))]
                 return self._execute(context)
 
         def _gpus_of_running_stages(self) -> set[str]:
@@ -327,13 +327,13 @@ def _docker_operator() -> type:
     return DockerStageOperator
 
 
-def gpu_request(device: str | None) -> Any:
-    """The container's GPUs: the leased ones (``device``: indices, comma-joined); any one (``count=1``,
-    GPU 0) only when the host's GPUs are unknown."""
+def gpu_request(device: str | None, count: int = 1) -> Any:
+    """The container's GPUs: the leased ones (``device``: indices, comma-joined); any ``count`` (the engine's
+    first ones) only when the host's GPUs are unknown."""
     from docker.types import DeviceRequest
 
     if device is None:
-        return DeviceRequest(count=1, capabilities=[["gpu"]])
+        return DeviceRequest(count=count, capabilities=[["gpu"]])
     return DeviceRequest(device_ids=device.split(","), capabilities=[["gpu"]])
 
 
@@ -392,10 +392,15 @@ def _kubernetes_operator() -> type:
             self.stage_command = ""
 
         def request_gpus(self, params: dict[str, Any]) -> None:
-            """The pod's ``nvidia.com/gpu`` limit for this run: data-parallel stage 6 asks for one per rank."""
-            res = self.container_resources
-            if self.stage.gpu and res is not None:
-                res.limits = {**(res.limits or {}), "nvidia.com/gpu": str(self.stage.gpus(params))}
+            """The pod's ``nvidia.com/gpu`` limit for this run: data-parallel stage 6 asks for one per rank, and
+            for the memory of as many processes (each rank holds the capture's views)."""
+            res, n = self.container_resources, self.stage.gpus(params)
+            if not self.stage.gpu or res is None:
+                return
+            if n > 1:
+                res.requests = {k: _times(v, n) if k == "memory" else v for k, v in (res.requests or {}).items()}
+                res.limits = {k: _times(v, n) if k == "memory" else v for k, v in (res.limits or {}).items()}
+            res.limits = {**(res.limits or {}), "nvidia.com/gpu": str(n)}
 
         def execute(self, context: Any) -> Any:
             self.request_gpus(context["params"])
@@ -424,6 +429,12 @@ def _kubernetes_operator() -> type:
                 raise
 
     return KubernetesStageOperator
+
+
+def _times(quantity: str, n: int) -> str:
+    """A Kubernetes quantity such as ``64Gi`` times ``n`` (``128Gi``)."""
+    number, unit = re.fullmatch(r"([0-9.]+)(.*)", quantity).groups()  # type: ignore[union-attr]
+    return f"{float(number) * n:g}{unit}"
 
 
 def exit_code(pod: Any, container: str) -> int | None:

@@ -55,7 +55,8 @@ def param_schema() -> dict[str, dict[str, Any]]:
         "gaussianhead_gpus": {"type": ["null", "integer"], "minimum": 1, "maximum": 64,
                               "title": "Gaussian-head GPUs",
                               "description": "train stage 6 data-parallel on this many GPUs of one host, one "
-                                             "lease each (empty = 1)"},
+                                             "lease each (empty = 1); the profile's gaussianhead.views_per_step "
+                                             "must be a multiple of it (the default profile's is 1)"},
         "gpu": {"type": ["null", "integer"], "minimum": 0, "maximum": 63, "title": "GPU index",
                 "description": "pin GPU stages to this device (docker/local); empty = any free GPU"},
         "force": {"type": "boolean", "title": "Recompute", "description": "ignore cache hits and checkpoints"},

@@ -55,11 +55,13 @@ class JodPairs:
 
     def score(self, python: Path, fps: float) -> list[float]:
         """JOD of each pair, in the order they were added."""
-        r = subprocess.run([str(python), str(WORKER), "--display", DISPLAY, "--fps", str(fps), str(self.folder)],
-                           stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONNOUSERSITE": "1"})
-        if r.returncode != 0:
+        # -I: that environment's own packages only (not this one's PYTHONPATH, user site or the script's folder)
+        r = subprocess.run([str(python), "-I", str(WORKER), "--display", DISPLAY, "--fps", str(fps), str(self.folder)],
+                           stdout=subprocess.PIPE, text=True)
+        lines = r.stdout.strip().splitlines()
+        if r.returncode != 0 or not lines:
             raise PipelineError(f"JOD ({python} {WORKER.name}) failed with exit {r.returncode}: see its error above")
-        return json.loads(r.stdout.strip().splitlines()[-1])["jod"]
+        return json.loads(lines[-1])["jod"]
 
 
 def video_jod(pairs: list[tuple[np.ndarray, np.ndarray]], fps: float, python: Path) -> list[float]:

@@ -106,8 +106,8 @@ def score_submission(store: ObjectStore, config: PipelineConfig, zip_path: Path,
                     rows.append(image_scores(_tensor(pred), _tensor(truths[-1]), matte, lpips))
                 if python is not None:
                     videos.add(np.stack(submitted), np.stack(truths))
-        jod = {"jod_missing": jod_missing}
-        if python is not None:
+        jod = {"jod_missing": jod_missing or "no video to score"}
+        if python is not None and videos.count:
             scores = videos.score(python, FPS)
             jod = {"nvs_jod": sum(scores) / len(scores), "jod_videos": len(scores), "jod_protocol": JOD_PROTOCOL}
     return {"protocol": PROTOCOL, "frames": len(rows), **average(rows, "nvs"), **jod}

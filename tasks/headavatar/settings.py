@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
 from headavatar.errors import ConfigError
@@ -310,12 +310,12 @@ class MeshHeadConfig(Section):
     compile: bool = execution(
         True, description="CUDA: MLPs, rasteriser shading, Laplacian under torch.compile (~3 min at step 1); CPU: no")
     holdout_cameras: tuple[str, ...] = Field(
-        ("222200039", "222200044"), description="cameras never trained on; scored (silhouette IoU) and pictured")
+        ("222200039", "222200044"), description="cameras never trained on; scored (silhouette IoU, PSNR) and pictured")
     # Sequences (name patterns) never trained on; every camera of them is scored (self-reenactment).
     holdout_sequences: tuple[SequencePattern, ...] = Field(
         (), description="sequence name patterns never trained on; every camera of them is scored (self-reenactment)")
     eval_every: Annotated[int, Field(ge=0)] = execution(
-        1000, description="held-out evaluation every N steps (0 = at the end only)")
+        1000, description="held-out evaluation every N steps (0 = at the end only; the plateau rule's checks too)")
     # The plateau rule (headavatar.training.plateau): ``steps`` is a ceiling; training ends when the
     # mesh head's held-out PSNR stops rising. These settings change what is trained, so unlike
     # eval_every they key the cache.
@@ -386,7 +386,7 @@ class GaussianHeadConfig(Section):
     holdout_sequences: tuple[SequencePattern, ...] = Field(
         (), description="sequence name patterns never trained on, as meshhead.holdout_sequences")
     eval_every: Annotated[int, Field(ge=0)] = execution(
-        5000, description="held-out evaluation every N steps (0 = at the end only)")
+        5000, description="held-out evaluation every N steps (0 = at the end only; the plateau rule's checks too)")
     # The plateau rule (headavatar.training.plateau): ``steps`` is a ceiling; training ends when the
     # novel-view PSNR (else self-reenactment's) stops rising. These settings change what is trained,
     # so unlike eval_every they key the cache.
@@ -404,6 +404,18 @@ class GaussianHeadConfig(Section):
         25_000, description="also published as checkpoints/step-N.pt every N steps (0 = never)")
     seed: int = Field(0, description="random seed (sampler, initialisation); CPU training is bit-reproducible")
     device: DeviceName = execution("auto", description="auto | cpu | cuda | cuda:N (auto = CUDA when present)")
+
+    @model_validator(mode="after")
+    def _ranks_split_the_step(self) -> GaussianHeadConfig:
+        """Checked when the config is loaded, so a run asking for more GPUs than its step has views fails at
+        its first task, not after five stages and a wait for GPU leases."""
+        if self.views_per_step % self.ranks:
+            raise ValueError(f"gaussianhead.views_per_step ({self.views_per_step}) must be a multiple of "
+                             f"gaussianhead.ranks ({self.ranks}): each rank takes an equal share of a step's views")
+        if self.ranks > 1 and self.device.startswith("cuda:"):
+            raise ValueError(f"gaussianhead.device {self.device} names one GPU but gaussianhead.ranks is "
+                             f"{self.ranks}: use auto or cuda (rank r trains on the r-th GPU the stage sees)")
+        return self
 
 
 Hours = Annotated[float, Field(gt=0, le=24 * 60)]
@@ -577,6 +589,8 @@ def _one_line(e: ValidationError) -> str:
         key = ".".join(str(p) for p in err["loc"]) or "<root>"
         if err["type"] == "extra_forbidden":
             parts.append(f"{key}: unknown key")
+        elif isinstance(err.get("input"), dict):  # a rule across a section's settings: its message names them
+            parts.append(str(err["msg"]).removeprefix("Value error, "))
         else:
             got = repr(err.get("input"))
             parts.append(f"{key}: {err['msg']} (got {got[:60]})")

@@ -70,7 +70,7 @@ def knn_backends(n: int = 40_000) -> dict:
 
 def mesh_backends(frames: int, steps: int) -> dict:
     dev = torch.device("cuda")
-    cfg = MeshHeadConfig()
+    cfg = MeshHeadConfig(plateau_every=0)
     views, vertices = synthetic_views(frames, cfg.render_size)
     torch.manual_seed(0)
     model = init_model(cfg, views, vertices).to(dev)

@@ -102,11 +102,11 @@ class TrainingSetup:
 
     @classmethod
     def build(cls, frames: int, mesh_steps: int) -> TrainingSetup:
-        cfg, dev = GaussianHeadConfig(), torch.device("cuda")
+        cfg, dev = GaussianHeadConfig(plateau_every=0), torch.device("cuda")
         workers = len(os.sched_getaffinity(0))
         coarse, verts = synthetic_views(frames, cfg.coarse_size, workers)
         fine, _ = synthetic_views(frames, cfg.fine_size, workers)
-        mcfg = MeshHeadConfig(steps=mesh_steps, eval_every=0)
+        mcfg = MeshHeadConfig(steps=mesh_steps, eval_every=0, plateau_every=0)
         mesh256, _ = synthetic_views(frames, mcfg.render_size, workers)
         mesh = init_model(mcfg, mesh256, verts)
         MeshHeadTrainer(mesh, mesh256, mcfg, build_mesh_rasterizer("torch", 0.5), dev).train(save=lambda _: None)

@@ -56,7 +56,7 @@ def trainer(d: dict, precision: str, steps: int, compile_: bool = False):
            "keep_checkpoint_every": 0}
     if "compile" in MeshHeadConfig.model_fields:  # the old code has no such setting (and compiles nothing)
         upd["compile"] = compile_
-    cfg = MeshHeadConfig().model_copy(update=upd)
+    cfg = MeshHeadConfig(plateau_every=0).model_copy(update=upd)
     views = Views(**d["views"])
     torch.manual_seed(0)
     model = init_model(cfg, views, d["vertices"])

@@ -142,7 +142,7 @@ def make_data(path: Path, frames: int, heldout_frames: int, mesh_steps: int) -> 
     from headavatar.render.mesh_raster import build_mesh_rasterizer
     from headavatar.settings import GaussianHeadConfig, MeshHeadConfig
 
-    cfg, workers = GaussianHeadConfig(), len(os.sched_getaffinity(0))
+    cfg, workers = GaussianHeadConfig(plateau_every=0), len(os.sched_getaffinity(0))
     t0 = time.perf_counter()
     coarse, verts = synthetic_views(frames, cfg.coarse_size, workers)
     fine, _ = synthetic_views(frames, cfg.fine_size, workers)
@@ -151,7 +151,7 @@ def make_data(path: Path, frames: int, heldout_frames: int, mesh_steps: int) -> 
     h_coarse, _ = synthetic_views(heldout_frames, cfg.coarse_size, workers, sequence=seq)
     h_fine, _ = synthetic_views(heldout_frames, cfg.fine_size, workers, sequence=seq)
     render_s = time.perf_counter() - t0
-    mcfg = MeshHeadConfig(steps=mesh_steps, eval_every=0)
+    mcfg = MeshHeadConfig(steps=mesh_steps, eval_every=0, plateau_every=0)
     torch.manual_seed(0)
     mesh = init_model(mcfg, mesh256, verts)
     MeshHeadTrainer(mesh, mesh256, mcfg, build_mesh_rasterizer("torch", 0.5), torch.device("cuda")).train(
@@ -192,7 +192,7 @@ def gaussian_trainer(d: dict, steps: int, raster, role: str, precision: str = "b
         upd["precision"] = precision
         if "compile" in GaussianHeadConfig.model_fields:
             upd["compile"] = compile
-    cfg = GaussianHeadConfig().model_copy(update=upd)
+    cfg = GaussianHeadConfig(plateau_every=0).model_copy(update=upd)
     with torch.no_grad():
         nv, _, _ = mesh.neutral()
         _, _, feats = mesh.query(nv)
@@ -216,7 +216,7 @@ def mesh_trainer(d: dict, role: str, precision: str = "bf16", steps: int = 300):
     upd = {"steps": steps, "eval_every": 0}
     if role == "new":
         upd["precision"] = precision
-    cfg = MeshHeadConfig().model_copy(update=upd)
+    cfg = MeshHeadConfig(plateau_every=0).model_copy(update=upd)
     torch.manual_seed(0)
     model = init_model(cfg, d["views"]["mesh256"], d["vertices"])
     return MeshHeadTrainer(model, d["views"]["mesh256"], cfg, build_mesh_rasterizer(cfg.rasterizer, 0.5),

@@ -101,9 +101,8 @@ class GaussianHeadTrainer(Trainer):
                                           "a held-out sequence (its fitted expressions and poses), all cameras"))
         if self.eval_sets:  # novel view when there are held-out cameras, else self-reenactment
             self.plateau = PlateauRule.of(cfg, f"{self.eval_sets[0].name}_psnr")
-        self.rank, self.world = rank_and_world()
         self.step_views: torch.nn.Module = StepViews(self)
-        if self.world > 1:
+        if rank_and_world()[1] > 1:
             self.step_views = torch.nn.parallel.DistributedDataParallel(
                 self.step_views, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
 
@@ -195,4 +194,4 @@ class GaussianHeadTrainer(Trainer):
         frames = torch.randint(len(self.coarse_views.folders), (n,), generator=self.gen)
         cams = torch.randint(len(self.train_cams), (n,), generator=self.gen)
         pairs = [(f, self.train_cams[c]) for f, c in zip(frames.tolist(), cams.tolist(), strict=True)]
-        return self.step_views(pairs[self.rank::self.world])
+        return self.step_views(shard(pairs))

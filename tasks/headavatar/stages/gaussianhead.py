@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -74,16 +75,18 @@ def build_avatar(ctx: StageContext, cfg: GaussianHeadConfig) -> tuple[Views, Vie
     return coarse, fine, extra_eval, head, sr
 
 
-def build_trainer(ctx: StageContext, cfg: GaussianHeadConfig, device: torch.device,
-                  saved: dict | None) -> GaussianHeadTrainer:
+def fetch_lpips(ctx: StageContext, cfg: GaussianHeadConfig) -> Path | None:
+    """The LPIPS weights in scratch (fetched once, before any rank starts), or None without them."""
+    if not cfg.lpips_weights:
+        return None
+    return fetch_asset(ctx.store, cfg.lpips_weights, "gaussianhead.lpips_weights", ctx.scratch)
+
+
+def build_trainer(ctx: StageContext, cfg: GaussianHeadConfig, device: torch.device, saved: dict | None,
+                  lpips_path: Path | None) -> GaussianHeadTrainer:
     """The trainer of this rank (every rank builds the same one), resumed from ``saved`` when given."""
     torch.manual_seed(cfg.seed)
-    if device.type == "cpu" and cfg.ranks > 1:  # ranks share the CPUs instead of each taking them all
-        torch.set_num_threads(max(1, torch.get_num_threads() // cfg.ranks))
-    lpips = None
-    if cfg.lpips_weights:
-        path = fetch_asset(ctx.store, cfg.lpips_weights, "gaussianhead.lpips_weights", ctx.scratch)
-        lpips = LPIPSVGG().load(path, cfg.lpips_weights).to(device)
+    lpips = LPIPSVGG().load(lpips_path, cfg.lpips_weights).to(device) if lpips_path else None
     raster = build_gaussian_rasterizer(cfg.rasterizer, device)
     coarse, fine, extra_eval, head, sr = build_avatar(ctx, cfg)
     trainer = GaussianHeadTrainer(head, sr, coarse, fine, cfg, raster, Perceptual(lpips), device, extra_eval=extra_eval)
@@ -98,14 +101,14 @@ def build_trainer(ctx: StageContext, cfg: GaussianHeadConfig, device: torch.devi
     return trainer
 
 
-def rank_job(ctx: StageContext, saved: dict | None) -> data_parallel.RankJob:
+def rank_job(ctx: StageContext, saved: dict | None, lpips_path: Path | None) -> data_parallel.RankJob:
     """What the spawned ranks need; the checkpoint rank 0 resumes from goes to scratch for them."""
     start = None
     if saved is not None:
         start = ctx.scratch / "ranks-start.pt"
         torch.save(saved, start)
     return data_parallel.RankJob(ctx.stage, ctx.capture, ctx.config, ctx.upstream, ctx.inputs, ctx.scratch,
-                                 ctx.config.gaussianhead.ranks, start)
+                                 ctx.config.gaussianhead.ranks, start, lpips_path)
 
 
 def train_rank(rank: int, job: data_parallel.RankJob) -> None:
@@ -115,7 +118,7 @@ def train_rank(rank: int, job: data_parallel.RankJob) -> None:
     device = data_parallel.rank_device(resolve_device(cfg.device), rank)
     data_parallel.join(rank, job, device)
     saved = None if job.start is None else torch.load(job.start, map_location="cpu", weights_only=True)
-    build_trainer(ctx, cfg, device, saved).train(save=lambda state: None)
+    build_trainer(ctx, cfg, device, saved, job.lpips_path).train(save=lambda state: None)
 
 
 class GaussianHeadStage(Stage):
@@ -135,12 +138,6 @@ class GaussianHeadStage(Stage):
         if cfg.fine_size % cfg.coarse_size or factor & (factor - 1):
             raise ConfigError(f"gaussianhead.fine_size ({cfg.fine_size}) must be coarse_size ({cfg.coarse_size}) "
                               "times a power of two")
-        if cfg.views_per_step % cfg.ranks:
-            raise ConfigError(f"gaussianhead.views_per_step ({cfg.views_per_step}) must be a multiple of "
-                              f"gaussianhead.ranks ({cfg.ranks}): each rank takes an equal share of a step's views")
-        if cfg.ranks > 1 and cfg.device.startswith("cuda:"):
-            raise ConfigError(f"gaussianhead.device {cfg.device} names one GPU but gaussianhead.ranks is {cfg.ranks}: "
-                              "use auto or cuda (rank r trains on the r-th GPU this process sees)")
         if cfg.lpips_weights:
             return {"lpips_weights": asset_identity(store, cfg.lpips_weights, "gaussianhead.lpips_weights")}
         return {}
@@ -154,14 +151,15 @@ class GaussianHeadStage(Stage):
         # First: a checkpoint that is refused (not plain tensors) fails the stage before minutes of loading views.
         checkpoints = Checkpoints(ctx, cfg.keep_checkpoint_every)
         saved = checkpoints.load()
+        lpips_path = fetch_lpips(ctx, cfg)
         if cfg.ranks == 1:
-            trainer = build_trainer(ctx, cfg, device, saved)
+            trainer = build_trainer(ctx, cfg, device, saved, lpips_path)
             state = trainer.train(save=checkpoints.save)
         else:
-            job = rank_job(ctx, saved)
+            job = rank_job(ctx, saved, lpips_path)
             device = data_parallel.rank_device(device, 0)
             with data_parallel.ranks(job, train_rank, device):
-                trainer = build_trainer(ctx, cfg, device, saved)
+                trainer = build_trainer(ctx, cfg, device, saved, lpips_path)
                 state = trainer.train(save=checkpoints.save)
         head, sr, coarse = trainer.head, trainer.sr, trainer.coarse_views
 

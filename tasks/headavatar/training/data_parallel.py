@@ -18,7 +18,11 @@ import ctypes
 import datetime
 import logging
 import multiprocessing
+import multiprocessing.connection
+import os
 import signal
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -50,6 +54,7 @@ class RankJob:
     scratch: Path
     world: int
     start: Path | None  # the checkpoint rank 0 resumes from, saved for the others (None: from step 0)
+    lpips_path: Path | None  # the LPIPS weights rank 0 fetched (None: without)
 
     @property
     def rendezvous(self) -> Path:
@@ -98,10 +103,13 @@ def rank_device(device: torch.device, rank: int) -> torch.device:
 
 
 def join(rank: int, job: RankJob, device: torch.device) -> None:
-    """Enter the process group (waits until every rank has)."""
+    """Enter the process group (waits until every rank has). On the CPU the ranks share its cores."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(max(1, torch.get_num_threads() // job.world))
+    (job.scratch / f"rank-{rank}.ready").touch()  # rank 0 waits for these, watching for a rank that died first
     dist.init_process_group(backend, init_method=f"file://{job.rendezvous}", rank=rank, world_size=job.world,
                             timeout=TIMEOUT)
     log.info("%s/%s: rank %d of %d joined (%s on %s)", job.capture, job.stage, rank, job.world, backend, device)
@@ -115,29 +123,64 @@ def leave() -> None:
 @contextmanager
 def ranks(job: RankJob, target: Callable[[int, RankJob], None], device: torch.device) -> Iterator[None]:
     """This process as rank 0 of ``job.world`` for the ``with`` block; ranks 1.. spawned, each running
-    ``target(rank, job)`` (a module-level function). The block's end waits for them, and a rank that
-    failed fails the block; a block that fails kills them."""
-    job.rendezvous.unlink(missing_ok=True)  # a file left by an earlier attempt would be joined by mistake
+    ``target(rank, job)`` (a module-level function that calls :func:`join`). A rank that dies before
+    joining fails the block at once; one that dies later fails the next collective (gloo at once, NCCL
+    after :data:`TIMEOUT`) and is named in the log as it dies. The block's end waits for the ranks (a
+    rank that failed fails it); a block that fails kills them."""
+    for stale in (job.rendezvous, *job.scratch.glob("rank-*.ready")):  # left by an earlier attempt
+        stale.unlink(missing_ok=True)
+    threads = torch.get_num_threads()
     spawn = multiprocessing.get_context("spawn")
     procs = [spawn.Process(target=_rank_main, args=(target, rank, job), name=f"{job.stage} rank {rank}", daemon=True)
              for rank in range(1, job.world)]
     for p in procs:
         p.start()
+    done = threading.Event()
     try:
+        _await_ranks(job, procs)
+        threading.Thread(target=_report_deaths, args=(procs, done), daemon=True).start()
         join(0, job, device)
         yield
         leave()
+        done.set()
         for p in procs:
-            p.join()
+            p.join(TIMEOUT.total_seconds())
         failed = [f"{p.name} (exit {p.exitcode})" for p in procs if p.exitcode != 0]
         if failed:
             raise RuntimeError(f"data-parallel training: {', '.join(failed)} failed")
     finally:
-        leave()
+        done.set()
         for p in procs:
             if p.is_alive():
                 p.kill()
                 p.join()
+        leave()
+        torch.set_num_threads(threads)
+
+
+def _await_ranks(job: RankJob, procs: list[multiprocessing.process.BaseProcess]) -> None:
+    """Until every spawned rank is about to join: a rank that exits first (an import error, no GPU) is
+    reported at once instead of after the group's timeout."""
+    deadline = time.monotonic() + TIMEOUT.total_seconds()
+    while not all((job.scratch / f"rank-{r}.ready").exists() for r in range(1, job.world)):
+        dead = [f"{p.name} exited with {p.exitcode}" for p in procs if p.exitcode is not None]
+        if dead:
+            raise RuntimeError(f"data-parallel training: {', '.join(dead)} before joining (its error is above)")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"data-parallel training: ranks not ready after {TIMEOUT}")
+        time.sleep(0.2)
+
+
+def _report_deaths(procs: list[multiprocessing.process.BaseProcess], done: threading.Event) -> None:
+    """Name a rank that dies during training in the log as it happens (rank 0 learns it at its next collective)."""
+    waiting = {p.sentinel: p for p in procs}
+    while waiting and not done.is_set():
+        for sentinel in multiprocessing.connection.wait(list(waiting), timeout=1.0):
+            p = waiting.pop(sentinel)  # type: ignore[call-overload]
+            p.join()
+            if p.exitcode != 0 and not done.is_set():
+                log.error("%s exited with %s during training: the stage fails at its next collective", p.name,
+                          p.exitcode)
 
 
 def _rank_main(target: Callable[[int, RankJob], None], rank: int, job: RankJob) -> None:
@@ -155,6 +198,9 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
     except OSError:
         log.warning("prctl unavailable: this rank may outlive its stage if the stage is killed")
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # it died before the signal was asked for
+        os._exit(1)
 
 
 def rank_context(job: RankJob) -> StageContext:

@@ -136,8 +136,8 @@ class Trainer(ABC):
             window_steps += 1
             if step == since:
                 window_t, window_steps = self._sync_window(None, 0), 0
-            logged = done % log_every == 0 or done == cfg.steps
             checking = rule is not None and rule.checks_at(done) and done < cfg.steps
+            logged = done % log_every == 0 or done == cfg.steps or checking  # a check may be the last step
             evaluating = (bool(cfg.eval_every) and done % cfg.eval_every == 0 and done < cfg.steps) or checking
             saving = (done % cfg.checkpoint_every == 0 or (keep and done % keep == 0)) and done < cfg.steps
             progress = done % max(1, cfg.steps // 20) == 0 or time.monotonic() - last_progress >= PROGRESS_EVERY_S

@@ -31,18 +31,18 @@ class PlateauRule:
     def checks_at(self, step: int) -> bool:
         return bool(self.every) and step % self.every == 0
 
-    def scores(self, evals: list[dict[str, float]]) -> list[float]:
-        """The metric at each check (the evaluation before training, step 0, included), in step order."""
-        return [e[self.metric] for e in evals if self.checks_at(e["step"]) and self.metric in e]
+    def scores(self, evals: list[dict[str, float]]) -> list[tuple[int, float]]:
+        """(step, metric) at each check that scored (the evaluation before training, step 0, included)."""
+        return [(e["step"], e[self.metric]) for e in evals
+                if self.checks_at(e["step"]) and self.metric in e and not math.isnan(e[self.metric])]
 
     def plateaued(self, step: int, evals: list[dict[str, float]]) -> bool:
         """Whether training should stop at ``step`` (a check) given every evaluation so far."""
-        if not self.checks_at(step) or step < self.min_steps:
+        scored = self.scores(evals)
+        if step < self.min_steps or not scored or scored[-1][0] != step or len(scored) <= self.checks:
             return False
-        scores = self.scores(evals)
-        if len(scores) <= self.checks or any(math.isnan(s) for s in scores):
-            return False
-        return max(scores[-self.checks:]) - max(scores[:-self.checks]) < self.gain
+        values = [v for _, v in scored]
+        return max(values[-self.checks:]) - max(values[:-self.checks]) < self.gain
 
     def describe(self) -> str:
         if not self.every:
