@@ -97,6 +97,9 @@ def test_two_gloo_ranks_train_the_avatar_one_rank_trains_and_die_with_their_stag
         assert a["step"] == b["step"] and abs(a["loss"] - b["loss"]) <= 1e-3 * abs(a["loss"]), (a, b)
     assert one.keys() == two.keys()
     worst = max(float((one[k] - two[k]).abs().max() / one[k].abs().max().clamp_min(1e-6)) for k in one)
+    print("two ranks against one: PSNR", [round(b["holdout_psnr"] - a["holdout_psnr"], 5) for a, b in
+                                         zip(one_history["holdout"], two_history["holdout"], strict=True)],
+          "largest parameter difference / tensor's largest value", worst)
     assert worst < 1e-3, worst
     # Not equal for want of training: both learned far more than they differ.
     assert two_history["holdout"][-1]["holdout_psnr"] > two_history["holdout"][0]["holdout_psnr"] + 1
@@ -138,3 +141,19 @@ def test_ranks_take_every_other_item_and_gather_them_back_in_order(tmp_path: Pat
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["mine"] for r in ranks] == [[0, 2, 4], [1, 3]]
     assert all(r["gathered"] == [0, 10, 20, 30, 40] and r["mean"] == 1.5 for r in ranks), ranks
+
+
+def _dies_before_joining(rank: int, job) -> None:
+    raise SystemExit(3)  # as a rank whose import, device or bucket client fails
+
+
+def test_a_rank_that_dies_before_joining_fails_the_stage_at_once(tmp_path: Path) -> None:
+    """Not after the process group's 10-minute timeout: rank 0 watches the spawned ranks while it waits."""
+    from headavatar.training.data_parallel import RankJob, ranks
+
+    job = RankJob("gaussianhead", "018", tiny_config(), {}, {}, tmp_path, 2, None, None)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"gaussianhead rank 1 exited with 3 before joining"), \
+            ranks(job, _dies_before_joining, torch.device("cpu")):
+        pass
+    assert time.monotonic() - t0 < 60

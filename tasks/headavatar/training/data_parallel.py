@@ -177,8 +177,7 @@ def _report_deaths(procs: list[multiprocessing.process.BaseProcess], done: threa
     while waiting and not done.is_set():
         for sentinel in multiprocessing.connection.wait(list(waiting), timeout=1.0):
             p = waiting.pop(sentinel)  # type: ignore[call-overload]
-            p.join()
-            if p.exitcode != 0 and not done.is_set():
+            if p.exitcode != 0 and not done.is_set():  # exitcode reaps it; the block joins it again, harmlessly
                 log.error("%s exited with %s during training: the stage fails at its next collective", p.name,
                           p.exitcode)
 
