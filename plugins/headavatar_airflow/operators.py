@@ -262,10 +262,11 @@ def _docker_operator() -> type:
         def execute(self, context: Any) -> Any:
             if not (self.stage.gpu and self.settings.docker_gpus):
                 return self._execute(context)
+            count = self.stage.gpus(context["params"])
             with placed_gpu(self.settings, context["params"], lease_holder(context),
-                            busy=self._gpus_of_running_stages, count=self.stage.gpus(context["params"])) as lease:
+                            busy=self._gpus_of_running_stages, count=count) as lease:
                 self.gpu_device = lease.device if lease else None
-                self.device_requests = [gpu_request(self.gpu_device, self.stage.gpus(context["params"]))]
+                self.device_requests = [gpu_request(self.gpu_device, count)]
                 return self._execute(context)
 
         def _gpus_of_running_stages(self) -> set[str]:

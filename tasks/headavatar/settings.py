@@ -28,6 +28,16 @@ NERSEMBLE_CAMERAS = (
 
 PositiveInt = Annotated[int, Field(gt=0)]
 DeviceName = Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto = CUDA when present")]
+# The plateau rule of stages 5 and 6 (headavatar.training.plateau): ``steps`` is a ceiling and training ends
+# when the held-out PSNR stops rising. These settings change what is trained, so unlike eval_every they key
+# the cache; each stage sets its own defaults.
+PlateauEvery = Annotated[int, Field(
+    ge=0, description="held-out check of the plateau rule every N steps (0 = off: train all `steps`)")]
+PlateauChecks = Annotated[int, Field(
+    ge=1, le=100, description="stop when the best held-out PSNR of the last K checks ...")]
+PlateauGainDb = Annotated[float, Field(
+    ge=0, le=10, description="... beats the best before them by less than this many dB")]
+PlateauMinSteps = Annotated[int, Field(ge=0, description="never stop before this step")]
 
 
 # A setting marked execution changes how a stage runs, not what it computes (a device, a worker count,
@@ -316,17 +326,11 @@ class MeshHeadConfig(Section):
         (), description="sequence name patterns never trained on; every camera of them is scored (self-reenactment)")
     eval_every: Annotated[int, Field(ge=0)] = execution(
         1000, description="held-out evaluation every N steps (0 = at the end only; the plateau rule's checks too)")
-    # The plateau rule (headavatar.training.plateau): ``steps`` is a ceiling; training ends when the
-    # mesh head's held-out PSNR stops rising. These settings change what is trained, so unlike
-    # eval_every they key the cache.
-    plateau_every: Annotated[int, Field(ge=0)] = Field(
-        1000, description="held-out check of the plateau rule every N steps (0 = off: train all `steps`)")
-    plateau_checks: Annotated[int, Field(ge=1, le=100)] = Field(
-        3, description="stop when the best held-out PSNR of the last K checks ...")
-    plateau_gain_db: Annotated[float, Field(ge=0, le=10)] = Field(
-        0.1, description="... beats the best before them by less than this many dB")
-    plateau_min_steps: Annotated[int, Field(ge=0)] = Field(
-        3000, description="never stop before this step")
+    # The plateau rule (PlateauEvery): stage 5 stops when its held-out PSNR stops rising.
+    plateau_every: PlateauEvery = 1000
+    plateau_checks: PlateauChecks = 3
+    plateau_gain_db: PlateauGainDb = 0.1
+    plateau_min_steps: PlateauMinSteps = 3000
     checkpoint_every: Annotated[int, Field(ge=1)] = execution(
         500, description="resumable state (_state/checkpoint.pt) every N steps, overwritten")
     keep_checkpoint_every: Annotated[int, Field(ge=0)] = execution(
@@ -387,17 +391,12 @@ class GaussianHeadConfig(Section):
         (), description="sequence name patterns never trained on, as meshhead.holdout_sequences")
     eval_every: Annotated[int, Field(ge=0)] = execution(
         5000, description="held-out evaluation every N steps (0 = at the end only; the plateau rule's checks too)")
-    # The plateau rule (headavatar.training.plateau): ``steps`` is a ceiling; training ends when the
-    # novel-view PSNR (else self-reenactment's) stops rising. These settings change what is trained,
-    # so unlike eval_every they key the cache.
-    plateau_every: Annotated[int, Field(ge=0)] = Field(
-        5000, description="held-out check of the plateau rule every N steps (0 = off: train all `steps`)")
-    plateau_checks: Annotated[int, Field(ge=1, le=100)] = Field(
-        3, description="stop when the best held-out PSNR of the last K checks ...")
-    plateau_gain_db: Annotated[float, Field(ge=0, le=10)] = Field(
-        0.1, description="... beats the best before them by less than this many dB")
-    plateau_min_steps: Annotated[int, Field(ge=0)] = Field(
-        20_000, description="never stop before this step")
+    # The plateau rule (PlateauEvery): stage 6 stops when the novel-view PSNR (else self-reenactment's)
+    # stops rising.
+    plateau_every: PlateauEvery = 5000
+    plateau_checks: PlateauChecks = 3
+    plateau_gain_db: PlateauGainDb = 0.1
+    plateau_min_steps: PlateauMinSteps = 20_000
     checkpoint_every: Annotated[int, Field(ge=1)] = execution(
         1000, description="resumable state (_state/checkpoint.pt) every N steps, overwritten")
     keep_checkpoint_every: Annotated[int, Field(ge=0)] = execution(
