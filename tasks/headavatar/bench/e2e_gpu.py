@@ -10,6 +10,13 @@ rasteriser (gsplat, pure PyTorch) times a training step on the same data.
 
 State lives under ``--home`` so the work can be split over several calls of a machine that stays
 up (``--stages``); results accumulate in ``<home>/e2e_gpu.json`` and are copied to ``--out``.
+
+``--real-size`` is the capture of a whole NeRSemble participant at the default profile (default
+strides, training until the plateau rule stops it or the step ceiling): several sequences of 100
+frames, the last one held out (self-reenactment) besides the profile's held-out cameras. Every stage
+attempt is recorded as it runs (wall seconds, every 10 s), so a stage that ``--deadline``
+(or a lost call) cuts short resumes from its checkpoint in the next call and its attempts add up.
+Stages 5 and 6 also record their held-out curves (``history.json``).
 """
 
 from __future__ import annotations
@@ -19,15 +26,18 @@ import json
 import logging
 import os
 import platform
+import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from headavatar.bench.provenance import stamp
 from headavatar.contract.stage import read_manifest
 from headavatar.devserver.seaweed import EmbeddedS3
+from headavatar.layout import stage_prefix
 from headavatar.settings import load_config
 from headavatar.stages import STAGE_NAMES
 from headavatar.storage import ObjectStore
@@ -42,6 +52,10 @@ OVERRIDES = ["extract.frame_stride=1", "sample.frame_stride=1", "matting.method=
 # ``--detector dlib``: the head textured with a real face photograph and stage 4 on dlib's detections (the
 # offline detector; its 68-point model ships in face_recognition_models), not on the ground truth.
 DLIB_OVERRIDES = [o for o in OVERRIDES if not o.startswith("landmarks.detector=")] + ["landmarks.detector=dlib"]
+# ``--real-size``: default strides (every 30th video frame is trained on), NeRSemble's sequence names.
+REAL_SIZE_OVERRIDES = [o for o in OVERRIDES if "frame_stride" not in o]
+SEQUENCES = ("EXP-1-head", "EXP-2-eyes", "EXP-3-cheeks+nose", "EXP-4-lips", "EMO-1-shout+laugh",
+             "EMO-2-surprise+fear", "EMO-3-angry+sad", "EMO-4-disgust+happy")
 
 
 class PeakMonitor:
@@ -83,54 +97,121 @@ class PeakMonitor:
             self._stop.wait(self.period)
 
 
+class Deadline(Exception):
+    """The call's time ran out while a stage ran: the stage was stopped (SIGTERM) and resumes next call."""
+
+
 def run_stage(env: dict[str, str], stage: str, extra: list[str], overrides: list[str] = OVERRIDES,
-              force: bool = False) -> dict:
+              force: bool = False, attempt: dict | None = None, save: Callable[[], None] = lambda: None,
+              deadline: float = float("inf")) -> dict:
+    """One ``headavatar run`` of ``stage``, measured. ``attempt`` (a dict already in the results) is
+    updated every 10 s with the wall seconds so far and ``save`` is called, so an attempt cut
+    short by a lost call is still counted. Past ``deadline`` (monotonic) the stage gets SIGTERM and
+    ``Deadline`` is raised."""
     args = [sys.executable, "-m", "headavatar.cli", "run", stage, "--capture", CAPTURE]
     for o in [*overrides, *extra]:
         args += ["--set", o]
     if force:
         args.append("--force")
+    attempt = {} if attempt is None else attempt
     t0 = time.monotonic()
     proc = subprocess.Popen(args, env=env)
     with PeakMonitor(proc.pid) as peak:
-        rc = proc.wait()
+        while (rc := _wait(proc, 10)) is None:
+            attempt.update(wall_s=round(time.monotonic() - t0, 1), peak_gpu_mib=round(peak.gpu_mib),
+                           peak_host_mib=round(peak.host_mib), state="running")
+            save()
+            if time.monotonic() > deadline:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait()
+                attempt.update(wall_s=round(time.monotonic() - t0, 1), state="stopped at the deadline")
+                save()
+                raise Deadline(stage)
+    attempt.update(wall_s=round(time.monotonic() - t0, 1), peak_gpu_mib=round(peak.gpu_mib),
+                   peak_host_mib=round(peak.host_mib), state="done" if rc == 0 else f"exit code {rc}")
+    save()
     if rc != 0:
         raise SystemExit(f"stage {stage} failed with exit code {rc}")
-    return {"wall_s": round(time.monotonic() - t0, 1), "peak_gpu_mib": round(peak.gpu_mib),
-            "peak_host_mib": round(peak.host_mib)}
+    return {k: attempt[k] for k in ("wall_s", "peak_gpu_mib", "peak_host_mib")}
+
+
+def _wait(proc: subprocess.Popen, seconds: float) -> int | None:
+    try:
+        return proc.wait(seconds)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def summed(attempts: list[dict]) -> dict:
+    """A stage's attempts added up: those that ran it (done, or stopped at the deadline and resumed later)
+    sum their wall seconds, peaks are the largest; a failed attempt is listed, not counted. (CPU seconds are
+    the manifest's ``cpu_s``, which counts stage 1's camera workers too.)"""
+    ran = [a for a in attempts if a.get("state") in ("done", "stopped at the deadline")]
+    out = {"wall_s": round(sum(a.get("wall_s", 0) for a in ran), 1), "attempts": len(attempts),
+           "peak_gpu_mib": max((a.get("peak_gpu_mib", 0) for a in ran), default=0),
+           "peak_host_mib": max((a.get("peak_host_mib", 0) for a in ran), default=0)}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--home", type=Path, default=Path("/tmp/headavatar-e2e"))
-    p.add_argument("--frames", type=int, default=10)
+    p.add_argument("--frames", type=int, default=None, help="video frames per sequence (10; 100 with --real-size)")
+    p.add_argument("--sequences", type=int, default=None,
+                   help=f"sequences (1; 4 with --real-size, the last held out), at most {len(SEQUENCES)}")
+    p.add_argument("--real-size", action="store_true",
+                   help="default strides and training schedules, a held-out sequence: e2e_real_size_gpu.json")
     p.add_argument("--stages", default="synth," + ",".join(STAGE_NAMES))
-    p.add_argument("--meshhead-steps", type=int, default=600)
-    p.add_argument("--gaussianhead-steps", type=int, default=2000)
-    p.add_argument("--compare-steps", type=int, default=40,
-                   help="stage-6 steps per rasteriser in the comparison (0: no comparison)")
+    p.add_argument("--meshhead-steps", type=int, default=None, help="600; the profile's ceiling with --real-size")
+    p.add_argument("--gaussianhead-steps", type=int, default=None, help="2000; the profile's with --real-size")
+    p.add_argument("--compare-steps", type=int, default=None,
+                   help="stage-6 steps per rasteriser in the comparison (40; 0: no comparison, the default with "
+                        "--real-size)")
     p.add_argument("--detector", choices=("ground_truth", "dlib"), default="ground_truth",
                    help="stage 4's landmarks; dlib also textures the head with a real face photograph")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a further setting for every stage (recorded with the overrides)")
+    p.add_argument("--deadline", type=float, default=float("inf"),
+                   help="seconds from the start after which a running stage is stopped (SIGTERM) and this "
+                        "call ends; the next call with the same --home resumes it from its checkpoint")
     args = p.parse_args(argv)
-    overrides = [*(DLIB_OVERRIDES if args.detector == "dlib" else OVERRIDES), *args.set]
-    name = "e2e_gpu_dlib.json" if args.detector == "dlib" else "e2e_gpu.json"
+    real = args.real_size
+    frames = args.frames or (100 if real else 10)
+    n_seq = args.sequences or (4 if real else 1)
+    if not 1 <= n_seq <= len(SEQUENCES):
+        p.error(f"--sequences must be 1..{len(SEQUENCES)}")
+    sequences = SEQUENCES[:n_seq]
+    base = REAL_SIZE_OVERRIDES if real else OVERRIDES
+    if args.detector == "dlib":
+        base = [o for o in base if not o.startswith("landmarks.detector=")] + ["landmarks.detector=dlib"]
+    held_out = [f'{s}.holdout_sequences=["{sequences[-1]}"]' for s in ("meshhead", "gaussianhead")] \
+        if real and n_seq > 1 else []
+    overrides = [*base, *held_out, *args.set]
+    name = "e2e_real_size_gpu.json" if real else "e2e_gpu_dlib.json" if args.detector == "dlib" else "e2e_gpu.json"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
 
+    t_start = time.monotonic()
     args.home.mkdir(parents=True, exist_ok=True)
     results_path = args.home / name
     results = json.loads(results_path.read_text()) if results_path.exists() else {
         "machine": {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
                     "torch": torch.__version__, "cuda": torch.version.cuda,
                     "cpus": os.cpu_count(), "python": platform.python_version()},
-        "capture": {"cameras": 16, "video": "2200x3208", "frames": args.frames, "crop": "2600 -> 2048"},
-        "overrides": overrides, "stages": {}}
-    steps = {"meshhead": [f"meshhead.steps={args.meshhead_steps}"],
-             "gaussianhead": [f"gaussianhead.steps={args.gaussianhead_steps}"]}
-    results["steps"] = {"meshhead": args.meshhead_steps, "gaussianhead": args.gaussianhead_steps}
+        "capture": {"cameras": 16, "video": "2200x3208", "frames": frames, "sequences": list(sequences),
+                    "heldout_sequence": sequences[-1] if held_out else None, "crop": "2600 -> 2048"},
+        "overrides": overrides, "stages": {}, "attempts": {}}
+    steps = {"meshhead": [], "gaussianhead": []}
+    for stage, n in (("meshhead", args.meshhead_steps or (None if real else 600)),
+                     ("gaussianhead", args.gaussianhead_steps or (None if real else 2000))):
+        if n is not None:
+            steps[stage] = [f"{stage}.steps={n}"]
+    results["steps"] = {k: v[0].split("=")[1] if v else "profile" for k, v in steps.items()}
+    compare_steps = args.compare_steps if args.compare_steps is not None else (0 if real else 40)
+
+    def save() -> None:
+        results_path.write_text(json.dumps(results, indent=1))
 
     s3 = EmbeddedS3(args.home / "s3").start()
     try:
@@ -141,27 +222,45 @@ def main(argv: list[str] | None = None) -> int:
             if stage == "synth":
                 t0 = time.monotonic()
                 texture = "astronaut" if args.detector == "dlib" else "procedural"
-                subprocess.run([sys.executable, "-m", "headavatar.cli", "synth", "--capture", CAPTURE,
-                                "--frames", str(args.frames), "--sequence", "EXP-1-head", "--texture", texture],
-                               env=env, check=True)
+                cmd = [sys.executable, "-m", "headavatar.cli", "synth", "--capture", CAPTURE,
+                       "--frames", str(frames), "--texture", texture]
+                for seq in sequences:
+                    cmd += ["--sequence", seq]
+                subprocess.run(cmd, env=env, check=True)
                 results["capture"]["texture"] = texture
                 results["stages"]["synth"] = {"wall_s": round(time.monotonic() - t0, 1)}
             elif stage == "compare":  # also run before the main stage 6 when "gaussianhead" is asked for
-                results["rasterizer_comparison"] = compare_rasterizers(env, store, args.compare_steps, overrides)
+                results["rasterizer_comparison"] = compare_rasterizers(env, store, compare_steps, overrides)
             else:
-                if stage == "gaussianhead" and "compare" not in args.stages and args.compare_steps:
-                    results["rasterizer_comparison"] = compare_rasterizers(env, store, args.compare_steps, overrides)
-                out = run_stage(env, stage, steps.get(stage, []), overrides)
+                if stage == "gaussianhead" and "compare" not in args.stages and compare_steps:
+                    results["rasterizer_comparison"] = compare_rasterizers(env, store, compare_steps, overrides)
+                attempts = results.setdefault("attempts", {}).setdefault(stage, [])
+                attempts.append({})
+                try:
+                    run_stage(env, stage, steps.get(stage, []), overrides, attempt=attempts[-1], save=save,
+                              deadline=t_start + args.deadline)
+                except Deadline:
+                    log.warning("%s stopped at the deadline; the next call resumes it", stage)
+                    break
+                out = summed(attempts)
                 out["metrics"] = read_manifest(store, CAPTURE, stage).metrics
+                if stage in ("meshhead", "gaussianhead"):
+                    history = json.loads(store.get_bytes(store.key(stage_prefix(CAPTURE, stage), "history.json")))
+                    out["holdout_curve"] = history["holdout"]
+                    out["plateau"] = history["plateau"]
                 results["stages"][stage] = out
                 if stage == "matting":
                     out["frames_per_s"] = round(out["metrics"].get("images", 0) / out["wall_s"], 2)
-            results_path.write_text(json.dumps(results, indent=1))
+                if stage == "extract":  # all cores: the stage's CPU seconds over the frames it decoded
+                    decoded = out["metrics"].get("video_frames_decoded", 0)
+                    out["cpu_ms_per_decoded_frame"] = round(1000 * out["metrics"]["cpu_s"] / max(decoded, 1), 2)
+            save()
             log.info("%s: %s", stage, json.dumps(results["stages"].get(stage))[:400])
         store.close()
     finally:
         s3.stop()
     stamp(results, "headavatar.bench.e2e_gpu", argv)
+    results_path.write_text(json.dumps(results, indent=1))  # the home copy carries its provenance too
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / name).write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))

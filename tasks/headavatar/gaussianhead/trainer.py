@@ -106,6 +106,15 @@ class GaussianHeadTrainer(Trainer):
             self.step_views = torch.nn.parallel.DistributedDataParallel(
                 self.step_views, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
 
+    def compiling(self) -> bool:
+        return self.compile
+
+    def stop_compiling(self) -> None:
+        self.compile = self.head.compile = False
+        self._view_losses = self.view_losses
+        if self.channels_last:  # as an eager trainer lays them out from the start
+            self.sr.to(memory_format=torch.channels_last)
+
     def modules(self) -> dict[str, torch.nn.Module]:
         return {"head": self.head, "sr": self.sr}
 

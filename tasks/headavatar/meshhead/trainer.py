@@ -130,6 +130,14 @@ class MeshHeadTrainer(Trainer):
             raise PipelineError("meshhead.holdout_cameras leaves no camera to train on")
         self.plateau = PlateauRule.of(cfg, "holdout_psnr") if self.held_cams else None
 
+    def compiling(self) -> bool:
+        return self.model.compile
+
+    def stop_compiling(self) -> None:
+        self.model.compile = False
+        if hasattr(self.raster, "compile"):
+            self.raster.compile = False
+
     def modules(self) -> dict[str, torch.nn.Module]:
         return {"model": self.model}
 

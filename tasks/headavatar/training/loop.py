@@ -35,6 +35,7 @@ class TrainState:
     step_seconds: float = 0.0  # time in training steps only (no evaluation, no checkpoints), all attempts
     timed_steps: int = 0
     stopped_at: int = 0  # the step the plateau rule ended training at (0: it did not)
+    compile_failed_at: int = 0  # the step whose compiled run failed, so training went on eagerly (0: none did)
 
     @property
     def steps_per_s(self) -> float:
@@ -54,6 +55,13 @@ class Trainer(ABC):
 
     @abstractmethod
     def modules(self) -> dict[str, torch.nn.Module]: ...
+
+    def compiling(self) -> bool:
+        """Whether steps run ``torch.compile`` graphs (trainers that compile say so)."""
+        return False
+
+    def stop_compiling(self) -> None:  # noqa: B027 (optional: only trainers that compile override it)
+        """Run every later step eagerly (called after a compiled step failed)."""
 
     @abstractmethod
     def step_loss(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -80,8 +88,11 @@ class Trainer(ABC):
 
     def schedule(self) -> dict[str, float]:
         """How long training ran against its ceiling (metrics for the manifest and MLflow)."""
-        return {"steps": self.state.step, "step_ceiling": self.cfg.steps,
-                "stopped_early": float(bool(self.state.stopped_at))}
+        out = {"steps": self.state.step, "step_ceiling": self.cfg.steps,
+               "stopped_early": float(bool(self.state.stopped_at))}
+        if self.state.compile_failed_at:
+            out["compile_failed_at_step"] = self.state.compile_failed_at
+        return out
 
     def plateau_text(self) -> str:
         return self.plateau.describe() if self.plateau is not None else "off (no held-out views)"
@@ -127,10 +138,7 @@ class Trainer(ABC):
         window_steps = 0
         last_progress = t0
         for step in range(self.state.step, self.state.stopped_at or cfg.steps):
-            loss, parts = self.step_loss()
-            parts = mean_over_ranks(parts)  # data-parallel: the terms of all the step's views, not this rank's
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
+            parts = self._gradients(step + 1)
             self.opt.step()
             self.state.step = done = step + 1
             window_steps += 1
@@ -168,6 +176,31 @@ class Trainer(ABC):
         if not self.state.evals or self.state.evals[-1]["step"] != self.state.step:
             self.state.evals.append({"step": self.state.step, **self.evaluate()})
         return self.state
+
+
+    def _gradients(self, step: int) -> dict[str, torch.Tensor]:
+        """One step's loss terms, with its gradients in the parameters. A compiled step that fails (an
+        Inductor error, e.g. on a shape it has not seen) is run again eagerly, on the same batch, and so
+        is every later step: a compiler bug costs speed, not the run. An eager step's error is raised."""
+        gen = self.gen.get_state() if self.compiling() else None
+        try:
+            return self._loss_backward()
+        except Exception as e:
+            if gen is None:
+                raise
+            log.warning("%s: the compiled step %d failed (%s: %s); training goes on without torch.compile",
+                        self.name, step, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            self.stop_compiling()
+            self.state.compile_failed_at = step
+            self.gen.set_state(gen)
+            return self._loss_backward()
+
+    def _loss_backward(self) -> dict[str, torch.Tensor]:
+        loss, parts = self.step_loss()
+        parts = mean_over_ranks(parts)  # data-parallel: the terms of all the step's views, not this rank's
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        return parts
 
 
 def remaining(steps: int, rate: float) -> str:

@@ -1,5 +1,6 @@
-"""The plateau rule: training stops when the held-out score stops paying, and a resumed run stops where an
-undisturbed one does (issue 35, item 2)."""
+"""The loop both training stages share. The plateau rule: training stops when the held-out score stops
+paying, and a resumed run stops where an undisturbed one does (issue 35, item 2). A compiled step that
+fails is run again eagerly on the same batch, and the run goes on without compiling."""
 
 from __future__ import annotations
 
@@ -132,6 +133,64 @@ def test_training_stops_at_the_plateau_and_a_resumed_run_stops_at_the_same_step(
     # The same run without the rule trains to the ceiling, evaluated at the end only.
     fixed = Regression(_cfg(steps=2 * stop, plateau_every=0)).train(save=lambda s: None)
     assert fixed.step == 2 * stop and fixed.stopped_at == 0 and [e["step"] for e in fixed.evals] == [2 * stop]
+
+
+class CompilerBug(torch.autograd.Function):
+    """The identity whose backward fails as Inductor's did on a stage-5 shape it had not seen (an H100, 2026-12-06)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("expected size 4==4, stride 270608==273776 at dim=0")
+
+
+class CompiledRegression(Regression):
+    """``Regression`` whose steps run through ``CompilerBug`` from step ``fail_at`` on while ``buggy``;
+    ``compiled``: what it tells the loop; stopping compiling fixes the bug unless ``sticky``."""
+
+    def __init__(self, cfg: SimpleNamespace, fail_at: int, compiled: bool = True, sticky: bool = False):
+        super().__init__(cfg)
+        self.fail_at, self.compiled, self.sticky, self.buggy, self.calls = fail_at, compiled, sticky, True, 0
+
+    def compiling(self) -> bool:
+        return self.compiled
+
+    def stop_compiling(self) -> None:
+        self.compiled = False
+        self.buggy = self.sticky
+
+    def step_loss(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        self.calls += 1
+        x = torch.randn(16, 8, generator=self.gen)
+        y = x @ self.w_true + 0.05 * torch.randn(16, 1, generator=self.gen)
+        pred = self.net(x)
+        if self.buggy and self.state.step + 1 >= self.fail_at:
+            pred = CompilerBug.apply(pred)
+        loss = torch.nn.functional.mse_loss(pred, y)
+        return loss, {"loss": loss.detach()}
+
+
+def test_a_failing_compiled_step_is_run_again_eagerly_on_the_same_batch_and_the_run_goes_on() -> None:
+    cfg = _cfg(steps=300, plateau_every=0, eval_every=100)
+    eager = Regression(cfg).train(save=lambda s: None)
+    t = CompiledRegression(cfg, fail_at=7)
+    state = t.train(save=lambda s: None)
+    assert state.compile_failed_at == 7 and not t.compiled
+    assert t.calls == 301  # step 7 twice, every other step once
+    assert state.history == eager.history and state.evals == eager.evals  # same batches, same result
+    assert t.schedule()["compile_failed_at_step"] == 7
+    assert "compile_failed_at_step" not in Regression(cfg).schedule()
+
+    # An eager step's error is the run's error: nothing to fall back to; so is the eager retry's.
+    with pytest.raises(AssertionError, match="stride"):
+        CompiledRegression(cfg, fail_at=7, compiled=False).train(save=lambda s: None)
+    retried = CompiledRegression(cfg, fail_at=3, sticky=True)
+    with pytest.raises(AssertionError, match="stride"):
+        retried.train(save=lambda s: None)
+    assert retried.calls == 4 and retried.state.compile_failed_at == 3
 
 
 @pytest.mark.s3
