@@ -4,6 +4,7 @@ fails is run again eagerly on the same batch, and the run goes on without compil
 
 from __future__ import annotations
 
+import copy
 import json
 from types import SimpleNamespace
 
@@ -183,6 +184,23 @@ def test_a_failing_compiled_step_is_run_again_eagerly_on_the_same_batch_and_the_
     assert state.history == eager.history and state.evals == eager.evals  # same batches, same result
     assert t.schedule()["compile_failed_at_step"] == 7
     assert "compile_failed_at_step" not in Regression(cfg).schedule()
+
+    # Resumed from a checkpoint after the fallback: it stays eager and keeps the step it fell back at.
+    saved: list[dict] = []
+    CompiledRegression(cfg, fail_at=7).train(save=lambda s: saved.append(copy.deepcopy(s)))  # as if written
+    resumed = CompiledRegression(cfg, fail_at=7)
+    resumed.load_state_dict(saved[0])  # step 50
+    assert not resumed.compiled and resumed.state.compile_failed_at == 7
+    assert resumed.train(save=lambda s: None).evals == eager.evals and resumed.calls == 250
+
+    # Running out of memory is not a compiler bug: raised, compile left on.
+    class OutOfMemory(CompiledRegression):
+        def step_loss(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+    oom = OutOfMemory(cfg, fail_at=1)
+    with pytest.raises(torch.OutOfMemoryError):
+        oom.train(save=lambda s: None)
+    assert oom.compiled and oom.state.compile_failed_at == 0
 
     # An eager step's error is the run's error: nothing to fall back to; so is the eager retry's.
     with pytest.raises(AssertionError, match="stride"):

@@ -123,7 +123,11 @@ def run_stage(env: dict[str, str], stage: str, extra: list[str], overrides: list
             save()
             if time.monotonic() > deadline:
                 proc.send_signal(signal.SIGTERM)
-                proc.wait()
+                try:
+                    proc.wait(120)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
                 attempt.update(wall_s=round(time.monotonic() - t0, 1), state="stopped at the deadline")
                 save()
                 raise Deadline(stage)
@@ -143,14 +147,15 @@ def _wait(proc: subprocess.Popen, seconds: float) -> int | None:
 
 
 def summed(attempts: list[dict]) -> dict:
-    """A stage's attempts added up: those that ran it (done, or stopped at the deadline and resumed later)
-    sum their wall seconds, peaks are the largest; a failed attempt is listed, not counted. (CPU seconds are
-    the manifest's ``cpu_s``, which counts stage 1's camera workers too.)"""
-    ran = [a for a in attempts if a.get("state") in ("done", "stopped at the deadline")]
-    out = {"wall_s": round(sum(a.get("wall_s", 0) for a in ran), 1), "attempts": len(attempts),
-           "peak_gpu_mib": max((a.get("peak_gpu_mib", 0) for a in ran), default=0),
-           "peak_host_mib": max((a.get("peak_host_mib", 0) for a in ran), default=0)}
-    return out
+    """A stage's attempts added up, up to the first that finished it (later ones are cache hits): those
+    that ran it (done, stopped at the deadline, or cut short by a lost call: "running") sum their wall
+    seconds, peaks are the largest; a failed attempt is listed, not counted. (CPU seconds are the
+    manifest's ``cpu_s``, which counts stage 1's camera workers too.)"""
+    done = next((i for i, a in enumerate(attempts) if a.get("state") == "done"), len(attempts) - 1)
+    ran = [a for a in attempts[: done + 1] if a.get("state") in ("done", "stopped at the deadline", "running")]
+    return {"wall_s": round(sum(a.get("wall_s", 0) for a in ran), 1), "attempts": len(attempts),
+            "peak_gpu_mib": max((a.get("peak_gpu_mib", 0) for a in ran), default=0),
+            "peak_host_mib": max((a.get("peak_host_mib", 0) for a in ran), default=0)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--detector", choices=("ground_truth", "dlib"), default="ground_truth",
                    help="stage 4's landmarks; dlib also textures the head with a real face photograph")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a further setting for every stage (recorded with the overrides)")
+                   help="a further setting for every stage (recorded with the overrides of the first call, and "
+                        "with each stage attempt)")
     p.add_argument("--deadline", type=float, default=float("inf"),
                    help="seconds from the start after which a running stage is stopped (SIGTERM) and this "
                         "call ends; the next call with the same --home resumes it from its checkpoint")
@@ -235,12 +241,15 @@ def main(argv: list[str] | None = None) -> int:
                 if stage == "gaussianhead" and "compare" not in args.stages and compare_steps:
                     results["rasterizer_comparison"] = compare_rasterizers(env, store, compare_steps, overrides)
                 attempts = results.setdefault("attempts", {}).setdefault(stage, [])
-                attempts.append({})
+                attempts.append({"state": "starting", "set": args.set})  # this call's own --set
+                save()
                 try:
                     run_stage(env, stage, steps.get(stage, []), overrides, attempt=attempts[-1], save=save,
                               deadline=t_start + args.deadline)
                 except Deadline:
                     log.warning("%s stopped at the deadline; the next call resumes it", stage)
+                    results["stages"][stage] = {**summed(attempts), "unfinished": True}
+                    save()
                     break
                 out = summed(attempts)
                 out["metrics"] = read_manifest(store, CAPTURE, stage).metrics

@@ -110,10 +110,9 @@ class GaussianHeadTrainer(Trainer):
         return self.compile
 
     def stop_compiling(self) -> None:
+        # The super-resolution weights keep their layout: Adam's state (fused on CUDA) must match it.
         self.compile = self.head.compile = False
         self._view_losses = self.view_losses
-        if self.channels_last:  # as an eager trainer lays them out from the start
-            self.sr.to(memory_format=torch.channels_last)
 
     def modules(self) -> dict[str, torch.nn.Module]:
         return {"head": self.head, "sr": self.sr}

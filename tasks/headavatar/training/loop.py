@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from headavatar.training.data_parallel import mean_over_ranks
+from headavatar.training.data_parallel import mean_over_ranks, rank_and_world
 from headavatar.training.plateau import PlateauRule
 from headavatar.training.system import SystemSampler
 
@@ -76,6 +76,7 @@ class Trainer(ABC):
         return {"step": self.state.step, "optimizer": self.opt.state_dict(), "generator": self.gen.get_state(),
                 "history": self.state.history, "evals": self.state.evals, "system": self.state.system,
                 "timing": [self.state.step_seconds, self.state.timed_steps], "stopped_at": self.state.stopped_at,
+                "compile_failed_at": self.state.compile_failed_at,
                 **{k: m.state_dict() for k, m in self.modules().items()}}
 
     def load_state_dict(self, s: dict) -> None:
@@ -84,7 +85,10 @@ class Trainer(ABC):
         self.opt.load_state_dict(s["optimizer"])
         self.gen.set_state(s["generator"])
         self.state = TrainState(s["step"], s["step"], s["history"], s["evals"], s.get("system", []),
-                                *s.get("timing", (0.0, 0)), stopped_at=s.get("stopped_at", 0))
+                                *s.get("timing", (0.0, 0)), stopped_at=s.get("stopped_at", 0),
+                                compile_failed_at=s.get("compile_failed_at", 0))
+        if self.state.compile_failed_at and self.compiling():  # a resumed run stays eager: it would fail again
+            self.stop_compiling()
 
     def schedule(self) -> dict[str, float]:
         """How long training ran against its ceiling (metrics for the manifest and MLflow)."""
@@ -181,19 +185,25 @@ class Trainer(ABC):
     def _gradients(self, step: int) -> dict[str, torch.Tensor]:
         """One step's loss terms, with its gradients in the parameters. A compiled step that fails (an
         Inductor error, e.g. on a shape it has not seen) is run again eagerly, on the same batch, and so
-        is every later step: a compiler bug costs speed, not the run. An eager step's error is raised."""
-        gen = self.gen.get_state() if self.compiling() else None
+        is every later step: a compiler bug costs speed, not the run. Not so for an eager step's error,
+        running out of memory, or several data-parallel ranks (their collectives would fall out of step):
+        those are raised."""
+        gen = self.gen.get_state() if self.compiling() and rank_and_world()[1] == 1 else None
         try:
             return self._loss_backward()
+        except torch.OutOfMemoryError:
+            raise
         except Exception as e:
             if gen is None:
                 raise
-            log.warning("%s: the compiled step %d failed (%s: %s); training goes on without torch.compile",
-                        self.name, step, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-            self.stop_compiling()
-            self.state.compile_failed_at = step
-            self.gen.set_state(gen)
-            return self._loss_backward()
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        # Retried outside the handler, so the failed step's graph (held by the traceback) is freed first.
+        log.warning("%s: the compiled step %d failed (%s); training goes on without torch.compile",
+                    self.name, step, reason)
+        self.stop_compiling()
+        self.state.compile_failed_at = step
+        self.gen.set_state(gen)
+        return self._loss_backward()
 
     def _loss_backward(self) -> dict[str, torch.Tensor]:
         loss, parts = self.step_loss()
