@@ -102,10 +102,16 @@ def _containers(docker: dict[str, str], env: dict[str, str], **labels: str) -> l
     client = _client(docker)
     try:
         filters = {"label": ["headavatar.run_id", *(f"{k}={v}" for k, v in labels.items())]}
-        return [c.attrs for c in client.containers.list(all=True, filters=filters)
+        return [c.attrs for c in client.containers.list(all=True, filters=filters, ignore_removed=True)
                 if c.labels.get("headavatar.run_id") in runs]
     finally:
         client.close()
+
+
+def _ids(client) -> set[str]:  # client: docker-py's DockerClient
+    # ignore_removed: a container removed between the engine's list and docker-py's inspect of it is gone,
+    # not an error (the race failed CI once, with the stopped extract container).
+    return {c.id for c in client.containers.list(all=True, ignore_removed=True)}
 
 
 def _volumes(docker: dict[str, str], env: dict[str, str]) -> list[str]:
@@ -230,23 +236,23 @@ def test_sigterm_to_the_task_runner_stops_its_container(airflow: Path, docker_en
                              json.dumps({"id": "018", "profile": "demo"})], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     client = _client(docker_env)
-    before = {c.id for c in client.containers.list(all=True)}
+    before = _ids(client)
     try:
         deadline = time.monotonic() + 600
         mine = None
         while time.monotonic() < deadline and proc.poll() is None and mine is None:
             mine = next((c for c in client.containers.list(filters={
-                "label": ["headavatar.dag_id=headavatar_capture", "headavatar.task_id=extract"]})
+                "label": ["headavatar.dag_id=headavatar_capture", "headavatar.task_id=extract"]}, ignore_removed=True)
                 if c.id not in before), None)
             time.sleep(0.5)
         assert mine is not None, "the extract container never started"
         time.sleep(1)  # the stage is decoding inside its container
         killed_at = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        while time.monotonic() - killed_at < 30 and mine.id in {c.id for c in client.containers.list(all=True)}:
+        while time.monotonic() - killed_at < 30 and mine.id in _ids(client):
             time.sleep(0.2)
         stopped_after = time.monotonic() - killed_at
-        assert mine.id not in {c.id for c in client.containers.list(all=True)}, "container still there after 30 s"
+        assert mine.id not in _ids(client), "container still there after 30 s"
         assert stopped_after < 15, f"container stopped {stopped_after:.1f} s after SIGTERM"
     finally:
         if proc.poll() is None:

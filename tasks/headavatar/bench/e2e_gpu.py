@@ -16,7 +16,8 @@ strides, training until the plateau rule stops it or the step ceiling): several 
 frames, the last one held out (self-reenactment) besides the profile's held-out cameras. Every stage
 attempt is recorded as it runs (wall seconds, every 10 s), so a stage that ``--deadline``
 (or a lost call) cuts short resumes from its checkpoint in the next call and its attempts add up.
-Stages 5 and 6 also record their held-out curves (``history.json``).
+Stages 5 and 6 also record their held-out curves (``history.json``); a stage stopped at the
+deadline records its resumable checkpoint's step and curve so far.
 """
 
 from __future__ import annotations
@@ -35,12 +36,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from headavatar.bench.provenance import stamp
+from headavatar.contract.outputs import state_key
 from headavatar.contract.stage import read_manifest
 from headavatar.devserver.seaweed import EmbeddedS3
+from headavatar.errors import MissingObject
 from headavatar.layout import stage_prefix
 from headavatar.settings import load_config
 from headavatar.stages import STAGE_NAMES
 from headavatar.storage import ObjectStore
+from headavatar.training.checkpoints import RESUMABLE
 
 log = logging.getLogger("headavatar.e2e")
 CAPTURE, BUCKET = "090", "headavatar"
@@ -155,6 +159,38 @@ def summed(attempts: list[dict]) -> dict:
             "peak_host_mib": max((a.get("peak_host_mib", 0) for a in ran), default=0)}
 
 
+def results_name(real: bool, detector: str, texture: str) -> str:
+    """The results file: a non-default head texture is named, so runs of either texture are both kept."""
+    named = [texture] if texture != default_texture(real, detector) else []
+    parts = ["e2e", *(["real_size"] if real else []), *named, "gpu", *(["dlib"] if detector == "dlib" else [])]
+    return "_".join(parts) + ".json"
+
+
+def default_texture(real: bool, detector: str) -> str:
+    """The photo texture for a real-size capture (what NeRSemble's faces look like to stages 3-6) and for
+    dlib (which finds no face on the procedural one); the procedural one for the quick run."""
+    return "astronaut" if real or detector == "dlib" else "procedural"
+
+
+def so_far(store: ObjectStore, stage: str) -> dict:
+    """A training stage stopped at the deadline: the step and held-out curve of its resumable checkpoint
+    (where the next call goes on from)."""
+    import io
+
+    import torch
+
+    key = state_key(store.key(stage_prefix(CAPTURE, stage)), RESUMABLE)
+    try:
+        state = torch.load(io.BytesIO(store.get_bytes(key)), map_location="cpu", weights_only=True)
+    except MissingObject:
+        return {"checkpoint_step": 0}
+    except Exception as e:  # recorded, not fatal: the stage's timing is still worth keeping
+        return {"checkpoint_unreadable": f"{type(e).__name__}: {e}"[:300]}
+    seconds, steps = state.get("timing", (0.0, 0))
+    return {"checkpoint_step": state["step"], "holdout_curve": state.get("evals", []),
+            **({"ms_per_step": round(1000 * seconds / steps, 2)} if steps else {})}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", type=Path, required=True)
@@ -170,8 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare-steps", type=int, default=None,
                    help="stage-6 steps per rasteriser in the comparison (40; 0: no comparison, the default with "
                         "--real-size)")
-    p.add_argument("--detector", choices=("ground_truth", "dlib"), default="ground_truth",
-                   help="stage 4's landmarks; dlib also textures the head with a real face photograph")
+    p.add_argument("--detector", choices=("ground_truth", "dlib"), default="ground_truth", help="stage 4's landmarks")
+    p.add_argument("--texture", choices=("procedural", "astronaut"), default=None,
+                   help="the head's texture: astronaut (a face photograph; the default with --real-size or "
+                        "--detector dlib) or procedural (the default otherwise); a non-default one is named in the "
+                        "results file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a further setting for every stage (recorded with the overrides of the first call, and "
                         "with each stage attempt)")
@@ -185,13 +224,16 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= n_seq <= len(SEQUENCES):
         p.error(f"--sequences must be 1..{len(SEQUENCES)}")
     sequences = SEQUENCES[:n_seq]
+    texture = args.texture or default_texture(real, args.detector)
+    if args.detector == "dlib" and texture != "astronaut":
+        p.error("--detector dlib needs --texture astronaut: dlib finds no face on the procedural texture")
     base = REAL_SIZE_OVERRIDES if real else OVERRIDES
-    if args.detector == "dlib":  # the head textured with a real face photograph, stage 4 on dlib's detections
+    if args.detector == "dlib":  # stage 4 on dlib's detections
         base = [o for o in base if not o.startswith("landmarks.detector=")] + ["landmarks.detector=dlib"]
     held_out = [f'{s}.holdout_sequences=["{sequences[-1]}"]' for s in ("meshhead", "gaussianhead")] \
         if real and n_seq > 1 else []
     overrides = [*base, *held_out, *args.set]
-    name = "e2e_real_size_gpu.json" if real else "e2e_gpu_dlib.json" if args.detector == "dlib" else "e2e_gpu.json"
+    name = results_name(real, args.detector, texture)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
 
@@ -224,7 +266,6 @@ def main(argv: list[str] | None = None) -> int:
         for stage in args.stages.split(","):
             if stage == "synth":
                 t0 = time.monotonic()
-                texture = "astronaut" if args.detector == "dlib" else "procedural"
                 cmd = [sys.executable, "-m", "headavatar.cli", "synth", "--capture", CAPTURE,
                        "--frames", str(frames), "--texture", texture]
                 for seq in sequences:
@@ -246,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
                 except Deadline:
                     log.warning("%s stopped at the deadline; the next call resumes it", stage)
                     results["stages"][stage] = {**summed(attempts), "unfinished": True}
+                    if stage in ("meshhead", "gaussianhead"):
+                        results["stages"][stage].update(so_far(store, stage))
                     save()
                     break
                 out = summed(attempts)

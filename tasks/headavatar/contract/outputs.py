@@ -13,6 +13,12 @@ from headavatar.storage import ObjectStore, sha256_bytes, sha256_file
 RESERVED_PREFIX = "_"  # stage-private state (checkpoints, locks) that outlives one attempt
 
 
+def state_key(prefix: str, rel: str) -> str:
+    """Key of a stage's state that outlives one attempt (checkpoints, its lock) under the stage's
+    ``prefix``: never in the manifest, never stale."""
+    return f"{prefix.rstrip('/')}/{RESERVED_PREFIX}state/{rel}"
+
+
 def check_relpath(rel: str) -> str:
     parts = rel.split("/")
     if (not rel or rel.startswith("/") or any(p in ("", ".", "..") for p in parts)

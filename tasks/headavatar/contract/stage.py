@@ -42,7 +42,7 @@ from headavatar.contract import variants
 from headavatar.contract.config_key import config_key, result_config
 from headavatar.contract.lock import StageLock, lost_lock, pid_alive
 from headavatar.contract.manifest import FIRST_CODE_VERSION, Manifest, digest, take_devices
-from headavatar.contract.outputs import RESERVED_PREFIX, OutputWriter
+from headavatar.contract.outputs import RESERVED_PREFIX, OutputWriter, state_key
 from headavatar.contract.usage import WORKER_CPU_METRIC, ResourceUsage
 from headavatar.errors import MissingObject, ScratchFull, UpstreamMissing
 from headavatar.layout import MANIFEST, stage_prefix
@@ -86,7 +86,7 @@ class StageContext:
 
     def state_key(self, rel: str) -> str:
         """Key for state that outlives one attempt (checkpoints): never in the manifest, never stale."""
-        return f"{self.outputs.prefix}/{RESERVED_PREFIX}state/{rel}"
+        return state_key(self.outputs.prefix, rel)
 
     def input_key(self, stage: str, rel: str) -> str:
         """Key of an upstream output; it must be listed in that stage's manifest."""
@@ -225,7 +225,7 @@ def run_stage(stage: Stage, capture: str, config: PipelineConfig, store: ObjectS
     cached = _cache_hit(store, stage, capture, prefix, exp, force)
     if cached is not None:
         return cached
-    lock = StageLock(store, f"{prefix}/{RESERVED_PREFIX}state/lock.json", f"capture {capture} stage {stage.name}",
+    lock = StageLock(store, state_key(prefix, "lock.json"), f"capture {capture} stage {stage.name}",
                      ttl=config.storage.lock_ttl_s)
     lock.acquire()
     store.fence_with(lock.fence)

@@ -36,6 +36,7 @@ from headavatar.storage import ObjectStore, sha256_file
 
 log = logging.getLogger(__name__)
 PUBLISHED = "checkpoints"
+RESUMABLE = "checkpoint.pt"  # the stage state key (contract.outputs.state_key) a resumed attempt loads
 # torch < 2.6's weights-only unpickler could be made to run code (CVE-2025-32434).
 _SAFE_TORCH = (2, 6)
 _PLAIN_SCALARS = (type(None), bool, int, float, complex, str, bytes, bytearray)
@@ -116,9 +117,9 @@ def plain(obj: Any, where: str = "checkpoint") -> Any:
 
 
 class Checkpoints:
-    def __init__(self, ctx: StageContext, keep_every: int = 0, name: str = "checkpoint.pt"):
+    def __init__(self, ctx: StageContext, keep_every: int = 0):
         self.ctx, self.keep_every = ctx, keep_every
-        self.key = ctx.state_key(name)
+        self.key = ctx.state_key(RESUMABLE)
         self.published: list[dict[str, Any]] = []  # {"step", "file", "size", "sha256"}
 
     def load(self) -> dict[str, Any] | None:
@@ -149,7 +150,7 @@ class Checkpoints:
         return bool(self.keep_every) and step % self.keep_every == 0
 
     def save(self, state: dict[str, Any]) -> None:
-        path = self.ctx.scratch / "checkpoint.pt"
+        path = self.ctx.scratch / RESUMABLE
         payload = plain({**state, "cache_key": self.ctx.cache_key})
         if self.due(state["step"]):
             torch.save(payload, path)
