@@ -40,6 +40,9 @@ SETTINGS = ["--profile", "ci", "--config", str(Path(__file__).parents[1] / "conf
 # logit/sigmoid, so only rounding differs (163.4 dB measured, docs/export.md).
 MIN_PSNR_DB = 60.0
 MIN_GAIN_DB = 3.0  # the benchmark export over an all-black one, inside the head (measured: see the test's print)
+# The export's JOD: one JOD over the all-black zip's 2.90 (docs/export.md). Black is no longer JOD-scored here
+# (three more videos through ColorVideoVDP cost about 200 s of CI); tests/test_jod.py scores black at -1.99.
+MIN_JOD = 3.9
 
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -140,17 +143,16 @@ def test_the_benchmark_submission_passes_its_check_and_scores_against_the_held_o
     with zipfile.ZipFile(black, "w") as zf:
         for n in names:
             add_video(zf, n, [np.zeros((HEIGHT, WIDTH, 3), np.uint8)] * 20, tmp_path)
+    # Black is scored as on a host without the JOD environment: the other scores, and why JOD is missing.
+    monkeypatch.setenv(JOD_PYTHON_ENV, str(tmp_path / "no-jod" / "python"))
     floor = score_submission(store, tiny_config(), black, [Request("018", "EXP-1-head")])
     print("all-black submission:", floor)
     assert scores["nvs_psnr_matte"] > floor["nvs_psnr_matte"] + MIN_GAIN_DB, (scores, floor)
     assert scores["nvs_psnr"] > floor["nvs_psnr"] + MIN_GAIN_DB / 2, (scores, floor)
-    # JOD (ColorVideoVDP, the JOD environment): one per hold-out video; the avatar's beats black's.
-    assert scores["jod_videos"] == floor["jod_videos"] == 3 and scores["jod_protocol"] == JOD_PROTOCOL
-    assert scores["nvs_jod"] > floor["nvs_jod"] + 1, (scores, floor)
-    monkeypatch.setenv(JOD_PYTHON_ENV, str(tmp_path / "no-jod" / "python"))  # a host without the JOD environment
-    without = score_submission(store, tiny_config(), black, [Request("018", "EXP-1-head")])
-    assert "nvs_jod" not in without and "make jod" in without["jod_missing"], without
-    assert without["nvs_psnr"] == floor["nvs_psnr"]  # the other scores as before
+    assert "nvs_jod" not in floor and "make jod" in floor["jod_missing"], floor
+    # JOD (ColorVideoVDP, the JOD environment): one per hold-out video.
+    assert scores["jod_videos"] == 3 and scores["jod_protocol"] == JOD_PROTOCOL
+    assert MIN_JOD < scores["nvs_jod"] <= 10, scores
 
     bad = cli("export", "benchmark", "--captures", "018:EXP-9-none", "--out", str(out), *SETTINGS, env=trained_env)
     assert bad.returncode == 2 and "no sequence 'EXP-9-none'" in bad.stderr.strip().splitlines()[-1]

@@ -11,9 +11,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import prepare_sampled, tiny_config
+from conftest import prepare_sampled
 from headavatar.contract.stage import read_manifest, run_stage
 from headavatar.layout import stage_prefix
+from headavatar.settings import load_config
 from headavatar.stages import build_stages
 from headavatar.storage import ObjectStore
 from headavatar.training.loop import Trainer
@@ -218,7 +219,7 @@ def test_meshhead_stage_records_where_the_rule_stopped_it(store: ObjectStore, ti
     prepare_sampled(store, tiny_capture)
     rule = ("meshhead.plateau_every=20", "meshhead.plateau_checks=2", "meshhead.plateau_min_steps=60",
             "meshhead.plateau_gain_db=10")  # 10 dB over 40 steps: the demo's mesh head never gains that
-    cfg = tiny_config("matting.method=classical", *rule)
+    cfg = load_config("ci", ["matting.method=classical", *rule])  # ci: the demo with a short 3DMM fit
     stages = build_stages()
     for name in ("matting", "fitting", "meshhead"):
         run_stage(stages[name], "018", cfg, store)
