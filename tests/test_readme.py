@@ -32,3 +32,15 @@ def test_the_readme_times_and_disk_are_the_measured_ones() -> None:
     assert f"a second one {round(later['make_demo_s'])} s" in README
     assert f"about {sum(disk.values()):.1f} GiB of disk" in README
     assert MEASURED["commit"][:8] in README  # which code was measured
+
+
+def test_the_estimate_scales_by_the_workload_only_on_the_cpu_model_it_was_measured_on() -> None:
+    from headavatar.devserver.demo import scaled_estimate
+
+    cpu, there = MEASURED["machine"]["cpu"], MEASURED["first"]["cpu_workload_s"]
+    minutes = f"{int(MEASURED['first']['demo_s'] * 2 // 60)} min"
+    assert f"About {minutes}" in scaled_estimate(MEASURED, True, 2 * there, cpu)
+    assert "x2.00 for this CPU's speed" in scaled_estimate(MEASURED, True, 2 * there, cpu)
+    other = scaled_estimate(MEASURED, True, 2 * there, "another CPU model")
+    assert f"About {int(MEASURED['first']['demo_s'] // 60)} min" in other and f"on {cpu}" in other
+    assert "for this CPU's speed" not in other

@@ -55,21 +55,30 @@ def demo_times(backend: str) -> Path:
 
 
 def estimate(backend: str, fresh: bool, speed_s: float | None) -> str:
-    """How long this run should take on 2 free cores: the measured first or cached run of this backend,
-    scaled by how fast this CPU ran :func:`headavatar.bench.cpu_speed.workload_s` (``speed_s``) against the
-    machine the run was measured on."""
+    """How long this run should take on 2 free cores, from the measured run of this backend (the file
+    headavatar.bench.demo_times writes): see :func:`scaled_estimate`."""
+    from headavatar.bench.provenance import machine
+
     path = demo_times(backend)
     if not path.exists():
         return f"No measured time for BACKEND={backend} (no {path.name})"
-    measured = json.loads(path.read_text())
+    return scaled_estimate(json.loads(path.read_text()), fresh, speed_s, machine()["cpu"])
+
+
+def scaled_estimate(measured: dict[str, Any], fresh: bool, speed_s: float | None, cpu: str) -> str:
+    """The measured first or cached run's time; on the CPU model it was measured on, scaled by how fast this
+    CPU ran :func:`headavatar.bench.cpu_speed.workload_s` (``speed_s``) against that run. Across models the
+    workload does not predict the demo (an AMD EPYC ran it 25 % slower than an Intel Xeon and the demo
+    faster: docs/containers.md#measured-times), so there the measured time is given as it is."""
     run = measured["first" if fresh else "later"]
     what = "first run" if fresh else "data and images are cached"
-    there = measured["first"].get("cpu_workload_s")
-    if not speed_s or not there:
-        return f"About {duration(run['demo_s'])} on 2 free cores ({what}; measured at {measured['commit'][:8]})"
-    ratio = min(max(speed_s / there, 0.25), 4.0)
-    return (f"About {duration(run['demo_s'] * ratio)} on 2 free cores ({what}; {duration(run['demo_s'])} measured at "
-            f"{measured['commit'][:8]}, x{ratio:.2f} for this CPU's speed)")
+    there, where = measured["first"].get("cpu_workload_s"), measured.get("machine", {}).get("cpu", "")
+    source = f"{what}; {duration(run['demo_s'])} measured at {measured['commit'][:8]}"
+    if cpu != where:
+        return f"About {duration(run['demo_s'])} on 2 free cores ({source} on {where or 'another CPU'})"
+    ratio = min(max(speed_s / there, 0.25), 4.0) if speed_s and there else 1.0
+    scaled = f", x{ratio:.2f} for this CPU's speed" if speed_s and there else ""
+    return f"About {duration(run['demo_s'] * ratio)} on 2 free cores ({source}{scaled})"
 
 
 def main(argv: list[str] | None = None) -> int:
