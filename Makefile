@@ -30,7 +30,7 @@ HEARTBEAT = $(PYTHON) tasks/headavatar/devserver/heartbeat.py
 PIP = $(PY) -m pip install --progress-bar off
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	@echo "install: pip, then torch $(TORCH_VERSION), then the project with its dependencies (about 3 min)"
+	@echo "install: pip, then torch $(TORCH_VERSION), then the project with its dependencies (about 2 min)"
 	@$(HEARTBEAT) --label "install 1/3 pip" -- $(PIP) --upgrade pip
 	@$(HEARTBEAT) --label "install 2/3 torch" -- $(PIP) torch==$(TORCH_VERSION)
 	@$(HEARTBEAT) --label "install 3/3 project" -- $(PIP) -e ".[dev]"

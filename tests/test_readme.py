@@ -29,6 +29,8 @@ def test_the_readme_times_and_disk_are_the_measured_ones() -> None:
     first, later, disk = MEASURED["first"], MEASURED["later"], MEASURED["disk"]
     assert f"the first `make demo` about {round(first['make_demo_s'] / 60)} minutes" in README
     assert f"install {round(first['install_s'] / 60)} min" in README
+    makefile = (ROOT / "Makefile").read_text()  # what `make install` says it will take
+    assert f"with its dependencies (about {round(first['install_s'] / 60)} min)" in makefile
     assert f"a second one {round(later['make_demo_s'])} s" in README
     assert f"about {sum(disk.values()):.1f} GiB of disk" in README
     assert MEASURED["commit"][:8] in README  # which code was measured
