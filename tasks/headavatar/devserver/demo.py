@@ -68,8 +68,8 @@ def estimate(backend: str, fresh: bool, speed_s: float | None) -> str:
 def scaled_estimate(measured: dict[str, Any], fresh: bool, speed_s: float | None, cpu: str) -> str:
     """The measured first or cached run's time; on the CPU model it was measured on, scaled by how fast this
     CPU ran :func:`headavatar.bench.cpu_speed.workload_s` (``speed_s``) against that run. Across models the
-    workload does not predict the demo (an AMD EPYC ran it 25 % slower than an Intel Xeon and the demo
-    faster: docs/containers.md#measured-times), so there the measured time is given as it is."""
+    workload does not predict the demo (an AMD EPYC ran it 18-33 % slower than Intel Xeons and the demo as
+    fast as their quick runs: docs/containers.md#measured-times), so there the measured time is given as it is."""
     run = measured["first" if fresh else "later"]
     what = "first run" if fresh else "data and images are cached"
     there, where = measured["first"].get("cpu_workload_s"), measured.get("machine", {}).get("cpu", "")
