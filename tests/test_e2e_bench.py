@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from headavatar.bench.e2e_gpu import CAPTURE, main, results_name, so_far, summed
+from headavatar.bench.e2e_gpu import CAPTURE, TEXTURE_MARKER, capture_texture, main, results_name, so_far, summed
 from headavatar.contract.outputs import state_key
 from headavatar.layout import stage_prefix
 from headavatar.storage import ObjectStore
@@ -48,9 +48,23 @@ def test_a_stage_stopped_at_the_deadline_records_its_checkpoint(store: ObjectSto
     key = state_key(store.key(stage_prefix(CAPTURE, "gaussianhead")), RESUMABLE)
     assert so_far(store, "gaussianhead") == {"checkpoint_step": 0}
     evals = [{"step": 0, "psnr": 19.5}, {"step": 5000, "psnr": 41.4}]
+    store.put_bytes(key, _saved({"step": 5000, "evals": evals, "timing": [114.0, 5000], "cache_key": "k"}))
+    assert so_far(store, "gaussianhead") == {"checkpoint_step": 5000, "checkpoint_cache_key": "k",
+                                             "holdout_curve": evals, "ms_per_step": 22.8}
+    for bad in (b"half a checkpoint", _saved([1, 2]), _saved({"evals": evals})):  # corrupt, not a dict, no step
+        store.put_bytes(key, bad)
+        assert "refused to load" in so_far(store, "gaussianhead")["checkpoint_unreadable"]
+
+
+def _saved(obj: object) -> bytes:
     buf = io.BytesIO()
-    torch.save({"step": 5000, "evals": evals, "timing": [114.0, 5000], "cache_key": "k"}, buf)
-    store.put_bytes(key, buf.getvalue())
-    assert so_far(store, "gaussianhead") == {"checkpoint_step": 5000, "holdout_curve": evals, "ms_per_step": 22.8}
-    store.put_bytes(key, b"half a checkpoint")
-    assert "checkpoint_unreadable" in so_far(store, "gaussianhead")
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def test_a_home_keeps_the_texture_its_capture_was_made_with(tmp_path: Path) -> None:
+    assert capture_texture(tmp_path, None, True, "ground_truth") == "astronaut"  # nothing made yet: the default
+    (tmp_path / TEXTURE_MARKER).write_text("procedural")
+    assert capture_texture(tmp_path, None, True, "ground_truth") == "procedural"  # a later call that omits it
+    with pytest.raises(ValueError, match="holds a capture with the procedural texture"):
+        capture_texture(tmp_path, "astronaut", True, "ground_truth")

@@ -46,3 +46,5 @@ def test_the_estimate_scales_by_the_workload_only_on_the_cpu_model_it_was_measur
     other = scaled_estimate(MEASURED, True, 2 * there, "another CPU model")
     assert f"About {int(MEASURED['first']['demo_s'] // 60)} min" in other and f"on {cpu}" in other
     assert "for this CPU's speed" not in other
+    unrecorded = {k: v for k, v in MEASURED.items() if k != "machine"}  # no CPU to compare: not scaled
+    assert "an unrecorded CPU" in scaled_estimate(unrecorded, True, 2 * there, "")

@@ -39,15 +39,16 @@ from headavatar.bench.provenance import stamp
 from headavatar.contract.outputs import state_key
 from headavatar.contract.stage import read_manifest
 from headavatar.devserver.seaweed import EmbeddedS3
-from headavatar.errors import MissingObject
+from headavatar.errors import MissingObject, RefusedObject
 from headavatar.layout import stage_prefix
 from headavatar.settings import load_config
 from headavatar.stages import STAGE_NAMES
 from headavatar.storage import ObjectStore
-from headavatar.training.checkpoints import RESUMABLE
+from headavatar.training.checkpoints import RESUMABLE, load_stored
 
 log = logging.getLogger("headavatar.e2e")
 CAPTURE, BUCKET = "090", "headavatar"
+TEXTURE_MARKER = "capture_texture"  # in --home: the texture synth gave the capture
 # Default profile, except: strides 1 so that 10 synthetic video frames give 10 kept frames (the
 # default 3 x 10 would need 271 rendered frames per camera for the same work in stages 3-6), and
 # what needs internet or licensed files: BackgroundMattingV2 weights, face_alignment's weights, BFM09.
@@ -174,21 +175,29 @@ def default_texture(real: bool, detector: str) -> str:
 
 def so_far(store: ObjectStore, stage: str) -> dict:
     """A training stage stopped at the deadline: the step and held-out curve of its resumable checkpoint
-    (where the next call goes on from)."""
-    import io
-
-    import torch
-
+    (where the next call goes on from), with the cache key it was trained under."""
     key = state_key(store.key(stage_prefix(CAPTURE, stage)), RESUMABLE)
     try:
-        state = torch.load(io.BytesIO(store.get_bytes(key)), map_location="cpu", weights_only=True)
+        state = load_stored(store, key, "the next call starts the stage over", required=("step",))
     except MissingObject:
         return {"checkpoint_step": 0}
-    except Exception as e:  # recorded, not fatal: the stage's timing is still worth keeping
-        return {"checkpoint_unreadable": f"{type(e).__name__}: {e}"[:300]}
+    except RefusedObject as e:  # recorded, not fatal: the stage's timing is still worth keeping
+        return {"checkpoint_unreadable": str(e)[:300]}
     seconds, steps = state.get("timing", (0.0, 0))
-    return {"checkpoint_step": state["step"], "holdout_curve": state.get("evals", []),
-            **({"ms_per_step": round(1000 * seconds / steps, 2)} if steps else {})}
+    timing = {"ms_per_step": round(1000 * seconds / steps, 2)} if steps else {}
+    return {"checkpoint_step": state["step"], "checkpoint_cache_key": state.get("cache_key"),
+            "holdout_curve": state.get("evals", []), **timing}
+
+
+def capture_texture(home: Path, asked: str | None, real: bool, detector: str) -> str:
+    """The head texture of this ``--home``'s capture: the one ``synth`` recorded there (a later call that
+    asks for another would mix two captures in one results file), else ``asked``, else the default."""
+    marker = home / TEXTURE_MARKER
+    made = marker.read_text().strip() if marker.exists() else None
+    texture = asked or made or default_texture(real, detector)
+    if made and texture != made:
+        raise ValueError(f"{home} holds a capture with the {made} texture, not {texture}: use another --home")
+    return texture
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,7 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= n_seq <= len(SEQUENCES):
         p.error(f"--sequences must be 1..{len(SEQUENCES)}")
     sequences = SEQUENCES[:n_seq]
-    texture = args.texture or default_texture(real, args.detector)
+    try:
+        texture = capture_texture(args.home, args.texture, real, args.detector)
+    except ValueError as e:
+        p.error(str(e))
     if args.detector == "dlib" and texture != "astronaut":
         p.error("--detector dlib needs --texture astronaut: dlib finds no face on the procedural texture")
     base = REAL_SIZE_OVERRIDES if real else OVERRIDES
@@ -271,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                 for seq in sequences:
                     cmd += ["--sequence", seq]
                 subprocess.run(cmd, env=env, check=True)
+                (args.home / TEXTURE_MARKER).write_text(texture)
                 results["capture"]["texture"] = texture
                 results["stages"]["synth"] = {"wall_s": round(time.monotonic() - t0, 1)}
             elif stage == "compare":  # also run before the main stage 6 when "gaussianhead" is asked for

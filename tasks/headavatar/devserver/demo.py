@@ -68,17 +68,19 @@ def estimate(backend: str, fresh: bool, speed_s: float | None) -> str:
 def scaled_estimate(measured: dict[str, Any], fresh: bool, speed_s: float | None, cpu: str) -> str:
     """The measured first or cached run's time; on the CPU model it was measured on, scaled by how fast this
     CPU ran :func:`headavatar.bench.cpu_speed.workload_s` (``speed_s``) against that run. Across models the
-    workload does not predict the demo (an AMD EPYC ran it 18-33 % slower than Intel Xeons and the demo as
-    fast as their quick runs: docs/containers.md#measured-times), so there the measured time is given as it is."""
+    workload does not predict the demo (an AMD EPYC ran it 17-37 % slower than an Intel Xeon and the demo as
+    fast as its quick runs: docs/containers.md#measured-times), so there the measured time is given as it is."""
     run = measured["first" if fresh else "later"]
     what = "first run" if fresh else "data and images are cached"
-    there, where = measured["first"].get("cpu_workload_s"), measured.get("machine", {}).get("cpu", "")
-    source = f"{what}; {duration(run['demo_s'])} measured at {measured['commit'][:8]}"
-    if cpu != where:
-        return f"About {duration(run['demo_s'])} on 2 free cores ({source} on {where or 'another CPU'})"
+    there = run.get("cpu_workload_s") or measured["first"].get("cpu_workload_s")
+    where, commit = measured.get("machine", {}).get("cpu", ""), measured["commit"][:8]
+    if not where or cpu != where:
+        return (f"About {duration(run['demo_s'])} on 2 free cores ({what}; measured at {commit} "
+                f"on {where or 'an unrecorded CPU'})")
     ratio = min(max(speed_s / there, 0.25), 4.0) if speed_s and there else 1.0
     scaled = f", x{ratio:.2f} for this CPU's speed" if speed_s and there else ""
-    return f"About {duration(run['demo_s'] * ratio)} on 2 free cores ({source}{scaled})"
+    return (f"About {duration(run['demo_s'] * ratio)} on 2 free cores ({what}; {duration(run['demo_s'])} "
+            f"measured at {commit}{scaled})")
 
 
 def main(argv: list[str] | None = None) -> int:

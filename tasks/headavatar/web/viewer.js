@@ -73,7 +73,8 @@ function setPlaying(playing) {
 button.addEventListener("click", () => setPlaying(!state.playing));
 let last = 0;
 function tick(t) {
-  // The next frame only once this one is on screen: a slow machine plays slower instead of skipping frames.
+  // The next frame only once this one is decoded and handed to the renderer: a slow machine plays slower
+  // instead of skipping frames.
   if (state.playing && state.shown === state.frame && t - last >= 1000 / meta.fps) {
     show((state.frame + 1) % meta.frames);
     last = t;
