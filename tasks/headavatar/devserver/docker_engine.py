@@ -92,6 +92,12 @@ class DockerEngine:
             return
         _terminate(pid, 20)
 
+    def stop_detached(self) -> None:
+        """Stops the engine another process started (``start`` for make targets and CI), by its pid file,
+        and unmounts what it left under the exec root, as :meth:`stop` does for an engine of its own."""
+        self._stop_stale()
+        self._unmount_leftovers()
+
     def stop(self) -> None:
         """Stops the engine if this object started it (containers it still runs are stopped by dockerd)."""
         if self._proc is None:
@@ -154,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         engine._proc = None  # left running for the make targets that follow; `stop` ends it by PID
         print(json.dumps({"docker_host": engine.url, "pidfile": str(engine.pidfile)}))
     else:
-        engine._stop_stale()
+        engine.stop_detached()
     return 0
 
 
