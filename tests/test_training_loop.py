@@ -104,9 +104,13 @@ def test_training_stops_at_the_plateau_and_a_resumed_run_stops_at_the_same_step(
     state = full.train(save=saved.append)
     stop = state.stopped_at
     assert 200 <= stop < 5000 and stop % 50 == 0 and state.step == stop
-    assert full.schedule() == {"steps": stop, "step_ceiling": 5000, "stopped_early": 1.0}
     assert [e["step"] for e in state.evals] == list(range(0, stop + 1, 50))  # the stop's check is the last eval
     psnr = [e["holdout_psnr"] for e in state.evals]
+    best = max(psnr)
+    near = 50 * next(i for i, v in enumerate(psnr) if v >= best - 0.5)
+    assert near < stop  # the last checks bought less than the rule's 0.5 dB
+    assert full.schedule() == {"steps": stop, "step_ceiling": 5000, "stopped_early": 1.0, "best_holdout_psnr": best,
+                               "best_holdout_psnr_step": 50 * psnr.index(best), "holdout_psnr_near_best_step": near}
     assert psnr[-1] > psnr[0] + 20  # it did learn
     assert max(psnr[-3:]) - max(psnr[:-3]) < 0.5 <= max(psnr[-4:-1]) - max(psnr[:-4])  # first check to stall
     assert saved[-1]["step"] == stop and saved[-1]["stopped_at"] == stop
@@ -230,3 +234,7 @@ def test_meshhead_stage_records_where_the_rule_stopped_it(store: ObjectStore, ti
     assert history["plateau"]["stopped_at"] == 60 and "last 2 checks (every 20 steps)" in history["plateau"]["rule"]
     assert [e["step"] for e in history["holdout"]] == [0, 20, 40, 60]
     assert m.metrics["holdout_psnr"] == history["holdout"][-1]["holdout_psnr"] > history["holdout"][0]["holdout_psnr"]
+    curve = {e["step"]: e["holdout_psnr"] for e in history["holdout"]}
+    best = max(curve.values())
+    assert m.metrics["best_holdout_psnr"] == best == curve[m.metrics["best_holdout_psnr_step"]]
+    assert m.metrics["holdout_psnr_near_best_step"] == min(s for s, v in curve.items() if v >= best - 0.5)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from headavatar.training.data_parallel import mean_over_ranks, rank_and_world
-from headavatar.training.plateau import PlateauRule
+from headavatar.training.plateau import NEAR_BEST, PlateauRule, convergence
 from headavatar.training.system import SystemSampler
 
 log = logging.getLogger(__name__)
@@ -91,11 +91,18 @@ class Trainer(ABC):
             self.stop_compiling()
 
     def schedule(self) -> dict[str, float]:
-        """How long training ran against its ceiling (metrics for the manifest and MLflow)."""
+        """How long training ran against its ceiling and what its steps bought (metrics for the manifest and
+        MLflow): the held-out curve's best score, its step, and the first step within ``NEAR_BEST`` of it."""
         out = {"steps": self.state.step, "step_ceiling": self.cfg.steps,
                "stopped_early": float(bool(self.state.stopped_at))}
         if self.state.compile_failed_at:
             out["compile_failed_at_step"] = self.state.compile_failed_at
+        metric = self.plateau.metric if self.plateau is not None else None
+        conv = convergence([(e["step"], e[metric]) for e in self.state.evals if metric in e], NEAR_BEST) \
+            if metric else None
+        if conv is not None:  # what the steps bought: the curve's best and the first step within NEAR_BEST of it
+            out.update({f"best_{metric}": conv.best, f"best_{metric}_step": conv.best_step,
+                        f"{metric}_near_best_step": conv.near_step})
         return out
 
     def plateau_text(self) -> str:

@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+NEAR_BEST = 0.5  # dB: a run within this of its curve's best counts as converged (the margin users budget by)
+
 
 @dataclass(frozen=True)
 class PlateauRule:
@@ -49,3 +51,29 @@ class PlateauRule:
             return "off (fixed schedule)"
         return (f"stop when the best {self.metric} of the last {self.checks} checks (every {self.every} steps) "
                 f"beats the best before them by less than {self.gain:g}, never before step {self.min_steps}")
+
+
+@dataclass(frozen=True)
+class Convergence:
+    """How a held-out curve converged (the figures users budget GPU time by)."""
+
+    best: float  # the best score of the curve (its plateau, where the rule stopped training)
+    best_step: int  # the step that scored it
+    near: float  # the margin below ``best`` that counts as converged (0.5 dB for PSNR)
+    near_step: int  # the first step that scored within ``near`` of ``best``
+    last_step: int  # the last step scored: the steps after ``near_step`` bought less than ``near``
+
+    def as_dict(self) -> dict[str, float]:
+        return {"best": self.best, "best_step": self.best_step, "near": self.near, "near_step": self.near_step,
+                "last_step": self.last_step}
+
+
+def convergence(scores: list[tuple[int, float]], near: float = NEAR_BEST) -> Convergence | None:
+    """The best of ``scores`` ((step, score) in step order, higher is better) and the first step within
+    ``near`` of it; None for a curve without a finite score."""
+    finite = [(s, v) for s, v in scores if not math.isnan(v) and not math.isinf(v)]
+    if not finite:
+        return None
+    best_step, best = max(finite, key=lambda sv: (sv[1], -sv[0]))
+    near_step = next(s for s, v in finite if v >= best - near)
+    return Convergence(best, best_step, near, near_step, finite[-1][0])
