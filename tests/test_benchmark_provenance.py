@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 from datetime import date, datetime
 from pathlib import Path
 
 import pytest
 
-from headavatar.bench.provenance import FIELDS, stamp
+from headavatar.bench.provenance import FIELDS, PACKAGE, code_digest, commit_digest, stamp
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = sorted((ROOT / "benchmarks" / "results").glob("*.json"))
@@ -67,4 +68,29 @@ def test_stamp_records_commit_date_machine_command(monkeypatch: pytest.MonkeyPat
 
 def test_stamp_takes_the_commit_from_the_environment_without_git(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HEADAVATAR_GIT_COMMIT", "0123456789abcdef0123456789abcdef01234567")
-    assert stamp({}, "headavatar.bench.matting_gpu", [])["commit"] == "0123456789abcdef0123456789abcdef01234567"
+    doc = stamp({}, "headavatar.bench.matting_gpu", [])
+    assert doc["commit"] == "0123456789abcdef0123456789abcdef01234567"
+    assert doc["dirty"] is None  # cannot be seen without .git: the code digest tells
+    assert doc["code_digest"] == code_digest()
+
+
+def test_the_code_digest_names_the_sources_that_ran(tmp_path: Path) -> None:
+    """A result made from a tree without .git is matched to a commit by its code digest; a changed file,
+    or a file moved, gives another digest."""
+    copy = tmp_path / "headavatar"
+    subprocess.run(["git", "archive", "--format=tar", "-o", str(tmp_path / "head.tar"), "HEAD", "tasks/headavatar"],
+                   cwd=ROOT, check=True)
+    subprocess.run(["tar", "-xf", str(tmp_path / "head.tar"), "-C", str(tmp_path), "--strip-components=1"], check=True)
+    assert code_digest(copy) == commit_digest("HEAD")
+    (copy / "__pycache__").mkdir(exist_ok=True)
+    (copy / "__pycache__" / "stale.py").write_text("compiled elsewhere")  # not a source
+    assert code_digest(copy) == commit_digest("HEAD")
+    loop = copy / "training" / "loop.py"
+    loop.write_text(loop.read_text() + "\n")
+    assert code_digest(copy) != commit_digest("HEAD")
+    loop.write_text(loop.read_text()[:-1])
+    (copy / "training" / "loop.py").rename(copy / "loop.py")
+    assert code_digest(copy) != commit_digest("HEAD")
+    r = subprocess.run([sys.executable, "-m", "headavatar.bench.provenance", "digest", "--commit", "HEAD"],
+                       cwd=ROOT, capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == commit_digest("HEAD") and PACKAGE.name == "headavatar"

@@ -3,26 +3,57 @@
 Numbers without their commit and machine go stale unnoticed; ``tests/test_benchmark_provenance.py``
 checks that every file under ``benchmarks/results/`` carries these fields, and the docs print them
 under every table generated from the file.
+
+A GPU host gets the working tree without ``.git``: the commit is what the caller says
+(``$HEADAVATAR_GIT_COMMIT``), and whether the tree held uncommitted changes cannot be seen there. So
+every result also carries ``code_digest``, a digest of the package's sources as they ran, which
+``python -m headavatar.bench.provenance digest --commit REV`` computes for any commit to compare.
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
+import io
 import os
 import platform
 import shlex
 import subprocess
 import sys
+import tarfile
+import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 FIELDS = ("commit", "date", "machine", "command")
+PACKAGE = Path(__file__).resolve().parents[1]  # tasks/headavatar
 
 
-def git_commit() -> tuple[str, bool]:
-    """(commit, dirty): ``$HEADAVATAR_GIT_COMMIT`` where the tree travels without ``.git`` (a GPU host), else HEAD."""
+def code_digest(package: Path = PACKAGE) -> str:
+    """sha256 over the package's Python sources (relative path and bytes, in path order)."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in package.rglob("*.py") if "__pycache__" not in p.parts):
+        h.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def commit_digest(rev: str) -> str:
+    """:func:`code_digest` of the package as commit ``rev`` has it (``git archive``)."""
+    repo = PACKAGE.parents[1]
+    sub = PACKAGE.relative_to(repo).as_posix()
+    tar = subprocess.run(["git", "archive", "--format=tar", rev, sub], cwd=repo, capture_output=True, check=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        with tarfile.open(fileobj=io.BytesIO(tar.stdout)) as tf:
+            tf.extractall(tmp, filter="data")
+        return code_digest(Path(tmp) / sub)
+
+
+def git_commit() -> tuple[str, bool | None]:
+    """(commit, dirty): ``$HEADAVATAR_GIT_COMMIT`` where the tree travels without ``.git`` (a GPU host; dirty
+    unknown there: None), else HEAD."""
     if os.environ.get("HEADAVATAR_GIT_COMMIT"):
-        return os.environ["HEADAVATAR_GIT_COMMIT"], False
+        return os.environ["HEADAVATAR_GIT_COMMIT"], None
     here = Path(__file__).parent
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
@@ -53,10 +84,26 @@ def machine() -> dict[str, Any]:
 
 
 def stamp(result: dict[str, Any], module: str, argv: list[str] | None = None) -> dict[str, Any]:
-    """Adds commit, dirty, date (UTC) and command to ``result``, and ``machine`` unless the writer recorded its own."""
+    """Adds commit, dirty, the code's digest, date (UTC) and command to ``result``, and ``machine`` unless the
+    writer recorded its own."""
     commit, dirty = git_commit()
     args = sys.argv[1:] if argv is None else argv
-    result.update({"commit": commit, "dirty": dirty, "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    result.update({"commit": commit, "dirty": dirty, "code_digest": code_digest(),
+                   "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
                    "command": " ".join(["python -m", module, *map(shlex.quote, args)])})
     result.setdefault("machine", machine())
     return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``digest [--commit REV]``: the code digest of a commit (or of the sources here), to match a result's."""
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("action", choices=["digest"])
+    ap.add_argument("--commit", help="a git revision (default: the sources as they are here, changes included)")
+    args = ap.parse_args(argv)
+    print(commit_digest(args.commit) if args.commit else code_digest())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -163,7 +163,8 @@ def generic(doc: dict[str, Any]) -> str:
     def walk(v: Any, path: str) -> None:
         if isinstance(v, dict):
             for k, x in v.items():
-                if k not in ("machine", "commit", "date", "command", "dirty", "provenance_recovered", "note"):
+                if k not in ("machine", "commit", "date", "command", "dirty", "code_digest", "provenance_recovered",
+                             "note"):
                     walk(x, f"{path}.{k}" if path else k)
         elif isinstance(v, list) and v and isinstance(v[0], dict | list):
             for i, x in enumerate(v):
