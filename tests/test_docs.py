@@ -66,22 +66,25 @@ def test_pages_not_written_yet_leave_the_nav_and_their_links_become_text(tmp_pat
 
 
 def test_capacity_plan_follows_the_measurements() -> None:
-    """The plan uses the newest default step of stages 5 and 6, the same figures docs/gpu.md reports."""
+    """The plan uses the whole capture at real size (docs/gpu.md's run 2): its per-image stage costs and
+    memory, and its stage-5 and stage-6 rates at the default step counts."""
     from headavatar.bench import capacity
     from headavatar.settings import GaussianHeadConfig, MeshHeadConfig
 
     results = ROOT / "benchmarks" / "results"
-    e2e = json.loads((results / "e2e_gpu.json").read_text())
-    stage6_ms = json.loads((results / "stage6_compile_gpu.json").read_text())["bf16_compile"]["median_ms"]
-    stage5_runs = json.loads((results / "meshhead_speed_gpu.json").read_text())["summary"]["step_ms"][
-        "after_default_bf16_compile"]
+    real = json.loads((results / "e2e_real_size_gpu.json").read_text())["stages"]
     costs = {c.stage: c for c in capacity.stage_costs(100)}
-    stage5_ms = sum(stage5_runs) / len(stage5_runs)
+    assert real["matting"]["metrics"]["images"] == 224  # 14 kept frames x 16 cameras: 1600 / 224 below
+    assert costs["extract"].seconds == pytest.approx(real["extract"]["wall_s"] * 1600 / 224)
+    assert costs["fitting"].stored_gb == pytest.approx(real["fitting"]["metrics"]["bytes"] * 1600 / 224 / 1e9)
+    stage5_ms = 1000 / real["meshhead"]["metrics"]["train_steps_per_s"]
     assert costs["meshhead"].seconds == pytest.approx(MeshHeadConfig().steps * stage5_ms / 1000)
-    assert costs["gaussianhead"].seconds == pytest.approx(GaussianHeadConfig().steps * stage6_ms / 1000)
+    log = real["gaussianhead"]["from_the_log"]
+    assert costs["gaussianhead"].seconds == pytest.approx(
+        GaussianHeadConfig().steps * log["ms_per_step_10000_to_15000"] / 1000 + log["stage_start_to_step_1_s"])
+    assert costs["gaussianhead"].peak_gpu_gib == pytest.approx(real["gaussianhead"]["peak_gpu_mib"] / 1024)
     gpu_md = (ROOT / "docs" / "gpu.md").read_text()
-    assert f"compiled (default since 2026-12-02): {stage6_ms:.1f} ms median" in gpu_md
-    assert costs["extract"].seconds == pytest.approx(e2e["stages"]["extract"]["wall_s"] * 1600 / 160)
+    assert f"at 25.2 steps/s ({stage5_ms:.2f} ms a step)" in gpu_md
     one, many = capacity.plan(1, 100), capacity.plan(40, 100)
     assert many["gpu_hours_per_day"] == pytest.approx(40 * one["gpu_hours_per_day"])
     assert many["gpus"] == -(-40 * one["gpu_s_per_capture"] // (86_400 * capacity.GPU_UTILISATION))

@@ -1,11 +1,12 @@
 """Capacity planning from measured numbers: what N captures a day need in GPUs, disk and object storage.
 
-Per-stage costs come from the end-to-end GPU run (``e2e_gpu.json``: wall time, peak host memory, bytes
-stored, per image of 16 cameras) and the newest component benchmarks of the default code
-(``matting_gpu.json``: BMV2 frames/s; ``meshhead_speed_gpu.json``: the compiled stage-5 step;
-``stage6_compile_gpu.json``: the compiled stage-6 step, the same figure docs/gpu.md reports), scaled to a
-capture of ``kept_frames`` frames and the default step counts of the schema. Every assumption is printed
-with the result (``docs/capacity.md`` is generated from :func:`markdown`).
+Per-stage costs come from the whole capture at real size (``e2e_real_size_gpu.json``: 16 cameras at
+2200x3208, the default strides and profile: wall time, peak host and GPU memory, bytes stored, and the
+training steps' rates), scaled to a capture of ``kept_frames`` frames and the default step counts of the
+schema; matting's rate from ``matting_gpu.json`` (BMV2, which that run replaced by classical matting),
+and stage 6's stored bytes from the small end-to-end run (``e2e_gpu.json``), since the real-size stage 6
+has not yet finished. Every assumption is printed with the result (``docs/capacity.md`` is generated
+from :func:`markdown`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from headavatar.bench.tables import _table, load, provenance
 from headavatar.settings import GaussianHeadConfig, MeshHeadConfig
 
 CAMERAS = 16
-SOURCES = ("e2e_gpu", "matting_gpu", "meshhead_speed_gpu", "stage6_compile_gpu")
+REAL_SIZE = "e2e_real_size_gpu"
+SOURCES = (REAL_SIZE, "matting_gpu", "e2e_gpu")
 GPU_UTILISATION = 0.8  # share of a GPU-day the pool keeps busy (queueing, retries, start-up)
 
 
@@ -33,48 +35,52 @@ class StageCost:
     basis: str
 
 
-def stage5_step() -> tuple[float, float]:
-    """The default stage-5 step (ms, the mean of its measurements) and its peak GPU memory (GiB)."""
-    summary = load("meshhead_speed_gpu")["summary"]
-    runs = summary["step_ms"]["after_default_bf16_compile"]
-    return sum(runs) / len(runs), summary["peak_gpu_gib"]["after"]
+def stage5_step() -> float:
+    """Stage 5's step at real size (ms, training steps only), as it ran there: eagerly (the compiled
+    step failed at real size, and the training loop then goes on without compiling)."""
+    return 1000 / load(REAL_SIZE)["stages"]["meshhead"]["metrics"]["train_steps_per_s"]
 
 
 def stage6_step() -> tuple[float, float]:
-    """The default stage-6 step (ms, median of its runs) and its peak GPU memory (GiB)."""
-    r = load("stage6_compile_gpu")["bf16_compile"]
-    return r["median_ms"], r["peak_gpu_gib"]
+    """Stage 6 at real size: ms a step with its evaluations and checkpoints, and seconds from the stage's
+    start to its first step (loading the views, building gsplat's extension, compiling)."""
+    log = load(REAL_SIZE)["stages"]["gaussianhead"]["from_the_log"]
+    return log["ms_per_step_10000_to_15000"], log["stage_start_to_step_1_s"]
 
 
 def stage_costs(kept_frames: int) -> list[StageCost]:
     """One capture with ``kept_frames`` kept frames x 16 cameras, default profile, default step counts."""
-    e2e, matting = load("e2e_gpu"), load("matting_gpu")
-    st = e2e["stages"]
-    e2e_images = st["matting"]["metrics"]["images"]  # kept frames x cameras in the e2e run
+    st, matting = load(REAL_SIZE)["stages"], load("matting_gpu")
+    run_images = st["matting"]["metrics"]["images"]  # kept frames x cameras in the real-size run
     images = kept_frames * CAMERAS
-    scale = images / e2e_images
+    scale = images / run_images
 
-    def per_image(stage: str, gpu: bool, basis: str) -> StageCost:
+    def peaks(stage: str, gpu: bool) -> tuple[float, float]:
+        return st[stage]["peak_host_mib"] / 1024, (st[stage]["peak_gpu_mib"] / 1024) if gpu else 0.0
+
+    def per_image(stage: str, gpu: bool) -> StageCost:
         r = st[stage]
-        return StageCost(stage, gpu, r["wall_s"] * scale, r["peak_host_mib"] / 1024,
-                         (r["peak_gpu_mib"] / 1024) if gpu else 0.0, r["metrics"]["bytes"] * scale / 1e9, basis)
+        return StageCost(stage, gpu, r["wall_s"] * scale, *peaks(stage, gpu), r["metrics"]["bytes"] * scale / 1e9,
+                         f"real size: {r['wall_s']} s per {run_images} images, scaled")
 
     fps = max(r["fps"] for r in matting["runs"] if r["dtype"] == "float16")
-    mh_ms, mh_gib = stage5_step()
-    gh_ms, gh_gib = stage6_step()
-    mh_rate, gh_rate = 1000 / mh_ms, 1000 / gh_ms
+    mh_ms = stage5_step()
+    gh_ms, gh_start = stage6_step()
     mh_steps, gh_steps = MeshHeadConfig().steps, GaussianHeadConfig().steps
+    gh_bytes = load("e2e_gpu")["stages"]["gaussianhead"]["metrics"]["bytes"]
     return [
-        per_image("extract", False, f"e2e: {st['extract']['wall_s']} s per {e2e_images} images, scaled"),
-        per_image("sample", False, f"e2e: {st['sample']['wall_s']} s per {e2e_images} images, scaled"),
+        per_image("extract", False),
+        per_image("sample", False),
         StageCost("matting", True, images / fps, st["matting"]["peak_host_mib"] / 1024,
                   max(r["peak_gpu_mem_gib"] for r in matting["runs"] if r["dtype"] == "float16"),
                   st["matting"]["metrics"]["bytes"] * scale / 1e9, f"BMV2 fp16 batch 8: {fps} frames/s"),
-        per_image("fitting", True, f"e2e: {st['fitting']['wall_s']} s per {e2e_images} images, scaled"),
-        StageCost("meshhead", True, mh_steps / mh_rate, st["meshhead"]["peak_host_mib"] / 1024, mh_gib,
-                  st["meshhead"]["metrics"]["bytes"] / 1e9, f"{mh_steps} steps at {mh_ms:.1f} ms (compiled, bf16)"),
-        StageCost("gaussianhead", True, gh_steps / gh_rate, st["gaussianhead"]["peak_host_mib"] / 1024, gh_gib,
-                  st["gaussianhead"]["metrics"]["bytes"] / 1e9, f"{gh_steps} steps at {gh_ms:.1f} ms (compiled, bf16)"),
+        per_image("fitting", True),
+        StageCost("meshhead", True, mh_steps * mh_ms / 1000, *peaks("meshhead", True),
+                  st["meshhead"]["metrics"]["bytes"] / 1e9,
+                  f"{mh_steps} steps at {mh_ms:.1f} ms (real size, eager: the compiled step failed there)"),
+        StageCost("gaussianhead", True, gh_steps * gh_ms / 1000 + gh_start, *peaks("gaussianhead", True),
+                  gh_bytes / 1e9, f"{gh_steps} steps at {gh_ms:.1f} ms (real size, compiled, bf16, evaluations "
+                  f"included) + {gh_start:.0f} s start-up; stored: the small run's"),
     ]
 
 
