@@ -83,6 +83,22 @@ def tiny_config(*overrides: str) -> PipelineConfig:
     return load_config("demo", list(overrides))
 
 
+def fake_manifest(store: ObjectStore, stage: str, files: dict[str, bytes], capture: str = "018") -> None:
+    """An upstream stage 'done' with ``files`` (uploaded): what a later stage reads its inputs through."""
+    from headavatar.contract.manifest import FileEntry, Manifest
+    from headavatar.contract.stage import manifest_key
+    from headavatar.layout import stage_prefix
+
+    prefix = store.key(stage_prefix(capture, stage))
+    entries = {}
+    for rel, data in files.items():
+        store.put_bytes(f"{prefix}/{rel}", data)
+        entries[rel] = FileEntry(len(data), "0" * 64)
+    m = Manifest(stage=stage, capture=capture, package_version="0", config_digest="d", config={}, inputs={},
+                 files=entries)
+    store.put_bytes(manifest_key(store, capture, stage), m.to_json())
+
+
 @pytest.fixture
 def store(s3_env: dict[str, str]) -> Iterator[ObjectStore]:
     st = ObjectStore(tiny_config().storage)

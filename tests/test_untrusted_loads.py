@@ -16,10 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cli, tiny_config
-from headavatar.contract.manifest import FileEntry, Manifest
+from conftest import cli, fake_manifest, tiny_config
 from headavatar.contract.outputs import OutputWriter
-from headavatar.contract.stage import StageContext, manifest_key, read_manifest
+from headavatar.contract.stage import StageContext, read_manifest
 from headavatar.errors import RefusedObject
 from headavatar.imaging import npy_array, npz_arrays, npz_bytes
 from headavatar.layout import stage_prefix
@@ -62,18 +61,6 @@ def assert_payload_is_live(tmp_path: Path, kind: str) -> None:
     else:
         torch.load(io.BytesIO(data), weights_only=False)
     assert control.exists()
-
-
-def fake_manifest(store: ObjectStore, stage: str, files: dict[str, bytes]) -> None:
-    """An upstream stage 'done' with ``files`` (uploaded): what a later stage reads its inputs through."""
-    prefix = store.key(stage_prefix(CAPTURE, stage))
-    entries = {}
-    for rel, data in files.items():
-        store.put_bytes(f"{prefix}/{rel}", data)
-        entries[rel] = FileEntry(len(data), "0" * 64)
-    m = Manifest(stage=stage, capture=CAPTURE, package_version="0", config_digest="d", config={}, inputs={},
-                 files=entries)
-    store.put_bytes(manifest_key(store, CAPTURE, stage), m.to_json())
 
 
 def error_line(stderr: str) -> str:

@@ -33,7 +33,7 @@ from headavatar.settings import GaussianHeadConfig, MeshHeadConfig, PipelineConf
 from headavatar.storage import ObjectStore
 from headavatar.training import data_parallel
 from headavatar.training.checkpoints import Checkpoints, load_stored
-from headavatar.training.views import Views, load_views, split_sequences
+from headavatar.training.views import Views, load_views
 
 log = logging.getLogger(__name__)
 DIFF_GAIN = 4.0  # the difference panel: |GT - render| x 4, so errors of a few percent are visible
@@ -60,10 +60,9 @@ def build_avatar(ctx: StageContext, cfg: GaussianHeadConfig) -> tuple[Views, Vie
     Held-out sequences are split off the views: never trained on, scored on every camera (self-reenactment).
     """
     lowres = ctx.config.extract.lowres_size
-    coarse = load_views(ctx, cfg.coarse_size, lowres=cfg.coarse_size <= lowres)
-    fine = load_views(ctx, cfg.fine_size, lowres=cfg.fine_size <= lowres)
-    coarse, held_coarse = split_sequences(coarse, cfg.holdout_sequences, "gaussianhead.holdout_sequences")
-    fine, held_fine = split_sequences(fine, cfg.holdout_sequences, "gaussianhead.holdout_sequences")
+    held_out = (cfg.holdout_sequences, "gaussianhead.holdout_sequences")
+    coarse, held_coarse = load_views(ctx, cfg.coarse_size, cfg.coarse_size <= lowres, *held_out)
+    fine, held_fine = load_views(ctx, cfg.fine_size, cfg.fine_size <= lowres, *held_out)
     extra_eval = [] if held_coarse is None or held_fine is None else [("self_reenactment", held_coarse, held_fine)]
     mesh = load_meshhead(ctx)
     with torch.no_grad():

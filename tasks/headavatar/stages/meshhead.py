@@ -26,7 +26,7 @@ from headavatar.meshhead.trainer import MeshHeadTrainer, init_model, render
 from headavatar.render.mesh_raster import build_mesh_rasterizer
 from headavatar.training.checkpoints import Checkpoints
 from headavatar.training.device_data import DeviceViews
-from headavatar.training.views import Views, load_views, split_sequences
+from headavatar.training.views import Views, load_views
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,8 @@ class MeshHeadStage(Stage):
         cfg = ctx.config.meshhead
         device = resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)
-        views = load_views(ctx, cfg.render_size, lowres=cfg.render_size <= ctx.config.extract.lowres_size)
-        views, held_views = split_sequences(views, cfg.holdout_sequences, "meshhead.holdout_sequences")
+        views, held_views = load_views(ctx, cfg.render_size, cfg.render_size <= ctx.config.extract.lowres_size,
+                                       cfg.holdout_sequences, "meshhead.holdout_sequences")
         first = ctx.input_key("fitting", f"params/{views.folders[0]}/vertices.npy")
         model = init_model(cfg, views, npy_array(ctx.store.get_bytes(first), ctx.store.uri(first)))
         raster = build_mesh_rasterizer(cfg.rasterizer, cfg.edge_softness_px)

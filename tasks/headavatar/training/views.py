@@ -2,7 +2,7 @@
 
 Both training stages read the same things: per frame and camera the image, the matte and the
 visibility mask at one resolution, the camera, and per frame the stage-4 fit and its sequence
-(for the held-out-sequence split, :func:`split_sequences`).
+(for the held-out-sequence split, :func:`split_frames`).
 """
 
 from __future__ import annotations
@@ -51,13 +51,6 @@ class Views:
     def camera_index(self, names: tuple[str, ...] | list[str]) -> list[int]:
         return [self.cameras.index(c) for c in names if c in self.cameras]
 
-    def subset(self, frames: list[int]) -> Views:
-        """The given frames (indices into ``folders``), every camera."""
-        f = np.asarray(frames, dtype=np.int64)
-        return Views([self.folders[i] for i in frames], list(self.cameras), self.images[f], self.masks[f],
-                     self.visible[f], self.intrinsics[f], self.extrinsics[f], self.pose[f], self.scale, self.exp[f],
-                     self.landmarks_3d[f], [self.sequences[i] for i in frames] if self.sequences else [])
-
     def tensors(self, frames: torch.Tensor, cams: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
         """A batch of (frame, camera) pairs as float tensors on ``device``."""
         f, c = frames.numpy(), cams.numpy()
@@ -71,77 +64,96 @@ class Views:
                 "landmarks_3d": t(self.landmarks_3d[f])}
 
 
-def load_views(ctx: StageContext, size: int, lowres: bool) -> Views:
-    """Every fitted frame x camera at ``size`` pixels (from the low-res or full-size images)."""
+def load_views(ctx: StageContext, size: int, lowres: bool, holdout: tuple[str, ...] = (),
+               setting: str = "") -> tuple[Views, Views | None]:
+    """(frames to train on, frames of the held-out sequences matching ``holdout`` or None): every fitted
+    frame x camera at ``size`` pixels (from the low-res or full-size images), split before any pixel is read.
+
+    Each set's pixels are decoded straight into arrays made once for the set, so the host holds them
+    once: a capture's views at 2048² are ~21 MB each, ~34 GB for 100 frames x 16 cameras, where
+    stacking per-view arrays, then copying the split, held two to three times that."""
     index = json.loads(ctx.store.get_bytes(ctx.input_key("sample", FRAMES_INDEX)))
     fitted = {f.split("/")[1] for f in ctx.upstream["fitting"].files if f.startswith("params/")}
     folders = [f["folder"] for f in index["frames"] if f["folder"] in fitted]
     if not folders:
         raise UpstreamMissing(f"stage 'fitting' fitted no frame of {ctx.capture}")
-    cams = list(ctx.config.capture.cameras)
-    out_size = ctx.config.extract.output_size
-    suffix = "_lowres" if lowres else ""
+    sequence_of = {f["folder"]: sequence_name(f.get("sequence", "")) for f in index["frames"]}
+    sequences = [sequence_of[f] for f in folders]
+    train, held = split_frames(sequences, holdout, setting)
+    pick = _ViewLoader(ctx, size, lowres)
+    return (pick([folders[i] for i in train], [sequences[i] for i in train]),
+            pick([folders[i] for i in held], [sequences[i] for i in held]) if held else None)
 
-    def image(stage: str, rel: str, gray: bool) -> np.ndarray:
-        img = decode_image(ctx.store.get_bytes(ctx.input_key(stage, rel)), rel)
-        if img.shape[0] != size:
-            img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+
+class _ViewLoader:
+    """Reads the given frames' views of one capture at one size into arrays made once for them."""
+
+    def __init__(self, ctx: StageContext, size: int, lowres: bool):
+        self.ctx, self.size, self.suffix = ctx, size, "_lowres" if lowres else ""
+        self.cams = list(ctx.config.capture.cameras)
+        self.out_size = ctx.config.extract.output_size
+
+    def image(self, stage: str, rel: str, gray: bool) -> np.ndarray:
+        img = decode_image(self.ctx.store.get_bytes(self.ctx.input_key(stage, rel)), rel)
+        if img.shape[0] != self.size:
+            img = cv2.resize(img, (self.size, self.size), interpolation=cv2.INTER_AREA)
         return img[..., 0] if gray else img[..., ::-1]
 
-    def load(job: tuple[str, str]) -> tuple[np.ndarray, ...]:
-        folder, cam = job
-        rgb = image("sample", f"images/{folder}/image{suffix}_{cam}.jpg", False)
-        mask = image("matting", f"images/{folder}/mask{suffix}_{cam}.jpg", True)
-        vis = image("sample", f"images/{folder}/visible{suffix}_{cam}.jpg", True)
-        camera = ctx.input_key("sample", f"cameras/{folder}/camera_{cam}.npz")
-        z = npz_arrays(ctx.store.get_bytes(camera), ctx.store.uri(camera), ("intrinsic", "extrinsic"))
-        k = z["intrinsic"].astype(np.float64).copy()
-        e = z["extrinsic"][:3].astype(np.float64)
-        k[:2] *= size / out_size
-        return rgb, mask, vis, k, e
+    def fit(self, folder: str) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
+        store = self.ctx.store
+        params = self.ctx.input_key("fitting", f"params/{folder}/params.npz")
+        z = npz_arrays(store.get_bytes(params), store.uri(params), ("pose", "scale", "exp_coeff"))
+        lmk_key = self.ctx.input_key("fitting", f"params/{folder}/lmk_3d.npy")
+        return z["pose"][0], float(z["scale"][0]), z["exp_coeff"][0], npy_array(store.get_bytes(lmk_key),
+                                                                                 store.uri(lmk_key))
 
-    def fit(folder: str) -> tuple[np.ndarray, ...]:
-        params = ctx.input_key("fitting", f"params/{folder}/params.npz")
-        z = npz_arrays(ctx.store.get_bytes(params), ctx.store.uri(params), ("pose", "scale", "exp_coeff"))
-        pose, scale, exp = z["pose"][0], float(z["scale"][0]), z["exp_coeff"][0]
-        lmk_key = ctx.input_key("fitting", f"params/{folder}/lmk_3d.npy")
-        lmk = npy_array(ctx.store.get_bytes(lmk_key), ctx.store.uri(lmk_key))
-        return pose, scale, exp, lmk
+    def __call__(self, folders: list[str], sequences: list[str]) -> Views:
+        ctx, s, cams = self.ctx, self.size, self.cams
+        n_f, n_c = len(folders), len(cams)
+        images = np.empty((n_f, n_c, s, s, 3), np.uint8)
+        masks, visible = np.empty((n_f, n_c, s, s), np.uint8), np.empty((n_f, n_c, s, s), np.uint8)
+        intrinsics, extrinsics = np.empty((n_f, n_c, 3, 3)), np.empty((n_f, n_c, 3, 4))
 
-    jobs = [(f, c) for f in folders for c in cams]
-    with ThreadPoolExecutor(max(2, ctx.store.cfg.max_concurrency // 2)) as pool:
-        loaded = list(pool.map(load, jobs))
-        fits = list(pool.map(fit, folders))
-    log.info("%s/%s: loaded %d frames x %d cameras at %d px", ctx.capture, ctx.stage, len(folders), len(cams), size)
+        def load(job: tuple[int, int]) -> None:
+            fi, ci = job
+            folder, cam = folders[fi], cams[ci]
+            images[fi, ci] = self.image("sample", f"images/{folder}/image{self.suffix}_{cam}.jpg", False)
+            masks[fi, ci] = self.image("matting", f"images/{folder}/mask{self.suffix}_{cam}.jpg", True)
+            visible[fi, ci] = self.image("sample", f"images/{folder}/visible{self.suffix}_{cam}.jpg", True)
+            camera = ctx.input_key("sample", f"cameras/{folder}/camera_{cam}.npz")
+            z = npz_arrays(ctx.store.get_bytes(camera), ctx.store.uri(camera), ("intrinsic", "extrinsic"))
+            intrinsics[fi, ci] = z["intrinsic"]
+            intrinsics[fi, ci, :2] *= s / self.out_size
+            extrinsics[fi, ci] = z["extrinsic"][:3]
 
-    def stack(i: int) -> np.ndarray:
-        arr = np.stack([x[i] for x in loaded])
-        return arr.reshape(len(folders), len(cams), *arr.shape[1:])
+        with ThreadPoolExecutor(max(2, ctx.store.cfg.max_concurrency // 2)) as pool:
+            list(pool.map(load, [(fi, ci) for fi in range(n_f) for ci in range(n_c)]))
+            fits = list(pool.map(self.fit, folders))
+        log.info("%s/%s: loaded %d frames x %d cameras at %d px", ctx.capture, ctx.stage, n_f, n_c, s)
+        return Views(folders, cams, images, masks, visible, intrinsics, extrinsics,
+                     pose=np.stack([f[0] for f in fits]), scale=fits[0][1], exp=np.stack([f[2] for f in fits]),
+                     landmarks_3d=np.stack([f[3] for f in fits]), sequences=sequences)
 
-    sequence_of = {f["folder"]: sequence_name(f.get("sequence", "")) for f in index["frames"]}
-    return Views(folders, cams, stack(0), stack(1), stack(2), stack(3), stack(4),
-                 pose=np.stack([f[0] for f in fits]), scale=fits[0][1], exp=np.stack([f[2] for f in fits]),
-                 landmarks_3d=np.stack([f[3] for f in fits]), sequences=[sequence_of[f] for f in folders])
 
-
-def split_sequences(views: Views, patterns: tuple[str, ...], setting: str) -> tuple[Views, Views | None]:
-    """(frames to train on, frames of the held-out sequences or None): self-reenactment's split.
+def split_frames(sequences: list[str], patterns: tuple[str, ...], setting: str) -> tuple[list[int], list[int]]:
+    """(indices of the frames to train on, indices of the frames of the held-out sequences): self-reenactment's
+    split of frames whose sequences are ``sequences``.
 
     Held-out sequences are never trained on; they are scored on every camera, driven by their own
     fitted expressions and poses. A pattern that matches no kept sequence is an error (a typo would
     otherwise train on what was meant to be held out).
     """
     if not patterns:
-        return views, None
-    names = sorted(set(views.sequences))
+        return list(range(len(sequences))), []
+    names = sorted(set(sequences))
     unmatched = [p for p in patterns if not any(fnmatchcase(n, p) for n in names)]
     if unmatched:
         raise ConfigError(f"{setting}: {', '.join(unmatched)} matches none of the fitted sequences "
                           f"({', '.join(names)})")
-    held = [i for i, s in enumerate(views.sequences) if any(fnmatchcase(s, p) for p in patterns)]
-    train = [i for i in range(len(views.folders)) if i not in set(held)]
+    held = [i for i, s in enumerate(sequences) if any(fnmatchcase(s, p) for p in patterns)]
+    train = [i for i in range(len(sequences)) if i not in set(held)]
     if not train:
         raise ConfigError(f"{setting}: every fitted sequence is held out; nothing is left to train on")
     log.info("%s: %d frames of %s held out, %d frames to train on", setting, len(held),
-             ", ".join(sorted({views.sequences[i] for i in held})), len(train))
-    return views.subset(train), views.subset(held)
+             ", ".join(sorted({sequences[i] for i in held})), len(train))
+    return train, held
