@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -70,27 +71,43 @@ def test_stamp_takes_the_commit_from_the_environment_without_git(monkeypatch: py
     monkeypatch.setenv("HEADAVATAR_GIT_COMMIT", "0123456789abcdef0123456789abcdef01234567")
     doc = stamp({}, "headavatar.bench.matting_gpu", [])
     assert doc["commit"] == "0123456789abcdef0123456789abcdef01234567"
-    assert doc["dirty"] is None  # cannot be seen without .git: the code digest tells
     assert doc["code_digest"] == code_digest()
 
 
 def test_the_code_digest_names_the_sources_that_ran(tmp_path: Path) -> None:
-    """A result made from a tree without .git is matched to a commit by its code digest; a changed file,
-    or a file moved, gives another digest."""
-    copy = tmp_path / "headavatar"
+    """A result made from a tree without .git (a GPU host) records dirty as unknown and the digest of its
+    sources, which matches the commit they came from; a changed or moved file gives another digest."""
     subprocess.run(["git", "archive", "--format=tar", "-o", str(tmp_path / "head.tar"), "HEAD", "tasks/headavatar"],
                    cwd=ROOT, check=True)
     subprocess.run(["tar", "-xf", str(tmp_path / "head.tar"), "-C", str(tmp_path), "--strip-components=1"], check=True)
-    assert code_digest(copy) == commit_digest("HEAD")
+    copy = tmp_path / "headavatar"
+    head = commit_digest("HEAD")
+    assert code_digest(copy) == head
+    clean = not subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "tasks/headavatar"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    assert (code_digest() == head) is clean  # the sources here are HEAD's exactly when none is changed
+
+    # Stamped where the tree came without .git: the commit as told, dirty unknown, the copy's digest.
+    stamped = subprocess.run(
+        [sys.executable, "-c", "import json; from headavatar.bench.provenance import stamp; "
+         "print(json.dumps(stamp({'machine': 'm'}, 'headavatar.bench.e2e_gpu', [])))"],
+        env={**os.environ, "PYTHONPATH": str(tmp_path), "HEADAVATAR_GIT_COMMIT": "0" * 40}, cwd=tmp_path,
+        capture_output=True, text=True, check=True)
+    doc = json.loads(stamped.stdout)
+    assert (doc["commit"], doc["dirty"], doc["code_digest"]) == ("0" * 40, None, head)
+
     (copy / "__pycache__").mkdir(exist_ok=True)
     (copy / "__pycache__" / "stale.py").write_text("compiled elsewhere")  # not a source
-    assert code_digest(copy) == commit_digest("HEAD")
+    assert code_digest(copy) == head
     loop = copy / "training" / "loop.py"
     loop.write_text(loop.read_text() + "\n")
-    assert code_digest(copy) != commit_digest("HEAD")
+    assert code_digest(copy) != head
     loop.write_text(loop.read_text()[:-1])
-    (copy / "training" / "loop.py").rename(copy / "loop.py")
-    assert code_digest(copy) != commit_digest("HEAD")
+    loop.rename(copy / "loop.py")
+    assert code_digest(copy) != head
     r = subprocess.run([sys.executable, "-m", "headavatar.bench.provenance", "digest", "--commit", "HEAD"],
                        cwd=ROOT, capture_output=True, text=True, check=True)
-    assert r.stdout.strip() == commit_digest("HEAD") and PACKAGE.name == "headavatar"
+    assert r.stdout.strip() == head and PACKAGE.name == "headavatar"
+    bad = subprocess.run([sys.executable, "-m", "headavatar.bench.provenance", "digest", "--commit", "no-such-rev"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.strip().startswith("git archive no-such-rev: ")

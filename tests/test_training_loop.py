@@ -18,7 +18,7 @@ from headavatar.settings import load_config
 from headavatar.stages import build_stages
 from headavatar.storage import ObjectStore
 from headavatar.training.loop import Trainer
-from headavatar.training.plateau import PlateauRule
+from headavatar.training.plateau import Convergence, PlateauRule, convergence
 
 
 def _evals(every: int, scores: list[float]) -> list[dict[str, float]]:
@@ -94,6 +94,17 @@ def _cfg(**kw: int | float) -> SimpleNamespace:
     return SimpleNamespace(**{**base, **kw})
 
 
+def test_convergence_takes_the_best_score_and_the_first_step_near_it() -> None:
+    nan = float("nan")
+    curve = [(0, 20.0), (5, 30.0), (10, nan), (15, 30.6), (20, 30.6), (25, 30.2)]
+    assert convergence(curve) == Convergence(best=30.6, best_step=15, near_step=15)  # a tie: the earlier step
+    assert convergence(curve, near=1.0) == Convergence(30.6, 15, 5)
+    assert convergence([(0, nan), (5, nan)]) is None and convergence([]) is None  # no score: nothing recorded
+    rule = Regression(_cfg(steps=3))  # a curve of NaN only leaves the keys out of the schedule
+    rule.state.evals = [{"step": 0, "holdout_psnr": nan}, {"step": 3}]
+    assert rule.schedule() == {"steps": 0, "step_ceiling": 3, "stopped_early": 0.0}
+
+
 class Killed(Exception):
     pass
 
@@ -108,7 +119,7 @@ def test_training_stops_at_the_plateau_and_a_resumed_run_stops_at_the_same_step(
     psnr = [e["holdout_psnr"] for e in state.evals]
     best = max(psnr)
     near = 50 * next(i for i, v in enumerate(psnr) if v >= best - 0.5)
-    assert near < stop  # the last checks bought less than the rule's 0.5 dB
+    assert near < stop  # this rule's gain is 0.5 dB too: its last checks bought less than that
     assert full.schedule() == {"steps": stop, "step_ceiling": 5000, "stopped_early": 1.0, "best_holdout_psnr": best,
                                "best_holdout_psnr_step": 50 * psnr.index(best), "holdout_psnr_near_best_step": near}
     assert psnr[-1] > psnr[0] + 20  # it did learn

@@ -6,8 +6,9 @@ under every table generated from the file.
 
 A GPU host gets the working tree without ``.git``: the commit is what the caller says
 (``$HEADAVATAR_GIT_COMMIT``), and whether the tree held uncommitted changes cannot be seen there. So
-every result also carries ``code_digest``, a digest of the package's sources as they ran, which
-``python -m headavatar.bench.provenance digest --commit REV`` computes for any commit to compare.
+every result also carries ``code_digest``, a digest of the package's Python sources when the result
+was stamped (a run over several calls: its last call's), which ``python -m headavatar.bench.provenance
+digest --commit REV`` computes for any commit to compare.
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ def commit_digest(rev: str) -> str:
     """:func:`code_digest` of the package as commit ``rev`` has it (``git archive``)."""
     repo = PACKAGE.parents[1]
     sub = PACKAGE.relative_to(repo).as_posix()
-    tar = subprocess.run(["git", "archive", "--format=tar", rev, sub], cwd=repo, capture_output=True, check=True)
+    tar = subprocess.run(["git", "archive", "--format=tar", rev, sub], cwd=repo, capture_output=True)
+    if tar.returncode:
+        raise SystemExit(f"git archive {rev}: {tar.stderr.decode(errors='replace').strip()}")
     with tempfile.TemporaryDirectory() as tmp:
         with tarfile.open(fileobj=io.BytesIO(tar.stdout)) as tf:
             tf.extractall(tmp, filter="data")
@@ -50,20 +53,18 @@ def commit_digest(rev: str) -> str:
 
 
 def git_commit() -> tuple[str, bool | None]:
-    """(commit, dirty): ``$HEADAVATAR_GIT_COMMIT`` where the tree travels without ``.git`` (a GPU host; dirty
-    unknown there: None), else HEAD."""
-    if os.environ.get("HEADAVATAR_GIT_COMMIT"):
-        return os.environ["HEADAVATAR_GIT_COMMIT"], None
+    """(commit, dirty): ``$HEADAVATAR_GIT_COMMIT`` where the tree travels without ``.git`` (a GPU host), else
+    HEAD; dirty from ``git status`` where git can tell, None where it cannot."""
     here = Path(__file__).parent
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
         status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
                                 capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
-        return "unknown", False
-    if head.returncode:
-        return "unknown", False
-    return head.stdout.strip(), bool(status.stdout.strip())
+        head = status = None
+    known = head is not None and status is not None and head.returncode == 0 and status.returncode == 0
+    commit = os.environ.get("HEADAVATAR_GIT_COMMIT") or (head.stdout.strip() if known else "unknown")
+    return commit, bool(status.stdout.strip()) if known else None
 
 
 def machine() -> dict[str, Any]:

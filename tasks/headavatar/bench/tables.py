@@ -44,6 +44,8 @@ def provenance(doc: dict[str, Any]) -> str:
     else:
         machine = str(m)
     commit = str(doc.get("commit", "?"))[:10]
+    if "dirty" in doc and doc["dirty"] is not False:  # true, or null: a tree without .git
+        commit += " (with uncommitted changes)" if doc["dirty"] else " (uncommitted changes unknown)"
     return (f"<small>Measured {str(doc.get('date', '?'))[:10]} at commit `{commit}` on {machine or '?'}; "
             f"`{doc.get('command', '?')}`.</small>")
 

@@ -85,12 +85,25 @@ class DockerEngine:
 
     def _stop_stale(self) -> None:
         """A dockerd killed without cleanup leaves its pid file; a live process there that does not
-        answer would hold the data root, so it is stopped."""
+        answer would hold the data root, so it is stopped. Only if it is this engine's dockerd: after a
+        reboot the pid may be another process's."""
         try:
             pid = int(self.pidfile.read_text().strip())
         except (OSError, ValueError):
             return
-        _terminate(pid, 20)
+        if self._is_ours(pid):
+            _terminate(pid, 20)
+        else:
+            log.info("pid file %s names process %d, not this engine's dockerd: left alone", self.pidfile, pid)
+        self.pidfile.unlink(missing_ok=True)
+
+    def _is_ours(self, pid: int) -> bool:
+        """Whether process ``pid`` is a dockerd started with this engine's pid file."""
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            return False
+        return any(Path(a).name == "dockerd" for a in args) and f"--pidfile={self.pidfile}" in args
 
     def stop_detached(self) -> None:
         """Stops the engine another process started (``start`` for make targets and CI), by its pid file,
@@ -120,7 +133,10 @@ class DockerEngine:
         except OSError:
             return
         for point in sorted((m for m in mounts if m.startswith(exec_root)), reverse=True):
-            subprocess.run(["umount", point], capture_output=True)
+            r = subprocess.run(["umount", point], capture_output=True, text=True)
+            if r.returncode:
+                log.warning("could not unmount %s (rm -rf of %s will fail until it is): %s", point, self.home,
+                            r.stderr.strip())
 
     def __enter__(self) -> DockerEngine:
         return self.start()

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from headavatar.training.data_parallel import mean_over_ranks, rank_and_world
-from headavatar.training.plateau import NEAR_BEST, PlateauRule, convergence
+from headavatar.training.plateau import PlateauRule, convergence
 from headavatar.training.system import SystemSampler
 
 log = logging.getLogger(__name__)
@@ -98,9 +98,8 @@ class Trainer(ABC):
         if self.state.compile_failed_at:
             out["compile_failed_at_step"] = self.state.compile_failed_at
         metric = self.plateau.metric if self.plateau is not None else None
-        conv = convergence([(e["step"], e[metric]) for e in self.state.evals if metric in e], NEAR_BEST) \
-            if metric else None
-        if conv is not None:  # what the steps bought: the curve's best and the first step within NEAR_BEST of it
+        conv = convergence([(e["step"], e[metric]) for e in self.state.evals if metric in e]) if metric else None
+        if conv is not None:
             out.update({f"best_{metric}": conv.best, f"best_{metric}_step": conv.best_step,
                         f"{metric}_near_best_step": conv.near_step})
         return out

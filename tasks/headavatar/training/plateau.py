@@ -57,23 +57,16 @@ class PlateauRule:
 class Convergence:
     """How a held-out curve converged (the figures users budget GPU time by)."""
 
-    best: float  # the best score of the curve (its plateau, where the rule stopped training)
-    best_step: int  # the step that scored it
-    near: float  # the margin below ``best`` that counts as converged (0.5 dB for PSNR)
-    near_step: int  # the first step that scored within ``near`` of ``best``
-    last_step: int  # the last step scored: the steps after ``near_step`` bought less than ``near``
-
-    def as_dict(self) -> dict[str, float]:
-        return {"best": self.best, "best_step": self.best_step, "near": self.near, "near_step": self.near_step,
-                "last_step": self.last_step}
+    best: float  # the curve's best score
+    best_step: int  # the step that scored it (the earliest, on a tie)
+    near_step: int  # the first step within NEAR_BEST of it: the steps after it bought less than that
 
 
 def convergence(scores: list[tuple[int, float]], near: float = NEAR_BEST) -> Convergence | None:
-    """The best of ``scores`` ((step, score) in step order, higher is better) and the first step within
-    ``near`` of it; None for a curve without a finite score."""
-    finite = [(s, v) for s, v in scores if not math.isnan(v) and not math.isinf(v)]
-    if not finite:
+    """Of ``scores`` ((step, score) in step order, higher is better; NaN skipped, as the rule skips it):
+    the best and the first step within ``near`` of it; None for a curve without a score."""
+    scored = [(s, v) for s, v in scores if not math.isnan(v)]
+    if not scored:
         return None
-    best_step, best = max(finite, key=lambda sv: (sv[1], -sv[0]))
-    near_step = next(s for s, v in finite if v >= best - near)
-    return Convergence(best, best_step, near, near_step, finite[-1][0])
+    best_step, best = max(scored, key=lambda sv: (sv[1], -sv[0]))
+    return Convergence(best, best_step, next(s for s, v in scored if v >= best - near))
