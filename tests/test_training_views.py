@@ -18,7 +18,7 @@ import pytest
 from conftest import fake_manifest, tiny_config
 from headavatar.contract.outputs import OutputWriter
 from headavatar.contract.stage import StageContext, read_manifest
-from headavatar.imaging import npz_bytes
+from headavatar.imaging import encode_jpg, npz_bytes
 from headavatar.layout import FRAMES_INDEX, stage_prefix
 from headavatar.storage import ObjectStore
 from headavatar.training.views import load_views
@@ -26,10 +26,6 @@ from headavatar.training.views import load_views
 pytestmark = pytest.mark.s3
 SIZE = 256
 SEQUENCES = ["EXP-1-head", "EXP-1-head", "EXP-1-head", "SEN-01-a", "SEN-01-a", "SEN-01-a"]
-
-
-def _jpeg(img: np.ndarray) -> bytes:
-    return cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
 
 
 def _upstream(store: ObjectStore, cams: list[str], out_size: int) -> dict[str, dict[str, bytes]]:
@@ -41,9 +37,9 @@ def _upstream(store: ObjectStore, cams: list[str], out_size: int) -> dict[str, d
     matting, fitting = {}, {}
     for fi, folder in enumerate(folders):
         for ci, cam in enumerate(cams):
-            sample[f"images/{folder}/image_{cam}.jpg"] = _jpeg(rng.integers(0, 256, (SIZE, SIZE, 3), np.uint8))
-            sample[f"images/{folder}/visible_{cam}.jpg"] = _jpeg(rng.integers(0, 256, (SIZE, SIZE), np.uint8))
-            matting[f"images/{folder}/mask_{cam}.jpg"] = _jpeg(rng.integers(0, 256, (SIZE, SIZE), np.uint8))
+            sample[f"images/{folder}/image_{cam}.jpg"] = encode_jpg(rng.integers(0, 256, (SIZE, SIZE, 3), np.uint8))
+            sample[f"images/{folder}/visible_{cam}.jpg"] = encode_jpg(rng.integers(0, 256, (SIZE, SIZE), np.uint8))
+            matting[f"images/{folder}/mask_{cam}.jpg"] = encode_jpg(rng.integers(0, 256, (SIZE, SIZE), np.uint8))
             k = np.array([[out_size, 0, out_size / 2], [0, out_size, out_size / 2], [0, 0, 1]], np.float64)
             e = np.eye(4)
             e[:3, 3] = [fi, ci, 1]

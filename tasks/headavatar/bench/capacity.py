@@ -73,7 +73,7 @@ def stage_costs(kept_frames: int) -> list[StageCost]:
     return [
         per_image("extract", False),
         per_image("sample", False),
-        StageCost("matting", True, images / fps, st["matting"]["peak_host_mib"] / 1024,
+        StageCost("matting", True, images / fps, peaks("matting", False)[0],
                   max(r["peak_gpu_mem_gib"] for r in matting["runs"] if r["dtype"] == "float16"),
                   st["matting"]["metrics"]["bytes"] * scale / 1e9,
                   f"BMV2 fp16 batch 8: {fps} frames/s; host memory and bytes: the real-size run's classical matting"),

@@ -151,7 +151,8 @@ def split_frames(sequences: list[str], patterns: tuple[str, ...], setting: str) 
         raise ConfigError(f"{setting}: {', '.join(unmatched)} matches none of the fitted sequences "
                           f"({', '.join(names)})")
     held = [i for i, s in enumerate(sequences) if any(fnmatchcase(s, p) for p in patterns)]
-    train = [i for i in range(len(sequences)) if i not in set(held)]
+    held_set = set(held)
+    train = [i for i in range(len(sequences)) if i not in held_set]
     if not train:
         raise ConfigError(f"{setting}: every fitted sequence is held out; nothing is left to train on")
     log.info("%s: %d frames of %s held out, %d frames to train on", setting, len(held),
