@@ -136,6 +136,48 @@ def zip_capture(raw: Path, capture: str, out: Path) -> dict[str, str]:
     return expected
 
 
+# Stages 1-4 of tiny capture 018 on the demo profile, then stage 5 for this many steps: what the stage-5 and
+# stage-6 tests start from (``demo_upstream``).
+UPSTREAM_MESHHEAD_STEPS = 60
+
+
+@pytest.fixture(scope="session")
+def demo_upstream(s3: EmbeddedS3, tiny_capture: Path) -> str:
+    """A key prefix where tiny capture 018 went through stages 1-4 on the demo profile and stage 5 for
+    ``UPSTREAM_MESHHEAD_STEPS`` steps, computed once a session; tests take what they start from with
+    :func:`copy_stages` instead of computing it again each."""
+    from headavatar.contract.stage import run_stage
+    from headavatar.stages import build_stages
+
+    prefix = f"demo-upstream-{secrets.token_hex(4)}"
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in {**s3.env(), "HEADAVATAR_S3_BUCKET": BUCKET, "HEADAVATAR_S3_PREFIX": prefix}.items():
+            mp.setenv(k, v)
+        store = ObjectStore(tiny_config().storage)
+        try:
+            upload_capture(store, tiny_capture)
+            stages = build_stages()
+            for name in ("extract", "sample", "matting", "fitting"):
+                run_stage(stages[name], "018", tiny_config(), store)
+            run_stage(stages["meshhead"], "018", tiny_config(f"meshhead.steps={UPSTREAM_MESHHEAD_STEPS}"), store)
+        finally:
+            store.close()
+    return prefix
+
+
+def copy_stages(store: ObjectStore, source_prefix: str, stages: tuple[str, ...], capture: str = "018") -> None:
+    """Server-side copies into ``store``'s prefix of a capture's raw files, its ground truth and ``stages``'
+    outputs (not their ``_state/``) under ``source_prefix``: those stages are done there as they were at
+    the source, manifests, content digests and cache keys alike (no key holds the prefix)."""
+    from headavatar.layout import stage_prefix
+
+    for folder in (RAW, GROUND_TRUTH, *(stage_prefix(capture, s) for s in stages)):
+        for obj in store.list(f"{source_prefix}/{folder}"):
+            rel = obj.key.removeprefix(f"{source_prefix}/")
+            if "/_state/" not in rel:
+                store.copy(obj.key, store.key(rel), obj.size)
+
+
 def prepare_sampled(store: ObjectStore, root: Path, *overrides: str) -> None:
     """Upload a capture and run stages 1-2 on it: what stages 3-6 start from."""
     from headavatar.contract.stage import run_stage

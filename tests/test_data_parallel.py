@@ -16,15 +16,15 @@ import psutil
 import pytest
 import torch
 
-from conftest import cli, prepare_sampled, tiny_config
-from headavatar.contract.stage import read_manifest, run_stage
+from conftest import UPSTREAM_MESHHEAD_STEPS, cli, copy_stages, tiny_config
+from headavatar.contract.stage import read_manifest
 from headavatar.layout import stage_prefix
-from headavatar.stages import build_stages
 from headavatar.storage import ObjectStore
 
 # 40 steps of 2 views, evaluated every 20; the mesh head short (stage 6 is what is compared).
-ARGS = ("run", "gaussianhead", "--capture", "018", "--profile", "demo", "--set", "meshhead.steps=60",
-        "--set", "gaussianhead.steps=40", "--set", "gaussianhead.eval_every=20",
+ARGS = ("run", "gaussianhead", "--capture", "018", "--profile", "demo",
+        "--set", f"meshhead.steps={UPSTREAM_MESHHEAD_STEPS}", "--set", "gaussianhead.steps=40",
+        "--set", "gaussianhead.eval_every=20",
         "--set", "gaussianhead.checkpoint_every=20", "--set", "gaussianhead.keep_checkpoint_every=0")
 TWO = ("--set", "gaussianhead.ranks=2")
 
@@ -52,11 +52,8 @@ def _rank_processes(pid: int) -> list[psutil.Process]:
 @pytest.mark.s3
 @pytest.mark.slow
 def test_two_gloo_ranks_train_the_avatar_one_rank_trains_and_die_with_their_stage(
-        store: ObjectStore, tiny_capture: Path, s3_env: dict[str, str]) -> None:
-    prepare_sampled(store, tiny_capture)
-    cfg = tiny_config("meshhead.steps=60")
-    for stage in ("matting", "fitting", "meshhead"):
-        run_stage(build_stages()[stage], "018", cfg, store)
+        store: ObjectStore, demo_upstream: str, s3_env: dict[str, str]) -> None:
+    copy_stages(store, demo_upstream, ("extract", "sample", "matting", "fitting", "meshhead"))
 
     r = cli(*ARGS, env=s3_env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -21,15 +21,18 @@ import plyfile
 import pytest
 import torch
 
-from conftest import BUCKET, CHROMIUM, CHROMIUM_ARGS, cli, tiny_config, upload_capture
+from conftest import BUCKET, CHROMIUM, CHROMIUM_ARGS, TINY, cli, tiny_config, upload_capture
 from headavatar.jod import JOD_PYTHON_ENV
 from headavatar.jod import PROTOCOL as JOD_PROTOCOL
+from headavatar.layout import RAW
 from headavatar.nvs_scores import score_submission
 from headavatar.nvs_submission import HEIGHT, HOLD_OUT_SERIALS, WIDTH, Request, add_video, check_submission, video_name
 from headavatar.render.gaussian_raster import Splats, build_gaussian_rasterizer
 from headavatar.render_avatar import load_avatar
+from headavatar.settings import NERSEMBLE_CAMERAS
 from headavatar.splat_ply import PROPERTIES, SH_C0
 from headavatar.storage import ObjectStore
+from headavatar.synthetic.capture import SyntheticSpec, write_capture
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
 STAGES = ("extract", "sample", "matting", "fitting", "meshhead", "gaussianhead")
@@ -40,9 +43,19 @@ SETTINGS = ["--profile", "ci", "--config", str(Path(__file__).parents[1] / "conf
 # logit/sigmoid, so only rounding differs (163.4 dB measured, docs/export.md).
 MIN_PSNR_DB = 60.0
 MIN_GAIN_DB = 3.0  # the benchmark export over an all-black one, inside the head (measured: see the test's print)
-# The export's JOD: one JOD over the all-black zip's 2.90 (measured with these videos: docs/export.md). Black is
-# no longer JOD-scored here: three more videos through ColorVideoVDP cost about 200 s of CI.
+# The export's JOD: one JOD over the all-black zip's 2.90 (measured on 20-frame videos of the tiny capture:
+# docs/export.md). Black is not JOD-scored here: three more videos through ColorVideoVDP cost minutes of CI.
 MIN_JOD = 3.9
+
+
+# This module's capture: the tiny capture's rig with shorter sequences. The benchmark export renders every
+# frame of its sequence (EXP-1-head) from each hold-out camera at 1100x1604 and scores each, JOD included,
+# so its test's time grows with them (20 frames took 340 s of CI's 2 cores, most of it ColorVideoVDP). The
+# web page plays EXP-2-eyes: stage 1 extracts every 3rd video frame (3 of EXP-1-head's 8, then 6 of these
+# 16) and stage 2 keeps every 2nd extracted one across the capture, so 3 of them are fitted and the player
+# has a first, a middle and a last frame.
+FRAMES = 8
+WEB_SEQUENCE, WEB_VIDEO_FRAMES = "EXP-2-eyes", 16
 
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -51,14 +64,24 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.fixture(scope="module")
-def trained_env(s3, tiny_capture: Path) -> dict[str, str]:
+def export_capture(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny capture's rig: EXP-1-head with ``FRAMES`` frames, ``WEB_SEQUENCE`` with ``WEB_VIDEO_FRAMES``."""
+    root = tmp_path_factory.mktemp("capture018-export")
+    web = {f"{WEB_SEQUENCE}/{camera}": WEB_VIDEO_FRAMES for camera in NERSEMBLE_CAMERAS}
+    write_capture(SyntheticSpec("018", frames=FRAMES, sequences=("EXP-1-head", WEB_SEQUENCE), frame_lengths=web,
+                                **TINY), root / RAW)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained_env(s3, export_capture: Path) -> dict[str, str]:
     """A bucket prefix holding capture 018 trained through stage 6 once for this module's tests."""
     env = {**s3.env(), "HEADAVATAR_S3_BUCKET": BUCKET, "HEADAVATAR_S3_PREFIX": f"t-{secrets.token_hex(4)}"}
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
             mp.setenv(k, v)
         store = ObjectStore(tiny_config().storage)
-        upload_capture(store, tiny_capture)
+        upload_capture(store, export_capture)
         store.close()
     for stage in STAGES:
         r = cli("run", stage, "--capture", "018", *SETTINGS, env=env, timeout=900)
@@ -126,23 +149,23 @@ def test_the_benchmark_submission_passes_its_check_and_scores_against_the_held_o
             env=trained_env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
-    # Every frame of the sequence (20, of which stage 2 kept every 2nd) from each hold-out camera, 1100x1604.
+    # Every frame of the sequence (stage 2 kept every 2nd) from each hold-out camera, 1100x1604.
     names = [video_name(18, "EXP-1-head", s) for s in HOLD_OUT_SERIALS]
     with zipfile.ZipFile(out) as zf:
         assert sorted(zf.namelist()) == sorted(names)
-    assert check_submission(out, dict.fromkeys(names, 20)) == {}
+    assert check_submission(out, dict.fromkeys(names, FRAMES)) == {}
     assert {n: (v["frames"], v["width"], v["height"]) for n, v in result["videos"].items()} == \
-        dict.fromkeys(names, (20, WIDTH, HEIGHT))
+        dict.fromkeys(names, (FRAMES, WIDTH, HEIGHT))
     assert len(result["benchmark_videos_missing"]) == 15  # none of the 5 benchmark participants was exported
 
     scores = result["scores"]
     print("benchmark export vs held-out truth:", scores)
-    assert scores["protocol"] == "headavatar-nvs-benchmark-matted/1" and scores["frames"] == 60
+    assert scores["protocol"] == "headavatar-nvs-benchmark-matted/1" and scores["frames"] == 3 * FRAMES
     # The same scoring of an all-black submission: the head rendered where the truth has it beats it by far.
     black = tmp_path / "black.zip"
     with zipfile.ZipFile(black, "w") as zf:
         for n in names:
-            add_video(zf, n, [np.zeros((HEIGHT, WIDTH, 3), np.uint8)] * 20, tmp_path)
+            add_video(zf, n, [np.zeros((HEIGHT, WIDTH, 3), np.uint8)] * FRAMES, tmp_path)
     # Black is scored as on a host without the JOD environment: the other scores, and why JOD is missing.
     monkeypatch.setenv(JOD_PYTHON_ENV, str(tmp_path / "no-jod" / "python"))
     floor = score_submission(store, tiny_config(), black, [Request("018", "EXP-1-head")])
@@ -156,7 +179,7 @@ def test_the_benchmark_submission_passes_its_check_and_scores_against_the_held_o
 
     bad = cli("export", "benchmark", "--captures", "018:EXP-9-none", "--out", str(out), *SETTINGS, env=trained_env)
     assert bad.returncode == 2 and "no sequence 'EXP-9-none'" in bad.stderr.strip().splitlines()[-1]
-    assert check_submission(out, dict.fromkeys(names, 20)) == {}  # the refused export left the earlier zip as it was
+    assert check_submission(out, dict.fromkeys(names, FRAMES)) == {}  # the refused export left the earlier zip
 
 
 def _canvas(page, path: Path) -> np.ndarray:
@@ -172,7 +195,8 @@ def test_the_web_page_plays_the_avatar_and_orbits_in_chromium(trained_env: dict[
     from playwright.sync_api import sync_playwright
 
     out = tmp_path / "site" / "avatar.html"
-    r = cli("export", "web", "--capture", "018", *SETTINGS, "--out", str(out), env=trained_env)
+    r = cli("export", "web", "--capture", "018", "--sequence", WEB_SEQUENCE, *SETTINGS, "--out", str(out),
+            env=trained_env)
     assert r.returncode == 0, r.stderr[-3000:]
     info = json.loads(r.stdout.strip().splitlines()[-1])
     print("web export:", {k: info[k] for k in ("count", "frames", "bytes_per_frame", "bytes", "truth_bytes")})

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import upload_capture
+from conftest import copy_stages, upload_capture
 from headavatar.contract.stage import read_manifest
 from headavatar.devserver.seaweed import EmbeddedS3
 from headavatar.errors import StorageUnavailable
@@ -100,6 +100,19 @@ class StageProcess:
         return "".join(self.lines)
 
 
+@pytest.fixture(scope="module")
+def reference(server: EmbeddedS3, tiny_capture: Path) -> ObjectStore:
+    """The undisturbed run every faulted one is compared with: all six stages of capture 018 with ``FAST``,
+    under the prefix ``reference`` (whose store is returned)."""
+    env = env_for(server, "reference")
+    store = store_for(env)
+    upload_capture(store, tiny_capture)
+    for stage in STAGE_NAMES:
+        run = StageProcess(env, stage)
+        assert run.wait() == 0, run.stderr[-3000:]
+    return store
+
+
 def done_or_absent(store: ObjectStore, stage: str) -> bool:
     """The invariant after any fault: no manifest, or one whose every file is there at its size."""
     m = read_manifest(store, "018", stage)
@@ -147,11 +160,11 @@ def fault_mid_computation(store: ObjectStore, env: dict[str, str], stage: str, w
 
 
 @pytest.mark.timeout(2400)  # 620 s on a quiet 2-core machine (2026-12-01); a loaded one is far slower
-def test_faults_in_every_stage_lose_nothing(server: EmbeddedS3, tiny_capture: Path, tmp_path: Path) -> None:
+def test_faults_in_every_stage_lose_nothing(server: EmbeddedS3, reference: ObjectStore, tiny_capture: Path,
+                                           tmp_path: Path) -> None:
     rng = random.Random(20261124)
-    ref_env, env = env_for(server, "reference"), env_for(server, "faulted")
-    ref, store = store_for(ref_env), store_for(env)
-    upload_capture(ref, tiny_capture)
+    env = env_for(server, "faulted")
+    ref, store = reference, store_for(env)
     upload_capture(store, tiny_capture)
     faults: list[str] = []
 
@@ -175,8 +188,6 @@ def test_faults_in_every_stage_lose_nothing(server: EmbeddedS3, tiny_capture: Pa
         return "S3 outage survived" if datetime.fromisoformat(m.finished_at) > struck else None
 
     for stage in STAGE_NAMES:
-        undisturbed = StageProcess(ref_env, stage)
-        assert undisturbed.wait() == 0, undisturbed.stderr[-3000:]
         wall = read_manifest(ref, "018", stage).wall_time_s
 
         for attempt in range(2):  # SIGKILL somewhere in the computation, then the retry goes on
@@ -333,7 +344,7 @@ def test_multipart_transfers_across_a_restart(server: EmbeddedS3, tmp_path: Path
     assert (tmp_path / "back.bin").read_bytes() == big.read_bytes()
 
 
-def test_tracking_server_down_during_training_loses_no_run(server: EmbeddedS3, tiny_capture: Path,
+def test_tracking_server_down_during_training_loses_no_run(server: EmbeddedS3, reference: ObjectStore,
                                                            tmp_path: Path) -> None:
     """The stage finishes and says what was not tracked; the next run of the task logs it."""
     from mlflow.tracking import MlflowClient
@@ -345,9 +356,7 @@ def test_tracking_server_down_during_training_loses_no_run(server: EmbeddedS3, t
     try:
         env = env_for(server, "mlflow-down", MLFLOW_TRACKING_URI=mlflow.uri, HEADAVATAR_RUN_ID="faulted")
         store = store_for(env)
-        upload_capture(store, tiny_capture)
-        for stage in ("extract", "sample", "matting", "fitting"):
-            assert StageProcess(env, stage).wait() == 0
+        copy_stages(store, reference.cfg.prefix, ("extract", "sample", "matting", "fitting"))
         run = StageProcess(env, "meshhead")
         assert run.computing.wait(120)
         mlflow.stop()

@@ -10,22 +10,20 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import torch
 
-from conftest import assert_gradients_match_finite_differences, cli, prepare_sampled, tiny_config
-from headavatar.contract.stage import read_manifest, run_stage
+from conftest import assert_gradients_match_finite_differences, cli, copy_stages
+from headavatar.contract.stage import read_manifest
 from headavatar.devices import installed
 from headavatar.errors import PipelineError
 from headavatar.layout import stage_prefix
 from headavatar.meshhead.tets import cube_tet_grid, marching_tets
 from headavatar.render.indexing import gather
 from headavatar.render.mesh_raster import TorchRasterizer, build_mesh_rasterizer
-from headavatar.stages import build_stages
 from headavatar.storage import ObjectStore
 
 
@@ -113,11 +111,8 @@ def _wait_for(store: ObjectStore, key: str, proc: subprocess.Popen, timeout: flo
 @pytest.mark.s3
 @pytest.mark.slow
 def test_demo_profile_training_resumes_after_sigkill_and_fits_held_out_views(
-        store: ObjectStore, tiny_capture: Path, s3_env: dict[str, str]) -> None:
-    prepare_sampled(store, tiny_capture)
-    cfg = tiny_config("matting.method=classical")
-    for stage in ("matting", "fitting"):
-        run_stage(build_stages()[stage], "018", cfg, store)
+        store: ObjectStore, demo_upstream: str, s3_env: dict[str, str]) -> None:
+    copy_stages(store, demo_upstream, ("extract", "sample", "matting", "fitting"))
     prefix = store.key(stage_prefix("018", "meshhead"))
     args = [sys.executable, "-m", "headavatar.cli", "run", "meshhead", "--capture", "018", "--profile", "demo"]
     proc = subprocess.Popen(args, env={**os.environ, **s3_env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

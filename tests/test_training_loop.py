@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import prepare_sampled
+from conftest import copy_stages
 from headavatar.contract.stage import read_manifest, run_stage
 from headavatar.layout import stage_prefix
 from headavatar.settings import load_config
@@ -229,15 +229,12 @@ def test_a_failing_compiled_step_is_run_again_eagerly_on_the_same_batch_and_the_
 
 @pytest.mark.s3
 @pytest.mark.slow
-def test_meshhead_stage_records_where_the_rule_stopped_it(store: ObjectStore, tiny_capture) -> None:
+def test_meshhead_stage_records_where_the_rule_stopped_it(store: ObjectStore, demo_upstream: str) -> None:
     """The stage's settings reach the rule, and the manifest (so MLflow) and history.json say where it stopped."""
-    prepare_sampled(store, tiny_capture)
-    rule = ("meshhead.plateau_every=20", "meshhead.plateau_checks=2", "meshhead.plateau_min_steps=60",
-            "meshhead.plateau_gain_db=10")  # 10 dB over 40 steps: the demo's mesh head never gains that
-    cfg = load_config("ci", ["matting.method=classical", *rule])  # ci: the demo with a short 3DMM fit
-    stages = build_stages()
-    for name in ("matting", "fitting", "meshhead"):
-        run_stage(stages[name], "018", cfg, store)
+    copy_stages(store, demo_upstream, ("extract", "sample", "matting", "fitting"))
+    rule = ["meshhead.plateau_every=20", "meshhead.plateau_checks=2", "meshhead.plateau_min_steps=60",
+            "meshhead.plateau_gain_db=10"]  # 10 dB over 40 steps: the demo's mesh head never gains that
+    run_stage(build_stages()["meshhead"], "018", load_config("demo", rule), store)
     m = read_manifest(store, "018", "meshhead")
     assert (m.metrics["steps"], m.metrics["step_ceiling"], m.metrics["stopped_early"]) == (60, 300, 1.0)
     assert m.config["meshhead"]["plateau_gain_db"] == 10
