@@ -155,6 +155,26 @@ def test_separable_ssim_is_the_2d_window_ssim_and_pixel_shuffle_keeps_layout() -
     assert torch.equal(y, F.pixel_shuffle(x, 2)) and y.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("blur", ["conv", "shifts"])
+def test_both_ssim_blurs_are_the_2d_window_ssim_with_the_same_gradient(blur: str, monkeypatch) -> None:
+    """The compiled stage 6 blurs SSIM's moments as shifted sums, eager code as convolutions (``perceptual.BLUR``):
+    both must be the textbook 2-D window SSIM, and train alike."""
+    from headavatar.gaussianhead import perceptual
+
+    g = torch.Generator().manual_seed(1)
+    a = torch.rand(2, 3, 29, 41, generator=g)
+    b = (a + 0.1 * torch.randn(a.shape, generator=g)).clamp(0, 1)
+    grads = {}
+    for way in ("conv", blur):
+        monkeypatch.setattr(perceptual, "BLUR", way)
+        x = a.clone().requires_grad_()
+        value = ssim(x, b)
+        torch.testing.assert_close(value, _ssim_2d(a, b), atol=1e-5, rtol=0)
+        value.sum().backward()
+        grads[way] = x.grad
+    torch.testing.assert_close(grads[blur], grads["conv"], atol=1e-6, rtol=1e-4)
+
+
 def test_protocol_scores_match_their_definitions() -> None:
     g = torch.Generator().manual_seed(0)
     gt = torch.rand(3, 64, 64, generator=g)

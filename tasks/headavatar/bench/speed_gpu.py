@@ -86,12 +86,13 @@ def repeated_steps(t, repeats: int, steps: int = 50, warm: int = 10) -> dict:
     """Step time through ``Trainer.train`` (so the loop's own synchronisation is included) in ``repeats``
     back-to-back runs of ``steps`` steps after ``warm``: the spread between runs, which one mean cannot
     show (two 20-step means on one H200 read 28.7 and 30.7 ms)."""
-    t.cfg = t.cfg.model_copy(update={"steps": warm, "eval_every": 0, "checkpoint_every": 10**9})
+    done = t.state.step + warm  # a trainer timed before goes on from its step
+    t.cfg = t.cfg.model_copy(update={"steps": done, "eval_every": 0, "checkpoint_every": 10**9})
     t.evaluate = lambda: {}
     t.train(save=lambda _: None)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    runs, done = [], warm
+    runs = []
     for _ in range(repeats):
         done += steps
         t.cfg = t.cfg.model_copy(update={"steps": done})
@@ -308,6 +309,8 @@ def run_role(role: str, data: Path, out: Path, quality_steps: int, eval_every: i
                 save()
             del t
             torch.cuda.empty_cache()
+    if "gaussian_throughput" in parts:  # issue 35.3: levers against the default step, and images/s by views_per_step
+        gaussian_throughput(result.setdefault("gaussianhead_throughput", {}), d, raster, role, repeats, save)
     if "gaussian_quality" in parts:  # same seed, same steps: fp32 eager against the default (bf16 + compile)
         q: dict = result.setdefault("gaussianhead_quality", {})
         for name, precision, compile in (("fp32", "fp32", False), ("bf16_compile", "bf16", True)):
@@ -378,6 +381,54 @@ def run_role(role: str, data: Path, out: Path, quality_steps: int, eval_every: i
         torch.cuda.empty_cache()
 
 
+THROUGHPUT_VARIANTS = (  # (name, perceptual.BLUR, Inductor options of super-resolution + losses, views_per_step);
+    # options None: the trainer's own (trainer.COMPILE_OPTIONS)
+    ("bf16_compile_before", "conv", {}, (1,)),  # the code before issue 35: SSIM's blur as cuDNN convolutions
+    ("bf16_compile_shifts", "auto", {}, (1,)),  # SSIM's blur as shifted sums (fused) when compiled
+    ("bf16_compile", "auto", None, (1, 2, 4)),  # the default: shifted sums + channels-last forced
+)  # CUDA graphs around super-resolution + losses ("triton.cudagraphs") were measured once and saved nothing
+# (16.74 against 16.96 ms, H200): the GPU idles ~1 ms a step (stage6_throughput_gpu.json, call 1)
+
+
+def gaussian_throughput(out: dict, d: dict, raster, role: str, repeats: int, save: Callable[[], None],
+                        variants: tuple = THROUGHPUT_VARIANTS) -> None:
+    """Step time (median of ``repeats`` runs of 50 steps) and images a second of compiled stage-6 variants,
+    each at its ``views_per_step`` values (one trainer a variant, the first value warmed up with 10 steps,
+    later ones with 5); a profile of each at one view a step."""
+    from headavatar.gaussianhead import perceptual, trainer
+
+    for name, blur, options, per_step in variants:
+        torch._dynamo.reset()
+        perceptual.BLUR = blur
+        entry: dict = out.setdefault(name, {"blur": blur, "compile_options": trainer.COMPILE_OPTIONS
+                                            if options is None else options})
+        try:
+            t = gaussian_trainer(d, 25, raster, role, "bf16", heldout=False, compile=True)
+            if options is not None:
+                t._view_losses = torch.compile(t.view_losses, options=options)
+            t0 = time.perf_counter()
+            for i, n in enumerate(per_step):
+                t.cfg = t.cfg.model_copy(update={"views_per_step": n})
+                r = repeated_steps(t, repeats, warm=10 if i == 0 else 5)
+                r["images_per_s"] = round(1000 * n / r["median_ms"], 1)
+                entry[f"views_{n}"] = r
+                print(role, "gaussianhead throughput", name, n, r, flush=True)
+                save()
+            entry["seconds_incl_warm_up"] = round(time.perf_counter() - t0, 1)
+            t.cfg = t.cfg.model_copy(update={"views_per_step": 1})
+            entry["profile"] = profile(one_step(t), 10)
+            print(role, "gaussianhead throughput profile", name, json.dumps(
+                {k: v for k, v in entry["profile"].items() if k != "top_kernels"}), flush=True)
+        except Exception as e:  # one variant failing must not cost the others (device time is scarce)
+            entry["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+            print(role, "gaussianhead throughput", name, "FAILED", entry["error"], flush=True)
+        finally:
+            perceptual.BLUR = "auto"
+        save()
+        t = None
+        torch.cuda.empty_cache()
+
+
 def videos(t, out: Path) -> dict:
     from headavatar.avatar_video import reenactment_video, turntable_video
 
@@ -409,7 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mesh-quality-steps", type=int, default=300)
     p.add_argument("--parts", default="gaussian,mesh",
                    help="comma-separated: gaussian, mesh, video (with --long-steps); new role only: "
-                        "gaussian_steady, gaussian_quality (fp32 against bf16 + compile, --quality-steps)")
+                        "gaussian_steady, gaussian_quality (fp32 against bf16 + compile, --quality-steps), "
+                        "gaussian_throughput (levers and images/s by views_per_step)")
     p.add_argument("--repeats", type=int, default=7, help="gaussian_steady: timings of 50 steps each")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)

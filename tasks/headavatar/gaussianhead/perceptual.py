@@ -10,6 +10,7 @@ reported.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -29,25 +30,54 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return -10 * torch.log10(mse)
 
 
+# How SSIM blurs its local moments: "conv" = two cuDNN 1-D convolutions (fast eagerly), "shifts" = the sum of
+# the window's shifted copies (fused kernels under torch.compile; with cuDNN's one-channel fp32 convolutions
+# the compiled stage-6 step took 19.5 instead of 16.96 ms on an H200, stage6_throughput_gpu.json), "auto" =
+# shifts while torch.compile traces, else conv. Both are the same zero-padded separable Gaussian blur.
+BLUR = "auto"
+
+
+def _gaussian_window(window: int, sigma: float) -> list[float]:
+    g = [math.exp(-((i - window // 2) ** 2) / (2 * sigma**2)) for i in range(window)]
+    return [v / sum(g) for v in g]
+
+
+def _blur_shifts(x: torch.Tensor, weights: list[float]) -> torch.Tensor:
+    """Separable zero-padded blur of (B, C, H, W) as weighted sums of shifted slices (rows, then columns)."""
+    r = len(weights) // 2
+    h, w = x.shape[-2:]
+    p = F.pad(x, (r, r))
+    x = sum(wt * p[..., i : i + w] for i, wt in enumerate(weights))
+    p = F.pad(x, (0, 0, r, r))
+    return sum(wt * p[..., i : i + h, :] for i, wt in enumerate(weights))
+
+
+def _blur_conv(x: torch.Tensor, window: int, sigma: float) -> torch.Tensor:
+    """The same blur as two one-channel convolutions, channels as batch (cuDNN; a depthwise convolution
+    would run a slow generic kernel)."""
+    t = torch.arange(window, dtype=x.dtype, device=x.device) - window // 2
+    g = torch.exp(-(t**2) / (2 * sigma**2))
+    g = g / g.sum()
+    bsz, n, h, w = x.shape
+    flat = x.reshape(bsz * n, 1, h, w)
+    flat = F.conv2d(flat, g.view(1, 1, 1, window), padding=(0, window // 2))
+    flat = F.conv2d(flat, g.view(1, 1, window, 1), padding=(window // 2, 0))
+    return flat.reshape(bsz, n, h, w)
+
+
 def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
     """Per image mean SSIM (Wang et al. 2004, Gaussian window, zero padding), (B, C, H, W) in [0, 1].
 
     The five local moments are blurred together with the window's two 1-D factors (22 taps a pixel
-    instead of 121, two convolutions instead of five), in fp32 even under autocast: the variances are
-    differences of nearly equal numbers."""
+    instead of 121; how: ``BLUR``), in fp32 even under autocast: the variances are differences of nearly
+    equal numbers."""
     with torch.autocast(a.device.type, enabled=False):
         a, b = a.float(), b.float()
-        x = torch.arange(window, dtype=a.dtype, device=a.device) - window // 2
-        g = torch.exp(-(x**2) / (2 * sigma**2))
-        g = g / g.sum()
         c = a.shape[1]
         stack = torch.cat([a, b, a * a, b * b, a * b], 1)
-        bsz, n, h, w = stack.shape
-        # Channels as batch: a one-channel convolution (cuDNN) instead of a depthwise one (a slow generic kernel).
-        flat = stack.reshape(bsz * n, 1, h, w)
-        flat = F.conv2d(flat, g.view(1, 1, 1, window), padding=(0, window // 2))
-        flat = F.conv2d(flat, g.view(1, 1, window, 1), padding=(window // 2, 0))
-        mu_a, mu_b, aa, bb, ab = flat.reshape(bsz, n, h, w).split(c, 1)
+        shifts = BLUR == "shifts" or (BLUR == "auto" and torch.compiler.is_compiling())
+        blurred = _blur_shifts(stack, _gaussian_window(window, sigma)) if shifts else _blur_conv(stack, window, sigma)
+        mu_a, mu_b, aa, bb, ab = blurred.split(c, 1)
         var_a, var_b = aa - mu_a**2, bb - mu_b**2
         cov = ab - mu_a * mu_b
         c1, c2 = 0.01**2, 0.03**2

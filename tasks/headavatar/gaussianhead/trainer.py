@@ -24,6 +24,12 @@ from headavatar.training.loop import Trainer, make_optimizer
 from headavatar.training.plateau import PlateauRule
 from headavatar.training.views import Views
 
+# Inductor's options for super-resolution + losses. Inductor keeps a training graph NCHW when one of its
+# convolutions has less than half as many output as input channels (the last layer, 32 -> 3): cuDNN then
+# transposes the bf16 activations to NHWC and back around every convolution (4.2 ms of a 17 ms step on an
+# H200, benchmarks/results/stage6_throughput_gpu.json). Forcing its layout optimisation keeps them channels-last.
+COMPILE_OPTIONS = {"force_layout_optimization": True}
+
 
 class StepViews(torch.nn.Module):
     """One rank's views of a training step as one module call: what DistributedDataParallel wraps so
@@ -70,7 +76,8 @@ class GaussianHeadTrainer(Trainer):
         self.compile = getattr(cfg, "compile", False) and device.type == "cuda"
         self.head.compile = self.compile
         # Super-resolution and losses of a view: static shapes, so one compiled graph (forward and backward).
-        self._view_losses = torch.compile(self.view_losses) if self.compile else self.view_losses
+        self._view_losses = (torch.compile(self.view_losses, options=COMPILE_OPTIONS) if self.compile
+                             else self.view_losses)
         self.channels_last = device.type == "cuda"  # cuDNN's fast bf16 convolutions are NHWC
         if self.channels_last:
             torch.backends.cudnn.benchmark = True  # every step has the same shapes: let cuDNN time its algorithms
