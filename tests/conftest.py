@@ -169,13 +169,15 @@ def copy_stages(store: ObjectStore, source_prefix: str, stages: tuple[str, ...],
     """Server-side copies into ``store``'s prefix of a capture's raw files, its ground truth and ``stages``'
     outputs (not their ``_state/``) under ``source_prefix``: those stages are done there as they were at
     the source, manifests, content digests and cache keys alike (no key holds the prefix)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from headavatar.layout import stage_prefix
 
-    for folder in (RAW, GROUND_TRUTH, *(stage_prefix(capture, s) for s in stages)):
-        for obj in store.list(f"{source_prefix}/{folder}"):
-            rel = obj.key.removeprefix(f"{source_prefix}/")
-            if "/_state/" not in rel:
-                store.copy(obj.key, store.key(rel), obj.size)
+    objects = [obj for folder in (RAW, GROUND_TRUTH, *(stage_prefix(capture, s) for s in stages))
+               for obj in store.list(f"{source_prefix}/{folder}") if "/_state/" not in obj.key]
+    with ThreadPoolExecutor(store.cfg.max_concurrency) as pool:  # thousands of small objects, a request each
+        list(pool.map(lambda o: store.copy(o.key, store.key(o.key.removeprefix(f"{source_prefix}/")), o.size),
+                      objects))
 
 
 def prepare_sampled(store: ObjectStore, root: Path, *overrides: str) -> None:
