@@ -136,15 +136,15 @@ def zip_capture(raw: Path, capture: str, out: Path) -> dict[str, str]:
     return expected
 
 
-# Stages 1-4 of tiny capture 018 on the demo profile, then stage 5 for this many steps: what the stage-5 and
-# stage-6 tests start from (``demo_upstream``).
-UPSTREAM_MESHHEAD_STEPS = 60
+# Stages 1-4 of tiny capture 018 on the demo profile, then stage 5 with this setting: what the stage-5 and
+# stage-6 tests start from (``demo_upstream``); a stage-6 run on it passes the same setting.
+UPSTREAM_MESHHEAD = "meshhead.steps=60"
 
 
 @pytest.fixture(scope="session")
 def demo_upstream(s3: EmbeddedS3, tiny_capture: Path) -> str:
-    """A key prefix where tiny capture 018 went through stages 1-4 on the demo profile and stage 5 for
-    ``UPSTREAM_MESHHEAD_STEPS`` steps, computed once a session; tests take what they start from with
+    """A key prefix where tiny capture 018 went through stages 1-4 on the demo profile and stage 5 with
+    ``UPSTREAM_MESHHEAD``, computed once a session; tests take what they start from with
     :func:`copy_stages` instead of computing it again each."""
     from headavatar.contract.stage import run_stage
     from headavatar.stages import build_stages
@@ -159,7 +159,7 @@ def demo_upstream(s3: EmbeddedS3, tiny_capture: Path) -> str:
             stages = build_stages()
             for name in ("extract", "sample", "matting", "fitting"):
                 run_stage(stages[name], "018", tiny_config(), store)
-            run_stage(stages["meshhead"], "018", tiny_config(f"meshhead.steps={UPSTREAM_MESHHEAD_STEPS}"), store)
+            run_stage(stages["meshhead"], "018", tiny_config(UPSTREAM_MESHHEAD), store)
         finally:
             store.close()
     return prefix

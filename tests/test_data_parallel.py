@@ -16,14 +16,14 @@ import psutil
 import pytest
 import torch
 
-from conftest import UPSTREAM_MESHHEAD_STEPS, cli, copy_stages, tiny_config
+from conftest import UPSTREAM_MESHHEAD, cli, copy_stages, tiny_config
 from headavatar.contract.stage import read_manifest
 from headavatar.layout import stage_prefix
 from headavatar.storage import ObjectStore
 
 # 40 steps of 2 views, evaluated every 20; the mesh head short (stage 6 is what is compared).
 ARGS = ("run", "gaussianhead", "--capture", "018", "--profile", "demo",
-        "--set", f"meshhead.steps={UPSTREAM_MESHHEAD_STEPS}", "--set", "gaussianhead.steps=40",
+        "--set", UPSTREAM_MESHHEAD, "--set", "gaussianhead.steps=40",
         "--set", "gaussianhead.eval_every=20",
         "--set", "gaussianhead.checkpoint_every=20", "--set", "gaussianhead.keep_checkpoint_every=0")
 TWO = ("--set", "gaussianhead.ranks=2")

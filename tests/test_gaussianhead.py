@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import UPSTREAM_MESHHEAD_STEPS, assert_gradients_match_finite_differences, cli, copy_stages
+from conftest import UPSTREAM_MESHHEAD, assert_gradients_match_finite_differences, cli, copy_stages
 from headavatar.contract.stage import read_manifest
 from headavatar.errors import ConfigError, PipelineError
 from headavatar.gaussianhead.model import SuperResolution, matrix_to_quat
@@ -32,8 +32,6 @@ from headavatar.render.gaussian_raster import (
 )
 from headavatar.storage import ObjectStore
 from test_meshhead import _wait_for
-
-MESHHEAD_STEPS = f"meshhead.steps={UPSTREAM_MESHHEAD_STEPS}"  # the upstream demo_upstream made
 
 
 def _scene(dtype: torch.dtype = torch.float64) -> tuple[Splats, torch.Tensor, torch.Tensor]:
@@ -156,7 +154,7 @@ def test_training_resumes_after_sigkill_and_exports_a_better_avatar(store: Objec
                                                                     tmp_path_factory: pytest.TempPathFactory) -> None:
     copy_stages(store, demo_upstream, ("extract", "sample", "matting", "fitting", "meshhead"))
     prefix = store.key(stage_prefix("018", "gaussianhead"))
-    args = ["run", "gaussianhead", "--capture", "018", "--profile", "demo", "--set", MESHHEAD_STEPS]
+    args = ["run", "gaussianhead", "--capture", "018", "--profile", "demo", "--set", UPSTREAM_MESHHEAD]
     proc = subprocess.Popen([sys.executable, "-m", "headavatar.cli", *args], env={**os.environ, **s3_env},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -176,7 +174,7 @@ def test_training_resumes_after_sigkill_and_exports_a_better_avatar(store: Objec
     # Another evaluation interval is a cache hit; another learning rate is not.
     r = cli(*args, "--set", "gaussianhead.eval_every=7", env=s3_env)
     assert r.returncode == 0 and json.loads(r.stdout.strip().splitlines()[-1])["cached"] is True, r.stderr[-2000:]
-    r = cli("status", "--capture", "018", "--profile", "demo", "--set", MESHHEAD_STEPS,
+    r = cli("status", "--capture", "018", "--profile", "demo", "--set", UPSTREAM_MESHHEAD,
             "--set", "gaussianhead.lr_net=0.0002", env=s3_env)
     assert "gaussianhead  stale: config gaussianhead.lr_net (made" in r.stdout, r.stdout
     history = json.loads(store.get_bytes(f"{prefix}/history.json"))
@@ -213,7 +211,7 @@ def test_training_resumes_after_sigkill_and_exports_a_better_avatar(store: Objec
     assert len(frames["reenactment"]) == len(avatar["frames"])  # no held-out sequence: the training frames
     # `headavatar render` rebuilds the same avatar from the bucket and renders the same videos.
     out = tmp_path_factory.mktemp("render")
-    r = cli("render", "--capture", "018", "--profile", "demo", "--set", MESHHEAD_STEPS, "--out", str(out),
+    r = cli("render", "--capture", "018", "--profile", "demo", "--set", UPSTREAM_MESHHEAD, "--out", str(out),
             env=s3_env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     info = json.loads(r.stdout.strip().splitlines()[-1])
