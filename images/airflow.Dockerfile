@@ -23,6 +23,7 @@ COPY images/compose/pip-install.sh /usr/local/bin/pip-install
 RUN python3 -m venv /opt/venv \
     && pip-install "apache-airflow[postgres]==3.3.2" apache-airflow-providers-fab==3.10.2 \
         apache-airflow-providers-docker==4.6.1 apache-airflow-providers-cncf-kubernetes==10.25.0 \
+        apache-airflow-providers-celery==3.26.0 \
         --constraint /tmp/constraints.txt
 # The tasks package's dependencies (from pyproject.toml, with an empty package), then the package itself.
 COPY pyproject.toml README.md /opt/headavatar/src/

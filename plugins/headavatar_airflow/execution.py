@@ -33,6 +33,9 @@ class ExecutionSettings:
     ingest_s3_conn_id: str | None = field(default_factory=lambda: os.environ.get("HEADAVATAR_INGEST_S3_CONN_ID"))
     mlflow_conn_id: str = field(default_factory=lambda: _env("HEADAVATAR_MLFLOW_CONN_ID", "headavatar_mlflow"))
     gpu_pool: str = field(default_factory=lambda: _env("HEADAVATAR_GPU_POOL", "headavatar_gpu"))
+    # The Celery queue of GPU tasks (every GPU host's worker takes it; CPU tasks go to Airflow's default
+    # queue). Executors without queues (Local, Kubernetes) ignore it.
+    gpu_queue: str = field(default_factory=lambda: _env("HEADAVATAR_GPU_QUEUE", "gpu"))
     docker_url: str = field(default_factory=lambda: _env("HEADAVATAR_DOCKER_URL", "unix://var/run/docker.sock"))
     docker_network: str | None = field(default_factory=lambda: os.environ.get("HEADAVATAR_DOCKER_NETWORK"))
     docker_gpus: bool = field(default_factory=lambda: _env("HEADAVATAR_DOCKER_GPUS", "1") != "0")

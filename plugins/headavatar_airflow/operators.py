@@ -452,6 +452,7 @@ def stage_operator(stage: StageSpec, settings: ExecutionSettings | None = None, 
     settings = settings or ExecutionSettings()
     if stage.gpu:
         kwargs.setdefault("pool", settings.gpu_pool)
+        kwargs.setdefault("queue", settings.gpu_queue)
     limits = stage_limits(stage.name)
     if limits is not None:
         kwargs.setdefault("execution_timeout", limits.timeout)
