@@ -4,13 +4,34 @@ at the deadline records, which file a run's results go to. The bench itself runs
 
 from __future__ import annotations
 
+import importlib.util
 import io
+import os
+import re
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from headavatar.bench.e2e_gpu import CAPTURE, TEXTURE_MARKER, capture_texture, main, results_name, so_far, summed
+from headavatar.bench.e2e_gpu import (
+    CAPTURE,
+    GSPLAT_PID,
+    TEXTURE_MARKER,
+    Deadline,
+    GsplatPrebuild,
+    capture_texture,
+    from_the_log,
+    main,
+    prebuild_gsplat,
+    results_name,
+    run_stage,
+    so_far,
+    summed,
+    timeline,
+    wait_gsplat,
+)
 from headavatar.contract.outputs import state_key
 from headavatar.layout import stage_prefix
 from headavatar.storage import ObjectStore
@@ -68,3 +89,126 @@ def test_a_home_keeps_the_texture_its_capture_was_made_with(tmp_path: Path) -> N
     assert capture_texture(tmp_path, None, True, "ground_truth") == "procedural"  # a later call that omits it
     with pytest.raises(ValueError, match="holds a capture with the procedural texture"):
         capture_texture(tmp_path, "astronaut", True, "ground_truth")
+
+
+FAKE_STAGE = """
+import pathlib, sys, time
+checkpoint = pathlib.Path(sys.argv[1])
+print("x INFO headavatar.stages.meshhead: 090/meshhead: resuming from the checkpoint at step 500", flush=True)
+for i in range(1, 1000):
+    time.sleep(0.02)
+    print(f"x INFO headavatar.training.loop: meshhead: step {500 + 10 * i}/10000 loss 0.1 (9 steps/s)", flush=True)
+    if i % 150 == 0:  # every ~3 s
+        checkpoint.write_text(str(500 + 10 * i))
+"""
+
+
+def test_past_the_deadline_a_training_stage_stops_at_its_next_checkpoint(tmp_path: Path) -> None:
+    """The stage is stopped right after the first checkpoint written past the deadline (so the next call
+    loses no steps), its output logged with timestamps, its progress lines and its latest checkpoint's
+    state kept in the attempt."""
+    checkpoint = tmp_path / "checkpoint"
+    attempt: dict = {}
+    t0 = time.monotonic()
+    with pytest.raises(Deadline):
+        run_stage({**os.environ}, "meshhead", [], attempt=attempt, deadline=t0 + 0.2, grace=30,
+                  checkpoint=lambda: checkpoint.read_text() if checkpoint.exists() else None, log_dir=tmp_path,
+                  command=[sys.executable, "-c", FAKE_STAGE, str(checkpoint)],
+                  so_far=lambda: {"checkpoint_step": int(checkpoint.read_text())}, so_far_every=0.5)
+    assert attempt["state"] == "stopped at the deadline" and attempt["wall_s"] < 20
+    assert attempt["checkpoint"] == {"checkpoint_step": 2000}  # read as it came: kept if the machine is lost
+    assert checkpoint.read_text() == "2000"  # the first one (step 2000, ~3 s in), not a later one
+    assert attempt["resumed_from"] == 500
+    steps = [s for _, s in attempt["progress"]]
+    assert steps[0] == 510 and steps == sorted(steps) and 2000 <= steps[-1] < 3500
+    lines = (tmp_path / "meshhead.log").read_text().splitlines()
+    assert re.fullmatch(r"\[\s*\d+\.\d\d\] x INFO .*resuming from the checkpoint at step 500", lines[0])
+
+    attempt = {}
+    with pytest.raises(Deadline):  # no grace: stopped at the deadline, wherever it is
+        run_stage({**os.environ}, "meshhead", [], attempt=attempt, deadline=time.monotonic() + 0.2,
+                  checkpoint=lambda: "same", command=[sys.executable, "-c", FAKE_STAGE, str(tmp_path / "c2")])
+    assert attempt["wall_s"] < 5 and attempt["progress"][-1][1] < 2000
+
+
+def test_a_stage_that_ends_before_the_deadline_is_done(tmp_path: Path) -> None:
+    attempt: dict = {}
+    out = run_stage({**os.environ}, "sample", [], attempt=attempt, deadline=time.monotonic() + 60, log_dir=tmp_path,
+                    command=[sys.executable, "-c", "print('sampled')"])
+    assert attempt["state"] == "done" and out["wall_s"] < 30
+    assert (tmp_path / "sample.log").read_text().endswith("] sampled\n")
+    with pytest.raises(SystemExit, match="exit code 3"):
+        run_stage({**os.environ}, "sample", [], command=[sys.executable, "-c", "raise SystemExit(3)"])
+
+
+def test_the_timeline_of_a_training_stage_comes_from_its_progress_lines() -> None:
+    first = {"progress": [[60.0, 1000], [80.0, 2000], [100.0, 3000], [120.0, 5000], [170.0, 10_000],
+                          [175.0, 10_250], [230.0, 15_000], [250.0, 16_000]]}
+    resumed = {"resumed_from": 16_000, "progress": [[40.0, 17_000], [60.0, 18_000], [100.0, 20_000],
+                                                    [200.0, 25_000]]}
+    log = from_the_log([first, resumed], 5000, (10_000, 15_000))
+    # 1000 steps by the first line at 20 s a 1000: step 1 came 999 steps (19.98 s) before it
+    assert log["stage_start_to_step_1_s"] == pytest.approx(40.02)
+    assert log["attempt_start_to_first_step_s"] == [pytest.approx(40.02), pytest.approx(20.02)]
+    assert log["stretches"] == [[5000, 10_000, 50.0, 10.0], [10_000, 15_000, 60.0, 12.0], [20_000, 25_000, 100.0, 20.0]]
+    assert log["seconds_steps_10000_to_15000"] == 60.0 and log["ms_per_step_10000_to_15000"] == 12.0
+    assert "ms_per_step_10000_to_15000" not in from_the_log([resumed], 5000, (10_000, 15_000))
+    assert timeline("gaussianhead", [{**first, "gsplat_build_s": 61.4}])["gsplat_extension_build_s"] == 61.4
+    assert timeline("gaussianhead", [first])["gsplat_extension_build_s"] == 0.0
+    assert "gsplat_extension_build_s" not in timeline("meshhead", [first])
+
+
+@pytest.mark.parametrize("builds", [True, False])
+def test_gsplat_is_built_once_in_the_background_and_waited_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               builds: bool) -> None:
+    """A stand-in gsplat whose extension takes a moment to build (or fails): the builder runs in a session of
+    its own, a second call of the same home starts none, and stage 6 waits for its result."""
+    fake = tmp_path / "site"
+    (fake / "gsplat" / "cuda").mkdir(parents=True)
+    (fake / "gsplat" / "__init__.py").write_text("")
+    (fake / "gsplat" / "cuda" / "__init__.py").write_text("")
+    (fake / "gsplat" / "cuda" / "_backend.py").write_text(
+        "import os, time\ntime.sleep(0.5)\nassert os.environ['CUDA_VISIBLE_DEVICES'] == ''\n"
+        + ("_C = object()\n" if builds else "raise RuntimeError('nvcc failed')\n"))
+    monkeypatch.syspath_prepend(str(fake))
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(fake), "TORCH_CUDA_ARCH_LIST": "9.0+PTX"}
+    proc = prebuild_gsplat(home, env, None)
+    assert proc is not None and os.getsid(proc.pid) == proc.pid  # a session of its own: it outlives the call
+    assert prebuild_gsplat(home, env, None) is None  # once per home
+    done = wait_gsplat(home, proc)
+    assert done["rc"] == (0 if builds else 1) and done["wall_s"] >= 0.5 and done["waited_s"] > 0
+    assert builds or "nvcc failed" in done["error"]
+    again = wait_gsplat(home, None)  # a later call: the result is there
+    assert again["rc"] == done["rc"] and again["waited_s"] < 1
+    assert wait_gsplat(tmp_path, None) is None  # none was started from this home
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert prebuild_gsplat(tmp_path, env, None) is None  # gsplat not installed
+
+
+def test_gsplat_installed_by_a_later_call_is_built_when_it_comes(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The folder a later call installs gsplat into is on sys.path before it exists; the watcher finds gsplat
+    there once it is put in, and stage 6 waits for that build. Without it, stage 6 goes on after its wait."""
+    site = tmp_path / "later"  # not made yet
+    monkeypatch.syspath_prepend(str(site))
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    watcher = GsplatPrebuild(home, env, None, period=0.2)
+    time.sleep(0.5)
+    assert not (home / GSPLAT_PID).exists()
+    (site / "gsplat" / "cuda").mkdir(parents=True)
+    for init in ("gsplat/__init__.py", "gsplat/cuda/__init__.py"):
+        (site / init).write_text("")
+    (site / "gsplat" / "cuda" / "_backend.py").write_text("_C = object()\n")
+    done = watcher.result(install_wait=30)
+    assert done is not None and done["rc"] == 0 and 0.3 < done["waited_s"] < 30
+
+    empty = tmp_path / "none"
+    empty.mkdir()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    t0 = time.monotonic()
+    assert GsplatPrebuild(empty, env, None, period=0.2).result(install_wait=0.5) is None
+    assert time.monotonic() - t0 < 5

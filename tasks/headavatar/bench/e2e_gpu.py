@@ -23,10 +23,12 @@ deadline records its resumable checkpoint's step and curve so far.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -34,6 +36,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 from headavatar.bench.provenance import stamp
 from headavatar.contract.outputs import state_key
@@ -103,42 +106,134 @@ class Deadline(Exception):
     """The call's time ran out while a stage ran: the stage was stopped (SIGTERM) and resumes next call."""
 
 
+PROGRESS = re.compile(r": step (\d+)/(\d+) ")  # the training loop's progress line (training.loop)
+GSPLAT_BUILT = re.compile(r"gsplat: CUDA extension has been set up successfully in ([\d.]+) seconds")
+RESUMED = re.compile(r"resuming from the checkpoint at step (\d+)")
+
+
+class StageLog:
+    """A stage's output, line by line: echoed, written to ``path`` with the seconds since the attempt's start
+    in front, and the training progress lines kept as ``[seconds, step]`` (the log's timeline of the run)."""
+
+    def __init__(self, stream: IO[str], path: Path | None, t0: float):
+        self.stream, self.path, self.t0 = stream, path, t0
+        self.progress: list[list[float]] = []
+        self.gsplat_build_s: float | None = None
+        self.resumed_from: int | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        out = self.path.open("a") if self.path is not None else None
+        try:
+            for line in self.stream:
+                t = round(time.monotonic() - self.t0, 2)
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                if out is not None:
+                    out.write(f"[{t:9.2f}] {line}")
+                    out.flush()
+                if m := PROGRESS.search(line):
+                    self.progress.append([t, int(m.group(1))])
+                elif m := GSPLAT_BUILT.search(line):
+                    self.gsplat_build_s = float(m.group(1))
+                elif m := RESUMED.search(line):
+                    self.resumed_from = int(m.group(1))
+        finally:
+            if out is not None:
+                out.close()
+
+    def join(self) -> None:
+        self._thread.join(30)
+
+
 def run_stage(env: dict[str, str], stage: str, extra: list[str], overrides: list[str] = OVERRIDES,
               force: bool = False, attempt: dict | None = None, save: Callable[[], None] = lambda: None,
-              deadline: float = float("inf")) -> dict:
+              deadline: float = float("inf"), checkpoint: Callable[[], str | None] | None = None,
+              grace: float = 0.0, log_dir: Path | None = None, command: list[str] | None = None,
+              stop: Callable[[], bool] = lambda: False, so_far: Callable[[], dict] | None = None,
+              so_far_every: float = 120.0) -> dict:
     """One ``headavatar run`` of ``stage``, measured. ``attempt`` (a dict already in the results) is
-    updated every 10 s with the wall seconds so far and ``save`` is called, so an attempt cut
-    short by a lost call is still counted. Past ``deadline`` (monotonic) the stage gets SIGTERM and
-    ``Deadline`` is raised."""
-    args = [sys.executable, "-m", "headavatar.cli", "run", stage, "--capture", CAPTURE]
-    for o in [*overrides, *extra]:
+    updated every 10 s with the wall seconds so far and ``save`` is called, so an attempt cut short by a
+    lost call is still counted. Past ``deadline`` (monotonic), or once ``stop()`` says so, the stage gets
+    SIGTERM and ``Deadline`` is raised; with ``checkpoint`` (the stage's resumable checkpoint, as a tag that
+    changes whenever it is written) the SIGTERM waits, up to ``grace`` seconds, for the next checkpoint, so
+    a resumed attempt loses no steps. The stage's output goes to ``log_dir``/<stage>.log with timestamps;
+    its progress lines are kept in the attempt, and every ``so_far_every`` seconds, if the checkpoint changed,
+    ``so_far()`` (the checkpoint's step and held-out curve) as ``checkpoint``, so that a run lost with its
+    machine still has its curve. ``command`` replaces the stage's CLI (tests)."""
+    args = command or [sys.executable, "-m", "headavatar.cli", "run", stage, "--capture", CAPTURE]
+    for o in [] if command else [*overrides, *extra]:
         args += ["--set", o]
-    if force:
+    if force and not command:
         args.append("--force")
     attempt = {} if attempt is None else attempt
     t0 = time.monotonic()
-    proc = subprocess.Popen(args, env=env)
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    output = StageLog(proc.stdout, log_dir / f"{stage}.log" if log_dir else None, t0)
+    past: float | None = None  # when the deadline passed (or the stop came)
+    at_deadline: str | None = None  # the checkpoint's tag then
+
+    def record(state: str) -> None:
+        attempt.update(wall_s=round(time.monotonic() - t0, 1), peak_gpu_mib=round(peak.gpu_mib),
+                       peak_host_mib=round(peak.host_mib), state=state)
+        if output.progress:
+            attempt["progress"] = output.progress
+        if output.gsplat_build_s is not None:
+            attempt["gsplat_build_s"] = output.gsplat_build_s
+        if output.resumed_from is not None:
+            attempt["resumed_from"] = output.resumed_from
+        save()
+
     with PeakMonitor(proc.pid) as peak:
-        while (rc := _wait(proc, 10)) is None:
-            attempt.update(wall_s=round(time.monotonic() - t0, 1), peak_gpu_mib=round(peak.gpu_mib),
-                           peak_host_mib=round(peak.host_mib), state="running")
-            save()
-            if time.monotonic() > deadline:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(120)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-                attempt.update(wall_s=round(time.monotonic() - t0, 1), state="stopped at the deadline")
-                save()
-                raise Deadline(stage)
-    attempt.update(wall_s=round(time.monotonic() - t0, 1), peak_gpu_mib=round(peak.gpu_mib),
-                   peak_host_mib=round(peak.host_mib), state="done" if rc == 0 else f"exit code {rc}")
-    save()
+        recorded = looked = t0
+        seen: str | None = None  # the checkpoint's tag when so_far() last read it
+        while (rc := _wait(proc, 1.0)) is None:
+            now = time.monotonic()
+            if so_far is not None and checkpoint is not None and now - looked >= so_far_every:
+                looked = now
+                if (tag := _tag(checkpoint)) not in (seen, None, "unknown"):
+                    seen, attempt["checkpoint"] = tag, so_far()
+            if past is None and (now > deadline or stop()):
+                past = now
+                if checkpoint is not None and grace > 0:
+                    at_deadline = _tag(checkpoint)
+                    log.info("%s: past the deadline, stopping at its next checkpoint (at most %.0f s)", stage, grace)
+            if past is None:
+                if now - recorded >= 10:
+                    recorded = now
+                    record("running")
+                continue
+            if checkpoint is not None and now <= past + grace and _tag(checkpoint) == at_deadline:
+                continue
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            output.join()
+            record("stopped at the deadline")
+            raise Deadline(stage)
+    output.join()
+    record("done" if rc == 0 else f"exit code {rc}")
     if rc != 0:
         raise SystemExit(f"stage {stage} failed with exit code {rc}")
     return {k: attempt[k] for k in ("wall_s", "peak_gpu_mib", "peak_host_mib")}
+
+
+def etag(store: ObjectStore, key: str) -> str | None:
+    """The object's ETag (it changes whenever the object is written), None while there is none."""
+    info = store.head(key)
+    return info.etag if info is not None else None
+
+
+def _tag(checkpoint: Callable[[], str | None]) -> str | None:
+    try:
+        return checkpoint()
+    except Exception as e:  # a failed look is not a new checkpoint
+        log.warning("could not look at the checkpoint: %s", e)
+        return "unknown"
 
 
 def _wait(proc: subprocess.Popen, seconds: float) -> int | None:
@@ -189,6 +284,155 @@ def so_far(store: ObjectStore, stage: str) -> dict:
             "holdout_curve": state.get("evals", []), **timing}
 
 
+# Progress-line stretches a training stage's timeline is cut into: every 5% of the default ceiling; the
+# window capacity planning reads (bench.capacity.stage6_step).
+STRETCH = {"meshhead": (1000, (5000, 10_000)), "gaussianhead": (5000, (10_000, 15_000))}
+GSPLAT_MARKER = "gsplat_prebuild.json"  # in --home: the prebuild's result, written when it ends
+GSPLAT_PID = "gsplat_prebuild.pid"
+BUILD_GSPLAT = """
+import json, os, sys, time
+t0, out = time.monotonic(), {}
+try:
+    from gsplat.cuda._backend import _C
+    out["rc"] = 0 if _C is not None else 1
+    if _C is None:
+        out["error"] = "gsplat found no CUDA toolkit"
+except BaseException as e:
+    out.update(rc=1, error=repr(e)[:500])
+out["wall_s"] = round(time.monotonic() - t0, 1)
+with open(sys.argv[1] + ".tmp", "w") as f:
+    json.dump(out, f)
+os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+"""
+
+
+def cuda_arch_list() -> str | None:
+    """``TORCH_CUDA_ARCH_LIST`` as PyTorch's extension builder works it out on this machine's first GPU
+    (its capability, "+PTX"), read through NVML so no CUDA context is made; None without NVML."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(pynvml.nvmlDeviceGetHandleByIndex(0))
+    except Exception:
+        return None
+    return f"{major}.{minor}+PTX"
+
+
+def prebuild_gsplat(home: Path, env: dict[str, str], log_dir: Path | None) -> subprocess.Popen | None:
+    """Build gsplat's CUDA extension (a minute of nvcc) in a process of its own session, which outlives this
+    call, while the stages before stage 6 run: stage 6 then finds it built. Nothing when gsplat is not
+    installed or a build was already started from this ``home``. The builder sees no GPU (no CUDA context
+    in the GPU memory measured meanwhile): ``env`` must name the GPU architecture (``TORCH_CUDA_ARCH_LIST``,
+    the same for stage 6, so stage 6's build step finds nothing to redo)."""
+    import importlib.util
+
+    importlib.invalidate_caches()  # a folder on sys.path may have been made (and gsplat put there) since
+    if (home / GSPLAT_PID).exists() or importlib.util.find_spec("gsplat") is None:
+        return None
+    log_path = (log_dir or home) / "gsplat_prebuild.log"
+    with log_path.open("a") as out:
+        proc = subprocess.Popen([sys.executable, "-c", BUILD_GSPLAT, str(home / GSPLAT_MARKER)],
+                                env={**env, "CUDA_VISIBLE_DEVICES": ""}, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    (home / GSPLAT_PID).write_text(str(proc.pid))
+    log.info("building gsplat's CUDA extension in the background (pid %d, %s)", proc.pid, log_path)
+    return proc
+
+
+class GsplatPrebuild:
+    """gsplat's extension built in the background as soon as gsplat is installed: at once, or when a later
+    call of the machine installs it (into a folder already on ``sys.path``), looked for every 5 s."""
+
+    def __init__(self, home: Path, env: dict[str, str], log_dir: Path | None, period: float = 5.0):
+        self.home, self.env, self.log_dir, self.period = home, env, log_dir, period
+        self.proc: subprocess.Popen | None = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._done.is_set() and not (self.home / GSPLAT_PID).exists():
+            self.proc = prebuild_gsplat(self.home, self.env, self.log_dir)
+            if self.proc is None:
+                self._done.wait(self.period)
+
+    def result(self, install_wait: float, stop: Callable[[], bool] = lambda: False) -> dict | None:
+        """For stage 6: wait up to ``install_wait`` seconds for gsplat to be installed, then for its build; the
+        build's result (None when gsplat never came: stage 6 then runs without it)."""
+        t0 = time.monotonic()
+        while not (self.home / GSPLAT_PID).exists() and time.monotonic() - t0 < install_wait and not stop():
+            time.sleep(0.5)
+        self._done.set()
+        self._thread.join()
+        if (out := wait_gsplat(self.home, self.proc)) is None:
+            log.warning("gsplat was not installed within %.0f s: stage 6 runs without it", install_wait)
+            return None
+        return {**out, "waited_s": round(time.monotonic() - t0, 1)}
+
+
+def wait_gsplat(home: Path, proc: subprocess.Popen | None, timeout: float = 900.0) -> dict | None:
+    """The prebuild's result once it has ended (None when none was started from this ``home``), with the
+    seconds waited for it here."""
+    marker, pid_file = home / GSPLAT_MARKER, home / GSPLAT_PID
+    if not pid_file.exists():
+        return None
+    t0 = time.monotonic()
+    while not marker.exists() and time.monotonic() - t0 < timeout:
+        alive = proc.poll() is None if proc is not None else _running(int(pid_file.read_text()))
+        if not alive:
+            break
+        time.sleep(0.5)
+    info = json.loads(marker.read_text()) if marker.exists() else {"rc": None, "error": "ended without a result"}
+    return {**info, "waited_s": round(time.monotonic() - t0, 1)}
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` runs (not ended, not a zombie)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def from_the_log(attempts: list[dict], stretch: int = 5000, window: tuple[int, int] = (10_000, 15_000)) -> dict:
+    """A training stage's timeline from its attempts' progress lines (``[seconds since the attempt's start,
+    step]``): each attempt's seconds from its start to its first step (its first progress line less the
+    steps before that line at the rate of the next stretch of lines), the first attempt's as
+    ``stage_start_to_step_1_s``; ms a step between consecutive lines at multiples of ``stretch`` within an
+    attempt (evaluations and checkpoints included), ``window``'s also under its own keys."""
+    out: dict = {"source": "the stage's progress lines, timed by the bench as they were printed"}
+    starts, stretches = [], []
+    for a in attempts:
+        prog = [(t, int(s)) for t, s in a.get("progress", [])]
+        if len(prog) >= 2:
+            (t1, s1), (t2, s2) = prog[0], prog[1]
+            starts.append(round(t1 - (s1 - a.get("resumed_from", 0) - 1) * (t2 - t1) / max(s2 - s1, 1), 2))
+        marks = [(t, s) for t, s in prog if s % stretch == 0]
+        stretches += [[s1, s2, round(t2 - t1, 2), round(1000 * (t2 - t1) / (s2 - s1), 2)]
+                      for (t1, s1), (t2, s2) in itertools.pairwise(marks)]
+    if starts:
+        out["stage_start_to_step_1_s"] = starts[0]
+        out["attempt_start_to_first_step_s"] = starts
+    out["stretches"] = stretches  # [from step, to step, seconds, ms a step]
+    lo, hi = window
+    for s1, s2, seconds, ms in stretches:
+        if (s1, s2) == (lo, hi):
+            out[f"seconds_steps_{lo}_to_{hi}"], out[f"ms_per_step_{lo}_to_{hi}"] = seconds, ms
+            break
+    return out
+
+
+def timeline(stage: str, attempts: list[dict]) -> dict:
+    """:func:`from_the_log` of a training stage; stage 6's also says how long its first attempt spent building
+    gsplat's extension (0 when it was built ahead), the part of its start-up the CUDA image does ahead."""
+    out = from_the_log(attempts, *STRETCH[stage])
+    if stage == "gaussianhead":
+        out["gsplat_extension_build_s"] = attempts[0].get("gsplat_build_s", 0.0)
+    return out
+
+
 def capture_texture(home: Path, asked: str | None, real: bool, detector: str) -> str:
     """The head texture of this ``--home``'s capture: the one ``synth`` recorded there (a later call that
     asks for another would mix two captures in one results file), else ``asked``, else the default."""
@@ -226,6 +470,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--deadline", type=float, default=float("inf"),
                    help="seconds from the start after which a running stage is stopped (SIGTERM) and this "
                         "call ends; the next call with the same --home resumes it from its checkpoint")
+    p.add_argument("--deadline-grace", type=float, default=0.0,
+                   help="past --deadline, wait up to this many seconds for a training stage's next checkpoint "
+                        "before stopping it, so that the next call loses no steps")
+    p.add_argument("--log-dir", type=Path, default=None,
+                   help="where each stage's output goes, timestamped (<home>/logs)")
+    p.add_argument("--prebuild-gsplat", action="store_true",
+                   help="build gsplat's CUDA extension in the background while the stages before stage 6 run, "
+                        "as soon as gsplat is installed (once per --home; stage 6 waits for the build)")
+    p.add_argument("--gsplat-wait", type=float, default=0.0,
+                   help="with --prebuild-gsplat: seconds stage 6 waits for gsplat to be installed (by a later "
+                        "call of the machine, into a folder already on PYTHONPATH) before it starts without")
+    p.add_argument("--stop-file", type=Path, default=None,
+                   help="once this file exists, the bench does what it does at --deadline: a bench left running "
+                        "in the background over several calls is stopped by the last one")
     args = p.parse_args(argv)
     real = args.real_size
     frames = args.frames or (100 if real else 10)
@@ -267,49 +525,80 @@ def main(argv: list[str] | None = None) -> int:
     results["steps"] = {k: v[0].split("=")[1] if v else "profile" for k, v in steps.items()}
     compare_steps = args.compare_steps if args.compare_steps is not None else (0 if real else 40)
 
+    log_dir = args.log_dir or args.home / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    stamp(results, "headavatar.bench.e2e_gpu", argv)  # again at the end; a call cut short still has it
+
     def save() -> None:
-        results_path.write_text(json.dumps(results, indent=1))
+        """The results in ``--home`` and ``--out`` (a call cut short still leaves them where it returns files)."""
+        text = json.dumps(results, indent=1)
+        results_path.write_text(text)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / name).write_text(text)
 
     s3 = EmbeddedS3(args.home / "s3").start()
     try:
         env = {**os.environ, **s3.env(), "HEADAVATAR_S3_BUCKET": BUCKET, "HEADAVATAR_S3_PREFIX": "e2e"}
+        if args.prebuild_gsplat and "TORCH_CUDA_ARCH_LIST" not in env and (arch := cuda_arch_list()):
+            env["TORCH_CUDA_ARCH_LIST"] = arch  # the builder's and stage 6's alike
         os.environ.update(env)
         store = ObjectStore(load_config().storage)
+        stop = (lambda: args.stop_file.exists()) if args.stop_file else (lambda: False)
+        deadline = t_start + args.deadline
+        gsplat = GsplatPrebuild(args.home, env, log_dir) if args.prebuild_gsplat and "TORCH_CUDA_ARCH_LIST" in env \
+            else None
         for stage in args.stages.split(","):
+            if time.monotonic() >= deadline or stop():
+                log.warning("no time left for %s: the next call runs it", stage)
+                break
             if stage == "synth":
                 t0 = time.monotonic()
                 cmd = [sys.executable, "-m", "headavatar.cli", "synth", "--capture", CAPTURE,
                        "--frames", str(frames), "--texture", texture]
                 for seq in sequences:
                     cmd += ["--sequence", seq]
-                subprocess.run(cmd, env=env, check=True)
+                synth = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                output = StageLog(synth.stdout, log_dir / "synth.log", t0)
+                if synth.wait():
+                    raise SystemExit(f"synth failed with exit code {synth.returncode}")
+                output.join()
                 (args.home / TEXTURE_MARKER).write_text(texture)
                 results["capture"]["texture"] = texture
-                results["stages"]["synth"] = {"wall_s": round(time.monotonic() - t0, 1)}
+                results["stages"]["synth"] = {"wall_s": round(time.monotonic() - t0, 1), "workers": os.cpu_count()}
             elif stage == "compare":  # also run before the main stage 6 when "gaussianhead" is asked for
                 results["rasterizer_comparison"] = compare_rasterizers(env, store, compare_steps, overrides)
             else:
                 if stage == "gaussianhead" and "compare" not in args.stages and compare_steps:
                     results["rasterizer_comparison"] = compare_rasterizers(env, store, compare_steps, overrides)
+                if stage == "gaussianhead" and gsplat is not None:
+                    built = gsplat.result(args.gsplat_wait, lambda: stop() or time.monotonic() >= deadline)
+                    results.setdefault("gsplat_prebuild", built)  # the call that waited for it
+                    log.info("gsplat's extension: %s", built)
                 attempts = results.setdefault("attempts", {}).setdefault(stage, [])
                 attempts.append({"state": "starting", "set": args.set})  # this call's own --set
                 save()
+                training = stage in ("meshhead", "gaussianhead")
+                ckpt = state_key(store.key(stage_prefix(CAPTURE, stage)), RESUMABLE) if training else None
                 try:
                     run_stage(env, stage, steps.get(stage, []), overrides, attempt=attempts[-1], save=save,
-                              deadline=t_start + args.deadline)
+                              deadline=deadline, grace=args.deadline_grace, log_dir=log_dir, stop=stop,
+                              checkpoint=(lambda k=ckpt: etag(store, k)) if training else None,
+                              so_far=(lambda st=stage: so_far(store, st)) if training else None)
                 except Deadline:
                     log.warning("%s stopped at the deadline; the next call resumes it", stage)
                     results["stages"][stage] = {**summed(attempts), "unfinished": True}
-                    if stage in ("meshhead", "gaussianhead"):
+                    if training:
                         results["stages"][stage].update(so_far(store, stage))
+                        results["stages"][stage]["from_the_log"] = timeline(stage, attempts)
                     save()
                     break
                 out = summed(attempts)
                 out["metrics"] = read_manifest(store, CAPTURE, stage).metrics
-                if stage in ("meshhead", "gaussianhead"):
+                if training:
                     history = json.loads(store.get_bytes(store.key(stage_prefix(CAPTURE, stage), "history.json")))
                     out["holdout_curve"] = history["holdout"]
                     out["plateau"] = history["plateau"]
+                    out["from_the_log"] = timeline(stage, attempts)
                 results["stages"][stage] = out
                 if stage == "matting":
                     out["frames_per_s"] = round(out["metrics"].get("images", 0) / out["wall_s"], 2)
@@ -322,9 +611,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         s3.stop()
     stamp(results, "headavatar.bench.e2e_gpu", argv)
-    save()  # the home copy carries its provenance too
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / name).write_text(json.dumps(results, indent=1))
+    save()
     print(json.dumps(results, indent=1))
     return 0
 

@@ -151,11 +151,27 @@ class RawPaths:
         return self.root / f"sequence_{sequence}_part-1" / self.cid / sequence / f"cam_{camera}.mp4"
 
 
+NOISE_ROWS = 64  # image rows noised at a time
+
+
 def add_noise(image: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """``image`` (uint8) plus Gaussian noise of std ``sigma`` (float32 arithmetic), clipped to 0..255.
+
+    Drawn and added a band of ``NOISE_ROWS`` rows at a time into one buffer: the generator fills the
+    bands in order, so the draws, and the result, are those of one whole-image draw (to the bit), with
+    no whole-image float temporaries."""
     if sigma <= 0:
         return image
-    noise = rng.standard_normal(image.shape, dtype=np.float32) * sigma
-    return np.clip(image + noise, 0, 255).astype(np.uint8)
+    out = np.empty_like(image)
+    buf = np.empty((min(NOISE_ROWS, len(image)), *image.shape[1:]), np.float32)
+    for y in range(0, len(image), NOISE_ROWS):
+        band = buf[: len(image[y:y + NOISE_ROWS])]
+        rng.standard_normal(band.shape, dtype=np.float32, out=band)
+        band *= np.float32(sigma)
+        band += image[y:y + NOISE_ROWS]
+        np.clip(band, 0, 255, out=band)
+        out[y:y + NOISE_ROWS] = band  # truncates toward zero, as astype(uint8) does
+    return out
 
 
 def background_plate(camera: str, width: int, height: int) -> np.ndarray:

@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 
 SUBPIXEL_BITS = 4
+PIXEL_CHUNK = 1 << 16  # covered pixels shaded at a time
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,12 @@ def render(
     light_dir: np.ndarray,
     texture: str = "procedural",
 ) -> Rendering:
+    """The head over ``background`` through ``camera``, and its exact coverage matte.
+
+    Only the box around the visible triangles is rasterised, and its covered pixels are shaded in chunks
+    of ``PIXEL_CHUNK`` (their temporaries stay in cache); every value is computed by the same float32
+    operations as pixel by pixel over the whole image, so the output is the same to the bit
+    (tests/test_synthetic_render.py checks it against the whole-image version)."""
     h, w = camera.height, camera.width
     pix, z = camera.project(vertices)
     tri_pix = pix[faces]  # (F, 3, 2)
@@ -165,39 +172,55 @@ def render(
     order = np.nonzero(visible)[0]
     order = order[np.argsort(-z[faces[order]].mean(1), kind="stable")]
 
-    ids = np.zeros((h, w), np.int32)
-    pts = np.round(tri_pix * (1 << SUBPIXEL_BITS)).astype(np.int32)
-    for f in order:
-        cv2.fillConvexPoly(ids, pts[f], int(f) + 1, lineType=cv2.LINE_8, shift=SUBPIXEL_BITS)
+    image = background.copy()
+    alpha = np.zeros((h, w), np.uint8)
+    if not len(order):
+        return Rendering(image, alpha)
+    # The id buffer covers the visible triangles' box (2 px of margin, clipped to the image). A box edge
+    # inside the image has no triangle beyond it, and a shift by whole pixels moves OpenCV's fixed-point
+    # fill by whole pixels, so each pixel gets the id it gets in a whole-image buffer.
+    x0, y0 = (max(0, int(np.floor(v)) - 2) for v in lo[order].min(0))
+    x1, y1 = min(w, int(np.ceil(hi[order, 0].max())) + 3), min(h, int(np.ceil(hi[order, 1].max())) + 3)
+    ids = np.zeros((y1 - y0, x1 - x0), np.int32)
+    pts = np.round(tri_pix[order] * (1 << SUBPIXEL_BITS)).astype(np.int32)
+    pts -= np.array([x0, y0], np.int32) << SUBPIXEL_BITS
+    for f, tri_pts in zip(order.tolist(), pts, strict=True):
+        cv2.fillConvexPoly(ids, tri_pts, f + 1, lineType=cv2.LINE_8, shift=SUBPIXEL_BITS)
 
     ys, xs = np.nonzero(ids)
-    fid = ids[ys, xs] - 1
-    tri = faces[fid]
+    fids = ids[ys, xs] - 1
+    ys += y0
+    xs += x0
+    # Per triangle, what every pixel of it shares (the same float32 values the per-pixel formulas make).
     pix32 = pix.astype(np.float32)
-    p = np.stack([xs, ys], 1).astype(np.float32)
-    a, b, c = pix32[tri[:, 0]], pix32[tri[:, 1]], pix32[tri[:, 2]]
-    v0, v1, v2 = b - a, c - a, p - a
-    den = v0[:, 0] * v1[:, 1] - v1[:, 0] * v0[:, 1]
-    den = np.where(np.abs(den) < 1e-12, 1e-12, den)
-    l1 = (v2[:, 0] * v1[:, 1] - v1[:, 0] * v2[:, 1]) / den
-    l2 = (v0[:, 0] * v2[:, 1] - v2[:, 0] * v0[:, 1]) / den
-    bary = np.clip(np.stack([1 - l1 - l2, l1, l2], 1), 0, 1)
-    # Perspective-correct: interpolate attribute/z and 1/z in screen space.
-    inv_z = bary / z[tri].astype(np.float32)
-    bary = inv_z / inv_z.sum(1, keepdims=True)
-
+    corner = pix32[faces]  # (F, 3, 2)
+    v0_f, v1_f = corner[:, 1] - corner[:, 0], corner[:, 2] - corner[:, 0]
+    den_f = v0_f[:, 0] * v1_f[:, 1] - v1_f[:, 0] * v0_f[:, 1]
+    den_f = np.where(np.abs(den_f) < 1e-12, 1e-12, den_f).astype(np.float32)
+    per_face = np.concatenate([corner[:, 0], v0_f, v1_f, den_f[:, None]], 1)  # (F, 7)
+    z_f = z.astype(np.float32)[faces]  # (F, 3)
     # Per-vertex attributes: wrap-safe azimuth (cos, sin), elevation, Lambert shading.
     shade = 0.45 + 0.6 * np.clip(_vertex_normals(vertices, faces) @ light_dir, 0, 1)
     attrs = np.stack([np.cos(uv[:, 0]), np.sin(uv[:, 0]), uv[:, 1], shade], 1).astype(np.float32)
-    a = np.einsum("pk,pkc->pc", bary, attrs[tri])
-    u = np.arctan2(a[:, 1], a[:, 0])
-    atlas_x = (u + np.pi) / (2 * np.pi) * (ATLAS_W - 1)
-    atlas_y = (np.pi / 2 - a[:, 2]) / np.pi * (ATLAS_H - 1)
-    rgb = _sample_bilinear(texture_atlas(texture), atlas_x.astype(np.float32), atlas_y.astype(np.float32))
-
-    image = background.copy()
-    image[ys, xs] = np.clip(rgb * a[:, 3:4], 0, 255).astype(np.uint8)
-    alpha = np.zeros((h, w), np.uint8)
+    attrs_f = attrs[faces]  # (F, 3, 4)
+    atlas = texture_atlas(texture)
+    for s in range(0, len(fids), PIXEL_CHUNK):
+        fid, y, x = fids[s:s + PIXEL_CHUNK], ys[s:s + PIXEL_CHUNK], xs[s:s + PIXEL_CHUNK]
+        g = per_face[fid]
+        v0, v1, den = g[:, 2:4], g[:, 4:6], g[:, 6]
+        v2 = np.stack([x, y], 1).astype(np.float32) - g[:, 0:2]
+        l1 = (v2[:, 0] * v1[:, 1] - v1[:, 0] * v2[:, 1]) / den
+        l2 = (v0[:, 0] * v2[:, 1] - v2[:, 0] * v0[:, 1]) / den
+        bary = np.clip(np.stack([1 - l1 - l2, l1, l2], 1), 0, 1)
+        # Perspective-correct: interpolate attribute/z and 1/z in screen space.
+        inv_z = bary / z_f[fid]
+        bary = inv_z / inv_z.sum(1, keepdims=True)
+        a = np.einsum("pk,pkc->pc", bary, attrs_f[fid])
+        u = np.arctan2(a[:, 1], a[:, 0])
+        atlas_x = (u + np.pi) / (2 * np.pi) * (ATLAS_W - 1)
+        atlas_y = (np.pi / 2 - a[:, 2]) / np.pi * (ATLAS_H - 1)
+        rgb = _sample_bilinear(atlas, atlas_x.astype(np.float32), atlas_y.astype(np.float32))
+        image[y, x] = np.clip(rgb * a[:, 3:4], 0, 255).astype(np.uint8)
     alpha[ys, xs] = 255
     return Rendering(image, alpha)
 
