@@ -186,3 +186,31 @@ def test_a_camera_video_is_made_from_the_same_frames(monkeypatch: pytest.MonkeyP
     assert len(made["new"]) == 8
     for new, old in zip(made["new"], made["old"], strict=True):
         assert np.array_equal(new, old)
+
+
+def test_noise_drawn_by_torch_has_the_numpy_noise_statistics(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The opt-in GPU noise (here on the CPU): the same distribution, clipping and truncation as numpy's,
+    seeded per camera and sequence, a fresh draw every frame; where it fails the frames are noised by numpy."""
+    image = np.random.default_rng(4).integers(20, 236, (512, 600, 3), dtype=np.uint8)
+    spec = SyntheticSpec("018")
+    monkeypatch.setenv(capture.NOISE_DEVICE_ENV, "cpu")
+    draw = capture.noise_source(spec, spec.cameras[0], "EXP-1-head")
+    first, second = draw(image, 2.0), draw(image, 2.0)
+    ref = reference_noise(image, 2.0, np.random.default_rng(1)).astype(np.float64) - image
+    assert ref.mean() == pytest.approx(-0.5, abs=0.02)  # truncation toward zero: half a level down
+    for noisy in (first, second):
+        d = noisy.astype(np.float64) - image
+        assert d.mean() == pytest.approx(ref.mean(), abs=0.02) and d.std() == pytest.approx(ref.std(), abs=0.02)
+    assert not np.array_equal(first, second)  # each frame draws anew
+    again = capture.noise_source(spec, spec.cameras[0], "EXP-1-head")(image, 2.0)
+    other = capture.noise_source(spec, spec.cameras[1], "EXP-1-head")(image, 2.0)
+    assert np.array_equal(again, first) and not np.array_equal(other, first)
+    edges = np.array([[[0, 255, 1]]], np.uint8).repeat(2000, 0)
+    clipped = draw(edges, 9.0)
+    assert clipped.dtype == np.uint8 and clipped[..., 0].max() > 0 and clipped[..., 1].min() < 255
+    assert draw(image, 0.0) is image
+
+    monkeypatch.setenv(capture.NOISE_DEVICE_ENV, "no-such-device")
+    fallback = capture.noise_source(spec, spec.cameras[0], "EXP-1-head")
+    assert np.array_equal(fallback(image, 2.0), reference_noise(image, 2.0, np.random.default_rng(
+        [spec.seed, int(spec.cameras[0]), sum(map(ord, "EXP-1-head"))])))

@@ -47,6 +47,7 @@ from headavatar.layout import stage_prefix
 from headavatar.settings import load_config
 from headavatar.stages import STAGE_NAMES
 from headavatar.storage import ObjectStore
+from headavatar.synthetic.capture import NOISE_DEVICE_ENV
 from headavatar.training.checkpoints import RESUMABLE, load_stored
 
 log = logging.getLogger("headavatar.e2e")
@@ -481,6 +482,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gsplat-wait", type=float, default=0.0,
                    help="with --prebuild-gsplat: seconds stage 6 waits for gsplat to be installed (by a later "
                         "call of the machine, into a folder already on PYTHONPATH) before it starts without")
+    p.add_argument("--synth-noise-device", default=None, metavar="DEVICE",
+                   help="draw the capture's sensor noise with PyTorch on DEVICE (cuda: the CPUs only render and "
+                        "encode); numpy's generator otherwise, as the tests' captures")
     p.add_argument("--stop-file", type=Path, default=None,
                    help="once this file exists, the bench does what it does at --deadline: a bench left running "
                         "in the background over several calls is stopped by the last one")
@@ -557,13 +561,16 @@ def main(argv: list[str] | None = None) -> int:
                        "--frames", str(frames), "--texture", texture]
                 for seq in sequences:
                     cmd += ["--sequence", seq]
-                synth = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                noise_env = {NOISE_DEVICE_ENV: args.synth_noise_device} if args.synth_noise_device else {}
+                synth = subprocess.Popen(cmd, env={**env, **noise_env}, stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, text=True)
                 output = StageLog(synth.stdout, log_dir / "synth.log", t0)
                 if synth.wait():
                     raise SystemExit(f"synth failed with exit code {synth.returncode}")
                 output.join()
                 (args.home / TEXTURE_MARKER).write_text(texture)
                 results["capture"]["texture"] = texture
+                results["capture"]["noise"] = f"torch on {args.synth_noise_device}" if noise_env else "numpy"
                 results["stages"]["synth"] = {"wall_s": round(time.monotonic() - t0, 1), "workers": os.cpu_count()}
             elif stage == "compare":  # also run before the main stage 6 when "gaussianhead" is asked for
                 results["rasterizer_comparison"] = compare_rasterizers(env, store, compare_steps, overrides)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,6 +176,58 @@ def add_noise(image: np.ndarray, sigma: float, rng: np.random.Generator) -> np.n
     return out
 
 
+NOISE_DEVICE_ENV = "HEADAVATAR_SYNTH_NOISE_DEVICE"  # e.g. "cuda": the videos' sensor noise drawn there (torch)
+
+
+class TorchNoise:
+    """Sensor noise drawn with PyTorch on ``device`` (a GPU: the draws then cost the CPU nothing): the same
+    distribution and arithmetic as :func:`add_noise` (float32 image + N(0, sigma^2), clipped to 0..255,
+    truncated to uint8), from another generator, so such a capture differs from the numpy one in its noise
+    samples only. Opt-in (``$HEADAVATAR_SYNTH_NOISE_DEVICE``); the captures tests make use numpy's."""
+
+    def __init__(self, device: str, seed: list[int]):
+        import torch
+
+        self.torch, self.device = torch, torch.device(device)
+        self.gen = torch.Generator(device=self.device)
+        self.gen.manual_seed(int(np.random.SeedSequence(seed).generate_state(1, np.uint64)[0]) >> 1)
+
+    def __call__(self, image: np.ndarray, sigma: float) -> np.ndarray:
+        if sigma <= 0:
+            return image
+        torch = self.torch
+        pixels = torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
+        noisy = torch.randn(pixels.shape, generator=self.gen, device=self.device, dtype=torch.float32)
+        noisy.mul_(sigma).add_(pixels)
+        return noisy.clamp_(0, 255).to(torch.uint8).cpu().numpy()
+
+
+def noise_source(spec: SyntheticSpec, camera: str, sequence: str) -> Callable[[np.ndarray, float], np.ndarray]:
+    """The noise of one camera's video of one sequence: numpy's generator seeded by (seed, camera, sequence),
+    or :class:`TorchNoise` on ``$HEADAVATAR_SYNTH_NOISE_DEVICE`` when set (numpy's again from the first
+    frame it fails on, e.g. with no GPU there)."""
+    seed = [spec.seed, int(camera), sum(map(ord, sequence))]
+    rng = np.random.default_rng(seed)
+    device = os.environ.get(NOISE_DEVICE_ENV, "")
+    drawn: list[Callable[[np.ndarray, float], np.ndarray]] = []
+    if device:
+        try:
+            drawn.append(TorchNoise(device, seed))
+        except Exception as e:  # no torch, no such device
+            log.warning("noise on %s unavailable (%s): drawn with numpy", device, e)
+
+    def noise(image: np.ndarray, sigma: float) -> np.ndarray:
+        if drawn:
+            try:
+                return drawn[0](image, sigma)
+            except Exception as e:
+                log.warning("noise on %s failed (%s): drawn with numpy from here", device, e)
+                drawn.clear()
+        return add_noise(image, sigma, rng)
+
+    return noise
+
+
 def background_plate(camera: str, width: int, height: int) -> np.ndarray:
     """A textured studio-like backdrop, different per camera, deterministic (noise-free)."""
     rng = np.random.default_rng(int(camera) % (2**32))
@@ -215,7 +269,7 @@ def _render_camera_video(job: _CameraJob) -> str:
     camera = Camera(intr, extr[job.camera], spec.width, spec.height)
     truth = sequence_truth(spec, model, job.sequence, job.n_frames)
     plate = background_plate(job.camera, spec.width, spec.height)
-    rng = np.random.default_rng([spec.seed, int(job.camera), sum(map(ord, job.sequence))])
+    noise = noise_source(spec, job.camera, job.sequence)
     job.video_path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(job.video_path), "w") as container:
         stream = container.add_stream("libx264", rate=spec.fps)
@@ -224,7 +278,7 @@ def _render_camera_video(job: _CameraJob) -> str:
         stream.thread_count = 1
         for f in range(job.n_frames):
             r = render(truth["vertices"][f], model.faces, model.uv, camera, plate, LIGHT, spec.texture)
-            recorded = add_noise(miscalibrate(r.image, spec, job.camera), spec.noise, rng)
+            recorded = noise(miscalibrate(r.image, spec, job.camera), spec.noise)
             frame = av.VideoFrame.from_ndarray(recorded, format="bgr24")
             container.mux(stream.encode(frame))
             out = job.alpha_dir / f"{f:04d}"
