@@ -35,6 +35,22 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"
                  "--disable-component-update", "--disable-sync"]
 
 @pytest.fixture(scope="session")
+def compose_outputs() -> dict[str, dict[str, dict[str, str]]]:
+    """{conf as JSON: {stage: output digests}} of the compose stack's one-host DAG runs (LocalExecutor) made so
+    far this session, for the multi-host test to compare its runs with (it makes its own when absent)."""
+    return {}
+
+
+def output_digests(store: ObjectStore, capture: str, stage: str) -> dict[str, str]:
+    """Digests of a finished stage's outputs, less those its manifest declares volatile (timings, CPU samples)."""
+    from headavatar.contract.stage import read_manifest
+
+    m = read_manifest(store, capture, stage)
+    assert m is not None, f"{capture}: {stage} not done"
+    return {rel: e.sha256 for rel, e in m.files.items() if rel not in m.volatile}
+
+
+@pytest.fixture(scope="session")
 def local_dag_runs() -> dict[str, str]:
     """{conf as JSON: key prefix} of the local-backend DAG runs of tiny capture 018 made so far this
     session, so that a test comparing another backend with the local one reuses a finished run."""

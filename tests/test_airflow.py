@@ -160,7 +160,8 @@ def test_production_backends_isolate_stages_and_request_gpus(airflow_home: Path,
     facts = _python(airflow_home, LOAD + """
     out = {}
     for t in dag.tasks:
-        d = {"type": type(t).__name__, "image": t.image, "links": [link.name for link in t.operator_extra_links]}
+        d = {"type": type(t).__name__, "image": t.image, "links": [link.name for link in t.operator_extra_links],
+             "queue": t.queue}
         if hasattr(t, "auto_remove"):
             d.update(auto_remove=t.auto_remove, mounts=t.mounts, tmp=t.mount_tmp_dir, privileged=t.privileged,
                      env=t.environment, private=t._private_environment)
@@ -181,10 +182,13 @@ def test_production_backends_isolate_stages_and_request_gpus(airflow_home: Path,
         t = facts[stage.name]
         assert t["image"] == ("headavatar/cuda:0.1.0" if stage.gpu else "headavatar/preprocess:0.1.0")
         assert t["links"] == ["MLflow run"]
+        # Celery routes GPU stages to the GPU hosts' workers (docs/deploy-multi-host.md); the rest to the default.
+        assert t["queue"] == ("gpu" if stage.gpu else "default")
         if backend == "docker":
             assert t["type"] == "DockerStageOperator" and t["auto_remove"] == "force"
             assert t["mounts"] == [] and t["tmp"] is False and t["privileged"] is False
-            assert t["env"] == {"PYTHONUNBUFFERED": "1"} and not t["private"]  # secrets only at run time
+            # secrets only at run time; OpenMP threads that sleep while they wait (operators.CONTAINER_ENV)
+            assert t["env"] == {"PYTHONUNBUFFERED": "1", "OMP_WAIT_POLICY": "PASSIVE"} and not t["private"]
         else:
             assert t["type"] == "KubernetesStageOperator" and t["cmds"] == ["headavatar"]
             assert t["secret"] == ["headavatar-s3"] and t["settings"] == ["headavatar-settings"]

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from botocore import UNSIGNED
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from conftest import upload_capture
+from conftest import output_digests, upload_capture
 from headavatar.devserver.compose_images import build_compose_images
 from headavatar.devserver.docker_engine import DockerEngine
 from headavatar.devserver.images import build_images, cpu_image, preprocess_image
@@ -47,7 +48,8 @@ COMPOSE_DIR = REPO / "infra" / "compose"
 FILES = [COMPOSE_DIR / "docker-compose.yml"]
 STAGES = ("extract", "sample", "matting", "fitting", "meshhead", "gaussianhead")
 # The DAG run: capture 018 (tiny synthetic), the plumbing profile (ci) and short training, as tests/test_airflow.py.
-CONF = {"id": "018", "profile": "ci", "meshhead_steps": 20, "gaussianhead_steps": 20}
+SETTINGS = {"profile": "ci", "meshhead_steps": 20, "gaussianhead_steps": 20}
+CONF = {"id": "018", **SETTINGS}
 # The stage images of `make images`: stages 3-6 in the CPU build of the CUDA image (no GPU here).
 CPU_IMAGE, STAGE_3_6_IMAGE = preprocess_image(), cpu_image()
 RUN_TIMEOUT = float(os.environ.get("HEADAVATAR_COMPOSE_RUN_TIMEOUT", "1500"))
@@ -78,9 +80,10 @@ class Stack:
     mlflow: str
     s3: str
     run_ids: list[str] = field(default_factory=list)  # DAG runs this test triggered
+    files: list[Path] = field(default_factory=lambda: list(FILES))
 
     def compose(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-        files = [a for f in FILES for a in ("-f", str(f))]
+        files = [a for f in self.files for a in ("-f", str(f))]
         r = subprocess.run([*compose_command(), *files, "--env-file", str(self.env_file), "-p", self.project, *args],
                            env=self.docker_env, capture_output=True, text=True, timeout=timeout)
         assert not check or r.returncode == 0, f"compose {args[0]} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
@@ -103,10 +106,14 @@ class Stack:
                             aws_secret_access_key=secret, config=Config(retries={"max_attempts": 2}))
 
 
-def _env_file(path: Path, socket_path: Path, project: str) -> dict[str, str]:
+PORTS = ("HEADAVATAR_AIRFLOW_PORT", "HEADAVATAR_MLFLOW_PORT", "HEADAVATAR_S3_PORT", "HEADAVATAR_POSTGRES_PORT",
+         "HEADAVATAR_REDIS_PORT", "HEADAVATAR_FLOWER_PORT")
+
+
+def _env_file(path: Path, socket_path: Path, project: str, **settings: str) -> dict[str, str]:
     """The .env an operator makes (infra/compose/new-env.py: fresh random secrets), with free host ports,
-    this engine's socket and the CPU stage images."""
-    ports = {k: str(free_port()) for k in ("HEADAVATAR_AIRFLOW_PORT", "HEADAVATAR_MLFLOW_PORT", "HEADAVATAR_S3_PORT")}
+    this engine's socket and the CPU stage images; ``settings`` on top."""
+    ports = {k: str(free_port()) for k in PORTS}
     overrides = {
         "COMPOSE_PROJECT_NAME": project, **ports, "DOCKER_SOCKET": str(socket_path),
         "HEADAVATAR_MLFLOW_UI_URL": f"http://127.0.0.1:{ports['HEADAVATAR_MLFLOW_PORT']}",
@@ -115,6 +122,7 @@ def _env_file(path: Path, socket_path: Path, project: str) -> dict[str, str]:
         # A password an operator may well choose: one that starts with "-" once made airflow-init's
         # `users create` read it as an option (exit 2, seen in CI with a random token_urlsafe secret).
         "AIRFLOW_ADMIN_PASSWORD": "-" + secrets.token_urlsafe(18),
+        **settings,
     }
     subprocess.run([sys.executable, str(COMPOSE_DIR / "new-env.py"), "--out", str(path),
                     *(f"{k}={v}" for k, v in overrides.items())], capture_output=True, text=True, check=True)
@@ -155,17 +163,25 @@ def docker_env() -> Iterator[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def stack(docker_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with running_stack(docker_env, tmp_path_factory.mktemp("compose")) as st:
+        yield st
+
+
+@contextmanager
+def running_stack(docker_env: dict[str, str], env_dir: Path, **settings: str) -> Iterator[Stack]:
+    """docker-compose.yml up with a fresh .env (``settings`` on top), healthy; down with its volumes after."""
     socket_path = Path(docker_env["DOCKER_HOST"].removeprefix("unix://"))
     assert socket_path.is_socket(), f"compose needs a unix-socket engine, not {docker_env['DOCKER_HOST']}"
     build_compose_images(env=docker_env)  # as `make images-compose` (cached)
     build_images(env=docker_env)  # the stage images, as `make images` (cached)
     project = f"hacompose{secrets.token_hex(3)}"
-    env_file = tmp_path_factory.mktemp("compose") / ".env"
-    values = _env_file(env_file, socket_path, project)
+    env_file = env_dir / ".env"
+    values = _env_file(env_file, socket_path, project, **settings)
+    host = values.get("HEADAVATAR_BIND", "127.0.0.1")
     st = Stack(project, env_file, values, docker_env,
-               airflow=f"http://127.0.0.1:{values['HEADAVATAR_AIRFLOW_PORT']}",
-               mlflow=f"http://127.0.0.1:{values['HEADAVATAR_MLFLOW_PORT']}",
-               s3=f"http://127.0.0.1:{values['HEADAVATAR_S3_PORT']}")
+               airflow=f"http://{host}:{values['HEADAVATAR_AIRFLOW_PORT']}",
+               mlflow=f"http://{host}:{values['HEADAVATAR_MLFLOW_PORT']}",
+               s3=f"http://{host}:{values['HEADAVATAR_S3_PORT']}")
     started = time.monotonic()
     try:
         up = st.compose("up", "-d", check=False)
@@ -204,6 +220,37 @@ def _remove_stage_leftovers(st: Stack) -> None:
                 subprocess.run([*rm, *listing], env=st.docker_env, capture_output=True)
     if st.run_ids:
         subprocess.run(["docker", "network", "rm", "headavatar"], env=st.docker_env, capture_output=True)
+
+
+CAPTURE_DAG = "/api/v2/dags/headavatar_capture"
+
+
+def unpause_capture_dag(stack: Stack) -> str:
+    """Waits for headavatar_capture to be parsed and unpauses it; its REST address."""
+    auth = {"Authorization": f"Bearer {stack.token()}"}
+    api = stack.airflow + CAPTURE_DAG
+    _wait("the DAG parsed", lambda: requests.get(api, headers=auth, timeout=10).ok, 300)
+    assert requests.patch(api, headers=auth, json={"is_paused": False}, timeout=30).ok
+    return api
+
+
+def trigger(stack: Stack, conf: dict[str, Any]) -> str:
+    """A run of headavatar_capture through the REST API, as the UI's trigger form makes it; its run id."""
+    r = requests.post(f"{stack.airflow}{CAPTURE_DAG}/dagRuns", headers={"Authorization": f"Bearer {stack.token()}"},
+                      json={"logical_date": None, "conf": conf}, timeout=30)
+    assert r.status_code in (200, 201), r.text
+    stack.run_ids.append(r.json()["dag_run_id"])
+    return r.json()["dag_run_id"]
+
+
+def finished_run(stack: Stack, run_id: str, timeout: float = RUN_TIMEOUT) -> dict[str, Any]:
+    """The DAG run once it succeeded or failed."""
+    def finished() -> dict | None:
+        run = requests.get(f"{stack.airflow}{CAPTURE_DAG}/dagRuns/{run_id}",
+                           headers={"Authorization": f"Bearer {stack.token()}"}, timeout=30).json()
+        return run if run["state"] in ("success", "failed") else None
+
+    return _wait(f"DAG run {run_id}", finished, timeout, interval=10)
 
 
 def test_nothing_answers_anonymously_and_the_env_credentials_work(stack: Stack) -> None:
@@ -331,35 +378,26 @@ def test_credentials_come_only_from_the_env_file(stack: Stack) -> None:
         assert r.returncode != 0 and f"set {key} in .env" in r.stderr, (key, r.stderr)
 
 
-def test_a_dag_run_triggered_through_the_api_succeeds_with_stage_containers_via_the_proxy(
-        stack: Stack, tiny_capture: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def admin_store(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> ObjectStore:
+    """The capture provider's view of the bucket (S3 admin; credentials from the environment, as boto3 reads)."""
     s = stack.secrets
-    storage = StorageConfig(endpoint_url=stack.s3, bucket=s["HEADAVATAR_BUCKET"], prefix="nersemble")
-    # The capture's provider uploads it (raw/ and the synthetic ground truth, which the stages' identity only reads).
     for key, value in {"AWS_ACCESS_KEY_ID": s["S3_ADMIN_USER"], "AWS_DEFAULT_REGION": "us-east-1",
                        "AWS_SECRET_ACCESS_KEY": s["S3_ADMIN_PASSWORD"]}.items():
         monkeypatch.setenv(key, value)
-    store = ObjectStore(storage)
-    try:
-        upload_capture(store, tiny_capture)
-    finally:
-        store.close()
-    auth = {"Authorization": f"Bearer {stack.token()}"}
-    api = f"{stack.airflow}/api/v2/dags/headavatar_capture"
-    _wait("the DAG parsed", lambda: requests.get(api, headers=auth, timeout=10).ok, 300)
-    assert requests.patch(api, headers=auth, json={"is_paused": False}, timeout=30).ok
+    return ObjectStore(StorageConfig(endpoint_url=stack.s3, bucket=s["HEADAVATAR_BUCKET"], prefix="nersemble"))
+
+
+def test_a_dag_run_triggered_through_the_api_succeeds_with_stage_containers_via_the_proxy(
+        stack: Stack, tiny_capture: Path, monkeypatch: pytest.MonkeyPatch,
+        compose_outputs: dict[str, dict[str, dict[str, str]]]) -> None:
+    s = stack.secrets
+    # The capture's provider uploads it (raw/ and the synthetic ground truth, which the stages' identity only reads).
+    store = admin_store(stack, monkeypatch)
+    upload_capture(store, tiny_capture)
+    api = unpause_capture_dag(stack)
     started = time.monotonic()
-    r = requests.post(f"{api}/dagRuns", headers=auth, json={"logical_date": None, "conf": CONF}, timeout=30)
-    assert r.status_code in (200, 201), r.text
-    run_id = r.json()["dag_run_id"]
-    stack.run_ids.append(run_id)
-
-    def finished() -> dict | None:
-        run = requests.get(f"{api}/dagRuns/{run_id}", headers={"Authorization": f"Bearer {stack.token()}"},
-                           timeout=30).json()
-        return run if run["state"] in ("success", "failed") else None
-
-    run = _wait(f"DAG run {run_id}", finished, RUN_TIMEOUT, interval=10)
+    run_id = trigger(stack, CONF)
+    run = finished_run(stack, run_id)
     print(f"\nDAG run {run['state']} in {time.monotonic() - started:.0f} s", file=sys.stderr)
     auth = {"Authorization": f"Bearer {stack.token()}"}
     tis = requests.get(f"{api}/dagRuns/{run_id}/taskInstances", headers=auth, timeout=30).json()["task_instances"]
@@ -380,6 +418,8 @@ def test_a_dag_run_triggered_through_the_api_succeeds_with_stage_containers_via_
     for stage in STAGES:
         key = f"nersemble/{stage_prefix('018', stage)}/manifest.json"
         assert stages.head_object(Bucket=s["HEADAVATAR_BUCKET"], Key=key)["ContentLength"] > 0, key
+    compose_outputs[json.dumps(SETTINGS, sort_keys=True)] = {st: output_digests(store, "018", st) for st in STAGES}
+    store.close()
     mlflow_auth = (s["MLFLOW_ADMIN_USER"], s["MLFLOW_ADMIN_PASSWORD"])
     for ti in tis:
         xcom = requests.get(f"{api}/dagRuns/{run_id}/taskInstances/{ti['task_id']}/xcomEntries/return_value",

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import copy_stages, upload_capture
+from conftest import copy_stages, output_digests, upload_capture
 from headavatar.contract.stage import read_manifest
 from headavatar.devserver.seaweed import EmbeddedS3
 from headavatar.errors import StorageUnavailable
@@ -131,10 +131,7 @@ def undo(store: ObjectStore, stage: str) -> None:
 
 
 def outputs(store: ObjectStore, stage: str) -> dict[str, str]:
-    """Digests of a stage's outputs, less those its manifest declares volatile (CPU samples, timings)."""
-    m = read_manifest(store, "018", stage)
-    assert m is not None, f"{stage} not done"
-    return {rel: e.sha256 for rel, e in m.files.items() if rel not in m.volatile}
+    return output_digests(store, "018", stage)
 
 
 def fault_mid_computation(store: ObjectStore, env: dict[str, str], stage: str, wall: float, frac: float,

@@ -157,6 +157,61 @@ def test_compose_stack_validates_and_takes_secrets_only_from_env(tmp_path: Path)
     assert checked >= 8
 
 
+def test_a_worker_host_gets_only_what_workers_need_and_runs_what_the_central_host_runs(tmp_path: Path) -> None:
+    """docker-compose.worker.yml (an added GPU host) from the env file new-env.py --worker-of writes: it validates,
+    holds no admin credential, and its workers run the central `celery` profile's workers with the same
+    settings, only with the central host's addresses in place of service names."""
+    compose = tool("docker-compose")
+    central_env = tmp_path / "central.env"
+    worker_env = tmp_path / "worker.env"
+    new_env = [sys.executable, str(COMPOSE.parent / "new-env.py")]
+    subprocess.run([*new_env, "--out", str(central_env), "COMPOSE_PROFILES=celery", "AIRFLOW_EXECUTOR=CeleryExecutor",
+                    "HEADAVATAR_CENTRAL=10.0.0.5", "DOCKER_GID=999"], check=True, capture_output=True)
+    r = subprocess.run([*new_env, "--worker-of", str(central_env), "--out", str(worker_env), "DOCKER_GID=999"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "HEADAVATAR_HOST" in r.stderr  # a host must be named
+    subprocess.run([*new_env, "--worker-of", str(central_env), "--out", str(worker_env), "HEADAVATAR_HOST=gpu2",
+                    "DOCKER_GID=999"], check=True, capture_output=True)
+    assert worker_env.stat().st_mode & 0o777 == 0o600
+    central_values = dict(line.split("=", 1) for line in central_env.read_text().splitlines()
+                          if "=" in line and not line.startswith("#"))
+    values = dict(line.split("=", 1) for line in worker_env.read_text().splitlines())
+    for key in ("S3_ADMIN_PASSWORD", "MLFLOW_ADMIN_PASSWORD", "AIRFLOW_ADMIN_PASSWORD", "MLFLOW_DB_PASSWORD",
+                "S3_MLFLOW_SECRET_KEY", "S3_READONLY_SECRET_KEY", "AIRFLOW_API_SECRET_KEY", "FLOWER_PASSWORD"):
+        assert key not in values and central_values[key] not in worker_env.read_text(), key
+    assert values["REDIS_PASSWORD"] == central_values["REDIS_PASSWORD"] != "change-me"
+
+    def services(file: Path, env: Path) -> dict:
+        r = subprocess.run([compose, "-f", str(file), "--env-file", str(env), "config"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        return yaml.safe_load(r.stdout)["services"]
+
+    central, worker = services(COMPOSE, central_env), services(COMPOSE.parent / "docker-compose.worker.yml", worker_env)
+    assert set(worker) == {"docker-proxy", "airflow-worker-cpu", "airflow-worker-gpu"}
+    assert {"redis", "airflow-worker-cpu", "airflow-worker-gpu", "airflow-flower"} <= set(central)
+    for name in ("airflow-worker-cpu", "airflow-worker-gpu"):
+        assert worker[name]["command"] == [a.replace("main", "gpu2") for a in central[name]["command"]], name
+        w, c = worker[name]["environment"], central[name]["environment"]
+        assert c["AIRFLOW__CORE__EXECUTOR"] == w["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
+        # The same settings, save the central services' own (the api-server's session secret, the scheduler's
+        # verdict on lost workers, the dag-processor's pausing) and the addresses.
+        central_only = {"AIRFLOW__API__SECRET_KEY", "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT",
+                        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION"}
+        assert set(w) == set(c) - central_only, set(w) ^ set(c)
+        for key, value in w.items():
+            if key == "HEADAVATAR_HOST":
+                assert (value, c[key]) == ("gpu2", "main")
+            elif key == "HEADAVATAR_DOCKER_NETWORK":
+                assert value == c[key] == "headavatar"
+            elif value != c[key]:
+                assert "10.0.0.5" in value, (key, value, c[key])
+    gpu_worker = central["airflow-worker-gpu"]["command"]
+    assert gpu_worker[gpu_worker.index("--queues") + 1] == "gpu,gpu.main"
+    # The broker has a password or does not start; Flower likewise.
+    assert "REDIS_PASSWORD:?" in (REPO / "images" / "compose" / "redis-entrypoint.sh").read_text()
+    assert "set FLOWER_PASSWORD" in " ".join(central["airflow-flower"]["command"])
+
+
 def test_helm_chart_lints_and_matches_what_the_operators_expect() -> None:
     helm = tool("helm")
     r = subprocess.run([helm, "lint", "--strict", str(CHART)], capture_output=True, text=True)

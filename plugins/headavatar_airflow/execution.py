@@ -42,6 +42,9 @@ class ExecutionSettings:
     gpu_devices: tuple[str, ...] = field(default_factory=lambda: tuple(
         d.strip() for d in os.environ.get("HEADAVATAR_GPU_DEVICES", "").split(",") if d.strip()))
     gpu_lease_dir: str = field(default_factory=lambda: _env("HEADAVATAR_GPU_LEASE_DIR", "/tmp/headavatar-gpu-leases"))
+    # This host's name (Celery: one worker per host; its GPU queue is gpu.<host>). Stage containers carry it as
+    # a label, so GPUs in use are told apart per host even where two "hosts" share one Docker engine.
+    host: str = field(default_factory=lambda: _env("HEADAVATAR_HOST", "main"))
     k8s_namespace: str = field(default_factory=lambda: _env("HEADAVATAR_K8S_NAMESPACE", "headavatar"))
     k8s_s3_secret: str = field(default_factory=lambda: _env("HEADAVATAR_K8S_S3_SECRET", "headavatar-s3"))
     k8s_ingest_s3_secret: str | None = field(default_factory=lambda: os.environ.get("HEADAVATAR_K8S_INGEST_S3_SECRET"))

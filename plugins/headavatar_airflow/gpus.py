@@ -53,6 +53,7 @@ def _lock_path(lease_dir: Path, device: str) -> Path:
 
 
 GPU_LABEL = "headavatar.gpu"  # on a GPU stage's container: the device it was leased
+HOST_LABEL = "headavatar.host"  # on every stage container: the host (HEADAVATAR_HOST) whose task started it
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from airflow.sdk import BaseHook, BaseOperator, BaseOperatorLink
@@ -27,7 +28,7 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from headavatar_airflow.assets import describe_outlet_events
 from headavatar_airflow.execution import ExecutionSettings
-from headavatar_airflow.gpus import GPU_LABEL, placed_gpu
+from headavatar_airflow.gpus import GPU_LABEL, HOST_LABEL, placed_gpu
 from headavatar_airflow.pipeline import StageSpec, cli_args
 from headavatar_airflow.stage_limits import StageLimits, stage_limits
 
@@ -63,6 +64,10 @@ def task_command(stage: StageSpec, params: dict[str, Any], command: list[str] | 
 
 def stage_command_line(stage: StageSpec, params: dict[str, Any], command: list[str] | None) -> str:
     return shlex.join(["headavatar", *task_command(stage, params, command)])
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat()
 
 
 def lease_holder(context: Any) -> str:
@@ -223,6 +228,13 @@ PASSED_THROUGH = ("HEADAVATAR_MLFLOW_EXPERIMENT", "HEADAVATAR_MLFLOW_MODEL_PREFI
 PASSED_THROUGH_PREFIXES = ("OPENBLAS_",)
 
 
+# Every stage container's. OpenMP threads that wait sleep instead of spinning: a host runs several stages at
+# once (a Celery worker per queue, one GPU task per GPU beside the CPU stages), each with a thread per core, and
+# spinning threads of one stage took the cores the others needed (4 stages on 2 cores: 2.5x less work done).
+# The numbers a stage computes do not change.
+CONTAINER_ENV = {"PYTHONUNBUFFERED": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+
+
 def passed_through(environ: Mapping[str, str]) -> dict[str, str]:
     """The worker's variables a stage container gets as they are (never credentials)."""
     return {k: v for k, v in environ.items()
@@ -253,26 +265,35 @@ def _docker_operator() -> type:
                 image=settings.cuda_image if stage.gpu else settings.cpu_image,
                 docker_url=settings.docker_url, network_mode=settings.docker_network,
                 auto_remove="force", mount_tmp_dir=False, mounts=[], privileged=False, tty=False,
-                environment={"PYTHONUNBUFFERED": "1"}, **kwargs)
+                environment=dict(CONTAINER_ENV), **kwargs)
             self.stage, self.settings, self.cli_command = stage, settings, command
             self.stage_command = ""
             self.scratch_volume: str | None = None
             self.gpu_device: str | None = None  # the leased GPU of a GPU stage
 
         def execute(self, context: Any) -> Any:
-            if not (self.stage.gpu and self.settings.docker_gpus):
+            if not self.stage.gpu:
                 return self._execute(context)
             count = self.stage.gpus(context["params"])
+            # Leased also without a GPU request (HEADAVATAR_DOCKER_GPUS=0, the CPU build of the stage image): the
+            # lease places GPU stages on this host's devices, one stage per device, either way.
             with placed_gpu(self.settings, context["params"], lease_holder(context),
                             busy=self._gpus_of_running_stages, count=count) as lease:
                 self.gpu_device = lease.device if lease else None
-                self.device_requests = [gpu_request(self.gpu_device, count)]
-                return self._execute(context)
+                if self.settings.docker_gpus:
+                    self.device_requests = [gpu_request(self.gpu_device, count)]
+                leased = utc_now()
+                result = self._execute(context)
+                if lease is not None and isinstance(result, dict):  # which GPU of which host, and when (XCom)
+                    result["gpu"] = {"host": self.settings.host, "device": lease.device,
+                                     "leased": leased, "released": utc_now()}
+                return result
 
         def _gpus_of_running_stages(self) -> set[str]:
-            """GPUs of this engine's running stage containers (labelled): held even after their task died."""
-            labels = [c["Labels"][GPU_LABEL] for c in self.cli.containers(filters={"label": GPU_LABEL})]
-            return {d for label in labels for d in label.split(",")}
+            """GPUs of this host's running stage containers (labelled): held even after their task died."""
+            labels = [c["Labels"] for c in self.cli.containers(filters={"label": GPU_LABEL})]
+            return {d for label in labels if label.get(HOST_LABEL, self.settings.host) == self.settings.host
+                    for d in label[GPU_LABEL].split(",")}
 
         def _execute(self, context: Any) -> Any:
             params = context["params"]
@@ -285,7 +306,7 @@ def _docker_operator() -> type:
             self._private_environment = {**secret, **mlflow_credentials(self.settings.mlflow_conn_id)}
             ti = context["ti"]
             self.labels = {"headavatar.dag_id": str(ti.dag_id), "headavatar.task_id": str(self.task_id),
-                           "headavatar.run_id": str(context["run_id"]),
+                           "headavatar.run_id": str(context["run_id"]), HOST_LABEL: self.settings.host,
                            **({GPU_LABEL: self.gpu_device} if self.gpu_device is not None else {})}
             self.scratch_volume = f"headavatar-scratch-{ti.dag_id}-{self.task_id}-{uuid.uuid4().hex[:12]}"
             self.cli.create_volume(self.scratch_volume, labels={**self.labels, "headavatar.scratch": "1"})

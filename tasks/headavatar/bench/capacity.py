@@ -22,6 +22,8 @@ CAMERAS = 16
 REAL_SIZE = "e2e_real_size_gpu"
 SOURCES = (REAL_SIZE, "matting_gpu", "e2e_gpu")
 GPU_UTILISATION = 0.8  # share of a GPU-day the pool keeps busy (queueing, retries, start-up)
+# GPUs per machine in the per-day table: a Celery GPU host (docs/deploy-multi-host.md) and a Kubernetes node.
+CELERY_HOST_GPUS, K8S_NODE_GPUS = 4, 8
 
 
 @dataclass(frozen=True)
@@ -106,12 +108,14 @@ def markdown(kept_frames: int = 100, per_day: tuple[int, ...] = (1, 5, 10, 20, 5
     per_capture = _table(["stage", "runs on", "time per capture", "peak host memory", "peak GPU memory",
                           "stored in the bucket", "basis"], rows)
     plans = [plan(n, kept_frames) for n in per_day]
-    rows = [[p["captures_per_day"], f"{p['gpu_hours_per_day']:.1f}", p["gpus"], math.ceil(p["gpus"] / 8),
+    rows = [[p["captures_per_day"], f"{p['gpu_hours_per_day']:.1f}", p["gpus"],
+             math.ceil(p["gpus"] / CELERY_HOST_GPUS), math.ceil(p["gpus"] / K8S_NODE_GPUS),
              f"{p['cpu_stage_hours_per_day']:.2f}", f"{p['stored_tb_per_day'] * 1000:.0f} GB",
              f"{p['stored_tb_per_day'] * 365:.1f} TB"] for p in plans]
     per_day_table = _table(["captures / day", "GPU-hours / day", "GPUs (80% busy)",
-                            "8-GPU nodes (Kubernetes)", "CPU-stage hours / day", "bucket growth / day",
-                            "bucket growth / year"], rows)
+                            f"{CELERY_HOST_GPUS}-GPU hosts (compose + Celery)",
+                            f"{K8S_NODE_GPUS}-GPU nodes (Kubernetes)", "CPU-stage hours / day",
+                            "bucket growth / day", "bucket growth / year"], rows)
     gpu_s = sum(c.seconds for c in costs if c.gpu)
     gh = next(c for c in costs if c.stage == "gaussianhead")
     summary = (f"One capture needs {gpu_s / 3600:.1f} GPU-hours, {100 * gh.seconds / gpu_s:.0f}% of them in the "

@@ -1,0 +1,221 @@
+"""Two GPU hosts under Airflow's CeleryExecutor, as deployed (docs/deploy-multi-host.md): the central host is
+infra/compose/docker-compose.yml with the `celery` profile (its own workers are host "a"), the second host
+"b" is infra/compose/docker-compose.worker.yml with the env file new-env.py --worker-of writes. Host b's
+containers are on a network of their own and reach the central host only at HEADAVATAR_CENTRAL on its
+published ports (the Docker bridge's address here), sharing the broker, the database, S3 and MLflow and
+nothing else. Both hosts' stage containers run on this machine's one engine: each host's GPU lease and
+its containers' labels are its own. No GPU here: each host names device 0 (HEADAVATAR_GPU_DEVICES) and
+leases it without a GPU request (HEADAVATAR_DOCKER_GPUS=0); host b's worker takes two GPU tasks at once
+for it, so its lease, not the worker's concurrency, keeps them apart.
+
+Six captures at once over both hosts must finish with the content digests of a one-host run
+(tests/test_compose.py's, or capture 100 on host a alone), on both hosts, with no device of a host leased
+twice at a time. A seventh runs beside them with a longer stage 5: the host running that stage is killed
+(SIGKILL: its workers and its stage containers) after the stage's first checkpoint; its tasks are failed
+by their missed heartbeats and retried on the other host, the stage resumes from its checkpoint, and
+every capture finishes whole.
+
+Run: `pytest -m compose tests/test_multi_host.py`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from conftest import output_digests, upload_capture
+from headavatar.contract.stage import read_manifest
+from headavatar.layout import stage_prefix
+from headavatar.storage import ObjectStore
+from test_compose import (
+    COMPOSE_DIR,
+    SETTINGS,
+    STAGES,
+    Stack,
+    _wait,
+    admin_store,
+    compose_command,
+    docker_env,  # noqa: F401 (the module fixture)
+    finished_run,
+    running_stack,
+    trigger,
+    unpause_capture_dag,
+)
+
+pytestmark = [pytest.mark.compose, pytest.mark.slow, pytest.mark.timeout(3600)]
+
+HEARTBEAT_TIMEOUT_S = 30  # the scheduler's verdict on a lost worker (300 s by default)
+CAPTURES = [f"1{i:02d}" for i in range(1, 7)]
+LOST = "107"  # the capture whose stage 5 loses its host
+GPU_STAGES = ("matting", "fitting", "meshhead", "gaussianhead")
+
+
+def bridge_address(env: dict[str, str]) -> str:
+    """The host's address on Docker's default bridge: what containers of any network reach this machine at."""
+    out = subprocess.run(["docker", "network", "inspect", "bridge", "-f", "{{(index .IPAM.Config 0).Gateway}}"],
+                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert out, "the default bridge network has no gateway"
+    return out
+
+
+class WorkerHost:
+    """Host b: docker-compose.worker.yml under its own project, with its own worker env file."""
+
+    def __init__(self, central: Stack, env_dir: Path, name: str):
+        self.central, self.name, self.project = central, name, f"{central.project}{name}"
+        self.env_file = env_dir / f"worker-{name}.env"
+        subprocess.run([sys.executable, str(COMPOSE_DIR / "new-env.py"), "--worker-of", str(central.env_file),
+                        "--out", str(self.env_file), f"HEADAVATAR_HOST={name}", f"COMPOSE_PROJECT_NAME={self.project}",
+                        f"HEADAVATAR_NETWORK={self.project}", "HEADAVATAR_GPU_DEVICES=0",
+                        "HEADAVATAR_HOST_GPUS=2"], capture_output=True, text=True, check=True)
+
+    def compose(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        r = subprocess.run([*compose_command(), "-f", str(COMPOSE_DIR / "docker-compose.worker.yml"), "--env-file",
+                            str(self.env_file), "-p", self.project, *args],
+                           env=self.central.docker_env, capture_output=True, text=True, timeout=600)
+        assert not check or r.returncode == 0, f"host {self.name}: {args[0]}:\n{r.stdout[-3000:]}\n{r.stderr[-2000:]}"
+        return r
+
+
+@pytest.fixture(scope="module")
+def central(docker_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:  # noqa: F811
+    bridge = bridge_address(docker_env)
+    with running_stack(docker_env, tmp_path_factory.mktemp("central"), COMPOSE_PROFILES="celery",
+                       AIRFLOW_EXECUTOR="CeleryExecutor", HEADAVATAR_HOST="a", HEADAVATAR_GPU_DEVICES="0",
+                       HEADAVATAR_HOST_GPUS="1", HEADAVATAR_GPUS="3", HEADAVATAR_BIND=bridge,
+                       HEADAVATAR_CENTRAL=bridge, AIRFLOW_TASK_HEARTBEAT_TIMEOUT=str(HEARTBEAT_TIMEOUT_S)) as st:
+        yield st
+
+
+@pytest.fixture(scope="module")
+def host_b(central: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerHost]:
+    host = WorkerHost(central, tmp_path_factory.mktemp("host-b"), "b")
+    try:
+        yield host
+    finally:
+        host.compose("down", "-v", "--remove-orphans", "--timeout", "20", check=False)
+
+
+def upload_as(store: ObjectStore, capture: Path, capture_id: str, tmp: Path) -> None:
+    """The tiny capture (local layout of 018: raw/ and the ground truth) uploaded as capture ``capture_id``."""
+    root = tmp / capture_id
+    shutil.copytree(capture, root)
+    for path in sorted(root.rglob("018"), key=lambda p: -len(p.parts)):
+        path.rename(path.with_name(capture_id))
+    upload_capture(store, root)
+
+
+def outputs(store: ObjectStore, capture: str) -> dict[str, dict[str, str]]:
+    """Per stage, its output digests, as capture 018's would be: the avatar's description (avatar/avatar.json)
+    names its capture, so its digest is taken with the id written as 018."""
+    out = {stage: output_digests(store, capture, stage) for stage in STAGES}
+    described = store.get_bytes(store.key(stage_prefix(capture, "gaussianhead"), "avatar", "avatar.json")).decode()
+    assert hashlib.sha256(described.encode()).hexdigest() == out["gaussianhead"]["avatar/avatar.json"]
+    as_018 = described.replace(f'"capture": "{capture}"', '"capture": "018"').replace(f"/{capture}/", "/018/")
+    out["gaussianhead"]["avatar/avatar.json"] = hashlib.sha256(as_018.encode()).hexdigest()
+    return out
+
+
+def task_instances(st: Stack, run_id: str) -> list[dict[str, Any]]:
+    r = requests.get(f"{st.airflow}/api/v2/dags/headavatar_capture/dagRuns/{run_id}/taskInstances",
+                     headers={"Authorization": f"Bearer {st.token()}"}, timeout=30)
+    return r.json()["task_instances"]
+
+
+def lease_of(st: Stack, run_id: str, task: str) -> dict[str, Any]:
+    """The GPU lease a stage's return value (XCom) records: host, device, leased, released."""
+    r = requests.get(f"{st.airflow}/api/v2/dags/headavatar_capture/dagRuns/{run_id}/taskInstances/{task}/"
+                     "xcomEntries/return_value", headers={"Authorization": f"Bearer {st.token()}"}, timeout=30)
+    value = r.json()["value"]
+    value = value if isinstance(value, dict) else json.loads(value)
+    assert "gpu" in value, (run_id, task, value)
+    return value["gpu"]
+
+
+def test_captures_over_two_hosts_equal_one_host_and_a_lost_host_is_taken_over(
+        central: Stack, host_b: WorkerHost, tiny_capture: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        compose_outputs: dict[str, dict[str, dict[str, str]]]) -> None:
+    store = admin_store(central, monkeypatch)
+    unpause_capture_dag(central)
+
+    # One host's outputs: tests/test_compose.py's run of these settings (LocalExecutor), else capture 100 here
+    # with host b not started.
+    reference = compose_outputs.get(json.dumps(SETTINGS, sort_keys=True))
+    if reference is None:
+        upload_as(store, tiny_capture, "100", tmp_path)
+        one_host = trigger(central, {"id": "100", **SETTINGS})
+        assert finished_run(central, one_host)["state"] == "success"
+        assert {t["hostname"] for t in task_instances(central, one_host)} <= {"a-cpu", "a-gpu"}
+        reference = outputs(store, "100")
+
+    # Two hosts: six captures at once, and a seventh whose stage 5 trains 300 steps (a checkpoint every 100). The
+    # host running that stage is killed once its first checkpoint is in S3, with whatever else it runs then.
+    host_b.compose("up", "-d")
+    for capture in [*CAPTURES, LOST]:
+        upload_as(store, tiny_capture, capture, tmp_path)
+    started = time.monotonic()
+    runs = {capture: trigger(central, {"id": capture, **SETTINGS}) for capture in CAPTURES}
+    runs[LOST] = trigger(central, {"id": LOST, "profile": "ci", "gaussianhead_steps": 20})
+    checkpoint = store.key(stage_prefix(LOST, "meshhead"), "_state", "checkpoint.pt")
+    _wait("stage 5's first checkpoint", lambda: store.exists(checkpoint), 1800, interval=1)
+    running = next(t for t in task_instances(central, runs[LOST]) if t["task_id"] == "meshhead")
+    assert running["state"] == "running", running
+    kill_host(central, host_b, running["hostname"].removesuffix("-gpu"))
+    states = {c: finished_run(central, r)["state"] for c, r in runs.items()}
+    print(f"\nseven captures over two hosts, one host lost, in {time.monotonic() - started:.0f} s", file=sys.stderr)
+    assert states == dict.fromkeys(runs, "success")
+
+    # The six equal the one-host run, file by file, though some of their tasks died with the lost host.
+    for capture in CAPTURES:
+        assert outputs(store, capture) == reference, capture
+    tis = {c: task_instances(central, r) for c, r in runs.items()}
+    hosts = {t["hostname"] for c in CAPTURES for t in tis[c]}
+    assert {"a-gpu", "b-gpu"} <= hosts, hosts  # GPU stages ran on both hosts
+    # No GPU of a host leased to two stages at once: host b's worker takes two GPU tasks for its one device.
+    leases = [lease_of(central, r, t["task_id"]) for c, r in runs.items() for t in tis[c]
+              if t["task_id"] in GPU_STAGES]
+    assert {lease["host"] for lease in leases} == {"a", "b"} and {lease["device"] for lease in leases} == {"0"}
+    by_device: dict[tuple[str, str], list[tuple[datetime, datetime]]] = {}
+    for lease in leases:
+        by_device.setdefault((lease["host"], lease["device"]), []).append(
+            (datetime.fromisoformat(lease["leased"]), datetime.fromisoformat(lease["released"])))
+    for (host, device), spans in by_device.items():
+        spans.sort()
+        for (_, end), (start, _) in itertools.pairwise(spans):
+            assert start >= end, f"host {host} GPU {device} leased twice at once: {spans}"
+
+    # The lost stage 5: retried on the other host, resumed from its checkpoint; nothing half-written taken as done.
+    final = next(t for t in tis[LOST] if t["task_id"] == "meshhead")
+    assert final["try_number"] >= 2 and final["hostname"] != running["hostname"], final
+    meshhead = read_manifest(store, LOST, "meshhead")
+    assert meshhead is not None and meshhead.metrics["resumed_from_step"] > 0, meshhead and meshhead.metrics
+    for stage in STAGES:  # every file a manifest names is there, at its size
+        m = read_manifest(store, LOST, stage)
+        assert m is not None, stage
+        prefix = store.key(stage_prefix(LOST, stage))
+        sizes = {o.key[len(prefix) + 1:]: o.size for o in store.list(prefix)}
+        assert all(sizes.get(rel) == e.size for rel, e in m.files.items()), stage
+    store.close()
+
+
+def kill_host(central: Stack, host_b: WorkerHost, host: str) -> None:
+    """SIGKILL every process of a worker host: its two workers and the stage containers it started."""
+    if host == "b":
+        workers = host_b.compose("ps", "-q").stdout.split()
+    else:
+        workers = central.compose("ps", "-q", "airflow-worker-cpu", "airflow-worker-gpu").stdout.split()
+    stages = central.docker("ps", "-q", "--filter", f"label=headavatar.host={host}").split()
+    assert workers and stages, (workers, stages)
+    central.docker("kill", "--signal", "KILL", *workers, *stages)
