@@ -225,7 +225,6 @@ def test_an_ingested_capture_runs_with_stage_containers_via_the_proxy(
 
     triggered = wait_for("the capture run ingestion triggers", ingested, 300, interval=5)
     run_id = triggered["dag_run_id"]
-    stack.run_ids.append(run_id)
     assert triggered["conf"] == CONF, triggered["conf"]
     run = stack.finished_run(run_id, RUN_TIMEOUT)
     print(f"\nDAG run {run['state']} in {time.monotonic() - started:.0f} s", file=sys.stderr)

@@ -72,7 +72,7 @@ def host_b(central: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     try:
         yield host
     finally:
-        host.compose("down", "-v", "--remove-orphans", "--timeout", "20", check=False)
+        host.down()
 
 
 def test_captures_over_two_hosts_equal_one_host_and_a_lost_host_is_taken_over(

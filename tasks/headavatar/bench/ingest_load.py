@@ -113,21 +113,26 @@ def in_progress(intervals: list[tuple[float, float]]) -> tuple[int, float]:
     return most, (area / extent if extent > 0 else 0.0)
 
 
+def coverage(intervals: list[tuple[float, float]], window: tuple[float, float]) -> float:
+    """The share of ``window`` covered by at least one of ``intervals``."""
+    covered, reach = 0.0, window[0]
+    for start, end in sorted(intervals):
+        start, end = max(start, reach), min(end, window[1])
+        if end > start:
+            covered += end - start
+            reach = end
+    return covered / (window[1] - window[0]) if window[1] > window[0] else 0.0
+
+
 def busy(spans: list[Span], slots: dict[str, int], window: tuple[float, float]) -> dict[str, dict[str, float]]:
     """Per worker: task seconds over its slots times ``window``, and the share of the window it ran any task."""
     out = {}
     length = window[1] - window[0]
     for worker, n in sorted(slots.items()):
         mine = [(s.start, s.end) for s in spans if s.worker == worker]
-        covered, reach = 0.0, window[0]
-        for start, end in sorted(mine):
-            start, end = max(start, reach), min(end, window[1])
-            if end > start:
-                covered += end - start
-                reach = end
         out[worker] = {"slots": n, "tasks": len(mine),
                        "utilisation": round(sum(e - s for s, e in mine) / (n * length), 3) if length > 0 else 0.0,
-                       "any_task_running": round(covered / length, 3) if length > 0 else 0.0}
+                       "any_task_running": round(coverage(mine, window), 3)}
     return out
 
 
@@ -185,6 +190,7 @@ def collect(st: Stack, markers: dict[str, float], t0: float) -> dict[str, Any]:
     tries: Counter[str] = Counter()
     weights: dict[str, int] = {}
     per_capture: dict[str, dict[str, Any]] = {}
+    leases: dict[str, list[tuple[float, float]]] = {}  # "host:device" -> when it was leased, seconds from t0
     for capture in sorted(markers):
         mine = by_capture.get(capture, [])
         row: dict[str, Any] = {"runs": [r["dag_run_id"] for r in mine], "states": [r["state"] for r in mine]}
@@ -202,6 +208,11 @@ def collect(st: Stack, markers: dict[str, float], t0: float) -> dict[str, Any]:
                                       _time(ti["start_date"]).timestamp() - t0, _time(ti["end_date"]).timestamp() - t0,
                                       queued=queued.timestamp() - t0 if queued else None,
                                       ready=ends.get(upstream) if upstream else None, weight=ti["priority_weight"]))
+            for ti in tis:
+                if ti["task_id"] in GPU_STAGES and ti["state"] == "success":
+                    lease = st.return_value(run["dag_run_id"], ti["task_id"])["gpu"]
+                    leases.setdefault(f"{lease['host']}:{lease['device']}", []).append(
+                        (_time(lease["leased"]).timestamp() - t0, _time(lease["released"]).timestamp() - t0))
             first = min((_time(ti["start_date"]).timestamp() for ti in tis if ti["start_date"]), default=None)
             marker = markers[capture]
             row.update({
@@ -214,7 +225,8 @@ def collect(st: Stack, markers: dict[str, float], t0: float) -> dict[str, Any]:
                           for ti in tis},
             })
         per_capture[capture] = row
-    return {"per_capture": per_capture, "spans": spans, "tries": dict(tries), "priority_weight": weights,
+    return {"per_capture": per_capture, "spans": spans, "leases": leases, "tries": dict(tries),
+            "priority_weight": weights,
             "unexpected_runs": sorted(set(by_capture) - set(markers), key=str)}
 
 
@@ -301,6 +313,10 @@ def bench(args: argparse.Namespace, docker_env: dict[str, str], work: Path) -> d
         "last_capture_finished_s": round(last, 1),
         "captures_per_hour": round(len(ended) / last * 3600, 2),
         "workers": busy(spans, SLOTS, window),
+        # A GPU task holds its worker slot while it waits for its host's device: the leases say when a device
+        # was really in use (host b's worker takes two tasks for its one device).
+        "gpu_devices_leased": {device: round(coverage(spans_, window), 3)
+                               for device, spans_ in sorted(record["leases"].items())},
         "captures_in_progress": {"most": most, "mean": round(mean, 2)},
         "finish_vs_start_order_kendall_tau": round(kendall_tau([s for s, _ in ended], [e for _, e in ended]), 3),
         "capture_first_task_to_end_s": summary([e - s for s, e in ended]),

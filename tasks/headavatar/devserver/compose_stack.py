@@ -76,7 +76,6 @@ class Stack:
     airflow: str
     mlflow: str
     s3: str
-    run_ids: list[str] = field(default_factory=list)  # DAG runs triggered through this object
     files: list[Path] = field(default_factory=lambda: [CENTRAL_FILE])
 
     def compose(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -126,10 +125,8 @@ class Stack:
 
     def trigger(self, conf: dict[str, Any]) -> str:
         """A run of headavatar_capture, as the UI's trigger form makes it; its run id."""
-        run_id = self.api("POST", "/dags/headavatar_capture/dagRuns", json={"logical_date": None, "conf": conf})[
+        return self.api("POST", "/dags/headavatar_capture/dagRuns", json={"logical_date": None, "conf": conf})[
             "dag_run_id"]
-        self.run_ids.append(run_id)
-        return run_id
 
     def finished_run(self, run_id: str, timeout: float) -> dict[str, Any]:
         """The capture DAG's run once it succeeded or failed."""
@@ -209,22 +206,23 @@ def running_stack(docker_env: dict[str, str], env_dir: Path, **settings: str) ->
         if os.environ.get("HEADAVATAR_COMPOSE_KEEP_LOGS"):
             print(st.compose("logs", "--no-color", check=False).stdout[-20000:], file=sys.stderr)
         st.compose("down", "-v", "--remove-orphans", "--timeout", "20", check=False)
-        remove_stage_leftovers(st)
+        remove_stage_leftovers(docker_env, "headavatar")  # the central file's network (its stage containers')
 
 
-def remove_stage_leftovers(st: Stack) -> None:
-    """Stage containers still running when the scheduler stopped (a failed or timed-out run) outlive
-    `down` and keep the network; they and their scratch volumes are removed by the run ids triggered here."""
-    for run_id in st.run_ids:
-        for kind in ("container", "volume"):
-            listing = subprocess.run(["docker", kind, "ls", "-q", *(("-a",) if kind == "container" else ()),
-                                      "--filter", f"label=headavatar.run_id={run_id}"],
-                                     env=st.docker_env, capture_output=True, text=True).stdout.split()
-            if listing:
-                rm = ["docker", "rm", "-f", "-v"] if kind == "container" else ["docker", "volume", "rm", "-f"]
-                subprocess.run([*rm, *listing], env=st.docker_env, capture_output=True)
-    if st.run_ids:
-        subprocess.run(["docker", "network", "rm", "headavatar"], env=st.docker_env, capture_output=True)
+def remove_stage_leftovers(docker_env: dict[str, str], network: str) -> None:
+    """Stage containers still running when their scheduler or worker stopped (a failed or cut-short run, a
+    comparison retrying MLflow) outlive `down` and keep the network: they, their scratch volumes and the
+    network go."""
+    def docker(*args: str) -> list[str]:
+        return subprocess.run(["docker", *args], env=docker_env, capture_output=True, text=True).stdout.split()
+
+    containers = docker("ps", "-aq", "--filter", f"network={network}")
+    if containers:
+        volumes = [v for c in containers for v in docker("inspect", "-f", "{{range .Mounts}}{{.Name}} {{end}}", c)]
+        docker("rm", "-f", "-v", *containers)
+        if volumes:
+            docker("volume", "rm", "-f", *volumes)
+    docker("network", "rm", network)
 
 
 def bridge_address(env: dict[str, str]) -> str:
@@ -267,10 +265,15 @@ class WorkerHost:
             raise StackError(f"host {self.name}: {args[0]}:\n{r.stdout[-3000:]}\n{r.stderr[-2000:]}")
         return r
 
+    def down(self) -> None:
+        """Its workers gone with their volumes, and any stage container they left running."""
+        self.compose("down", "-v", "--remove-orphans", "--timeout", "20", check=False)
+        remove_stage_leftovers(self.central.docker_env, self.project)
+
     @contextmanager
     def running(self) -> Iterator[WorkerHost]:
         self.compose("up", "-d")
         try:
             yield self
         finally:
-            self.compose("down", "-v", "--remove-orphans", "--timeout", "20", check=False)
+            self.down()
