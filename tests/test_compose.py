@@ -30,10 +30,15 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from conftest import output_digests, upload_capture
-from headavatar.devserver.compose_stack import CENTRAL_FILE, Stack, compose_command, running_stack, wait_for
-from headavatar.devserver.docker_engine import DockerEngine
+from headavatar.devserver.compose_stack import (
+    CENTRAL_FILE,
+    Stack,
+    compose_command,
+    docker_engine_env,
+    running_stack,
+    wait_for,
+)
 from headavatar.layout import stage_prefix
-from headavatar.settings import StorageConfig
 from headavatar.storage import ObjectStore
 
 pytestmark = [pytest.mark.compose, pytest.mark.slow, pytest.mark.timeout(2400)]
@@ -48,17 +53,8 @@ RUN_TIMEOUT = float(os.environ.get("HEADAVATAR_COMPOSE_RUN_TIMEOUT", "1500"))
 
 @pytest.fixture(scope="module")
 def docker_env() -> Iterator[dict[str, str]]:
-    """DOCKER_HOST of a running engine: the caller's, else the project's engine (started here if needed)."""
-    base = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"), "DOCKER_BUILDKIT": "0"}
-    if os.environ.get("DOCKER_HOST"):
-        yield {**base, "DOCKER_HOST": os.environ["DOCKER_HOST"]}
-        return
-    engine = DockerEngine(REPO / ".headavatar" / "docker")
-    engine.start()  # reuses a running one; stop() ends only an engine this fixture started
-    try:
-        yield {**base, **engine.env()}
-    finally:
-        engine.stop()
+    with docker_engine_env() as env:
+        yield env
 
 
 @pytest.fixture(scope="module")
@@ -201,8 +197,7 @@ def admin_store(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> ObjectStore:
     """The capture provider's view of the bucket (S3 admin; credentials from the environment, as boto3 reads)."""
     for key, value in stack.admin_s3_env().items():
         monkeypatch.setenv(key, value)
-    return ObjectStore(StorageConfig(endpoint_url=stack.s3, bucket=stack.secrets["HEADAVATAR_BUCKET"],
-                                     prefix="nersemble"))
+    return ObjectStore(stack.storage())
 
 
 def test_an_ingested_capture_runs_with_stage_containers_via_the_proxy(

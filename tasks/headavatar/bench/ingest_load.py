@@ -43,12 +43,11 @@ from headavatar.devserver.compose_stack import (
     WorkerHost,
     bridge_address,
     celery_settings,
+    docker_engine_env,
     running_stack,
     wait_for,
 )
-from headavatar.devserver.docker_engine import DockerEngine
 from headavatar.layout import RAW
-from headavatar.settings import StorageConfig
 from headavatar.storage import ObjectStore
 from headavatar.synthetic.capture import SyntheticSpec, write_capture
 
@@ -267,8 +266,7 @@ def bench(args: argparse.Namespace, docker_env: dict[str, str], work: Path) -> d
     with running_stack(docker_env, work / "central", **settings) as st, \
             WorkerHost(st, work, "b", gpu_tasks=2).running():
         os.environ.update(st.admin_s3_env())
-        store = ObjectStore(StorageConfig(endpoint_url=st.s3, bucket=st.secrets["HEADAVATAR_BUCKET"],
-                                          prefix="nersemble"))
+        store = ObjectStore(st.storage())
         for dag in ("headavatar_capture", "headavatar_compare", "headavatar_ingest"):
             st.unpause(dag)
         t0 = time.time()
@@ -340,20 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout-s", type=float, default=4 * 3600, help="how long the runs may take in all")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "ingest_load.json")
     args = ap.parse_args(argv)
-    base = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"), "DOCKER_BUILDKIT": "0"}
-    engine = None
-    if os.environ.get("DOCKER_HOST"):
-        docker_env = {**base, "DOCKER_HOST": os.environ["DOCKER_HOST"]}
-    else:
-        engine = DockerEngine(REPO / ".headavatar" / "docker")
-        engine.start()
-        docker_env = {**base, **engine.env()}
-    try:
-        with tempfile.TemporaryDirectory(prefix="ingest-load-") as tmp:
-            result = bench(args, docker_env, Path(tmp))
-    finally:
-        if engine is not None:
-            engine.stop()
+    with docker_engine_env() as docker_env, tempfile.TemporaryDirectory(prefix="ingest-load-") as tmp:
+        result = bench(args, docker_env, Path(tmp))
     stamp(result, "headavatar.bench.ingest_load", argv)
     args.out.write_text(json.dumps(result, indent=1, default=str) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k not in ("per_capture", "timeline")}, indent=1,

@@ -26,8 +26,10 @@ from botocore.exceptions import ClientError
 
 from headavatar.devserver.common import REPO
 from headavatar.devserver.compose_images import build_compose_images
+from headavatar.devserver.docker_engine import DockerEngine
 from headavatar.devserver.images import build_images, cpu_image, preprocess_image
 from headavatar.devserver.seaweed import free_port
+from headavatar.settings import StorageConfig
 
 COMPOSE_DIR = REPO / "infra" / "compose"
 CENTRAL_FILE = COMPOSE_DIR / "docker-compose.yml"
@@ -49,6 +51,22 @@ def compose_command() -> list[str]:
     if not v1:
         raise StackError("neither `docker compose` nor docker-compose is installed (make tools)")
     return [v1]
+
+
+@contextmanager
+def docker_engine_env() -> Iterator[dict[str, str]]:
+    """The environment of a running Docker engine for docker and compose commands: the caller's DOCKER_HOST,
+    else the project's engine (started here if none runs, and stopped after only if started here)."""
+    base = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"), "DOCKER_BUILDKIT": "0"}
+    if os.environ.get("DOCKER_HOST"):
+        yield {**base, "DOCKER_HOST": os.environ["DOCKER_HOST"]}
+        return
+    engine = DockerEngine(REPO / ".headavatar" / "docker")
+    engine.start()  # reuses a running one; stop() ends only an engine started here
+    try:
+        yield {**base, **engine.env()}
+    finally:
+        engine.stop()
 
 
 def wait_for(what: str, probe: Callable[[], Any], timeout: float, interval: float = 2.0) -> Any:
@@ -116,6 +134,10 @@ class Stack:
         """The capture provider's S3 credentials (the admin), as boto3 reads them from the environment."""
         return {"AWS_ACCESS_KEY_ID": self.secrets["S3_ADMIN_USER"], "AWS_DEFAULT_REGION": "us-east-1",
                 "AWS_SECRET_ACCESS_KEY": self.secrets["S3_ADMIN_PASSWORD"]}
+
+    def storage(self) -> StorageConfig:
+        """The stack's bucket as the stages see it (credentials come from the environment: ``admin_s3_env``)."""
+        return StorageConfig(endpoint_url=self.s3, bucket=self.secrets["HEADAVATAR_BUCKET"], prefix="nersemble")
 
     # The capture DAG, through the REST API as the UI uses it.
     def unpause(self, dag_id: str = "headavatar_capture") -> None:
