@@ -12,8 +12,10 @@ id `ingest__<id>__<raw digest>`, a new one when the raw inputs changed, e.g. a s
 later; an existing run of that id is left alone, so a failed capture is not retried forever: clear
 or re-trigger it by hand). Each mapped trigger task is labelled by its capture id. The task logs say
 why: each archive unpacked, skipped or set aside, and each capture found, complete or not (what it
-lacks), pending or not (why). A task that fails for good is mailed through the `headavatar_alerts`
-connection, as the stages are.
+lacks), pending or not (why). Each run is triggered with `HEADAVATAR_INGEST_PARAMS` (a JSON object of
+the trigger form's fields, e.g. `{"profile": "demo"}`; unset: the defaults) besides its id; a wrong
+value fails `find_pending_captures` with one line naming it. A task that fails for good is mailed
+through the `headavatar_alerts` connection, as the stages are.
 """
 
 import os

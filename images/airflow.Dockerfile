@@ -25,14 +25,18 @@ RUN python3 -m venv /opt/venv \
         apache-airflow-providers-docker==4.6.1 apache-airflow-providers-cncf-kubernetes==10.25.0 \
         apache-airflow-providers-celery==3.26.0 \
         --constraint /tmp/constraints.txt
-# The tasks package's dependencies (from pyproject.toml, with an empty package), then the package itself.
+# The tasks package's dependencies (from pyproject.toml, with an empty package), then the package itself. The
+# empty package's build tree goes with it: setuptools would otherwise keep its empty __init__.py (newer than the
+# copied sources) in the real package, and `headavatar` (ingestion's pending list) would not start.
 COPY pyproject.toml README.md /opt/headavatar/src/
 RUN mkdir -p /opt/headavatar/src/tasks/headavatar && touch /opt/headavatar/src/tasks/headavatar/__init__.py \
-    && pip-install --constraint /tmp/constraints.txt /opt/headavatar/src
+    && pip-install --constraint /tmp/constraints.txt /opt/headavatar/src \
+    && rm -rf /opt/headavatar/src/build /opt/headavatar/src/tasks
 COPY tasks/ /opt/headavatar/src/tasks/
 COPY config/ /opt/headavatar/config/
 COPY --chown=50000:0 plugins/ /opt/airflow/plugins/
-RUN pip-install --no-deps --force-reinstall /opt/headavatar/src && rm -rf /opt/headavatar/src/build
+RUN pip-install --no-deps --force-reinstall /opt/headavatar/src && rm -rf /opt/headavatar/src/build \
+    && headavatar --version
 COPY images/airflow-entrypoint.sh /usr/local/bin/airflow-entrypoint
 # The official image's paths that the Airflow Helm chart calls: its probes (`/entrypoint airflow jobs check`)
 # and its log-groomer sidecar (`bash /clean-logs`).

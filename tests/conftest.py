@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from headavatar.devserver.captures import output_digests, upload_capture  # noqa: F401 (the tests' helpers)
 from headavatar.devserver.seaweed import EmbeddedS3, Identity
 from headavatar.layout import GROUND_TRUTH, RAW
 from headavatar.settings import PipelineConfig, load_config
@@ -39,15 +40,6 @@ def compose_outputs() -> dict[str, dict[str, dict[str, str]]]:
     """{conf as JSON: {stage: output digests}} of the compose stack's one-host DAG runs (LocalExecutor) made so
     far this session, for the multi-host test to compare its runs with (it makes its own when absent)."""
     return {}
-
-
-def output_digests(store: ObjectStore, capture: str, stage: str) -> dict[str, str]:
-    """Digests of a finished stage's outputs, less those its manifest declares volatile (timings, CPU samples)."""
-    from headavatar.contract.stage import read_manifest
-
-    m = read_manifest(store, capture, stage)
-    assert m is not None, f"{capture}: {stage} not done"
-    return {rel: e.sha256 for rel, e in m.files.items() if rel not in m.volatile}
 
 
 @pytest.fixture(scope="session")
@@ -120,19 +112,6 @@ def store(s3_env: dict[str, str]) -> Iterator[ObjectStore]:
     st = ObjectStore(tiny_config().storage)
     yield st
     st.close()
-
-
-def upload_capture(store: ObjectStore, root: Path, complete: bool = True) -> None:
-    """Upload a local raw layout; ``complete`` then writes each capture's ``_COMPLETE`` marker, as users do."""
-    from headavatar.upload import mark_complete
-
-    store.upload_tree(root / RAW, store.key(RAW))
-    if (root / GROUND_TRUTH).exists():
-        store.upload_tree(root / GROUND_TRUTH, store.key(GROUND_TRUTH))
-    if complete:
-        for layout, folder in (("v1", root / RAW / "camera_params"), ("v2", root / RAW / "v2")):
-            for capture in sorted(p.name for p in folder.glob("*") if p.is_dir()):
-                mark_complete(store, capture, layout)
 
 
 def zip_capture(raw: Path, capture: str, out: Path) -> dict[str, str]:

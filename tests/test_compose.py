@@ -1,8 +1,8 @@
 """The compose stack users deploy, brought up for real: `docker compose` (or Debian's docker-compose v1)
 starts infra/compose/docker-compose.yml as shipped, with a .env from infra/compose/new-env.py and the
-images built from the file's own build: sections (`make images-compose`). A DAG run triggered through the
-REST API succeeds with its stage containers started by the scheduler through the socket proxy, nothing
-answers anonymously, and each identity may only what its policy allows.
+images built from the file's own build: sections (`make images-compose`). An uploaded capture is found by
+ingestion, whose run succeeds with the ingestion parameters and its stage containers started by the scheduler
+through the socket proxy; nothing answers anonymously, and each identity may only what its policy allows.
 
 Needs a Docker engine (reused, or started by the project's DockerEngine and stopped by PID), the compose
 images and the stage images of `make images` (both built here; cached layers make that seconds).
@@ -15,14 +15,10 @@ import json
 import os
 import re
 import secrets
-import shutil
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,223 +30,38 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from conftest import output_digests, upload_capture
-from headavatar.devserver.compose_images import build_compose_images
-from headavatar.devserver.docker_engine import DockerEngine
-from headavatar.devserver.images import build_images, cpu_image, preprocess_image
+from headavatar.devserver.compose_stack import (
+    CENTRAL_FILE,
+    Stack,
+    compose_command,
+    docker_engine_env,
+    running_stack,
+    wait_for,
+)
 from headavatar.layout import stage_prefix
-from headavatar.settings import StorageConfig
 from headavatar.storage import ObjectStore
 
 pytestmark = [pytest.mark.compose, pytest.mark.slow, pytest.mark.timeout(2400)]
 
 REPO = Path(__file__).resolve().parents[1]
-COMPOSE_DIR = REPO / "infra" / "compose"
-FILES = [COMPOSE_DIR / "docker-compose.yml"]
 STAGES = ("extract", "sample", "matting", "fitting", "meshhead", "gaussianhead")
 # The DAG run: capture 018 (tiny synthetic), the plumbing profile (ci) and short training, as tests/test_airflow.py.
 SETTINGS = {"profile": "ci", "meshhead_steps": 20, "gaussianhead_steps": 20}
 CONF = {"id": "018", **SETTINGS}
-# The stage images of `make images`: stages 3-6 in the CPU build of the CUDA image (no GPU here).
-CPU_IMAGE, STAGE_3_6_IMAGE = preprocess_image(), cpu_image()
 RUN_TIMEOUT = float(os.environ.get("HEADAVATAR_COMPOSE_RUN_TIMEOUT", "1500"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def compose_command() -> list[str]:
-    """Compose v2 (`docker compose`) where the plugin exists, else Debian's docker-compose v1."""
-    if subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
-        return ["docker", "compose"]
-    v1 = shutil.which("docker-compose")
-    assert v1, "neither `docker compose` nor docker-compose is installed (make tools)"
-    return [v1]
-
-
-@dataclass
-class Stack:
-    project: str
-    env_file: Path
-    secrets: dict[str, str]
-    docker_env: dict[str, str]
-    airflow: str
-    mlflow: str
-    s3: str
-    run_ids: list[str] = field(default_factory=list)  # DAG runs this test triggered
-    files: list[Path] = field(default_factory=lambda: list(FILES))
-
-    def compose(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-        files = [a for f in self.files for a in ("-f", str(f))]
-        r = subprocess.run([*compose_command(), *files, "--env-file", str(self.env_file), "-p", self.project, *args],
-                           env=self.docker_env, capture_output=True, text=True, timeout=timeout)
-        assert not check or r.returncode == 0, f"compose {args[0]} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-        return r
-
-    def docker(self, *args: str) -> str:
-        r = subprocess.run(["docker", *args], env=self.docker_env, capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0, r.stderr
-        return r.stdout
-
-    def token(self) -> str:
-        r = requests.post(f"{self.airflow}/auth/token", timeout=30,
-                          json={"username": self.secrets["AIRFLOW_ADMIN_USER"],
-                                "password": self.secrets["AIRFLOW_ADMIN_PASSWORD"]})
-        assert r.status_code in (200, 201), r.text
-        return r.json()["access_token"]
-
-    def s3_client(self, key: str, secret: str) -> Any:
-        return boto3.client("s3", endpoint_url=self.s3, region_name="us-east-1", aws_access_key_id=key,
-                            aws_secret_access_key=secret, config=Config(retries={"max_attempts": 2}))
-
-
-PORTS = ("HEADAVATAR_AIRFLOW_PORT", "HEADAVATAR_MLFLOW_PORT", "HEADAVATAR_S3_PORT", "HEADAVATAR_POSTGRES_PORT",
-         "HEADAVATAR_REDIS_PORT", "HEADAVATAR_FLOWER_PORT")
-
-
-def _env_file(path: Path, socket_path: Path, project: str, **settings: str) -> dict[str, str]:
-    """The .env an operator makes (infra/compose/new-env.py: fresh random secrets), with free host ports,
-    this engine's socket and the CPU stage images; ``settings`` on top."""
-    ports = {k: str(free_port()) for k in PORTS}
-    overrides = {
-        "COMPOSE_PROJECT_NAME": project, **ports, "DOCKER_SOCKET": str(socket_path),
-        "HEADAVATAR_MLFLOW_UI_URL": f"http://127.0.0.1:{ports['HEADAVATAR_MLFLOW_PORT']}",
-        "HEADAVATAR_CPU_IMAGE": CPU_IMAGE, "HEADAVATAR_CUDA_IMAGE": STAGE_3_6_IMAGE, "HEADAVATAR_DOCKER_GPUS": "0",
-        "AIRFLOW_DAGS_PAUSED_AT_CREATION": "true",  # the ingestion DAG stays off: one run, the test's
-        # A password an operator may well choose: one that starts with "-" once made airflow-init's
-        # `users create` read it as an option (exit 2, seen in CI with a random token_urlsafe secret).
-        "AIRFLOW_ADMIN_PASSWORD": "-" + secrets.token_urlsafe(18),
-        **settings,
-    }
-    subprocess.run([sys.executable, str(COMPOSE_DIR / "new-env.py"), "--out", str(path),
-                    *(f"{k}={v}" for k, v in overrides.items())], capture_output=True, text=True, check=True)
-    assert path.stat().st_mode & 0o777 == 0o600
-    text = path.read_text()
-    values = dict(line.split("=", 1) for line in text.splitlines() if line and not line.startswith("#"))
-    assert "change-me" not in values.values() and values["DOCKER_GID"] == str(socket_path.stat().st_gid)
-    return values
-
-
-def _wait(what: str, probe: Callable[[], Any], timeout: float, interval: float = 2.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            if result := probe():
-                return result
-        except (requests.RequestException, ClientError, OSError) as e:
-            last = e
-        time.sleep(interval)
-    raise AssertionError(f"{what} not ready after {timeout:.0f} s (last error: {last})")
 
 
 @pytest.fixture(scope="module")
 def docker_env() -> Iterator[dict[str, str]]:
-    """DOCKER_HOST of a running engine: the caller's, else the project's engine (started here if needed)."""
-    base = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"), "DOCKER_BUILDKIT": "0"}
-    if os.environ.get("DOCKER_HOST"):
-        yield {**base, "DOCKER_HOST": os.environ["DOCKER_HOST"]}
-        return
-    engine = DockerEngine(REPO / ".headavatar" / "docker")
-    engine.start()  # reuses a running one; stop() ends only an engine this fixture started
-    try:
-        yield {**base, **engine.env()}
-    finally:
-        engine.stop()
+    with docker_engine_env() as env:
+        yield env
 
 
 @pytest.fixture(scope="module")
 def stack(docker_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    with running_stack(docker_env, tmp_path_factory.mktemp("compose")) as st:
+    ingestion = {"HEADAVATAR_INGEST_PARAMS": json.dumps(SETTINGS)}  # what each capture ingestion finds runs with
+    with running_stack(docker_env, tmp_path_factory.mktemp("compose"), **ingestion) as st:
         yield st
-
-
-@contextmanager
-def running_stack(docker_env: dict[str, str], env_dir: Path, **settings: str) -> Iterator[Stack]:
-    """docker-compose.yml up with a fresh .env (``settings`` on top), healthy; down with its volumes after."""
-    socket_path = Path(docker_env["DOCKER_HOST"].removeprefix("unix://"))
-    assert socket_path.is_socket(), f"compose needs a unix-socket engine, not {docker_env['DOCKER_HOST']}"
-    build_compose_images(env=docker_env)  # as `make images-compose` (cached)
-    build_images(env=docker_env)  # the stage images, as `make images` (cached)
-    project = f"hacompose{secrets.token_hex(3)}"
-    env_file = env_dir / ".env"
-    values = _env_file(env_file, socket_path, project, **settings)
-    host = values.get("HEADAVATAR_BIND", "127.0.0.1")
-    st = Stack(project, env_file, values, docker_env,
-               airflow=f"http://{host}:{values['HEADAVATAR_AIRFLOW_PORT']}",
-               mlflow=f"http://{host}:{values['HEADAVATAR_MLFLOW_PORT']}",
-               s3=f"http://{host}:{values['HEADAVATAR_S3_PORT']}")
-    started = time.monotonic()
-    try:
-        up = st.compose("up", "-d", check=False)
-        if up.returncode != 0:  # an init step failed: its own words say why
-            logs = st.compose("logs", "--no-color", "--tail", "60", "airflow-init", "s3-init", "mlflow-init",
-                              check=False).stdout
-            pytest.fail(f"compose up failed:\n{up.stderr[-2000:]}\n{logs[-6000:]}")
-        _wait("Airflow api-server", lambda: requests.get(f"{st.airflow}/api/v2/monitor/health", timeout=5).ok, 600)
-
-        def all_healthy() -> bool:
-            health = requests.get(f"{st.airflow}/api/v2/monitor/health", timeout=5).json()
-            return all(health.get(c, {}).get("status") == "healthy"
-                       for c in ("metadatabase", "scheduler", "dag_processor", "triggerer"))
-
-        _wait("Airflow scheduler, dag-processor and triggerer", all_healthy, 300)
-        _wait("MLflow", lambda: requests.get(f"{st.mlflow}/health", timeout=5).ok, 300)
-        print(f"\ncompose stack healthy {time.monotonic() - started:.0f} s after `up`", file=sys.stderr)
-        yield st
-    finally:
-        if os.environ.get("HEADAVATAR_COMPOSE_KEEP_LOGS"):
-            print(st.compose("logs", "--no-color", check=False).stdout[-20000:], file=sys.stderr)
-        st.compose("down", "-v", "--remove-orphans", "--timeout", "20", check=False)
-        _remove_stage_leftovers(st)
-
-
-def _remove_stage_leftovers(st: Stack) -> None:
-    """Stage containers still running when the scheduler stopped (a failed or timed-out run) outlive
-    `down` and keep the network; they and their scratch volumes are removed by the run ids this test made."""
-    for run_id in st.run_ids:
-        for kind in ("container", "volume"):
-            listing = subprocess.run(["docker", kind, "ls", "-q", *(("-a",) if kind == "container" else ()),
-                                      "--filter", f"label=headavatar.run_id={run_id}"],
-                                     env=st.docker_env, capture_output=True, text=True).stdout.split()
-            if listing:
-                rm = ["docker", "rm", "-f", "-v"] if kind == "container" else ["docker", "volume", "rm", "-f"]
-                subprocess.run([*rm, *listing], env=st.docker_env, capture_output=True)
-    if st.run_ids:
-        subprocess.run(["docker", "network", "rm", "headavatar"], env=st.docker_env, capture_output=True)
-
-
-CAPTURE_DAG = "/api/v2/dags/headavatar_capture"
-
-
-def unpause_capture_dag(stack: Stack) -> str:
-    """Waits for headavatar_capture to be parsed and unpauses it; its REST address."""
-    auth = {"Authorization": f"Bearer {stack.token()}"}
-    api = stack.airflow + CAPTURE_DAG
-    _wait("the DAG parsed", lambda: requests.get(api, headers=auth, timeout=10).ok, 300)
-    assert requests.patch(api, headers=auth, json={"is_paused": False}, timeout=30).ok
-    return api
-
-
-def trigger(stack: Stack, conf: dict[str, Any]) -> str:
-    """A run of headavatar_capture through the REST API, as the UI's trigger form makes it; its run id."""
-    r = requests.post(f"{stack.airflow}{CAPTURE_DAG}/dagRuns", headers={"Authorization": f"Bearer {stack.token()}"},
-                      json={"logical_date": None, "conf": conf}, timeout=30)
-    assert r.status_code in (200, 201), r.text
-    stack.run_ids.append(r.json()["dag_run_id"])
-    return r.json()["dag_run_id"]
-
-
-def finished_run(stack: Stack, run_id: str, timeout: float = RUN_TIMEOUT) -> dict[str, Any]:
-    """The DAG run once it succeeded or failed."""
-    def finished() -> dict | None:
-        run = requests.get(f"{stack.airflow}{CAPTURE_DAG}/dagRuns/{run_id}",
-                           headers={"Authorization": f"Bearer {stack.token()}"}, timeout=30).json()
-        return run if run["state"] in ("success", "failed") else None
-
-    return _wait(f"DAG run {run_id}", finished, timeout, interval=10)
 
 
 def test_nothing_answers_anonymously_and_the_env_credentials_work(stack: Stack) -> None:
@@ -349,6 +160,10 @@ def test_each_identity_may_do_only_what_its_policy_allows(stack: Stack) -> None:
 
 
 def test_credentials_come_only_from_the_env_file(stack: Stack) -> None:
+    # new-env.py's file: private, every change-me replaced, the engine socket's group for the proxy.
+    assert stack.env_file.stat().st_mode & 0o777 == 0o600
+    assert "change-me" not in stack.secrets.values()
+    assert stack.secrets["DOCKER_GID"] == str(Path(stack.docker_env["DOCKER_HOST"].removeprefix("unix://")).stat().st_gid)
     secret_values = [v for k, v in stack.secrets.items() if any(w in k for w in ("PASSWORD", "SECRET", "FERNET"))]
     assert len(secret_values) >= 14
     # Not in the compose files or anything else under infra/ ...
@@ -372,7 +187,7 @@ def test_credentials_come_only_from_the_env_file(stack: Stack) -> None:
         partial = stack.env_file.with_name(f"missing-{key}.env")
         partial.write_text("".join(line for line in stack.env_file.read_text().splitlines(keepends=True)
                                    if not line.startswith(f"{key}=")))
-        files = [a for f in FILES for a in ("-f", str(f))]
+        files = [a for f in [CENTRAL_FILE] for a in ("-f", str(f))]
         r = subprocess.run([*compose_command(), *files, "--env-file", str(partial), "config", "-q"],
                            env=stack.docker_env, capture_output=True, text=True, timeout=60)
         assert r.returncode != 0 and f"set {key} in .env" in r.stderr, (key, r.stderr)
@@ -380,27 +195,35 @@ def test_credentials_come_only_from_the_env_file(stack: Stack) -> None:
 
 def admin_store(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> ObjectStore:
     """The capture provider's view of the bucket (S3 admin; credentials from the environment, as boto3 reads)."""
-    s = stack.secrets
-    for key, value in {"AWS_ACCESS_KEY_ID": s["S3_ADMIN_USER"], "AWS_DEFAULT_REGION": "us-east-1",
-                       "AWS_SECRET_ACCESS_KEY": s["S3_ADMIN_PASSWORD"]}.items():
+    for key, value in stack.admin_s3_env().items():
         monkeypatch.setenv(key, value)
-    return ObjectStore(StorageConfig(endpoint_url=stack.s3, bucket=s["HEADAVATAR_BUCKET"], prefix="nersemble"))
+    return ObjectStore(stack.storage())
 
 
-def test_a_dag_run_triggered_through_the_api_succeeds_with_stage_containers_via_the_proxy(
+def test_an_ingested_capture_runs_with_stage_containers_via_the_proxy(
         stack: Stack, tiny_capture: Path, monkeypatch: pytest.MonkeyPatch,
         compose_outputs: dict[str, dict[str, dict[str, str]]]) -> None:
     s = stack.secrets
     # The capture's provider uploads it (raw/ and the synthetic ground truth, which the stages' identity only reads).
     store = admin_store(stack, monkeypatch)
     upload_capture(store, tiny_capture)
-    api = unpause_capture_dag(stack)
+    # Ingestion (its scheduled run, brought forward by hand) finds it and triggers its run with the stack's
+    # HEADAVATAR_INGEST_PARAMS.
+    stack.unpause()
+    stack.unpause("headavatar_ingest")
     started = time.monotonic()
-    run_id = trigger(stack, CONF)
-    run = finished_run(stack, run_id)
+    stack.api("POST", "/dags/headavatar_ingest/dagRuns", json={"logical_date": None})
+
+    def ingested() -> dict[str, Any] | None:
+        runs = stack.api("GET", "/dags/headavatar_capture/dagRuns")["dag_runs"]
+        return next((r for r in runs if r["dag_run_id"].startswith("ingest__018__")), None)
+
+    triggered = wait_for("the capture run ingestion triggers", ingested, 300, interval=5)
+    run_id = triggered["dag_run_id"]
+    assert triggered["conf"] == CONF, triggered["conf"]
+    run = stack.finished_run(run_id, RUN_TIMEOUT)
     print(f"\nDAG run {run['state']} in {time.monotonic() - started:.0f} s", file=sys.stderr)
-    auth = {"Authorization": f"Bearer {stack.token()}"}
-    tis = requests.get(f"{api}/dagRuns/{run_id}/taskInstances", headers=auth, timeout=30).json()["task_instances"]
+    tis = stack.task_instances(run_id)
     states = {t["task_id"]: t["state"] for t in tis}
     if run["state"] != "success":
         logs = stack.compose("logs", "--no-color", "--tail", "200", "airflow-scheduler", check=False).stdout
@@ -422,14 +245,9 @@ def test_a_dag_run_triggered_through_the_api_succeeds_with_stage_containers_via_
     store.close()
     mlflow_auth = (s["MLFLOW_ADMIN_USER"], s["MLFLOW_ADMIN_PASSWORD"])
     for ti in tis:
-        xcom = requests.get(f"{api}/dagRuns/{run_id}/taskInstances/{ti['task_id']}/xcomEntries/return_value",
-                            headers=auth, timeout=30).json()
-        assert "value" in xcom, (ti["task_id"], xcom)
-        value = xcom["value"] if isinstance(xcom["value"], dict) else json.loads(xcom["value"])
-        mlflow_run = value["mlflow"]
+        mlflow_run = stack.return_value(run_id, ti["task_id"])["mlflow"]
         got = requests.get(f"{stack.mlflow}/api/2.0/mlflow/runs/get", params={"run_id": mlflow_run["run_id"]},
                            auth=mlflow_auth, timeout=30)
         assert got.status_code == 200 and got.json()["run"]["info"]["status"] == "FINISHED", got.text
-        link = requests.get(f"{api}/dagRuns/{run_id}/taskInstances/{ti['task_id']}/links", headers=auth,
-                            timeout=30).json()
+        link = stack.api("GET", f"/dags/headavatar_capture/dagRuns/{run_id}/taskInstances/{ti['task_id']}/links")
         assert mlflow_run["run_id"] in json.dumps(link), link

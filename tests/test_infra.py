@@ -166,7 +166,8 @@ def test_a_worker_host_gets_only_what_workers_need_and_runs_what_the_central_hos
     worker_env = tmp_path / "worker.env"
     new_env = [sys.executable, str(COMPOSE.parent / "new-env.py")]
     subprocess.run([*new_env, "--out", str(central_env), "COMPOSE_PROFILES=celery", "AIRFLOW_EXECUTOR=CeleryExecutor",
-                    "HEADAVATAR_CENTRAL=10.0.0.5", "DOCKER_GID=999"], check=True, capture_output=True)
+                    "HEADAVATAR_CENTRAL=10.0.0.5", "DOCKER_GID=999", 'HEADAVATAR_INGEST_PARAMS={"profile": "demo"}'],
+                   check=True, capture_output=True)
     r = subprocess.run([*new_env, "--worker-of", str(central_env), "--out", str(worker_env), "DOCKER_GID=999"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "HEADAVATAR_HOST" in r.stderr  # a host must be named
@@ -193,10 +194,12 @@ def test_a_worker_host_gets_only_what_workers_need_and_runs_what_the_central_hos
         assert worker[name]["command"] == [a.replace("main", "gpu2") for a in central[name]["command"]], name
         w, c = worker[name]["environment"], central[name]["environment"]
         assert c["AIRFLOW__CORE__EXECUTOR"] == w["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
-        # The same settings, save the central services' own (the api-server's session secret, the scheduler's
-        # verdict on lost workers, the dag-processor's pausing) and the addresses.
+        # The same settings (ingestion's run parameters too: any host's cpu worker may run it), save the central
+        # services' own (the api-server's session secret, the scheduler's verdict on lost workers, the
+        # dag-processor's pausing and ingestion schedule) and the addresses.
+        assert w["HEADAVATAR_INGEST_PARAMS"] == c["HEADAVATAR_INGEST_PARAMS"] == '{"profile": "demo"}'
         central_only = {"AIRFLOW__API__SECRET_KEY", "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT",
-                        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION"}
+                        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION", "HEADAVATAR_INGEST_SCHEDULE"}
         assert set(w) == set(c) - central_only, set(w) ^ set(c)
         for key, value in w.items():
             if key == "HEADAVATAR_HOST":

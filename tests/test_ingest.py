@@ -425,6 +425,30 @@ def test_ingestion_tasks_use_their_own_s3_identity(store: ObjectStore, tiny_capt
     unpacked = run_unpack_task()
     assert unpacked is not None and len(unpacked["unpacked"]) == len(list((tmp_path / "zips").glob("*.zip")))
     assert [f["conf"] for f in ingest_plugin.find_pending_captures.function()] == [{"id": "018"}]
+    # The run parameters every ingested capture gets (HEADAVATAR_INGEST_PARAMS), its own id last.
+    monkeypatch.setenv("HEADAVATAR_INGEST_PARAMS", '{"profile": "demo", "meshhead_steps": 50, "id": "x"}')
+    with pytest.raises(AirflowFailException, match=r"^HEADAVATAR_INGEST_PARAMS: 'id' is not a run parameter"):
+        ingest_plugin.find_pending_captures.function()
+    monkeypatch.setenv("HEADAVATAR_INGEST_PARAMS", '{"profile": "demo", "meshhead_steps": 50}')
+    assert [f["conf"] for f in ingest_plugin.find_pending_captures.function()] == [
+        {"profile": "demo", "meshhead_steps": 50, "id": "018"}]
     # The stages' settings are untouched by ingestion's.
     settings = ExecutionSettings(backend="local")
     assert (settings.s3_conn_id, settings.for_ingestion().s3_conn_id) == ("headavatar_s3", "headavatar_s3_ingest")
+
+
+@pytest.mark.parametrize(("raw", "error"), [
+    ("profile=demo", "HEADAVATAR_INGEST_PARAMS is not JSON (Expecting value: line 1 column 1 (char 0)): "
+                     "'profile=demo'"),
+    ('["demo"]', "HEADAVATAR_INGEST_PARAMS must be a JSON object of run parameters, not '[\"demo\"]'"),
+    ('{"steps": 5}', "HEADAVATAR_INGEST_PARAMS: 'steps' is not a run parameter (one of profile, sample_stride, "),
+    ('{"profile": "../x"}', "HEADAVATAR_INGEST_PARAMS: profile: '../x' does not match "),
+    ('{"meshhead_steps": "20"}', "HEADAVATAR_INGEST_PARAMS: meshhead_steps: '20' is not of type 'null', 'integer'"),
+])
+def test_ingestion_run_parameters_are_checked_against_the_trigger_form(raw: str, error: str) -> None:
+    """A wrong HEADAVATAR_INGEST_PARAMS is one line naming it and what is wrong, before any run is triggered."""
+    with pytest.raises(ValueError) as refused:
+        ingest_plugin.ingest_run_params(raw)
+    assert str(refused.value).startswith(error) and "\n" not in str(refused.value), refused.value
+    assert ingest_plugin.ingest_run_params("") == ingest_plugin.ingest_run_params("{}") == {}
+    assert ingest_plugin.ingest_run_params('{"profile": null, "force": true}') == {"profile": None, "force": True}

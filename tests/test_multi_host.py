@@ -20,38 +20,33 @@ Run: `pytest -m compose tests/test_multi_host.py`.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
-import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
-import requests
 
-from conftest import output_digests, upload_capture
 from headavatar.contract.stage import read_manifest
+from headavatar.devserver.captures import outputs_as, upload_capture_as
+from headavatar.devserver.compose_stack import (
+    Stack,
+    WorkerHost,
+    bridge_address,
+    celery_settings,
+    running_stack,
+    wait_for,
+)
 from headavatar.layout import stage_prefix
-from headavatar.storage import ObjectStore
 from test_compose import (
-    COMPOSE_DIR,
+    RUN_TIMEOUT,
     SETTINGS,
     STAGES,
-    Stack,
-    _wait,
     admin_store,
-    compose_command,
     docker_env,  # noqa: F401 (the module fixture)
-    finished_run,
-    running_stack,
-    trigger,
-    unpause_capture_dag,
 )
 
 pytestmark = [pytest.mark.compose, pytest.mark.slow, pytest.mark.timeout(3600)]
@@ -62,129 +57,65 @@ LOST = "107"  # the capture whose stage 5 loses its host
 GPU_STAGES = ("matting", "fitting", "meshhead", "gaussianhead")
 
 
-def bridge_address(env: dict[str, str]) -> str:
-    """The host's address on Docker's default bridge: what containers of any network reach this machine at."""
-    out = subprocess.run(["docker", "network", "inspect", "bridge", "-f", "{{(index .IPAM.Config 0).Gateway}}"],
-                         env=env, capture_output=True, text=True, check=True).stdout.strip()
-    assert out, "the default bridge network has no gateway"
-    return out
-
-
-class WorkerHost:
-    """Host b: docker-compose.worker.yml under its own project, with its own worker env file."""
-
-    def __init__(self, central: Stack, env_dir: Path, name: str):
-        self.central, self.name, self.project = central, name, f"{central.project}{name}"
-        self.env_file = env_dir / f"worker-{name}.env"
-        subprocess.run([sys.executable, str(COMPOSE_DIR / "new-env.py"), "--worker-of", str(central.env_file),
-                        "--out", str(self.env_file), f"HEADAVATAR_HOST={name}", f"COMPOSE_PROJECT_NAME={self.project}",
-                        f"HEADAVATAR_NETWORK={self.project}", "HEADAVATAR_GPU_DEVICES=0",
-                        "HEADAVATAR_HOST_GPUS=2"], capture_output=True, text=True, check=True)
-
-    def compose(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        r = subprocess.run([*compose_command(), "-f", str(COMPOSE_DIR / "docker-compose.worker.yml"), "--env-file",
-                            str(self.env_file), "-p", self.project, *args],
-                           env=self.central.docker_env, capture_output=True, text=True, timeout=600)
-        assert not check or r.returncode == 0, f"host {self.name}: {args[0]}:\n{r.stdout[-3000:]}\n{r.stderr[-2000:]}"
-        return r
-
-
 @pytest.fixture(scope="module")
 def central(docker_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:  # noqa: F811
-    bridge = bridge_address(docker_env)
-    with running_stack(docker_env, tmp_path_factory.mktemp("central"), COMPOSE_PROFILES="celery",
-                       AIRFLOW_EXECUTOR="CeleryExecutor", HEADAVATAR_HOST="a", HEADAVATAR_GPU_DEVICES="0",
-                       HEADAVATAR_HOST_GPUS="1", HEADAVATAR_GPUS="3", HEADAVATAR_BIND=bridge,
-                       HEADAVATAR_CENTRAL=bridge, AIRFLOW_TASK_HEARTBEAT_TIMEOUT=str(HEARTBEAT_TIMEOUT_S)) as st:
+    """Host a (one GPU task at a time) of a pool of three: its own one and host b's two."""
+    settings = celery_settings(bridge_address(docker_env), host_gpus=1, gpus=3,
+                               AIRFLOW_TASK_HEARTBEAT_TIMEOUT=str(HEARTBEAT_TIMEOUT_S))
+    with running_stack(docker_env, tmp_path_factory.mktemp("central"), **settings) as st:
         yield st
 
 
 @pytest.fixture(scope="module")
 def host_b(central: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerHost]:
-    host = WorkerHost(central, tmp_path_factory.mktemp("host-b"), "b")
+    host = WorkerHost(central, tmp_path_factory.mktemp("host-b"), "b", gpu_tasks=2)
     try:
         yield host
     finally:
-        host.compose("down", "-v", "--remove-orphans", "--timeout", "20", check=False)
-
-
-def upload_as(store: ObjectStore, capture: Path, capture_id: str, tmp: Path) -> None:
-    """The tiny capture (local layout of 018: raw/ and the ground truth) uploaded as capture ``capture_id``."""
-    root = tmp / capture_id
-    shutil.copytree(capture, root)
-    for path in sorted(root.rglob("018"), key=lambda p: -len(p.parts)):
-        path.rename(path.with_name(capture_id))
-    upload_capture(store, root)
-
-
-def outputs(store: ObjectStore, capture: str) -> dict[str, dict[str, str]]:
-    """Per stage, its output digests, as capture 018's would be: the avatar's description (avatar/avatar.json)
-    names its capture, so its digest is taken with the id written as 018."""
-    out = {stage: output_digests(store, capture, stage) for stage in STAGES}
-    described = store.get_bytes(store.key(stage_prefix(capture, "gaussianhead"), "avatar", "avatar.json")).decode()
-    assert hashlib.sha256(described.encode()).hexdigest() == out["gaussianhead"]["avatar/avatar.json"]
-    as_018 = described.replace(f'"capture": "{capture}"', '"capture": "018"').replace(f"/{capture}/", "/018/")
-    out["gaussianhead"]["avatar/avatar.json"] = hashlib.sha256(as_018.encode()).hexdigest()
-    return out
-
-
-def task_instances(st: Stack, run_id: str) -> list[dict[str, Any]]:
-    r = requests.get(f"{st.airflow}/api/v2/dags/headavatar_capture/dagRuns/{run_id}/taskInstances",
-                     headers={"Authorization": f"Bearer {st.token()}"}, timeout=30)
-    return r.json()["task_instances"]
-
-
-def lease_of(st: Stack, run_id: str, task: str) -> dict[str, Any]:
-    """The GPU lease a stage's return value (XCom) records: host, device, leased, released."""
-    r = requests.get(f"{st.airflow}/api/v2/dags/headavatar_capture/dagRuns/{run_id}/taskInstances/{task}/"
-                     "xcomEntries/return_value", headers={"Authorization": f"Bearer {st.token()}"}, timeout=30)
-    value = r.json()["value"]
-    value = value if isinstance(value, dict) else json.loads(value)
-    assert "gpu" in value, (run_id, task, value)
-    return value["gpu"]
+        host.down()
 
 
 def test_captures_over_two_hosts_equal_one_host_and_a_lost_host_is_taken_over(
         central: Stack, host_b: WorkerHost, tiny_capture: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         compose_outputs: dict[str, dict[str, dict[str, str]]]) -> None:
     store = admin_store(central, monkeypatch)
-    unpause_capture_dag(central)
+    central.unpause()
 
     # One host's outputs: tests/test_compose.py's run of these settings (LocalExecutor), else capture 100 here
     # with host b not started.
     reference = compose_outputs.get(json.dumps(SETTINGS, sort_keys=True))
     if reference is None:
-        upload_as(store, tiny_capture, "100", tmp_path)
-        one_host = trigger(central, {"id": "100", **SETTINGS})
-        assert finished_run(central, one_host)["state"] == "success"
-        assert {t["hostname"] for t in task_instances(central, one_host)} <= {"a-cpu", "a-gpu"}
-        reference = outputs(store, "100")
+        upload_capture_as(store, tiny_capture, "100", tmp_path)
+        one_host = central.trigger({"id": "100", **SETTINGS})
+        assert central.finished_run(one_host, RUN_TIMEOUT)["state"] == "success"
+        assert {t["hostname"] for t in central.task_instances(one_host)} <= {"a-cpu", "a-gpu"}
+        reference = outputs_as(store, "100", STAGES)
 
     # Two hosts: six captures at once, and a seventh whose stage 5 trains 300 steps (a checkpoint every 100). The
     # host running that stage is killed once its first checkpoint is in S3, with whatever else it runs then.
     host_b.compose("up", "-d")
     for capture in [*CAPTURES, LOST]:
-        upload_as(store, tiny_capture, capture, tmp_path)
+        upload_capture_as(store, tiny_capture, capture, tmp_path)
     started = time.monotonic()
-    runs = {capture: trigger(central, {"id": capture, **SETTINGS}) for capture in CAPTURES}
-    runs[LOST] = trigger(central, {"id": LOST, "profile": "ci", "gaussianhead_steps": 20})
+    runs = {capture: central.trigger({"id": capture, **SETTINGS}) for capture in CAPTURES}
+    runs[LOST] = central.trigger({"id": LOST, "profile": "ci", "gaussianhead_steps": 20})
     checkpoint = store.key(stage_prefix(LOST, "meshhead"), "_state", "checkpoint.pt")
-    _wait("stage 5's first checkpoint", lambda: store.exists(checkpoint), 1800, interval=1)
-    running = next(t for t in task_instances(central, runs[LOST]) if t["task_id"] == "meshhead")
+    wait_for("stage 5's first checkpoint", lambda: store.exists(checkpoint), 1800, interval=1)
+    running = next(t for t in central.task_instances(runs[LOST]) if t["task_id"] == "meshhead")
     assert running["state"] == "running", running
     kill_host(central, host_b, running["hostname"].removesuffix("-gpu"))
-    states = {c: finished_run(central, r)["state"] for c, r in runs.items()}
+    states = {c: central.finished_run(r, RUN_TIMEOUT)["state"] for c, r in runs.items()}
     print(f"\nseven captures over two hosts, one host lost, in {time.monotonic() - started:.0f} s", file=sys.stderr)
     assert states == dict.fromkeys(runs, "success")
 
     # The six equal the one-host run, file by file, though some of their tasks died with the lost host.
     for capture in CAPTURES:
-        assert outputs(store, capture) == reference, capture
-    tis = {c: task_instances(central, r) for c, r in runs.items()}
+        assert outputs_as(store, capture, STAGES) == reference, capture
+    tis = {c: central.task_instances(r) for c, r in runs.items()}
     hosts = {t["hostname"] for c in CAPTURES for t in tis[c]}
     assert {"a-gpu", "b-gpu"} <= hosts, hosts  # GPU stages ran on both hosts
     # No GPU of a host leased to two stages at once: host b's worker takes two GPU tasks for its one device.
-    leases = [lease_of(central, r, t["task_id"]) for c, r in runs.items() for t in tis[c]
+    leases = [central.return_value(r, t["task_id"])["gpu"] for c, r in runs.items() for t in tis[c]
               if t["task_id"] in GPU_STAGES]
     assert {lease["host"] for lease in leases} == {"a", "b"} and {lease["device"] for lease in leases} == {"0"}
     by_device: dict[tuple[str, str], list[tuple[datetime, datetime]]] = {}

@@ -158,6 +158,41 @@ def landmark_detectors(doc: dict[str, Any]) -> str:
             f"{render['cameras']} cameras x {render['frames']} frames; MediaPipe: {doc['mediapipe']}.")
 
 
+def ingest_load(doc: dict[str, Any]) -> str:
+    """The load benchmark's figures (issue 32): what ingestion did, how soon and how fast captures ran, how busy
+    each worker was, whether priority held, and whether anything was lost or run twice."""
+    ing = doc["ingestion"]
+    span = (lambda d: f"{d['median']:.0f} s (least {d['min']:.0f}, most {d['max']:.0f})")  # noqa: E731
+    pool = doc["gpu_pool_priority"]
+    rows = [
+        ["captures uploaded", f"{doc['captures']} in {doc['upload_window_s']:.0f} s"],
+        ["capture runs per capture", ", ".join(f"{n} run(s): {c} captures" for n, c in
+                                               doc["runs_per_capture"].items())],
+        ["ingestion runs (every minute)", f"{ing['ingestion_runs']} ("
+                                          + ", ".join(f"{k}: {v}" for k, v in ing["ingestion_run_states"].items())
+                                          + ")"],
+        ["listed again while running, trigger skipped (run id existed)",
+         sum(ing["triggers_skipped_as_existing"].values())],
+        ["listed after every run ended", len(ing["listed_after_all_ended"])],
+        ["upload to run created", span(doc["run_created_after_upload_s"])],
+        ["upload to first task started", span(doc["first_task_after_upload_s"])],
+        ["first task to run end, per capture", span(doc["capture_first_task_to_end_s"])],
+        ["last capture finished", f"{doc['last_capture_finished_s']:.0f} s after the first upload"],
+        ["captures per hour", doc["captures_per_hour"]],
+        ["captures in progress (most, mean)", f"{doc['captures_in_progress']['most']}, "
+                                              f"{doc['captures_in_progress']['mean']}"],
+        ["finish order vs start order (Kendall's tau)", doc["finish_vs_start_order_kendall_tau"]],
+        ["GPU pool: higher priority ready first and queued first / not", f"{pool['held']} / {pool['inverted']}"],
+        ["task tries", ", ".join(f"{k}: {v}" for k, v in doc["task_tries"].items())],
+        ["run states", ", ".join(f"{k}: {v}" for k, v in doc["run_states"].items())],
+        ["distinct outputs over all captures", len(doc["distinct_outputs"])],
+    ]
+    rows += [[f"worker {w}: utilisation, any task running", f"{v['utilisation']:.2f}, {v['any_task_running']:.2f} "
+              f"({v['tasks']} tasks, {v['slots']} slots)"] for w, v in doc["workers"].items()]
+    rows += [[f"GPU {device}: share of the time leased", share] for device, share in doc["gpu_devices_leased"].items()]
+    return _table(["measure", "value"], rows)
+
+
 def generic(doc: dict[str, Any]) -> str:
     """Every scalar of a results file without a dedicated table, by its path in the JSON."""
     rows: list[list[Any]] = []
@@ -181,7 +216,7 @@ def generic(doc: dict[str, Any]) -> str:
 TABLES: dict[str, Callable[[dict[str, Any]], str]] = {
     "extract_sample": extract_sample, "extract_sample_16core": extract_sample, "e2e_gpu": e2e_gpu,
     "matting_gpu": matting_gpu, "training_gpu": training_gpu, "gaussianhead_gpu": gaussianhead_gpu,
-    "backends_gpu": backends_gpu, "landmark_detectors": landmark_detectors,
+    "backends_gpu": backends_gpu, "landmark_detectors": landmark_detectors, "ingest_load": ingest_load,
 }
 
 
