@@ -13,15 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from headavatar.devserver.captures import output_digests, upload_capture  # noqa: F401 (the tests' helpers)
+from headavatar.devserver.captures import (  # noqa: F401 (the tests' helpers)
+    TINY,
+    output_digests,
+    upload_capture,
+    write_tiny_capture,
+)
 from headavatar.devserver.seaweed import EmbeddedS3, Identity
 from headavatar.layout import GROUND_TRUTH, RAW
 from headavatar.settings import PipelineConfig, load_config
 from headavatar.storage import ObjectStore
-from headavatar.synthetic.capture import SyntheticSpec, write_capture
 
 BUCKET = "headavatar-test"
-TINY = {"width": 256, "height": 372}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -189,18 +192,13 @@ def prepare_sampled(store: ObjectStore, root: Path, *overrides: str) -> None:
 @pytest.fixture(scope="session")
 def tiny_capture(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """16 cameras, 2 sequences of 20 frames at 256x372 (local raw layout + ground truth)."""
-    root = tmp_path_factory.mktemp("capture018")
-    write_capture(SyntheticSpec("018", frames=20, sequences=("EXP-1-head", "EXP-2-eyes"), **TINY), root / RAW)
-    return root
+    return write_tiny_capture(tmp_path_factory.mktemp("capture018"))
 
 
 @pytest.fixture(scope="session")
 def tiny_capture_v2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``tiny_capture`` in the NeRSemble v2 layout (raw/v2/018/), recorded through a colour calibration."""
-    root = tmp_path_factory.mktemp("capture018v2")
-    write_capture(SyntheticSpec("018", frames=20, sequences=("EXP-1-head", "EXP-2-eyes"), layout="v2", **TINY),
-                  root / RAW)
-    return root
+    return write_tiny_capture(tmp_path_factory.mktemp("capture018v2"), layout="v2")
 
 
 def assert_gradients_match_finite_differences(loss, inputs: list, eps: float = 1e-6, tol: float = 1e-5) -> None:

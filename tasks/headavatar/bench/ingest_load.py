@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from headavatar.bench.provenance import stamp
-from headavatar.devserver.captures import outputs_as, upload_capture_as
+from headavatar.devserver.captures import outputs_as, upload_capture_as, write_tiny_capture
 from headavatar.devserver.common import REPO
 from headavatar.devserver.compose_stack import (
     Stack,
@@ -47,11 +47,10 @@ from headavatar.devserver.compose_stack import (
     running_stack,
     wait_for,
 )
-from headavatar.layout import RAW
+from headavatar.stages import STAGE_NAMES
 from headavatar.storage import ObjectStore
-from headavatar.synthetic.capture import SyntheticSpec, write_capture
 
-STAGES = ("extract", "sample", "matting", "fitting", "meshhead", "gaussianhead")
+STAGES = STAGE_NAMES
 GPU_STAGES = STAGES[2:]  # one pool (headavatar_gpu): the scheduler picks among them by priority weight
 # What each ingested capture runs: the plumbing profile and short training, as the compose tests' runs.
 RUN_PARAMS = {"profile": "ci", "meshhead_steps": 20, "gaussianhead_steps": 20}
@@ -139,13 +138,6 @@ def summary(values: list[float]) -> dict[str, float]:
     """Median, least and most, in tenths."""
     return {"median": round(statistics.median(values), 1), "min": round(min(values), 1),
             "max": round(max(values), 1)} if values else {}
-
-
-def make_capture(root: Path) -> Path:
-    """The compose tests' tiny capture: 16 cameras, 2 sequences of 20 frames at 256x372."""
-    write_capture(SyntheticSpec("018", frames=20, sequences=("EXP-1-head", "EXP-2-eyes"), width=256, height=372),
-                  root / RAW)
-    return root
 
 
 def upload_all(store: ObjectStore, source: Path, captures: list[str], scratch: Path, threads: int) -> dict[str, float]:
@@ -259,7 +251,7 @@ def ingestion_record(st: Stack, markers: dict[str, float], all_ended: float) -> 
 
 def bench(args: argparse.Namespace, docker_env: dict[str, str], work: Path) -> dict[str, Any]:
     captures = [f"{args.first_id + i:03d}" for i in range(args.captures)]
-    source = make_capture(work / "source")
+    source = write_tiny_capture(work / "source")  # the compose tests' capture
     settings = celery_settings(bridge_address(docker_env), host_gpus=1, gpus=3,
                                HEADAVATAR_INGEST_SCHEDULE="* * * * *",
                                HEADAVATAR_INGEST_PARAMS=json.dumps(RUN_PARAMS))

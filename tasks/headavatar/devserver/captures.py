@@ -11,7 +11,18 @@ from pathlib import Path
 from headavatar.contract.stage import read_manifest
 from headavatar.layout import GROUND_TRUTH, RAW, stage_prefix
 from headavatar.storage import ObjectStore
+from headavatar.synthetic.capture import SyntheticSpec, write_capture
 from headavatar.upload import mark_complete
+
+TINY = {"width": 256, "height": 372}  # the tests' capture size: small enough for every stage on a CPU
+
+
+def write_tiny_capture(root: Path, layout: str = "v1") -> Path:
+    """The tests' capture 018 under ``root`` (raw layout and ground truth): 16 cameras, 2 sequences of 20 frames
+    at 256x372, in NeRSemble's v1 or v2 layout."""
+    write_capture(SyntheticSpec("018", frames=20, sequences=("EXP-1-head", "EXP-2-eyes"), layout=layout, **TINY),
+                  root / RAW)
+    return root
 
 
 def upload_capture(store: ObjectStore, root: Path, complete: bool = True) -> None:

@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from headavatar.settings import StorageConfig
 COMPOSE_DIR = REPO / "infra" / "compose"
 CENTRAL_FILE = COMPOSE_DIR / "docker-compose.yml"
 WORKER_FILE = COMPOSE_DIR / "docker-compose.worker.yml"
-CAPTURE_DAG = "/api/v2/dags/headavatar_capture"
+CAPTURE_DAG = "/dags/headavatar_capture"  # under /api/v2
 PORTS = ("HEADAVATAR_AIRFLOW_PORT", "HEADAVATAR_MLFLOW_PORT", "HEADAVATAR_S3_PORT", "HEADAVATAR_POSTGRES_PORT",
          "HEADAVATAR_REDIS_PORT", "HEADAVATAR_FLOWER_PORT")
 
@@ -94,11 +94,10 @@ class Stack:
     airflow: str
     mlflow: str
     s3: str
-    files: list[Path] = field(default_factory=lambda: [CENTRAL_FILE])
 
     def compose(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-        files = [a for f in self.files for a in ("-f", str(f))]
-        r = subprocess.run([*compose_command(), *files, "--env-file", str(self.env_file), "-p", self.project, *args],
+        r = subprocess.run([*compose_command(), "-f", str(CENTRAL_FILE), "--env-file", str(self.env_file),
+                            "-p", self.project, *args],
                            env=self.docker_env, capture_output=True, text=True, timeout=timeout)
         if check and r.returncode != 0:
             raise StackError(f"compose {args[0]} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
@@ -147,24 +146,23 @@ class Stack:
 
     def trigger(self, conf: dict[str, Any]) -> str:
         """A run of headavatar_capture, as the UI's trigger form makes it; its run id."""
-        return self.api("POST", "/dags/headavatar_capture/dagRuns", json={"logical_date": None, "conf": conf})[
-            "dag_run_id"]
+        return self.api("POST", f"{CAPTURE_DAG}/dagRuns", json={"logical_date": None, "conf": conf})["dag_run_id"]
 
     def finished_run(self, run_id: str, timeout: float) -> dict[str, Any]:
         """The capture DAG's run once it succeeded or failed."""
         def finished() -> dict | None:
-            run = self.api("GET", f"/dags/headavatar_capture/dagRuns/{run_id}")
+            run = self.api("GET", f"{CAPTURE_DAG}/dagRuns/{run_id}")
             return run if run["state"] in ("success", "failed") else None
 
         return wait_for(f"DAG run {run_id}", finished, timeout, interval=10)
 
-    def task_instances(self, run_id: str, dag_id: str = "headavatar_capture") -> list[dict[str, Any]]:
-        return self.api("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances")["task_instances"]
+    def task_instances(self, run_id: str) -> list[dict[str, Any]]:
+        return self.api("GET", f"{CAPTURE_DAG}/dagRuns/{run_id}/taskInstances")["task_instances"]
 
     def return_value(self, run_id: str, task_id: str) -> Any:
         """A capture task's return value (XCom ``return_value``), decoded."""
-        value = self.api("GET", f"/dags/headavatar_capture/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/"
-                                "return_value")["value"]
+        value = self.api("GET", f"{CAPTURE_DAG}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/return_value")[
+            "value"]
         return value if isinstance(value, dict) else json.loads(value)
 
 
