@@ -102,7 +102,7 @@ def test_convergence_takes_the_best_score_and_the_first_step_near_it() -> None:
     assert convergence([(0, nan), (5, nan)]) is None and convergence([]) is None  # no score: nothing recorded
     rule = Regression(_cfg(steps=3))  # a curve of NaN only leaves the keys out of the schedule
     rule.state.evals = [{"step": 0, "holdout_psnr": nan}, {"step": 3}]
-    assert rule.schedule() == {"steps": 0, "step_ceiling": 3, "stopped_early": 0.0}
+    assert rule.schedule() == {"steps": 0, "step_ceiling": 3, "stopped_early": 0.0, "kept_step": 0}
 
 
 class Killed(Exception):
@@ -120,12 +120,14 @@ def test_training_stops_at_the_plateau_and_a_resumed_run_stops_at_the_same_step(
     best = max(psnr)
     near = 50 * next(i for i, v in enumerate(psnr) if v >= best - 0.5)
     assert near < stop  # this rule's gain is 0.5 dB too: its last checks bought less than that
-    assert full.schedule() == {"steps": stop, "step_ceiling": 5000, "stopped_early": 1.0, "best_holdout_psnr": best,
-                               "best_holdout_psnr_step": 50 * psnr.index(best), "holdout_psnr_near_best_step": near}
+    kept = 50 * psnr.index(best)  # the best check's weights (the last step's if it is the best)
+    assert full.schedule() == {"steps": stop, "step_ceiling": 5000, "stopped_early": 1.0, "kept_step": kept,
+                               "best_holdout_psnr": best, "best_holdout_psnr_step": kept,
+                               "holdout_psnr_near_best_step": near}
     assert psnr[-1] > psnr[0] + 20  # it did learn
     assert max(psnr[-3:]) - max(psnr[:-3]) < 0.5 <= max(psnr[-4:-1]) - max(psnr[:-4])  # first check to stall
     assert saved[-1]["step"] == stop and saved[-1]["stopped_at"] == stop
-    assert full.history()["plateau"] == {"rule": full.plateau.describe(), "stopped_at": stop}
+    assert full.history()["plateau"] == {"rule": full.plateau.describe(), "stopped_at": stop, "kept_step": kept}
 
     # Killed after the checkpoint 100 steps before the stop: the resumed run stops at the same step, the same way.
     saved_mid: list[dict] = []
@@ -150,6 +152,60 @@ def test_training_stops_at_the_plateau_and_a_resumed_run_stops_at_the_same_step(
     # The same run without the rule trains to the ceiling, evaluated at the end only.
     fixed = Regression(_cfg(steps=2 * stop, plateau_every=0)).train(save=lambda s: None)
     assert fixed.step == 2 * stop and fixed.stopped_at == 0 and [e["step"] for e in fixed.evals] == [2 * stop]
+
+
+# A held-out curve that peaks at step 100 and then falls, as stage 6's novel-view PSNR did after step 30,000 on
+# the real-size run (docs/gpu.md, run 5).
+OVERFITTING = {0: 10.0, 50: 20.0, 100: 30.0, 150: 29.0, 200: 28.5, 250: 28.0, 300: 27.0}
+
+
+class Overfitting(Regression):
+    """The regression, scored by ``OVERFITTING`` at each step."""
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        return {"holdout_psnr": OVERFITTING[self.state.step]}
+
+
+def _weights(t: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in t.net.state_dict().items()}
+
+
+def test_a_stopped_run_keeps_its_best_checks_weights_and_a_resumed_run_the_same() -> None:
+    cfg = _cfg(steps=300, plateau_gain_db=0.1, plateau_min_steps=0)
+    saved: list[dict] = []
+    run = Overfitting(cfg)
+    state = run.train(save=lambda s: saved.append(copy.deepcopy(s)))  # a state dict holds the live tensors
+    # Stopped at 250 (29, 28.5, 28 do not beat 30 by 0.1 dB); kept: step 100's weights, not step 250's.
+    assert (state.stopped_at, state.step, state.kept_step) == (250, 250, 100)
+    at = {s["step"]: s["net"] for s in saved}
+    assert all(torch.equal(w, at[100][k]) for k, w in run.net.state_dict().items())
+    assert not torch.equal(at[100]["weight"], at[250]["weight"])  # the weights moved after the best check
+    assert state.kept_eval() == {"step": 100, "holdout_psnr": 30.0}
+    assert run.schedule()["kept_step"] == 100 and run.history()["plateau"]["kept_step"] == 100
+
+    # Killed after the checkpoint at step 200 (past the best): the resumed run keeps the same weights.
+    def save_then_die(s: dict) -> None:
+        if s["step"] == 200:
+            saved_mid.append(copy.deepcopy(s))
+            raise Killed
+
+    saved_mid: list[dict] = []
+    with pytest.raises(Killed):
+        Overfitting(cfg).train(save=save_then_die)
+    resumed = Overfitting(cfg)
+    resumed.load_state_dict(saved_mid[-1])
+    assert resumed.train(save=lambda s: None).kept_step == 100
+    assert all(torch.equal(w, at[100][k]) for k, w in resumed.net.state_dict().items())
+
+    # At the ceiling the last evaluation counts too: step 150 scores less than step 100, so 100 is kept.
+    ceiling = Overfitting(_cfg(steps=150, plateau_gain_db=0.1, plateau_min_steps=0))
+    assert ceiling.train(save=lambda s: None).kept_step == 100
+    assert all(torch.equal(w, at[100][k]) for k, w in ceiling.net.state_dict().items())
+
+    # Without the rule (a fixed schedule) the last step's weights are kept, whatever the curve.
+    fixed = Overfitting(_cfg(steps=300, plateau_every=0, eval_every=50))
+    assert fixed.train(save=lambda s: None).kept_step == 300 and fixed.schedule()["kept_step"] == 300
 
 
 class CompilerBug(torch.autograd.Function):
@@ -241,8 +297,10 @@ def test_meshhead_stage_records_where_the_rule_stopped_it(store: ObjectStore, de
     history = json.loads(store.get_bytes(store.key(stage_prefix("018", "meshhead"), "history.json")))
     assert history["plateau"]["stopped_at"] == 60 and "last 2 checks (every 20 steps)" in history["plateau"]["rule"]
     assert [e["step"] for e in history["holdout"]] == [0, 20, 40, 60]
-    assert m.metrics["holdout_psnr"] == history["holdout"][-1]["holdout_psnr"] > history["holdout"][0]["holdout_psnr"]
     curve = {e["step"]: e["holdout_psnr"] for e in history["holdout"]}
     best = max(curve.values())
-    assert m.metrics["best_holdout_psnr"] == best == curve[m.metrics["best_holdout_psnr_step"]]
+    assert m.metrics["best_holdout_psnr"] == best == curve[m.metrics["best_holdout_psnr_step"]] > curve[0]
+    # The model kept is the best check's, and its scores are the stage's.
+    assert m.metrics["kept_step"] == history["plateau"]["kept_step"] == m.metrics["best_holdout_psnr_step"]
+    assert m.metrics["holdout_psnr"] == best
     assert m.metrics["holdout_psnr_near_best_step"] == min(s for s, v in curve.items() if v >= best - 0.5)

@@ -124,8 +124,9 @@ class GaussianHeadStage(Stage):
     name = "gaussianhead"
     inputs = ("sample", "matting", "fitting", "meshhead")
     config_sections = ("capture", "extract", "gaussianhead")
-    # bump when outputs change (docs/caching.md); 2: bf16, batched views, videos (issue 22); 3: difference panel
-    code_version = 3
+    # bump when outputs change (docs/caching.md); 2: bf16, batched views, videos (issue 22); 3: difference panel;
+    # 4: the plateau rule's best check's weights are kept, not the last step's
+    code_version = 4
     # history.json: CPU/GPU samples differ on every run. viewer/*: the page quantises positions to 16 bits, and
     # two runs whose other outputs are byte-identical (a resumed one, one in a container) wrote pages that differ
     # (found by test_faults and test_docker_backend; the cause is not found yet), so it does not key anything.
@@ -162,7 +163,7 @@ class GaussianHeadStage(Stage):
                 state = trainer.train(save=checkpoints.save)
         head, sr, coarse = trainer.head, trainer.sr, trainer.coarse_views
 
-        final = state.evals[-1]
+        final = state.kept_eval()  # the kept weights' scores (the best check's, with the plateau rule on)
         buf = io.BytesIO()
         torch.save({"head": head.state_dict(), "sr": sr.state_dict(), "config": cfg.model_dump(mode="json"),
                     "n_exp": int(coarse.exp.shape[1]), "n_frames": len(coarse.folders),

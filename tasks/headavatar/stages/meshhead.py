@@ -57,7 +57,9 @@ class MeshHeadStage(Stage):
     name = "meshhead"
     inputs = ("sample", "matting", "fitting")
     config_sections = ("capture", "extract", "meshhead")
-    code_version = 3  # bump when outputs change (docs/caching.md); 2: bf16, batched views, videos; 3: .npz bytes
+    # bump when outputs change (docs/caching.md); 2: bf16, batched views, videos; 3: .npz bytes; 4: the plateau
+    # rule's best check's weights are kept, not the last step's
+    code_version = 4
     volatile_outputs = ("history.json", "checkpoints/*")  # CPU/GPU samples differ on every run
 
     def run(self, ctx: StageContext) -> None:
@@ -93,8 +95,8 @@ class MeshHeadStage(Stage):
         last = state.history[-1]
         ctx.metrics.update({
             **trainer.schedule(), "resumed_from_step": state.resumed_from,
-            "train_steps_per_s": state.steps_per_s, "holdout_iou": state.evals[-1]["holdout_iou"],
-            "holdout_psnr": state.evals[-1]["holdout_psnr"],
+            "train_steps_per_s": state.steps_per_s, "holdout_iou": state.kept_eval()["holdout_iou"],
+            "holdout_psnr": state.kept_eval()["holdout_psnr"],
             "train_iou": trainer.silhouette_iou(trainer.train_cams[:: max(1, len(trainer.train_cams) // 4)]),
             "mesh_vertices": len(verts), "mesh_faces": len(faces),
             **{f"final_{k}": v for k, v in last.items() if k != "step"},
