@@ -182,7 +182,8 @@ class Trainer(ABC):
                 self.state.system.append({"step": done, **system.sample()})
             if evaluating:
                 self.state.evals.append({"step": done, **self.evaluate()})
-                self._remember_if_best(rule if checking else None)
+                if checking:
+                    self._remember_if_best(rule)
             if progress:
                 last_progress = time.monotonic()
                 rate = (done - since) / max(last_progress - t0, 1e-9)
@@ -202,11 +203,9 @@ class Trainer(ABC):
         self._keep_best(rule)
         return self.state
 
-    def _remember_if_best(self, rule: PlateauRule | None) -> None:
-        """At a check of the rule after training began: a copy of the weights if the check's score (just
-        evaluated) beats every earlier check's."""
-        if rule is None or not rule.checks_at(self.state.evals[-1]["step"]) or self.state.evals[-1]["step"] == 0:
-            return
+    def _remember_if_best(self, rule: PlateauRule) -> None:
+        """At a check of the rule: a copy of the weights if the check's score (just evaluated) beats every
+        earlier check's since training began."""
         score = self.state.evals[-1].get(rule.metric, math.nan)
         if math.isnan(score) or (self.state.best is not None and score <= self.state.best["score"]):
             return
