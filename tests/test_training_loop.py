@@ -167,10 +167,6 @@ class Overfitting(Regression):
         return {"holdout_psnr": OVERFITTING[self.state.step]}
 
 
-def _weights(t: Trainer) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in t.net.state_dict().items()}
-
-
 def test_a_stopped_run_keeps_its_best_checks_weights_and_a_resumed_run_the_same() -> None:
     cfg = _cfg(steps=300, plateau_gain_db=0.1, plateau_min_steps=0)
     saved: list[dict] = []
