@@ -92,11 +92,11 @@ class MeshHeadStage(Stage):
             np.float32), faces=faces.cpu().numpy().astype(np.int32)))
         ctx.outputs.put_bytes("history.json", json.dumps(trainer.history()).encode())
         self._pictures(ctx, trainer)
-        last = state.history[-1]
+        last, kept = state.history[-1], state.kept_eval()
         ctx.metrics.update({
             **trainer.schedule(), "resumed_from_step": state.resumed_from,
-            "train_steps_per_s": state.steps_per_s, "holdout_iou": state.kept_eval()["holdout_iou"],
-            "holdout_psnr": state.kept_eval()["holdout_psnr"],
+            "train_steps_per_s": state.steps_per_s, "holdout_iou": kept["holdout_iou"],
+            "holdout_psnr": kept["holdout_psnr"],
             "train_iou": trainer.silhouette_iou(trainer.train_cams[:: max(1, len(trainer.train_cams) // 4)]),
             "mesh_vertices": len(verts), "mesh_faces": len(faces),
             **{f"final_{k}": v for k, v in last.items() if k != "step"},
