@@ -234,6 +234,10 @@ def test_kubernetes_pods_request_cpu_memory_disk_and_exit_2_is_final(airflow_hom
     for t in dag.tasks:
         spec = t.build_pod_request_obj().spec.containers[0].resources
         out["resources"][t.task_id] = {"requests": spec.requests, "limits": spec.limits}
+    # Which pods get the XCom sidecar: the commands that write a result file (a stage run, unpack), not compare.
+    out["xcom"] = {"extract": dag.task_dict["extract"].do_xcom_push,
+                   "unpack": bag.dags["headavatar_ingest"].task_dict["unpack"].do_xcom_push,
+                   "compare": bag.dags["headavatar_compare"].task_dict["compare"].do_xcom_push}
     pair = dag.task_dict["gaussianhead"]
     pair.request_gpus({"gaussianhead_gpus": 2})  # a data-parallel run's pod: two GPUs of one node
     out["pair"] = pair.build_pod_request_obj().spec.containers[0].resources.limits
@@ -255,6 +259,7 @@ def test_kubernetes_pods_request_cpu_memory_disk_and_exit_2_is_final(airflow_hom
                               "limits": {"memory": "16Gi", "ephemeral-storage": "200Gi"}}
     assert res["gaussianhead"] == {"requests": {"cpu": "8", "memory": "64Gi", "ephemeral-storage": "50Gi"},
                                    "limits": {"memory": "64Gi", "ephemeral-storage": "50Gi", "nvidia.com/gpu": "1"}}
+    assert facts["xcom"] == {"extract": True, "unpack": True, "compare": False}
     assert facts["pair"] == {"memory": "128Gi", "ephemeral-storage": "50Gi", "nvidia.com/gpu": "2"}  # 2 ranks
     assert facts["pair_requests"] == {"cpu": "8", "memory": "128Gi", "ephemeral-storage": "50Gi"}
     for stage, r in res.items():

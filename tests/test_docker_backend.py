@@ -24,6 +24,7 @@ from docker_fixtures import docker_env  # noqa: F401 (the session fixture)
 from headavatar.contract.stage import read_manifest
 from headavatar.devserver.images import cpu_image, preprocess_image
 from headavatar.devserver.seaweed import EmbeddedS3
+from headavatar.layout import MANIFEST, stage_prefix
 from headavatar.settings import StorageConfig
 from headavatar.storage import ObjectStore
 from test_airflow import LOCAL_RUN
@@ -322,3 +323,42 @@ def test_a_gpu_whose_stage_container_outlived_its_task_is_not_leased(docker_env:
     assert op._gpus_of_running_stages() == set()
     with gpu_lease(settings.gpu_devices, tmp_path / "leases", busy=op._gpus_of_running_stages) as lease:
         assert lease.device == "0"
+
+
+@pytest.mark.parametrize("backend", ["local", "docker"])
+def test_a_task_returns_its_stages_result_whatever_its_output_ends_with(
+        backend: str, docker_env: dict[str, str], s3: EmbeddedS3, prefixes: tuple[str, str],  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
+    """The task's result (its XCom: manifest, cached, MLflow run, GPU lease) is read from the CLI's result file:
+    here the interpreter writes its allocator statistics to stderr at exit (``PYTHONMALLOCSTATS``), after the
+    result line, in the one stream the task log gets. A cache hit of stage 2 on the local backend's run."""
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(REPO / "plugins"))
+    from headavatar_airflow.execution import ExecutionSettings
+    from headavatar_airflow.operators import stage_operator
+    from headavatar_airflow.pipeline import StageSpec
+
+    prefix = prefixes[0]
+    monkeypatch.setenv("AIRFLOW_CONN_HEADAVATAR_S3", _connections(s3, prefix, "")["AIRFLOW_CONN_HEADAVATAR_S3"])
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    settings = ExecutionSettings(backend=backend, docker_url=docker_env["DOCKER_HOST"], docker_network="host",
+                                 cpu_image=preprocess_image(), mlflow_conn_id="none")
+    op = stage_operator(StageSpec("sample", gpu=False), settings)
+    if backend == "docker":
+        op.environment["PYTHONMALLOCSTATS"] = "1"
+    else:
+        monkeypatch.setenv("PYTHONMALLOCSTATS", "1")
+    ti = SimpleNamespace(dag_id="headavatar_capture", task_id="sample", try_number=1)
+    capfd.readouterr()
+    result = op.execute({"params": {"id": "018", "profile": "demo"}, "ti": ti, "run_id": f"result-{backend}",
+                         "outlet_events": {}})
+    task_log = capfd.readouterr().out.rstrip().splitlines()
+    store = _store(s3, prefix)
+    try:
+        assert result is not None and result["cached"] is True, result
+        assert result["manifest"] == store.uri(store.key(stage_prefix("018", "sample"), MANIFEST)), result
+    finally:
+        store.close()
+    assert json.dumps(result) in "\n".join(task_log)  # printed, and followed by the statistics:
+    assert "Small block threshold" in "\n".join(task_log[-300:]) and result["manifest"] not in task_log[-1]

@@ -91,14 +91,14 @@ def test_captures_over_two_hosts_equal_one_host_and_a_lost_host_is_taken_over(
         assert {t["hostname"] for t in central.task_instances(one_host)} <= {"a-cpu", "a-gpu"}
         reference = outputs_as(store, "100", STAGES)
 
-    # Two hosts: six captures at once, and a seventh whose stage 5 trains 300 steps (a checkpoint every 100). The
+    # Two hosts: six captures at once, and a seventh whose stage 5 trains 200 steps (a checkpoint every 100). The
     # host running that stage is killed once its first checkpoint is in S3, with whatever else it runs then.
     host_b.compose("up", "-d")
     for capture in [*CAPTURES, LOST]:
         upload_capture_as(store, tiny_capture, capture, tmp_path)
     started = time.monotonic()
     runs = {capture: central.trigger({"id": capture, **SETTINGS}) for capture in CAPTURES}
-    runs[LOST] = central.trigger({"id": LOST, "profile": "ci", "gaussianhead_steps": 20})
+    runs[LOST] = central.trigger({"id": LOST, "profile": "ci", "meshhead_steps": 200, "gaussianhead_steps": 20})
     checkpoint = store.key(stage_prefix(LOST, "meshhead"), "_state", "checkpoint.pt")
     wait_for("stage 5's first checkpoint", lambda: store.exists(checkpoint), 1800, interval=1)
     running = next(t for t in central.task_instances(runs[LOST]) if t["task_id"] == "meshhead")

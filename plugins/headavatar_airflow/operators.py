@@ -12,6 +12,7 @@ Asset (the last stage: the finished avatar) says in the event which capture it w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -19,8 +20,10 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from airflow.sdk import BaseHook, BaseOperator, BaseOperatorLink
@@ -60,6 +63,33 @@ def fail(command: str, code: int, message: str) -> AirflowException:
 def task_command(stage: StageSpec, params: dict[str, Any], command: list[str] | None) -> list[str]:
     """The CLI arguments of a task: a fixed command (ingestion's ``unpack``) or the stage's run."""
     return list(command) if command is not None else cli_args(stage.name, params)
+
+
+# The CLI commands that write their result (JSON: manifest URI, cached or not, MLflow run) to ``--result-file``.
+# The task returns it from that file, not from the output's last line: stdout and stderr reach the task log as
+# one stream, and a line written after the result (a library's warning at exit, another process's) took its
+# place once, so the task lost its XCom (the GPU lease record, the MLflow link) though the stage succeeded.
+RESULT_COMMANDS = ("run", "unpack")
+
+
+def writes_result(args: list[str]) -> bool:
+    return bool(args) and args[0] in RESULT_COMMANDS
+
+
+def with_result_file(args: list[str], path: str) -> list[str]:
+    return [*args, "--result-file", path] if writes_result(args) else args
+
+
+def read_result(text: str | bytes, args: list[str]) -> dict[str, Any]:
+    """A result file's content; a command that exited 0 without a readable one fails its try (retried: a
+    finished stage's retry is a cache hit)."""
+    try:
+        out = json.loads(text)
+    except ValueError:
+        out = None
+    if not isinstance(out, dict):
+        raise AirflowException(f"headavatar {' '.join(args[:2])} exited with 0 but wrote no result to --result-file")
+    return out
 
 
 def stage_command_line(stage: StageSpec, params: dict[str, Any], command: list[str] | None) -> str:
@@ -125,15 +155,6 @@ def mlflow_credentials(conn_id: str) -> dict[str, str]:
     return {k: str(v) for k, v in creds.items() if v}
 
 
-def _result(last_line: Any) -> dict[str, Any] | None:
-    """The stage prints one JSON line when it succeeds (manifest URI, cached or not, MLflow run): XCom it."""
-    try:
-        out = json.loads(last_line)
-    except (TypeError, ValueError):
-        return None
-    return out if isinstance(out, dict) else None
-
-
 class MLflowRunLink(BaseOperatorLink):
     """"MLflow run" on the task: the stage's child run. Computed by the worker when the task ends
     (Airflow 3 stores it as XCom), from the run the stage reported."""
@@ -184,23 +205,26 @@ class LocalStageOperator(ShowsStageCommand, BaseOperator):
 
     def _run(self, args: list[str], env: dict[str, str], context: Any,
              holds: tuple[int, ...] = ()) -> dict[str, Any] | None:
-        self.log.info("running: headavatar %s", " ".join(args))
-        self._proc = subprocess.Popen([*self.program, *args], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                                      pass_fds=holds)
-        last = ""
-        assert self._proc.stdout is not None
-        try:
-            for line in self._proc.stdout:
-                line = line.rstrip()
-                self.log.info("%s", line)
-                last = line.strip() or last
-            rc = self._proc.wait()
-        finally:  # a timeout or a kill of the task: the stage ends before its GPU lease does
-            self._stop()
-        if rc != 0:
-            raise fail(" ".join(args[:2]), rc, last)
-        result = _result(last)
+        with tempfile.TemporaryDirectory(prefix="headavatar-task-") as tmp:
+            result_file = Path(tmp) / "result.json"
+            self.log.info("running: headavatar %s", " ".join(args))
+            self._proc = subprocess.Popen([*self.program, *with_result_file(args, str(result_file))], env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                          start_new_session=True, pass_fds=holds)
+            last = ""
+            assert self._proc.stdout is not None
+            try:
+                for line in self._proc.stdout:
+                    line = line.rstrip()
+                    self.log.info("%s", line)
+                    last = line.strip() or last
+                rc = self._proc.wait()
+            finally:  # a timeout or a kill of the task: the stage ends before its GPU lease does
+                self._stop()
+            if rc != 0:
+                raise fail(" ".join(args[:2]), rc, last)
+            result = (read_result(result_file.read_bytes() if result_file.exists() else b"", args)
+                      if writes_result(args) else None)
         remember_mlflow_run(self, result, self.settings.mlflow_conn_id)
         describe_outlet_events(self, context, result)
         return result
@@ -220,6 +244,7 @@ class LocalStageOperator(ShowsStageCommand, BaseOperator):
 
 
 SCRATCH = "/scratch"  # the images' HEADAVATAR_SCRATCH, declared as a VOLUME there
+CONTAINER_RESULT = "/tmp/headavatar-result.json"  # --result-file in the container's own layer, read after it exits
 # Worker settings a container needs too (the local backend inherits the whole environment).
 PASSED_THROUGH = ("HEADAVATAR_MLFLOW_EXPERIMENT", "HEADAVATAR_MLFLOW_MODEL_PREFIX")
 # The host's CPU workarounds for OpenBLAS (e.g. OPENBLAS_CORETYPE where it misdetects the processor):
@@ -242,11 +267,13 @@ def passed_through(environ: Mapping[str, str]) -> dict[str, str]:
 
 
 def _docker_operator() -> type:
+    import io
+    import tarfile
     import uuid
 
     from airflow.providers.docker.exceptions import DockerContainerFailedException
     from airflow.providers.docker.operators.docker import DockerOperator
-    from docker.errors import APIError
+    from docker.errors import APIError, NotFound
     from docker.types import Mount
 
     class DockerStageOperator(ShowsStageCommand, DockerOperator):
@@ -254,7 +281,9 @@ def _docker_operator() -> type:
         into the task log. Scratch space (stage 1's decoded frames) is a named volume made for the
         attempt, not the container's writable layer; container and volume are removed afterwards,
         also when the task is killed or times out (the container is stopped: the CLI unwinds on SIGTERM).
-        A GPU stage's container gets its leased GPU (``DeviceRequest(device_ids=[...])``)."""
+        The container is removed here, not by the provider, so that its exit code and result file are read
+        from the exited container first. A GPU stage's container gets its leased GPU
+        (``DeviceRequest(device_ids=[...])``)."""
 
         operator_extra_links = (MLflowRunLink(),)
         template_fields = (*DockerOperator.template_fields, "stage_command")
@@ -264,7 +293,7 @@ def _docker_operator() -> type:
             super().__init__(
                 image=settings.cuda_image if stage.gpu else settings.cpu_image,
                 docker_url=settings.docker_url, network_mode=settings.docker_network,
-                auto_remove="force", mount_tmp_dir=False, mounts=[], privileged=False, tty=False,
+                auto_remove="never", mount_tmp_dir=False, mounts=[], privileged=False, tty=False,
                 environment=dict(CONTAINER_ENV), **kwargs)
             self.stage, self.settings, self.cli_command = stage, settings, command
             self.stage_command = ""
@@ -297,7 +326,8 @@ def _docker_operator() -> type:
 
         def _execute(self, context: Any) -> Any:
             params = context["params"]
-            self.command = task_command(self.stage, params, self.cli_command)
+            args = task_command(self.stage, params, self.cli_command)
+            self.command = with_result_file(args, CONTAINER_RESULT)
             public, secret = s3_environment(self.settings.s3_conn_id)
             self.environment = {**self.environment, **public,
                                 **passed_through(os.environ),
@@ -312,29 +342,47 @@ def _docker_operator() -> type:
             self.cli.create_volume(self.scratch_volume, labels={**self.labels, "headavatar.scratch": "1"})
             self.mounts = [Mount(target=SCRATCH, source=self.scratch_volume, type="volume")]
             try:
-                last = super().execute(context)  # the container's last output line
+                super().execute(context)  # its output into the task log, until it exits
+                result = read_result(self._result_file(), args) if writes_result(args) else None
             except DockerContainerFailedException as e:
-                code = re.search(r"'StatusCode': (\d+)", str(e))
+                code = self.cli.inspect_container(self.container["Id"])["State"]["ExitCode"]
                 last = next((str(x).strip() for x in reversed(e.logs or []) if str(x).strip()), "")
-                raise fail(" ".join(self.command[:2]), int(code.group(1)) if code else 1, last) from e
+                raise fail(" ".join(args[:2]), code, last) from e
             except BaseException:  # a timeout or kill: stop the container before the GPU lease ends
                 self.on_kill()
                 raise
             finally:
+                self._remove_container()
                 self._remove_scratch()
-            result = _result(last.decode() if isinstance(last, bytes) else last)
             remember_mlflow_run(self, result, self.settings.mlflow_conn_id)
             describe_outlet_events(self, context, result)
             return result
 
+        def _result_file(self) -> bytes:
+            """The exited container's ``--result-file`` (empty when it wrote none)."""
+            try:
+                chunks, _ = self.cli.get_archive(self.container["Id"], CONTAINER_RESULT)
+            except NotFound:
+                return b""
+            with tarfile.open(fileobj=io.BytesIO(b"".join(chunks))) as tar:
+                member = tar.extractfile(os.path.basename(CONTAINER_RESULT))
+                return member.read() if member is not None else b""
+
         def on_kill(self) -> None:
-            try:  # stops (SIGTERM, then SIGKILL after 10 s) and removes the container
+            try:  # stops it: SIGTERM, then SIGKILL after 10 s
                 super().on_kill()
-            except APIError as e:  # already gone (auto_remove after it ended): nothing left to stop
+            except APIError as e:  # already gone: nothing left to stop
                 self.log.info("container already removed: %s", e)
             finally:
-                self.container = None  # stopped once: a second on_kill (the runner's, after a timeout) is a no-op
+                self._remove_container()  # stopped once: a second on_kill (the runner's, after a timeout) is a no-op
                 self._remove_scratch()
+
+        def _remove_container(self) -> None:
+            if self.container is None:
+                return
+            with contextlib.suppress(NotFound):  # already removed
+                self.cli.remove_container(self.container["Id"], force=True)
+            self.container = None
 
         def _remove_scratch(self) -> None:
             if self.scratch_volume is None:
@@ -409,7 +457,7 @@ def _kubernetes_operator() -> type:
                 container_security_context=V1SecurityContext(allow_privilege_escalation=False,
                                                              capabilities=V1Capabilities(drop=["ALL"])),
                 on_finish_action="delete_pod",
-                get_logs=True, do_xcom_push=command is None, **gpu, **kwargs)
+                get_logs=True, do_xcom_push=command is None or writes_result(command), **gpu, **kwargs)
             self.stage, self.mlflow_conn_id, self.cli_command = stage, settings.mlflow_conn_id, command
             self.stage_command = ""
 
@@ -426,13 +474,12 @@ def _kubernetes_operator() -> type:
 
         def execute(self, context: Any) -> Any:
             self.request_gpus(context["params"])
-            self.arguments = task_command(self.stage, context["params"], self.cli_command)
-            if self.cli_command is None:  # a stage run reports its result through the xcom sidecar
-                self.arguments += ["--result-file", XCOM_RESULT]
+            args = task_command(self.stage, context["params"], self.cli_command)
+            self.arguments = with_result_file(args, XCOM_RESULT)  # where the xcom sidecar reads it
             run_env = run_environment(context, self.mlflow_conn_id)  # the tracking URI may also come from
             self.env_vars = [V1EnvVar(name=k, value=v) for k, v in run_env.items()]  # the settings ConfigMap
             result = super().execute(context)  # read back from the pod by the xcom sidecar
-            if self.cli_command is not None:
+            if not writes_result(args):
                 return None
             remember_mlflow_run(self, result if isinstance(result, dict) else None, self.mlflow_conn_id)
             describe_outlet_events(self, context, result if isinstance(result, dict) else None)

@@ -30,6 +30,20 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    help="override one setting, e.g. --set extract.frame_stride=3")
 
 
+def _result_file_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--result-file", type=Path,
+                        help="also write the result (the JSON line printed last) to this file: what the Airflow "
+                             "task returns, read from the file, as the output may end with other lines")
+
+
+def _report(result: dict, result_file: Path | None) -> None:
+    """Print the command's result as its last stdout line, and write it to ``--result-file`` first."""
+    if result_file is not None:
+        result_file.parent.mkdir(parents=True, exist_ok=True)
+        result_file.write_text(json.dumps(result))
+    print(json.dumps(result))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="headavatar", description=__doc__)
     parser.add_argument("--version", action="version", version=__version__)
@@ -40,8 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("stage", choices=STAGE_NAMES)
     run.add_argument("--capture", required=True, help="capture id, e.g. 018")
     run.add_argument("--force", action="store_true", help="recompute even on a cache hit")
-    run.add_argument("--result-file", type=Path,
-                     help="also write the result line here (Kubernetes: /airflow/xcom/return.json)")
+    _result_file_arg(run)
     _config_args(run)
 
     synth = sub.add_parser("synth", help="write a synthetic NeRSemble capture with ground truth")
@@ -129,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     unpack = sub.add_parser("unpack", help="unpack the .zip archives under raw/ into the raw layout (S3 to S3)")
     unpack.add_argument("--workers", type=int, default=4, help="members unpacked in parallel")
+    _result_file_arg(unpack)
     _config_args(unpack)
 
     caps = sub.add_parser("captures", help="list the complete raw captures in the bucket (ids, as JSON): every "
@@ -171,10 +185,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if tracked is not None:
         out["mlflow"] = {"experiment_id": tracked.experiment_id, "run_id": tracked.run_id,
                          "model_version": tracked.model_version}
-    if args.result_file:
-        args.result_file.parent.mkdir(parents=True, exist_ok=True)
-        args.result_file.write_text(json.dumps(out))
-    print(json.dumps(out))
+    _report(out, args.result_file)
     return 0
 
 
@@ -423,7 +434,7 @@ def cmd_unpack(args: argparse.Namespace) -> int:
         result = unpack_all(store, args.workers)
     finally:
         store.close()
-    print(json.dumps(result))
+    _report(result, args.result_file)
     if result["failed"]:
         raise PipelineError(f"{len(result['failed'])} archive(s) could not be unpacked; first: {result['failed'][0]}")
     return 0

@@ -351,7 +351,7 @@ class _StageMonitor(threading.Thread):
 
 
 def _cached(value: Any) -> bool:
-    """Whether a stage task's result (its XCom: the CLI's last JSON line) says the stage was a cache hit."""
+    """Whether a stage task's result (its XCom: the CLI's result file) says the stage was a cache hit."""
     for _ in range(2):  # the JSON column may hold the result or the result encoded once more as a string
         if isinstance(value, (str, bytes)):
             try:
