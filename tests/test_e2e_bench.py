@@ -34,6 +34,7 @@ from headavatar.bench.e2e_gpu import (
     so_far,
     summed,
     timeline,
+    track,
     wait_gsplat,
 )
 from headavatar.contract.outputs import state_key
@@ -249,14 +250,17 @@ def test_the_register_phase_registers_the_avatar_and_times_it(store: ObjectStore
     store.put_bytes(manifest_key(store, CAPTURE, "gaussianhead"), scored.to_json())
     server = TrackingServer(tmp_path / "home", {**os.environ}, BUCKET, None, period=0.2)
     started_at = time.time()
-    out = register(server, {**os.environ}, ["gaussianhead"], {}, [], tmp_path / "logs", wait=5,
-                   started_at=started_at,
-                   command=lambda stage: [sys.executable, "-c", STAND_IN, stage, CAPTURE])
+    stand_in = lambda stage: [sys.executable, "-c", STAND_IN, stage, CAPTURE]  # noqa: E731
+    out: dict = {}  # tracked first as --track-during-stage6 does, then the phase skips it
+    assert track(server, {**os.environ}, ["gaussianhead"], {}, [], tmp_path / "logs", out, wait=5,
+                 command=stand_in, during="stage 6") == server.server.uri
+    register(server, {**os.environ}, ["gaussianhead"], {}, [], tmp_path / "logs", started_at=started_at, out=out,
+             command=stand_in)
     assert out["server"]["start_s"] > 0 and "error" not in out["server"], out
     assert out["model"] == f"headavatar-{CAPTURE}" and out["model_version"] == "1" and out["champion"] == "1"
     six = out["stages"]["gaussianhead"]
     assert out["tracked_stages"] == ["gaussianhead"] and six["outcome"] == "registered as model"
-    assert six["state"] == "done" and 0 < six["tracking_s"] < six["wall_s"]
+    assert six["state"] == "done" and 0 < six["tracking_s"] < six["wall_s"] and six["during"] == "stage 6"
     assert 0 < out["capture_start_to_registered_version_s"] < time.time() - started_at
     assert out["versions"][0]["source"].endswith("/avatar") and out["versions"][0]["holdout_psnr"] == "45.9"
     assert server.server.proc.poll() is not None  # stopped

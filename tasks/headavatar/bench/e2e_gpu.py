@@ -529,9 +529,8 @@ class TrackingServer:
         t0 = time.monotonic()
         while not mlflow_installed(self.site) and time.monotonic() - t0 < wait and not stop():
             time.sleep(0.5)
-        if not mlflow_installed(self.site):
-            self._give_up.set()
-        self._thread.join()
+        if mlflow_installed(self.site):
+            self._thread.join()  # its start (the thread keeps looking otherwise, until stop())
         self.info["waited_s"] = round(time.monotonic() - t0, 1)
         return self.server.uri if "pid" in self.info else None
 
@@ -540,49 +539,64 @@ class TrackingServer:
         self.server.stop()
 
 
+def track(server: TrackingServer, env: dict[str, str], stages: list[str], extra: dict[str, list[str]],
+          overrides: list[str], log_dir: Path, out: dict, wait: float = 0.0, save: Callable[[], None] = lambda: None,
+          command: Callable[[str], list[str]] | None = None, cache_hit_s: float = 300.0, during: str | None = None
+          ) -> str | None:
+    """Track ``stages`` into MLflow as the pipeline's stage processes do after their manifests: each stage's
+    cache-hit ``headavatar run`` (``command(stage)`` in tests) with ``MLFLOW_TRACKING_URI`` set, in pipeline
+    order, one already done in ``out["stages"]`` skipped. Per stage: the process's wall seconds and, from its log,
+    the seconds from its cache hit to the end of its tracking (``during``: what else ran meanwhile). A stage whose
+    run is not over within ``cache_hit_s`` (no cache hit: it would be computed again) is stopped and the tracking
+    ends there. Returns the server's URI, None when there is none or a stage failed."""
+    uri = server.uri(wait)
+    out["server"] = dict(server.info)
+    if uri is None:
+        out["skipped"] = out["server"].get("error", f"mlflow was not installed within {wait:.0f} s")
+        return None
+    out.pop("skipped", None)
+    tracking_env = {**mlflow_path(server.site, env), "MLFLOW_TRACKING_URI": uri}
+    log_dir = log_dir / "register"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    for stage in stages:
+        if out.setdefault("stages", {}).get(stage, {}).get("state") == "done":
+            continue
+        record = out["stages"][stage] = {"during": during} if during else {}
+        path = log_dir / f"{stage}.log"
+        offset = path.stat().st_size if path.exists() else 0
+        try:  # a cache hit takes seconds; one that does not come would recompute the stage: stopped
+            run_stage(tracking_env, stage, extra.get(stage, []), overrides, attempt=record, save=save,
+                      log_dir=log_dir, command=command(stage) if command else None,
+                      deadline=time.monotonic() + cache_hit_s)
+        except (Deadline, SystemExit) as e:
+            record["error"] = f"{type(e).__name__}: {e}"
+            return None
+        lines = path.read_text()[offset:].splitlines()
+        marks = [float(m.group(1)) for line in lines if (m := TRACKED.match(line))]
+        if len(marks) >= 2:
+            record["tracking_s"] = round(marks[-1] - marks[0], 2)  # cache hit -> tracked
+        record["outcome"] = next((t for t in ("registered as model", "tracked in MLflow run", "already tracked",
+                                              "MLflow tracking at") for line in lines if t in line), "no tracking")
+    return uri
+
+
 def register(server: TrackingServer, env: dict[str, str], stages: list[str], extra: dict[str, list[str]],
              overrides: list[str], log_dir: Path, wait: float = 0.0, started_at: float | None = None,
              save: Callable[[], None] = lambda: None, out: dict | None = None,
              command: Callable[[str], list[str]] | None = None, cache_hit_s: float = 300.0) -> dict:
-    """Track every finished stage into MLflow as the pipeline's stage processes do after their manifests: each
-    stage's cache-hit ``headavatar run`` (``command(stage)`` in tests) with ``MLFLOW_TRACKING_URI`` set, in
-    pipeline order, so that stage 6's ends with its avatar registered; then the model's versions read back with
-    ``MlflowClient``. Per stage: the process's wall seconds and, from its log, the seconds from its cache hit to
-    the end of its tracking. ``started_at`` (epoch seconds: the capture's start) gives the time from the capture's
-    start to the registered version. A stage whose run is not over within ``cache_hit_s`` (no cache hit: it
-would be computed again) is stopped and the phase ends there. The server is stopped at the end."""
+    """:func:`track` every finished stage not tracked yet, so that stage 6's ends with its avatar registered as a
+    model version; then the model's versions read back with ``MlflowClient``. ``started_at`` (epoch seconds: the
+    capture's start) gives the time from the capture's start to the registered version. The server is stopped
+    at the end."""
     out = {} if out is None else out
     t0 = time.monotonic()
     try:
-        uri = server.uri(wait)
-        out["server"] = dict(server.info)
+        uri = track(server, env, stages, extra, overrides, log_dir, out, wait, save, command, cache_hit_s)
         if uri is None:
-            out["skipped"] = out["server"].get("error", f"mlflow was not installed within {wait:.0f} s")
             return out
-        tracking_env = {**mlflow_path(server.site, env), "MLFLOW_TRACKING_URI": uri}
-        log_dir = log_dir / "register"
-        log_dir.mkdir(parents=True, exist_ok=True)
-        out["stages"] = {}
-        for stage in stages:
-            record = out["stages"].setdefault(stage, {})
-            path = log_dir / f"{stage}.log"
-            offset = path.stat().st_size if path.exists() else 0
-            try:  # a cache hit takes seconds; one that does not come would recompute the stage: stopped
-                run_stage(tracking_env, stage, extra.get(stage, []), overrides, attempt=record, save=save,
-                          log_dir=log_dir, command=command(stage) if command else None,
-                          deadline=time.monotonic() + cache_hit_s)
-            except (Deadline, SystemExit) as e:
-                record["error"] = f"{type(e).__name__}: {e}"
-                return out
-            lines = path.read_text()[offset:].splitlines()
-            marks = [float(m.group(1)) for line in lines if (m := TRACKED.match(line))]
-            if len(marks) >= 2:
-                record["tracking_s"] = round(marks[-1] - marks[0], 2)  # cache hit -> tracked
-            record["outcome"] = next((t for t in ("registered as model", "tracked in MLflow run", "already tracked",
-                                                  "MLflow tracking at") for line in lines if t in line), "no tracking")
         name = model_name(CAPTURE)
-        r = subprocess.run([sys.executable, "-c", READ_BACK, uri, name], env=tracking_env, capture_output=True,
-                           text=True, timeout=120)
+        r = subprocess.run([sys.executable, "-c", READ_BACK, uri, name], env={**mlflow_path(server.site, env)},
+                           capture_output=True, text=True, timeout=120)
         if r.returncode:
             out["read_back_error"] = r.stderr[-500:]
             return out
@@ -646,6 +660,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mlflow-site", default=os.environ.get(MLFLOW_SITE_ENV) or None,
                    help="register: the folder mlflow is (or will be) installed into, put on the path of the server and "
                         f"the tracking processes only (${MLFLOW_SITE_ENV}; else this interpreter's own mlflow)")
+    p.add_argument("--track-during-stage6", action="store_true",
+                   help="register: track stages 1 to 5 while stage 6 trains (as soon as the server is up), so that "
+                        "only stage 6's tracking comes after it; the pipeline tracks each stage before the next")
     p.add_argument("--stop-file", type=Path, default=None,
                    help="once this file exists, the bench does what it does at --deadline: a bench left running "
                         "in the background over several calls is stopped by the last one")
@@ -703,6 +720,8 @@ def main(argv: list[str] | None = None) -> int:
 
     s3 = EmbeddedS3(args.home / "s3").start()
     tracker: TrackingServer | None = None
+    early: threading.Thread | None = None  # --track-during-stage6
+    early_out: dict = {}
     try:
         env = {**os.environ, **s3.env(), "HEADAVATAR_S3_BUCKET": BUCKET, "HEADAVATAR_S3_PREFIX": "e2e"}
         if args.prebuild_gsplat and "TORCH_CUDA_ARCH_LIST" not in env and (arch := cuda_arch_list()):
@@ -740,6 +759,10 @@ def main(argv: list[str] | None = None) -> int:
             elif stage == "register":
                 done = [s for s in STAGE_NAMES if s in results["stages"] and not results["stages"][s].get("unfinished")]
                 out = results.setdefault("register", {})
+                if early is not None:  # stages 1-5 tracked while stage 6 trained: their records
+                    early.join(600)
+                    out.setdefault("stages", {}).update({k: v for k, v in early_out.get("stages", {}).items()
+                                                         if not early.is_alive()})
                 began = results.get("capture_started_at")
                 if began is not None and (six := read_manifest(store, CAPTURE, "gaussianhead")) is not None:
                     out["capture_start_to_stage6_manifest_s"] = round(
@@ -755,6 +778,12 @@ def main(argv: list[str] | None = None) -> int:
                     built = gsplat.result(args.gsplat_wait, lambda: stop() or time.monotonic() >= deadline)
                     results.setdefault("gsplat_prebuild", built)  # the call that waited for it
                     log.info("gsplat's extension: %s", built)
+                if stage == "gaussianhead" and tracker is not None and args.track_during_stage6:
+                    before = [s for s in STAGE_NAMES[:STAGE_NAMES.index(stage)]
+                              if s in results["stages"] and not results["stages"][s].get("unfinished")]
+                    early = threading.Thread(target=track, args=(tracker, env, before, steps, overrides, log_dir,
+                                                                 early_out), kwargs={"during": "stage 6"}, daemon=True)
+                    early.start()
                 attempts = results.setdefault("attempts", {}).setdefault(stage, [])
                 attempts.append({"state": "starting", "set": args.set})  # this call's own --set
                 save()
