@@ -735,7 +735,8 @@ def main(argv: list[str] | None = None) -> int:
         tracker = TrackingServer(args.home, env, BUCKET, args.mlflow_site) if "register" in args.stages.split(",") \
             else None
         for stage in args.stages.split(","):
-            if time.monotonic() >= deadline or stop():
+            # register is seconds (stage 6 done, its server up): a stop file made after stage 6 does not skip it
+            if stage != "register" and (time.monotonic() >= deadline or stop()):
                 log.warning("no time left for %s: the next call runs it", stage)
                 break
             if stage == "synth":
