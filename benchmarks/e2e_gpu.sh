@@ -8,11 +8,18 @@
 # build/e2e_carry_{a,b}/, each folder installed with `pip install --target /tmp/site<folder>`, and tarballs
 # of an installed site (*.tar.xz there) unpacked there. A call carries at most 64 MiB with the tree, so
 #   PACK=1 bash benchmarks/e2e_gpu.sh
-# makes, here, from .whl/ and .whl_a/: build/e2e_carry_a/site.tar.xz (every package but gsplat, botocore's
-# service models cut to S3's and STS's, xz: ~58 MiB) and build/e2e_carry_b/ (gsplat's wheel, ~6 MiB), for
-# the first call and a later one. A folder is installed once per machine: a later call of the same warm
-# machine skips what is installed (reinstalling gsplat would touch its sources, and its CUDA extension
-# would be built again).
+# makes, here, from .whl/, .whl_a/ and .whl_c/: build/e2e_carry_a/site.tar.xz (every package but gsplat,
+# botocore's service models cut to S3's and STS's, xz: ~58 MiB), build/e2e_carry_b/ (gsplat's wheel, ~6 MiB)
+# and build/e2e_carry_c/ (mlflow's server and client: the wheels pinned in benchmarks/e2e_carry_c.txt, ~33 MiB),
+# for the first call (a) and a later one (b and c together). .whl_c/ is filled, here, with
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+#     --platform manylinux_2_27_x86_64 --platform manylinux1_x86_64 --platform manylinux_2_5_x86_64 \
+#     -d .whl_c -r benchmarks/e2e_carry_c.txt
+# A folder is installed once per machine: a later call of the same warm machine skips what is installed
+# (reinstalling gsplat would touch its sources, and its CUDA extension would be built again). The folders
+# in $E2E_TOOLS (build/e2e_carry_c) are not put on the stages' PYTHONPATH: their site is given to the bench
+# as $E2E_MLFLOW_SITE, for the MLflow server and the tracking processes of its register phase alone.
 #
 # One run over several calls of a warm machine (a call lasts at most 10 minutes), never stopped between
 # them: CHAIN=start launches the bench in a process session of its own (it outlives the call; its code
@@ -23,11 +30,12 @@
 # records where it got, as at --deadline).
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
-read -r -a CARRY <<<"${E2E_CARRY:-.whl_a .whl build/e2e_carry_a build/e2e_carry_b}"  # folders of carried packages
+read -r -a CARRY <<<"${E2E_CARRY:-.whl_a .whl build/e2e_carry_a build/e2e_carry_b build/e2e_carry_c}"  # carried packages
+TOOLS=" ${E2E_TOOLS-build/e2e_carry_c} "  # of those, the ones off the stages' path (mlflow)
 
 if [ "${PACK:-0}" = 1 ]; then
-  rm -rf build/e2e_pack build/e2e_carry_a build/e2e_carry_b
-  mkdir -p build/e2e_pack build/e2e_carry_a build/e2e_carry_b
+  rm -rf build/e2e_pack build/e2e_carry_a build/e2e_carry_b build/e2e_carry_c
+  mkdir -p build/e2e_pack build/e2e_carry_a build/e2e_carry_b build/e2e_carry_c
   wheels=$(ls .whl/*.whl .whl_a/*.whl | grep -v '/gsplat-')
   # shellcheck disable=SC2086
   $PYTHON -m pip install -q --no-index --no-deps --no-compile --target build/e2e_pack --python-version 3.12 \
@@ -37,15 +45,20 @@ if [ "${PACK:-0}" = 1 ]; then
     ! -name s3 ! -name sts ! -name sso ! -name sso-oidc -exec rm -rf {} +
   tar -C build/e2e_pack -cf - . | xz -9e -T0 >build/e2e_carry_a/site.tar.xz
   cp .whl_a/gsplat-*.whl build/e2e_carry_b/
+  cp .whl_c/*.whl build/e2e_carry_c/
   rm -rf build/e2e_pack
-  du -sh build/e2e_carry_a build/e2e_carry_b
+  du -sh build/e2e_carry_a build/e2e_carry_b build/e2e_carry_c
   exit 0
 fi
 
-sites=() bins=()
+sites=() bins=() tools=()
 for d in "${CARRY[@]}"; do
   target=/tmp/site$(printf %s "$d" | tr / _)
-  sites+=("$target") bins+=("$target/bin")  # on the path even before a later call fills it
+  if [[ $TOOLS == *" $d "* ]]; then
+    tools+=("$target")
+  else
+    sites+=("$target") bins+=("$target/bin")  # on the path even before a later call fills it
+  fi
   [ -d "$d" ] || continue
   signature=$(find "$d" -maxdepth 1 -type f -printf '%f %s\n' | sort | md5sum)
   [ "$(cat "$target/.installed" 2>/dev/null)" = "$signature" ] && continue
@@ -66,7 +79,8 @@ code=$PWD
 [ -n "${CHAIN:-}" ] && code=/tmp/e2e_code
 PYTHONPATH="$(IFS=:; echo "${sites[*]}"):$code/tasks"
 PATH="$(IFS=:; echo "${bins[*]}"):$PATH"
-export PYTHONPATH PATH
+E2E_MLFLOW_SITE="$(IFS=:; echo "${tools[*]}")"
+export PYTHONPATH PATH E2E_MLFLOW_SITE
 [ "${INSTALL_ONLY:-0}" = 1 ] && exit 0
 if [ -z "${CHAIN:-}" ]; then
   exec $PYTHON -m headavatar.bench.e2e_gpu --out "${OUT:-benchmarks/results}" "$@"

@@ -10,29 +10,35 @@ import os
 import re
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import BUCKET, fake_manifest
 from headavatar.bench.e2e_gpu import (
     CAPTURE,
     GSPLAT_PID,
     TEXTURE_MARKER,
     Deadline,
     GsplatPrebuild,
+    TrackingServer,
     capture_texture,
     from_the_log,
     main,
     prebuild_gsplat,
+    register,
     results_name,
     run_stage,
     so_far,
     summed,
     timeline,
+    track,
     wait_gsplat,
 )
 from headavatar.contract.outputs import state_key
+from headavatar.contract.stage import manifest_key, read_manifest
 from headavatar.layout import stage_prefix
 from headavatar.storage import ObjectStore
 from headavatar.training.checkpoints import RESUMABLE
@@ -212,3 +218,54 @@ def test_gsplat_installed_by_a_later_call_is_built_when_it_comes(tmp_path: Path,
     t0 = time.monotonic()
     assert GsplatPrebuild(empty, env, None, period=0.2).result(install_wait=0.5) is None
     assert time.monotonic() - t0 < 5
+
+
+STAND_IN = """
+import json, logging, sys
+from headavatar.contract.stage import StageResult, manifest_key, read_manifest
+from headavatar.settings import load_config
+from headavatar.storage import ObjectStore
+from headavatar.tracking import track_stage
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+stage, config = sys.argv[1], load_config()
+store = ObjectStore(config.storage)
+logging.getLogger("headavatar.contract.stage").info("%s/%s: cache hit", sys.argv[2], stage)
+result = StageResult(stage, sys.argv[2], True, read_manifest(store, sys.argv[2], stage),
+                     store.uri(manifest_key(store, sys.argv[2], stage)))
+tracked = track_stage(result, store, config)
+print(json.dumps({"stage": stage, "cached": True, "mlflow": {"model_version": tracked.model_version}}))
+"""
+
+
+@pytest.mark.s3
+def test_the_register_phase_registers_the_avatar_and_times_it(store: ObjectStore, s3_env: dict[str, str],
+                                                               tmp_path: Path) -> None:
+    """A real ``mlflow server`` from the bench's register phase, stage 6 done (its manifest and avatar in the
+    bucket) and a stand-in for its cache-hit ``headavatar run`` that tracks as the CLI does (track_stage): the
+    stage is tracked and timed, its avatar becomes version 1 of ``headavatar-<capture>``, read back, and the
+    server is stopped. (One stage: the server's start is most of the test's time.)"""
+    fake_manifest(store, "gaussianhead", {"avatar/avatar.pt": b"weights", "avatar/avatar.json": b"{}"},
+                  capture=CAPTURE)
+    scored = replace(read_manifest(store, CAPTURE, "gaussianhead"), metrics={"holdout_psnr": 45.9})
+    store.put_bytes(manifest_key(store, CAPTURE, "gaussianhead"), scored.to_json())
+    server = TrackingServer(tmp_path / "home", {**os.environ}, BUCKET, None, period=0.2)
+    started_at = time.time()
+    stand_in = lambda stage: [sys.executable, "-c", STAND_IN, stage, CAPTURE]  # noqa: E731
+    out: dict = {}  # tracked first as --track-during-stage6 does, then the phase skips it
+    assert track(server, {**os.environ}, ["gaussianhead"], {}, [], tmp_path / "logs", out, wait=5,
+                 command=stand_in, during="stage 6") == server.server.uri
+    register(server, {**os.environ}, ["gaussianhead"], {}, [], tmp_path / "logs", started_at=started_at, out=out,
+             command=stand_in)
+    assert out["server"]["start_s"] > 0 and "error" not in out["server"], out
+    assert out["model"] == f"headavatar-{CAPTURE}" and out["model_version"] == "1" and out["champion"] == "1"
+    six = out["stages"]["gaussianhead"]
+    assert out["tracked_stages"] == ["gaussianhead"] and six["outcome"] == "registered as model"
+    assert six["state"] == "done" and 0 < six["tracking_s"] < six["wall_s"] and six["during"] == "stage 6"
+    assert 0 < out["capture_start_to_registered_version_s"] < time.time() - started_at
+    assert out["versions"][0]["source"].endswith("/avatar") and out["versions"][0]["holdout_psnr"] == "45.9"
+    assert server.server.proc.poll() is not None  # stopped
+    assert (tmp_path / "logs" / "register" / "gaussianhead.log").exists()
+
+    gone = TrackingServer(tmp_path / "other", {**os.environ}, BUCKET, str(tmp_path / "not-installed"), period=0.2)
+    skipped = register(gone, {**os.environ}, ["sample"], {}, [], tmp_path / "logs", wait=0.3)
+    assert skipped["skipped"] == "mlflow was not installed within 0 s" and "stages" not in skipped

@@ -18,6 +18,12 @@ attempt is recorded as it runs (wall seconds, every 10 s), so a stage that ``--d
 (or a lost call) cuts short resumes from its checkpoint in the next call and its attempts add up.
 Stages 5 and 6 also record their held-out curves (``history.json``); a stage stopped at the
 deadline records its resumable checkpoint's step and curve so far.
+
+``register`` (after stage 6, in the default ``--stages``): what the pipeline's stage processes do after their
+manifests, tracking into MLflow, ending with stage 6's avatar registered as a model version. A real
+``mlflow server`` (SQLite in ``--home``, artifacts proxied into the bench's bucket) is started in the background
+as soon as mlflow can be imported (a later call of the machine may install it, ``--mlflow-site``), then each
+stage's cache-hit ``headavatar run`` tracks it, timed; the model version is read back with ``MlflowClient``.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import IO
 
@@ -48,6 +55,7 @@ from headavatar.settings import load_config
 from headavatar.stages import STAGE_NAMES
 from headavatar.storage import ObjectStore
 from headavatar.synthetic.capture import NOISE_DEVICE_ENV
+from headavatar.tracking import model_name
 from headavatar.training.checkpoints import RESUMABLE, load_stored
 
 log = logging.getLogger("headavatar.e2e")
@@ -445,6 +453,167 @@ def capture_texture(home: Path, asked: str | None, real: bool, detector: str) ->
     return texture
 
 
+MLFLOW_SITE_ENV = "E2E_MLFLOW_SITE"  # benchmarks/e2e_gpu.sh: where a later call installs mlflow (not on the path)
+TRACKED = re.compile(r"^\[\s*([\d.]+)\] .*(?:: cache hit|tracked in MLflow run|MLflow tracking at )")
+READ_BACK = """
+import json, sys
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+client, name = MlflowClient(sys.argv[1]), sys.argv[2]
+exp = client.get_experiment_by_name("headavatar")
+try:
+    champion = client.get_model_version_by_alias(name, "champion").version
+except MlflowException:  # no version with a held-out score
+    champion = None
+runs = client.search_runs([exp.experiment_id], "tags.`headavatar.kind` = 'stage'") if exp else []
+print(json.dumps({
+    "versions": [{"version": v.version, "status": v.status, "run_id": v.run_id, "created_ms": v.creation_timestamp,
+                  "source": v.source, "holdout_psnr": v.tags.get("holdout_psnr")}
+                 for v in client.search_model_versions(f"name = '{name}'")],
+    "champion": champion,
+    "tracked_stages": sorted(r.data.tags["headavatar.stage"] for r in runs if "headavatar.manifest" in r.data.tags)}))
+"""
+
+
+def mlflow_path(site: str | None, env: dict[str, str]) -> dict[str, str]:
+    """``env`` with ``site`` (the folder mlflow was installed into) first on PYTHONPATH: the server's and the
+    tracking processes'. The stages themselves run without it, as they did before it came."""
+    return {**env, "PYTHONPATH": os.pathsep.join(p for p in (site, env.get("PYTHONPATH")) if p)} if site else env
+
+
+def mlflow_installed(site: str | None) -> bool:
+    """Whether mlflow can be imported: from ``site`` once its install has finished (benchmarks/e2e_gpu.sh
+    writes ``.installed`` last), else from this interpreter."""
+    if site:
+        return any((Path(d) / ".installed").exists() and (Path(d) / "mlflow").is_dir() for d in site.split(os.pathsep))
+    import importlib.util
+
+    return importlib.util.find_spec("mlflow") is not None
+
+
+class TrackingServer:
+    """A real ``mlflow server`` (its start is 15-30 s of imports), started in the background as soon as mlflow can
+    be imported (looked for every ``period`` seconds), so that it is up when stage 6 ends: SQLite in ``home``,
+    artifacts proxied into ``s3://<bucket>/mlflow`` as in infra/compose."""
+
+    def __init__(self, home: Path, env: dict[str, str], bucket: str, site: str | None, period: float = 5.0):
+        from headavatar.devserver.mlflow_server import EmbeddedMLflow
+
+        self.site, self.period = site, period
+        # its environment over os.environ's: the bench's S3 identity and endpoint, mlflow's folder on the path
+        self.server = EmbeddedMLflow(home / "mlflow", mlflow_path(site, env), bucket)
+        self.info: dict = {}
+        self._give_up = threading.Event()
+        self._thread = threading.Thread(target=self._start, daemon=True)
+        self._thread.start()
+
+    def _start(self) -> None:
+        t0 = time.monotonic()
+        while not mlflow_installed(self.site):
+            if self._give_up.wait(self.period):
+                return
+        t1 = time.monotonic()
+        try:
+            self.server.start()
+            self.info.update(pid=self.server.proc.pid, start_s=round(time.monotonic() - t1, 1))
+            log.info("mlflow server up at %s (pid %d) in %.1f s", self.server.uri, self.server.proc.pid,
+                     time.monotonic() - t1)
+        except Exception as e:
+            self.info["error"] = f"{type(e).__name__}: {e}"[:500]
+            log.warning("mlflow server did not start: %s", self.info["error"])
+        self.info["installed_after_s"] = round(t1 - t0, 1)
+
+    def uri(self, wait: float, stop: Callable[[], bool] = lambda: False) -> str | None:
+        """The server's URI, waiting up to ``wait`` seconds for mlflow to be installed (then for its start);
+        None when it never came or did not start."""
+        t0 = time.monotonic()
+        while not mlflow_installed(self.site) and time.monotonic() - t0 < wait and not stop():
+            time.sleep(0.5)
+        if mlflow_installed(self.site):
+            self._thread.join()  # its start (the thread keeps looking otherwise, until stop())
+        self.info["waited_s"] = round(time.monotonic() - t0, 1)
+        return self.server.uri if "pid" in self.info else None
+
+    def stop(self) -> None:
+        self._give_up.set()
+        self.server.stop()
+
+
+def track(server: TrackingServer, env: dict[str, str], stages: list[str], extra: dict[str, list[str]],
+          overrides: list[str], log_dir: Path, out: dict, wait: float = 0.0, save: Callable[[], None] = lambda: None,
+          command: Callable[[str], list[str]] | None = None, cache_hit_s: float = 300.0, during: str | None = None
+          ) -> str | None:
+    """Track ``stages`` into MLflow as the pipeline's stage processes do after their manifests: each stage's
+    cache-hit ``headavatar run`` (``command(stage)`` in tests) with ``MLFLOW_TRACKING_URI`` set, in pipeline
+    order, one already done in ``out["stages"]`` skipped. Per stage: the process's wall seconds and, from its log,
+    the seconds from its cache hit to the end of its tracking (``during``: what else ran meanwhile). A stage whose
+    run is not over within ``cache_hit_s`` (no cache hit: it would be computed again) is stopped and the tracking
+    ends there. Returns the server's URI, None when there is none or a stage failed."""
+    uri = server.uri(wait)
+    out["server"] = dict(server.info)
+    if uri is None:
+        out["skipped"] = out["server"].get("error", f"mlflow was not installed within {wait:.0f} s")
+        return None
+    out.pop("skipped", None)
+    tracking_env = {**mlflow_path(server.site, env), "MLFLOW_TRACKING_URI": uri}
+    log_dir = log_dir / "register"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    for stage in stages:
+        if out.setdefault("stages", {}).get(stage, {}).get("state") == "done":
+            continue
+        record = out["stages"][stage] = {"during": during} if during else {}
+        path = log_dir / f"{stage}.log"
+        offset = path.stat().st_size if path.exists() else 0
+        try:  # a cache hit takes seconds; one that does not come would recompute the stage: stopped
+            run_stage(tracking_env, stage, extra.get(stage, []), overrides, attempt=record, save=save,
+                      log_dir=log_dir, command=command(stage) if command else None,
+                      deadline=time.monotonic() + cache_hit_s)
+        except (Deadline, SystemExit) as e:
+            record["error"] = f"{type(e).__name__}: {e}"
+            return None
+        lines = path.read_text()[offset:].splitlines()
+        marks = [float(m.group(1)) for line in lines if (m := TRACKED.match(line))]
+        if len(marks) >= 2:
+            record["tracking_s"] = round(marks[-1] - marks[0], 2)  # cache hit -> tracked
+        record["outcome"] = next((t for t in ("registered as model", "tracked in MLflow run", "already tracked",
+                                              "MLflow tracking at") for line in lines if t in line), "no tracking")
+    return uri
+
+
+def register(server: TrackingServer, env: dict[str, str], stages: list[str], extra: dict[str, list[str]],
+             overrides: list[str], log_dir: Path, wait: float = 0.0, started_at: float | None = None,
+             save: Callable[[], None] = lambda: None, out: dict | None = None,
+             command: Callable[[str], list[str]] | None = None, cache_hit_s: float = 300.0) -> dict:
+    """:func:`track` every finished stage not tracked yet, so that stage 6's ends with its avatar registered as a
+    model version; then the model's versions read back with ``MlflowClient``. ``started_at`` (epoch seconds: the
+    capture's start) gives the time from the capture's start to the registered version. The server is stopped
+    at the end."""
+    out = {} if out is None else out
+    t0 = time.monotonic()
+    try:
+        uri = track(server, env, stages, extra, overrides, log_dir, out, wait, save, command, cache_hit_s)
+        if uri is None:
+            return out
+        name = model_name(CAPTURE)
+        r = subprocess.run([sys.executable, "-c", READ_BACK, uri, name], env={**mlflow_path(server.site, env)},
+                           capture_output=True, text=True, timeout=120)
+        if r.returncode:
+            out["read_back_error"] = r.stderr[-500:]
+            return out
+        back = json.loads(r.stdout.strip().splitlines()[-1])
+        versions = sorted(back["versions"], key=lambda v: int(v["version"]))
+        out.update(model=name, versions=versions, champion=back["champion"], tracked_stages=back["tracked_stages"])
+        if versions:
+            out["model_version"] = versions[-1]["version"]
+            if started_at is not None:
+                out["capture_start_to_registered_version_s"] = round(versions[-1]["created_ms"] / 1000 - started_at, 1)
+        return out
+    finally:
+        server.stop()
+        out["wall_s"] = round(time.monotonic() - t0, 1)
+        save()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", type=Path, required=True)
@@ -454,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"sequences (1; 4 with --real-size, the last held out), at most {len(SEQUENCES)}")
     p.add_argument("--real-size", action="store_true",
                    help="default strides and training schedules, a held-out sequence: e2e_real_size_gpu.json")
-    p.add_argument("--stages", default="synth," + ",".join(STAGE_NAMES))
+    p.add_argument("--stages", default="synth," + ",".join(STAGE_NAMES) + ",register")
     p.add_argument("--meshhead-steps", type=int, default=None, help="600; the profile's ceiling with --real-size")
     p.add_argument("--gaussianhead-steps", type=int, default=None, help="2000; the profile's with --real-size")
     p.add_argument("--compare-steps", type=int, default=None,
@@ -485,6 +654,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--synth-noise-device", default=None, metavar="DEVICE",
                    help="draw the capture's sensor noise with PyTorch on DEVICE (cuda: the CPUs only render and "
                         "encode); numpy's generator otherwise, as the tests' captures")
+    p.add_argument("--mlflow-wait", type=float, default=0.0,
+                   help="register: seconds to wait for mlflow to be installed (by a later call of the machine) before "
+                        "the phase is skipped")
+    p.add_argument("--mlflow-site", default=os.environ.get(MLFLOW_SITE_ENV) or None,
+                   help="register: the folder mlflow is (or will be) installed into, put on the path of the server and "
+                        f"the tracking processes only (${MLFLOW_SITE_ENV}; else this interpreter's own mlflow)")
+    p.add_argument("--track-during-stage6", action="store_true",
+                   help="register: track stages 1 to 5 while stage 6 trains (as soon as the server is up), so that "
+                        "only stage 6's tracking comes after it; the pipeline tracks each stage before the next")
     p.add_argument("--stop-file", type=Path, default=None,
                    help="once this file exists, the bench does what it does at --deadline: a bench left running "
                         "in the background over several calls is stopped by the last one")
@@ -541,6 +719,9 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / name).write_text(text)
 
     s3 = EmbeddedS3(args.home / "s3").start()
+    tracker: TrackingServer | None = None
+    early: threading.Thread | None = None  # --track-during-stage6
+    early_out: dict = {}
     try:
         env = {**os.environ, **s3.env(), "HEADAVATAR_S3_BUCKET": BUCKET, "HEADAVATAR_S3_PREFIX": "e2e"}
         if args.prebuild_gsplat and "TORCH_CUDA_ARCH_LIST" not in env and (arch := cuda_arch_list()):
@@ -551,12 +732,16 @@ def main(argv: list[str] | None = None) -> int:
         deadline = t_start + args.deadline
         gsplat = GsplatPrebuild(args.home, env, log_dir) if args.prebuild_gsplat and "TORCH_CUDA_ARCH_LIST" in env \
             else None
+        tracker = TrackingServer(args.home, env, BUCKET, args.mlflow_site) if "register" in args.stages.split(",") \
+            else None
         for stage in args.stages.split(","):
-            if time.monotonic() >= deadline or stop():
+            # register is seconds (stage 6 done, its server up): a stop file made after stage 6 does not skip it
+            if stage != "register" and (time.monotonic() >= deadline or stop()):
                 log.warning("no time left for %s: the next call runs it", stage)
                 break
             if stage == "synth":
                 t0 = time.monotonic()
+                results["capture_started_at"] = time.time()  # epoch seconds: the register phase's reference
                 cmd = [sys.executable, "-m", "headavatar.cli", "synth", "--capture", CAPTURE,
                        "--frames", str(frames), "--texture", texture]
                 for seq in sequences:
@@ -572,6 +757,19 @@ def main(argv: list[str] | None = None) -> int:
                 results["capture"]["texture"] = texture
                 results["capture"]["noise"] = f"torch on {args.synth_noise_device}" if noise_env else "numpy"
                 results["stages"]["synth"] = {"wall_s": round(time.monotonic() - t0, 1), "workers": os.cpu_count()}
+            elif stage == "register":
+                done = [s for s in STAGE_NAMES if s in results["stages"] and not results["stages"][s].get("unfinished")]
+                out = results.setdefault("register", {})
+                if early is not None:  # stages 1-5 tracked while stage 6 trained: their records
+                    early.join(600)
+                    out.setdefault("stages", {}).update({k: v for k, v in early_out.get("stages", {}).items()
+                                                         if not early.is_alive()})
+                began = results.get("capture_started_at")
+                if began is not None and (six := read_manifest(store, CAPTURE, "gaussianhead")) is not None:
+                    out["capture_start_to_stage6_manifest_s"] = round(
+                        datetime.fromisoformat(six.finished_at).timestamp() - began, 1)
+                register(tracker, env, done, steps, overrides, log_dir, wait=args.mlflow_wait, started_at=began,
+                         save=save, out=out)
             elif stage == "compare":  # also run before the main stage 6 when "gaussianhead" is asked for
                 results["rasterizer_comparison"] = compare_rasterizers(env, store, compare_steps, overrides)
             else:
@@ -581,6 +779,12 @@ def main(argv: list[str] | None = None) -> int:
                     built = gsplat.result(args.gsplat_wait, lambda: stop() or time.monotonic() >= deadline)
                     results.setdefault("gsplat_prebuild", built)  # the call that waited for it
                     log.info("gsplat's extension: %s", built)
+                if stage == "gaussianhead" and tracker is not None and args.track_during_stage6:
+                    before = [s for s in STAGE_NAMES[:STAGE_NAMES.index(stage)]
+                              if s in results["stages"] and not results["stages"][s].get("unfinished")]
+                    early = threading.Thread(target=track, args=(tracker, env, before, steps, overrides, log_dir,
+                                                                 early_out), kwargs={"during": "stage 6"}, daemon=True)
+                    early.start()
                 attempts = results.setdefault("attempts", {}).setdefault(stage, [])
                 attempts.append({"state": "starting", "set": args.set})  # this call's own --set
                 save()
@@ -613,9 +817,11 @@ def main(argv: list[str] | None = None) -> int:
                     decoded = out["metrics"].get("video_frames_decoded", 0)
                     out["cpu_ms_per_decoded_frame"] = round(1000 * out["metrics"]["cpu_s"] / max(decoded, 1), 2)
             save()
-            log.info("%s: %s", stage, json.dumps(results["stages"].get(stage))[:400])
+            log.info("%s: %s", stage, json.dumps(results["stages"].get(stage, results.get(stage)))[:400])
         store.close()
     finally:
+        if tracker is not None:
+            tracker.stop()
         s3.stop()
     stamp(results, "headavatar.bench.e2e_gpu", argv)
     save()
