@@ -614,6 +614,11 @@ def register(server: TrackingServer, env: dict[str, str], stages: list[str], ext
         save()
 
 
+def finished(results: dict, stages: tuple[str, ...]) -> list[str]:
+    """Those of ``stages`` this run has finished (their manifests written), in pipeline order."""
+    return [s for s in stages if s in results["stages"] and not results["stages"][s].get("unfinished")]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", type=Path, required=True)
@@ -758,7 +763,7 @@ def main(argv: list[str] | None = None) -> int:
                 results["capture"]["noise"] = f"torch on {args.synth_noise_device}" if noise_env else "numpy"
                 results["stages"]["synth"] = {"wall_s": round(time.monotonic() - t0, 1), "workers": os.cpu_count()}
             elif stage == "register":
-                done = [s for s in STAGE_NAMES if s in results["stages"] and not results["stages"][s].get("unfinished")]
+                done = finished(results, STAGE_NAMES)
                 out = results.setdefault("register", {})
                 if early is not None:  # stages 1-5 tracked while stage 6 trained: their records
                     early.join(600)
@@ -780,8 +785,7 @@ def main(argv: list[str] | None = None) -> int:
                     results.setdefault("gsplat_prebuild", built)  # the call that waited for it
                     log.info("gsplat's extension: %s", built)
                 if stage == "gaussianhead" and tracker is not None and args.track_during_stage6:
-                    before = [s for s in STAGE_NAMES[:STAGE_NAMES.index(stage)]
-                              if s in results["stages"] and not results["stages"][s].get("unfinished")]
+                    before = finished(results, STAGE_NAMES[:STAGE_NAMES.index(stage)])
                     early = threading.Thread(target=track, args=(tracker, env, before, steps, overrides, log_dir,
                                                                  early_out), kwargs={"during": "stage 6"}, daemon=True)
                     early.start()
