@@ -17,6 +17,7 @@ import argparse
 import collections
 import importlib.util
 import json
+import logging
 import os
 import sys
 import time
@@ -155,6 +156,7 @@ def run_role(role: str, data: Path, out: Path, variants: list[str], warm: int, s
                 one_step(t)
                 torch.cuda.synchronize()
                 r["first_step_s"] = round(time.perf_counter() - t0, 1)
+            r["compile_failed_at"] = t.state.compile_failed_at
             r["step"] = time_steps(t, warm, steps)
             print(role, name, "step", r["step"], flush=True)
             r["step_again"] = time_steps(t, 5, steps)
@@ -190,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--quality-steps", type=int, default=600)
     args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")  # a failed compile's trace
     args.out.mkdir(parents=True, exist_ok=True)
     if args.role == "data":
         make_data(args.data, args.frames)

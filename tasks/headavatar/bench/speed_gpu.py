@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import logging
 import os
 import sys
 import time
@@ -46,14 +47,18 @@ def family(name: str) -> str:
     return "other"
 
 
-def profile(step: Callable[[], None], steps: int) -> dict:
-    """GPU time per step by kernel family, and wall time per step, from torch.profiler."""
+SHAPED = ("aten::copy_", "aten::convolution_backward", "aten::convolution", "aten::clone")
+
+
+def profile(step: Callable[[], None], steps: int, shapes: bool = False) -> dict:
+    """GPU time per step by kernel family, and wall time per step, from torch.profiler; ``shapes``: also the
+    device time of the ``SHAPED`` operators by input shape (which copies, which convolutions)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     step()
     torch.cuda.synchronize()
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=shapes) as prof:
         t = time.perf_counter()
         for _ in range(steps):
             step()
@@ -66,10 +71,15 @@ def profile(step: Callable[[], None], steps: int) -> dict:
             fam[family(e.key)] = fam.get(family(e.key), 0.0) + dev / 1000 / steps
     table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70)
     gpu = sum(fam.values())
-    return {"wall_ms_per_step_profiled": round(1000 * wall, 2), "gpu_ms_per_step": round(gpu, 2),
-            "gpu_idle_ms_per_step": round(max(0.0, 1000 * wall - gpu), 2),
-            "by_family_ms": {k: round(v, 2) for k, v in sorted(fam.items(), key=lambda kv: -kv[1])},
-            "top_kernels": table.splitlines()}
+    out = {"wall_ms_per_step_profiled": round(1000 * wall, 2), "gpu_ms_per_step": round(gpu, 2),
+           "gpu_idle_ms_per_step": round(max(0.0, 1000 * wall - gpu), 2),
+           "by_family_ms": {k: round(v, 2) for k, v in sorted(fam.items(), key=lambda kv: -kv[1])},
+           "top_kernels": table.splitlines()}
+    if shapes:
+        out["by_shape"] = sorted(([e.key, str(e.input_shapes), round(e.device_time_total / 1000 / steps, 3),
+                                   round(e.count / steps, 1)] for e in prof.key_averages(group_by_input_shape=True)
+                                  if e.key in SHAPED), key=lambda r: -r[2])
+    return out
 
 
 def one_step(t) -> Callable[[], None]:
@@ -137,7 +147,7 @@ def time_to(points: list[dict], key: str, level: float) -> float | None:
 
 # --- data (new code) ------------------------------------------------------------------------------
 
-def make_data(path: Path, frames: int, heldout_frames: int, mesh_steps: int) -> None:
+def make_data(path: Path, frames: int, heldout_frames: int, mesh_steps: int, mesh_compile: bool = True) -> None:
     from headavatar.bench.training_gpu import synthetic_views
     from headavatar.meshhead.trainer import MeshHeadTrainer, init_model
     from headavatar.render.mesh_raster import build_mesh_rasterizer
@@ -152,11 +162,13 @@ def make_data(path: Path, frames: int, heldout_frames: int, mesh_steps: int) -> 
     h_coarse, _ = synthetic_views(heldout_frames, cfg.coarse_size, workers, sequence=seq)
     h_fine, _ = synthetic_views(heldout_frames, cfg.fine_size, workers, sequence=seq)
     render_s = time.perf_counter() - t0
-    mcfg = MeshHeadConfig(steps=mesh_steps, eval_every=0, plateau_every=0)
+    mcfg = MeshHeadConfig(steps=mesh_steps, eval_every=0, plateau_every=0, compile=mesh_compile)
     torch.manual_seed(0)
     mesh = init_model(mcfg, mesh256, verts)
-    MeshHeadTrainer(mesh, mesh256, mcfg, build_mesh_rasterizer("torch", 0.5), torch.device("cuda")).train(
+    state = MeshHeadTrainer(mesh, mesh256, mcfg, build_mesh_rasterizer("torch", 0.5), torch.device("cuda")).train(
         save=lambda _: None)
+    print("data: mesh head trained", mesh_steps, "steps, compile", mesh_compile, "compile_failed_at",
+          state.compile_failed_at, flush=True)
     torch.save({"views": {k: vars(v) for k, v in (("coarse", coarse), ("fine", fine), ("mesh256", mesh256),
                                                      ("heldout_coarse", h_coarse), ("heldout_fine", h_fine))},
                 "vertices": verts, "mesh": mesh.cpu().state_dict(), "mesh_config": mcfg.model_dump(mode="json"),
@@ -251,7 +263,7 @@ def with_heldout_sequence(t, d: dict) -> dict:
 
 
 def run_role(role: str, data: Path, out: Path, quality_steps: int, eval_every: int, long_steps: int,
-             mesh_quality_steps: int, parts: set[str], repeats: int) -> None:
+             mesh_quality_steps: int, parts: set[str], repeats: int, throughput_variants: set[str]) -> None:
     from headavatar.render.gaussian_raster import GsplatRasterizer
 
     result: dict = {"role": role, "device": torch.cuda.get_device_name(), "torch": torch.__version__}
@@ -310,7 +322,8 @@ def run_role(role: str, data: Path, out: Path, quality_steps: int, eval_every: i
             del t
             torch.cuda.empty_cache()
     if "gaussian_throughput" in parts:  # issue 35.3: levers against the default step, and images/s by views_per_step
-        gaussian_throughput(result.setdefault("gaussianhead_throughput", {}), d, raster, role, repeats, save)
+        chosen = tuple(v for v in THROUGHPUT_VARIANTS if not throughput_variants or v[0] in throughput_variants)
+        gaussian_throughput(result.setdefault("gaussianhead_throughput", {}), d, raster, role, repeats, save, chosen)
     if "gaussian_quality" in parts:  # same seed, same steps: fp32 eager against the default (bf16 + compile)
         q: dict = result.setdefault("gaussianhead_quality", {})
         for name, precision, compile in (("fp32", "fp32", False), ("bf16_compile", "bf16", True)):
@@ -381,11 +394,13 @@ def run_role(role: str, data: Path, out: Path, quality_steps: int, eval_every: i
         torch.cuda.empty_cache()
 
 
-THROUGHPUT_VARIANTS = (  # (name, perceptual.BLUR, Inductor options of super-resolution + losses, views_per_step);
-    # options None: the trainer's own (trainer.COMPILE_OPTIONS)
-    ("bf16_compile_before", "conv", {}, (1,)),  # the code before issue 35: SSIM's blur as cuDNN convolutions
-    ("bf16_compile_shifts", "auto", {}, (1,)),  # SSIM's blur as shifted sums (fused) when compiled
-    ("bf16_compile", "auto", None, (1, 2, 4)),  # the default: shifted sums + channels-last forced
+THROUGHPUT_VARIANTS = (  # (name, perceptual.BLUR, perceptual.GRAD, Inductor options of super-resolution + losses,
+    # views_per_step); options None: the trainer's own (trainer.COMPILE_OPTIONS). Against an older tree (role
+    # baseline) GRAD does nothing: its SSIM has autograd's gradient only.
+    ("bf16_compile_before", "conv", "autograd", {}, (1,)),  # before issue 35: SSIM's blur as cuDNN convolutions
+    ("bf16_compile_shifts", "auto", "autograd", {}, (1,)),  # SSIM's blur as shifted sums (fused) when compiled
+    ("bf16_compile_autograd_ssim", "auto", "autograd", None, (1,)),  # + channels-last forced (the default of 702a29f)
+    ("bf16_compile", "auto", "explicit", None, (1, 2, 4)),  # the default: + SSIM's written-out gradient
 )  # CUDA graphs around super-resolution + losses ("triton.cudagraphs") were measured once and saved nothing
 # (16.74 against 16.96 ms, H200): the GPU idles ~1 ms a step (stage6_throughput_gpu.json, call 1)
 
@@ -397,10 +412,11 @@ def gaussian_throughput(out: dict, d: dict, raster, role: str, repeats: int, sav
     later ones with 5); a profile of each at one view a step."""
     from headavatar.gaussianhead import perceptual, trainer
 
-    for name, blur, options, per_step in variants:
+    for name, blur, grad, options, per_step in variants:
+        per_step = per_step[:1] if role == "baseline" else per_step  # the old code: its step time only
         torch._dynamo.reset()
-        perceptual.BLUR = blur
-        entry: dict = out.setdefault(name, {"blur": blur, "compile_options": trainer.COMPILE_OPTIONS
+        perceptual.BLUR, perceptual.GRAD = blur, grad
+        entry: dict = out.setdefault(name, {"blur": blur, "ssim_grad": grad, "compile_options": trainer.COMPILE_OPTIONS
                                             if options is None else options})
         try:
             t = gaussian_trainer(d, 25, raster, role, "bf16", heldout=False, compile=True)
@@ -416,14 +432,14 @@ def gaussian_throughput(out: dict, d: dict, raster, role: str, repeats: int, sav
                 save()
             entry["seconds_incl_warm_up"] = round(time.perf_counter() - t0, 1)
             t.cfg = t.cfg.model_copy(update={"views_per_step": 1})
-            entry["profile"] = profile(one_step(t), 10)
+            entry["profile"] = profile(one_step(t), 10, shapes=True)
             print(role, "gaussianhead throughput profile", name, json.dumps(
                 {k: v for k, v in entry["profile"].items() if k != "top_kernels"}), flush=True)
         except Exception as e:  # one variant failing must not cost the others (device time is scarce)
             entry["error"] = f"{type(e).__name__}: {str(e)[:500]}"
             print(role, "gaussianhead throughput", name, "FAILED", entry["error"], flush=True)
         finally:
-            perceptual.BLUR = "auto"
+            perceptual.BLUR, perceptual.GRAD = "auto", "explicit"
         save()
         t = None
         torch.cuda.empty_cache()
@@ -463,13 +479,19 @@ def main(argv: list[str] | None = None) -> int:
                         "gaussian_steady, gaussian_quality (fp32 against bf16 + compile, --quality-steps), "
                         "gaussian_throughput (levers and images/s by views_per_step)")
     p.add_argument("--repeats", type=int, default=7, help="gaussian_steady: timings of 50 steps each")
+    p.add_argument("--throughput-variants", default="", help="gaussian_throughput: these of THROUGHPUT_VARIANTS "
+                   "(comma-separated names; default all)")
+    p.add_argument("--mesh-compile", type=int, default=1, help="data role: train its mesh head compiled (1) or "
+                   "eagerly (0: ~3 min less of device time; the data stay the same for every role)")
     args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")  # a failed compile's trace
     args.out.mkdir(parents=True, exist_ok=True)
     if args.role == "data":
-        make_data(args.data, args.frames, args.heldout_frames, args.mesh_steps)
+        make_data(args.data, args.frames, args.heldout_frames, args.mesh_steps, bool(args.mesh_compile))
         return 0
     run_role(args.role, args.data, args.out, args.quality_steps, args.eval_every, args.long_steps,
-             args.mesh_quality_steps, set(args.parts.split(",")), args.repeats)
+             args.mesh_quality_steps, set(args.parts.split(",")), args.repeats,
+             {v for v in args.throughput_variants.split(",") if v})
     return 0
 
 

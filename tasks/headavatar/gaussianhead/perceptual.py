@@ -65,24 +65,72 @@ def _blur_conv(x: torch.Tensor, window: int, sigma: float) -> torch.Tensor:
     return flat.reshape(bsz, n, h, w)
 
 
+# How SSIM's gradient is formed: "explicit" = :class:`_SSIM`'s own backward (three blurred gradient maps per
+# channel, of the image that needs one); "autograd" = autograd through the blur of all five moments.
+GRAD = "explicit"
+C1, C2 = 0.01**2, 0.03**2
+
+
+def _blur(x: torch.Tensor, window: int, sigma: float) -> torch.Tensor:
+    """The zero-padded separable Gaussian blur the way ``BLUR`` says."""
+    if BLUR == "shifts" or (BLUR == "auto" and torch.compiler.is_compiling()):
+        return _blur_shifts(x, _gaussian_window(window, sigma))
+    return _blur_conv(x, window, sigma)
+
+
+def _ssim_terms(moments: torch.Tensor, c: int) -> tuple[torch.Tensor, ...]:
+    """SSIM map and its factors from the blurred moments (mu_a, mu_b, E[aa], E[bb], E[ab]) stacked on dim 1."""
+    mu_a, mu_b, aa, bb, ab = moments.split(c, 1)
+    a1, a2 = 2 * mu_a * mu_b + C1, 2 * (ab - mu_a * mu_b) + C2
+    b1, b2 = mu_a**2 + mu_b**2 + C1, aa - mu_a**2 + bb - mu_b**2 + C2
+    return a1 * a2 / (b1 * b2), mu_a, mu_b, a1, a2, b1, b2
+
+
+class _SSIM(torch.autograd.Function):
+    """Per-image mean SSIM with its gradient written out: with S = A1 A2 / (B1 B2) of the blurred moments,
+    dS/dmu_a = S (2 mu_b / A1 - 2 mu_b / A2 - 2 mu_a / B1 + 2 mu_a / B2), dS/dE[aa] = -S / B2 and
+    dS/dE[ab] = 2 S / A2; the blur is its own adjoint (symmetric window, zero padding), so the image's
+    gradient is blur(dmu_a) + 2 a blur(dE[aa]) + b blur(dE[ab]). Autograd through the blur moves all five
+    moment gradients through it and its padding (slice) backward, whether an input needs them or not."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor, window: int, sigma: float) -> torch.Tensor:
+        moments = _blur(torch.cat([a, b, a * a, b * b, a * b], 1), window, sigma)
+        ctx.save_for_backward(a, b, moments)
+        ctx.window, ctx.sigma = window, sigma
+        return _ssim_terms(moments, a.shape[1])[0].flatten(1).mean(1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        a, b, moments = ctx.saved_tensors
+        s, mu_a, mu_b, a1, a2, b1, b2 = _ssim_terms(moments, a.shape[1])
+        gs = s * (grad / a[0].numel()).view(-1, 1, 1, 1)
+        grads = []
+        for x, y, mu_x, mu_y, need in ((a, b, mu_a, mu_b, ctx.needs_input_grad[0]),
+                                       (b, a, mu_b, mu_a, ctx.needs_input_grad[1])):
+            if not need:
+                grads.append(None)
+                continue
+            d_mu = 2 * gs * (mu_y / a1 - mu_y / a2 - mu_x / b1 + mu_x / b2)
+            d_xx, d_xy = -gs / b2, 2 * gs / a2
+            g_mu, g_xx, g_xy = _blur(torch.cat([d_mu, d_xx, d_xy], 1), ctx.window, ctx.sigma).split(x.shape[1], 1)
+            grads.append(g_mu + 2 * x * g_xx + y * g_xy)
+        return grads[0], grads[1], None, None
+
+
 def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
     """Per image mean SSIM (Wang et al. 2004, Gaussian window, zero padding), (B, C, H, W) in [0, 1].
 
     The five local moments are blurred together with the window's two 1-D factors (22 taps a pixel
     instead of 121; how: ``BLUR``), in fp32 even under autocast: the variances are differences of nearly
-    equal numbers."""
+    equal numbers. The gradient: ``GRAD``."""
     with torch.autocast(a.device.type, enabled=False):
         a, b = a.float(), b.float()
+        if GRAD == "explicit":
+            return _SSIM.apply(a, b, window, sigma)
         c = a.shape[1]
-        stack = torch.cat([a, b, a * a, b * b, a * b], 1)
-        shifts = BLUR == "shifts" or (BLUR == "auto" and torch.compiler.is_compiling())
-        blurred = _blur_shifts(stack, _gaussian_window(window, sigma)) if shifts else _blur_conv(stack, window, sigma)
-        mu_a, mu_b, aa, bb, ab = blurred.split(c, 1)
-        var_a, var_b = aa - mu_a**2, bb - mu_b**2
-        cov = ab - mu_a * mu_b
-        c1, c2 = 0.01**2, 0.03**2
-        s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-        return s.flatten(1).mean(1)
+        blurred = _blur(torch.cat([a, b, a * a, b * b, a * b], 1), window, sigma)
+        return _ssim_terms(blurred, c)[0].flatten(1).mean(1)
 
 
 class LPIPSVGG(nn.Module):

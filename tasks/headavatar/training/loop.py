@@ -16,6 +16,7 @@ import contextlib
 import logging
 import math
 import time
+import traceback
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -241,9 +242,11 @@ class Trainer(ABC):
             if gen is None:
                 raise
             reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            where = "".join(traceback.format_exception(e)[-12:])  # text: holds no frame
         # Retried outside the handler, so the failed step's graph (held by the traceback) is freed first.
         log.warning("%s: the compiled step %d failed (%s); training goes on without torch.compile",
                     self.name, step, reason)
+        log.info("%s: where the compiled step failed:\n%s", self.name, where)
         self.stop_compiling()
         self.state.compile_failed_at = step
         self.gen.set_state(gen)
