@@ -151,8 +151,12 @@ def test_separable_ssim_is_the_2d_window_ssim_and_pixel_shuffle_keeps_layout() -
     b = (a + 0.1 * torch.randn(a.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
     torch.testing.assert_close(ssim(a, b), _ssim_2d(a.float(), b.float()).to(torch.float32), atol=1e-5, rtol=0)
     x = torch.randn(2, 12, 5, 7, generator=g)
-    y = pixel_shuffle(x.contiguous(memory_format=torch.channels_last), 2)
+    xl = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = pixel_shuffle(xl, 2)
     assert torch.equal(y, F.pixel_shuffle(x, 2)) and y.is_contiguous(memory_format=torch.channels_last)
+    up = torch.randn(y.shape, generator=g)  # NCHW, as an upstream gradient may come: the result is channels-last
+    (grad,) = torch.autograd.grad(y, xl, up)
+    assert torch.equal(grad, F.pixel_unshuffle(up, 2)) and grad.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("blur", ["conv", "shifts"])

@@ -399,8 +399,9 @@ THROUGHPUT_VARIANTS = (  # (name, perceptual.BLUR, perceptual.GRAD, Inductor opt
     # baseline) GRAD does nothing: its SSIM has autograd's gradient only.
     ("bf16_compile_before", "conv", "autograd", {}, (1,)),  # before issue 35: SSIM's blur as cuDNN convolutions
     ("bf16_compile_shifts", "auto", "autograd", {}, (1,)),  # SSIM's blur as shifted sums (fused) when compiled
-    ("bf16_compile_autograd_ssim", "auto", "autograd", None, (1,)),  # + channels-last forced (the default of 702a29f)
-    ("bf16_compile", "auto", "explicit", None, (1, 2, 4)),  # the default: + SSIM's written-out gradient
+    ("bf16_compile", "auto", "autograd", None, (1, 2, 4)),  # the default: + channels-last forced (+ since 702a29f:
+    # the pixel shuffle's gradient channels-last)
+    ("bf16_compile_explicit_ssim", "auto", "explicit", None, (1,)),  # + SSIM's written-out gradient (not kept)
 )  # CUDA graphs around super-resolution + losses ("triton.cudagraphs") were measured once and saved nothing
 # (16.74 against 16.96 ms, H200): the GPU idles ~1 ms a step (stage6_throughput_gpu.json, call 1)
 
@@ -439,7 +440,7 @@ def gaussian_throughput(out: dict, d: dict, raster, role: str, repeats: int, sav
             entry["error"] = f"{type(e).__name__}: {str(e)[:500]}"
             print(role, "gaussianhead throughput", name, "FAILED", entry["error"], flush=True)
         finally:
-            perceptual.BLUR, perceptual.GRAD = "auto", "explicit"
+            perceptual.BLUR, perceptual.GRAD = "auto", "autograd"
         save()
         t = None
         torch.cuda.empty_cache()

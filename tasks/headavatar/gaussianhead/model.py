@@ -122,16 +122,44 @@ class GaussianHead(nn.Module):
         return means, quats, scales, opacities, color
 
 
-def pixel_shuffle(x: torch.Tensor, r: int) -> torch.Tensor:
-    """``nn.PixelShuffle(r)`` that keeps a channels-last tensor channels-last (one copy, no layout change:
-    cuDNN's NCHW<->NHWC transposes around every bf16 convolution cost more than the convolutions' own
-    memory traffic at 2048²)."""
-    if not x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous():
-        return nn.functional.pixel_shuffle(x, r)
+def _shuffle_last(x: torch.Tensor, r: int) -> torch.Tensor:
+    """Pixel shuffle of a channels-last (B, C r², h, w) tensor into a channels-last (B, C, h r, w r) one."""
     b, c4, h, w = x.shape
     c = c4 // (r * r)
     y = x.permute(0, 2, 3, 1).reshape(b, h, w, c, r, r).permute(0, 1, 4, 2, 5, 3).reshape(b, h * r, w * r, c)
     return y.permute(0, 3, 1, 2)
+
+
+def _unshuffle_last(g: torch.Tensor, r: int) -> torch.Tensor:
+    """The inverse of :func:`_shuffle_last`, as a channels-last tensor whatever ``g``'s layout."""
+    b, c, hr, wr = g.shape
+    h, w = hr // r, wr // r
+    y = g.permute(0, 2, 3, 1).reshape(b, h, r, w, r, c).permute(0, 1, 3, 5, 2, 4).reshape(b, h, w, c * r * r)
+    return y.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+
+
+class _ShuffleLast(torch.autograd.Function):
+    """:func:`_shuffle_last` whose gradient is channels-last too: left to itself, Inductor wrote the gradient
+    of the 32 -> 128 convolutions' outputs NCHW, and their cuDNN backward copied it to NHWC (1.4 ms a step on
+    an H100, benchmarks/results/stage6_throughput_gpu_run2.json)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, r: int) -> torch.Tensor:
+        ctx.r = r
+        return _shuffle_last(x, r)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _unshuffle_last(g, ctx.r), None
+
+
+def pixel_shuffle(x: torch.Tensor, r: int) -> torch.Tensor:
+    """``nn.PixelShuffle(r)`` that keeps a channels-last tensor channels-last, its gradient too (one copy, no
+    layout change: cuDNN's NCHW<->NHWC transposes around every bf16 convolution cost more than the
+    convolutions' own memory traffic at 2048²)."""
+    if not x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous():
+        return nn.functional.pixel_shuffle(x, r)
+    return _ShuffleLast.apply(x, r)
 
 
 class PixelShuffle(nn.Module):

@@ -65,9 +65,11 @@ def _blur_conv(x: torch.Tensor, window: int, sigma: float) -> torch.Tensor:
     return flat.reshape(bsz, n, h, w)
 
 
-# How SSIM's gradient is formed: "explicit" = :class:`_SSIM`'s own backward (three blurred gradient maps per
-# channel, of the image that needs one); "autograd" = autograd through the blur of all five moments.
-GRAD = "explicit"
+# How SSIM's gradient is formed: "autograd" = autograd through the blur of all five moments; "explicit" =
+# :class:`_SSIM`'s own backward (three blurred gradient maps per channel, of the image that needs one). Compiled,
+# "explicit" cut the elementwise GPU time of a stage-6 step by 1.1 ms but made the step slower (16.64 -> 20.91 ms,
+# one H100, benchmarks/results/stage6_throughput_gpu_run2.json): so not the default.
+GRAD = "autograd"
 C1, C2 = 0.01**2, 0.03**2
 
 
