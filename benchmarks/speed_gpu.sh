@@ -2,7 +2,7 @@
 # Issue 22 on a lent GPU machine (no internet): stage 5/6 step time, profile, quality and time to PSNR,
 # before (the code of BASE, a `git archive <commit> tasks` unpacked there) and after (this tree).
 # Wheels: $WHEELS (default build/h5whl: gsplat, av, pydantic and its needs). A gsplat extension JIT-built on an
-# identical machine may be carried in build/h5gs (gsplat_cuda.so + csrc.py); otherwise it is built here (~100 s) and copied to $OUT.
+# identical machine may be carried in build/h5gs/gsplat_cuda.so (loaded by benchmarks/gsplat_csrc.py); otherwise it is built here (~100 s) and copied to $OUT.
 # Usage: BASE=build/h5base benchmarks/speed_gpu.sh [--parts gaussian,mesh] [--quality-steps N] ...
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/speed}
@@ -10,7 +10,7 @@ mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${WHEELS:-build/h5whl}"/*.whl
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 TORCH_EXTENSIONS_DIR=/tmp/ext
 if [ -f build/h5gs/gsplat_cuda.so ]; then
-  cp build/h5gs/gsplat_cuda.so build/h5gs/csrc.py /tmp/site/gsplat/
+  cp build/h5gs/gsplat_cuda.so /tmp/site/gsplat/ && cp benchmarks/gsplat_csrc.py /tmp/site/gsplat/csrc.py
 fi
 start=$(date +%s)
 python3 -c "from gsplat.cuda._backend import _C; assert _C is not None, 'gsplat has no CUDA backend'" || exit 1
