@@ -137,7 +137,7 @@ def _parent(client: Any, experiment_id: str, capture: str, run_key: str, config:
 
 
 def _track(uri: str, result: StageResult, store: ObjectStore, config: PipelineConfig) -> TrackedRun:
-    from mlflow.entities import Metric, Param
+    from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
 
     from headavatar import __version__
@@ -161,24 +161,24 @@ def _track(uri: str, result: StageResult, store: ObjectStore, config: PipelineCo
             "mlflow.parentRunId": parent, "headavatar.kind": "stage", "headavatar.stage": result.stage,
             "headavatar.capture": result.capture}).info.run_id
         attempts = 1
-    for key, value in {"headavatar.attempts": str(attempts),
-                       "headavatar.cached": str(result.cached), "headavatar.package_version": __version__,
-                       "headavatar.config_digest": m.config_digest, "headavatar.manifest_uri": result.manifest_uri,
-                       # where its files are once another result is live: _variants/<this>/ (docs/caching.md)
-                       "headavatar.variant": variants.key_of(m)[:variants.KEY_CHARS],
-                       "airflow.try_number": os.environ.get("HEADAVATAR_TRY_NUMBER", ""),
-                       **_checkpoint_tags(store, result)}.items():
-        client.set_tag(run_id, key, value)
-    known = set(client.get_run(run_id).data.params)
+    tags = [RunTag(k, v) for k, v in {
+        "headavatar.attempts": str(attempts), "headavatar.cached": str(result.cached),
+        "headavatar.package_version": __version__, "headavatar.config_digest": m.config_digest,
+        "headavatar.manifest_uri": result.manifest_uri,
+        # where its files are once another result is live: _variants/<this>/ (docs/caching.md)
+        "headavatar.variant": variants.key_of(m)[:variants.KEY_CHARS],
+        "airflow.try_number": os.environ.get("HEADAVATAR_TRY_NUMBER", ""), **_checkpoint_tags(store, result)}.items()]
+    known = set(found[0].data.params) if found else set()  # a param once logged cannot change
     params = [Param(k, v) for k, v in flatten(m.config).items() if k not in known]
     now = int(time.time() * 1000)
     metrics = [Metric(k, float(v), now, 0) for k, v in {**m.metrics, "wall_time_s": m.wall_time_s}.items()
                if isinstance(v, (int, float))]
     metrics += _curves(store, result, now)
-    for i in range(0, len(params), 90):  # MLflow's batch limits: 100 params, 1000 metrics
-        client.log_batch(run_id, params=params[i : i + 90])
-    for i in range(0, len(metrics), 900):
-        client.log_batch(run_id, metrics=metrics[i : i + 900])
+    # As few requests as MLflow's batch limits allow (100 params, 100 tags, 1000 entities in all): each one
+    # costs a round trip to a tracking server that may be busy or far away.
+    for i in range(max(-(-len(params) // 90), -(-len(metrics) // 800), 1)):
+        client.log_batch(run_id, params=params[90 * i : 90 * (i + 1)], metrics=metrics[800 * i : 800 * (i + 1)],
+                         tags=tags if i == 0 else [])
     # The parent run carries the headline figures, so MLflow's own compare view works on pipeline runs:
     # each stage's wall time, and the avatar's held-out metrics under their own names.
     headline = {f"{result.stage}_wall_time_s": m.wall_time_s}
