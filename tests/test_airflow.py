@@ -149,10 +149,11 @@ def test_every_command_the_dag_sends_is_one_the_stage_cli_accepts() -> None:
     params = {**PARAM_DEFAULTS, "id": "018", "profile": "demo", "sample_stride": 5, "meshhead_steps": 100,
               "gaussianhead_steps": 50, "gpu": 1, "force": True}
     for stage in STAGES:
-        args = build_parser().parse_args(cli_args(stage.name, params))
-        assert (args.command, args.stage, args.capture, args.profile, args.force) == (
-            "run", stage.name, "018", "demo", True)
+        args = build_parser().parse_args(cli_args(stage.name, params, "manual__2026-12-07T19:00:00+00:00"))
+        assert (args.command, args.stage, args.capture, args.profile, args.force, args.force_run) == (
+            "run", stage.name, "018", "demo", False, "manual__2026-12-07T19:00:00+00:00")  # forced once per run
         assert args.overrides == ["sample.frame_stride=5", "meshhead.steps=100", "gaussianhead.steps=50"]
+        assert build_parser().parse_args(cli_args(stage.name, params)).force  # no run: forced every time
 
 
 @pytest.mark.parametrize("backend", ["docker", "kubernetes"])
@@ -220,7 +221,9 @@ def test_triggered_run_executes_all_six_stages_and_a_rerun_hits_the_cache(
     conf = json.dumps(LOCAL_RUN)
     db = airflow_home / "airflow.db"
     before_first = _last_run_id(db)
-    first = _airflow(airflow_home, env, "dags", "test", "headavatar_capture", "--conf", conf)
+    # The first run has the form's Recompute ticked (its outputs are the same: nothing was there to reuse).
+    first = _airflow(airflow_home, env, "dags", "test", "headavatar_capture", "--conf",
+                     json.dumps({**LOCAL_RUN, "force": True}))
     log = first.stdout + first.stderr
     names = [s.name for s in STAGES]
     for stage in names:
@@ -231,6 +234,8 @@ def test_triggered_run_executes_all_six_stages_and_a_rerun_hits_the_cache(
     assert read(uploaded, "gaussianhead").config["gaussianhead"]["steps"] == 20
     manual = [x for x in _runs(airflow_home) if x["run_id"].startswith("manual__")]
     assert [x["state"] for x in manual] == ["success"]
+    # Recompute forces once per DAG run: every stage was forced by this run's id, under which its retries resume.
+    assert {read(uploaded, stage).forced_by for stage in names} == {manual[0]["run_id"]}
 
     # MLflow: one parent run for the DAG run, one child per stage, with metrics, curves and pictures.
     from mlflow.tracking import MlflowClient
@@ -307,7 +312,8 @@ def test_triggered_run_executes_all_six_stages_and_a_rerun_hits_the_cache(
     assert "href='gaussianhead/viewer/avatar.html'" in page  # the animated avatar, downloaded with the rest
     assert (index.parent / "gaussianhead" / "viewer" / "avatar.html").is_file()
 
-    # A second run (what clearing a task and its downstream amounts to): every stage is a cache hit.
+    # A second run (what clearing a task and its downstream amounts to), Recompute not ticked: every stage is a
+    # cache hit, of the forced run's results.
     before_second = _last_run_id(db)
     second = _airflow(airflow_home, env, "dags", "test", "headavatar_capture", "--conf", conf)
     log2 = second.stdout + second.stderr

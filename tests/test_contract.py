@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import tempfile
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
+import torch
 
 from conftest import tiny_config
 from headavatar.contract.manifest import Manifest
 from headavatar.contract.stage import Stage, StageContext, read_manifest, run_stage
-from headavatar.errors import UpstreamMissing
+from headavatar.errors import ScratchFull, UpstreamMissing
 from headavatar.layout import stage_prefix
 from headavatar.storage import ObjectStore
+from headavatar.training.checkpoints import Checkpoints
 
 pytestmark = pytest.mark.s3
 
@@ -77,6 +81,89 @@ def test_cache_hit_force_and_config_change(store: ObjectStore) -> None:
     assert not forced.cached and Numbers.runs == 2
     changed = run_stage(Numbers(), "018", tiny_config("sample.frame_stride=4"), store)
     assert not changed.cached and Numbers.runs == 3 and len(changed.manifest.files) == 4
+
+
+class Killed(Exception):
+    pass
+
+
+class Training(Numbers):
+    """Four steps with a checkpoint after each; ``die_at``: the step after whose checkpoint it is killed."""
+
+    resumed_from: ClassVar[list[int]] = []
+
+    def __init__(self, die_at: int = 0, weights: int = 1):
+        self.die_at, self.weights = die_at, weights
+
+    def run(self, ctx: StageContext) -> None:
+        checkpoints = Checkpoints(ctx)
+        saved = checkpoints.load()
+        step = saved["step"] if saved else 0
+        type(self).resumed_from.append(step)
+        while step < 4:
+            step += 1
+            checkpoints.save({"step": step, "weights": torch.zeros(self.weights)})
+            if step == self.die_at:
+                raise Killed
+        ctx.outputs.put_bytes("model.txt", b"trained")
+
+
+def test_a_forced_run_recomputes_once_and_its_retries_resume(store: ObjectStore) -> None:
+    """The DAG's Recompute forces once per run (``force_run``): its retries resume the run's own checkpoint and
+    take the run's own result, where a bare ``force`` on every try threw away hours of training each time."""
+    cfg = tiny_config("sample.frame_stride=2")
+    Training.resumed_from = []
+    run_stage(Training(), "018", cfg, store)
+    with pytest.raises(Killed):
+        run_stage(Training(die_at=2), "018", cfg, store, force_run="manual__1")
+    retried = run_stage(Training(), "018", cfg, store, force_run="manual__1")
+    assert not retried.cached and retried.manifest.forced_by == "manual__1"
+    assert Training.resumed_from == [0, 0, 2]  # the forced run started over once, its retry resumed at step 2
+    again = run_stage(Training(), "018", cfg, store, force_run="manual__1")  # its task cleared, or lost after exit 0
+    assert again.cached and again.manifest.finished_at == retried.manifest.finished_at
+    assert run_stage(Training(), "018", cfg, store).cached  # an unforced run takes the forced result
+    # Another forced run starts over, past the first run's checkpoint (step 4); so does a bare force, every time.
+    with pytest.raises(Killed):
+        run_stage(Training(die_at=3), "018", cfg, store, force_run="manual__2")
+    run_stage(Training(), "018", cfg, store, force=True)
+    assert Training.resumed_from == [0, 0, 2, 0, 0]
+    assert read_manifest(store, "018", "extract").forced_by == ""
+
+
+def test_an_unfinished_training_of_other_settings_resumes_when_they_come_back(store: ObjectStore) -> None:
+    """A run under other settings sets the live checkpoint of an unfinished training aside instead of overwriting
+    it: an operator who tries a setting in between loses no steps of the long training."""
+    a, b = tiny_config("sample.frame_stride=2"), tiny_config("sample.frame_stride=3")
+    Training.resumed_from = []
+    with pytest.raises(Killed):
+        run_stage(Training(die_at=2), "018", a, store)
+    with pytest.raises(Killed):
+        run_stage(Training(die_at=1), "018", b, store)  # sets A's step-2 checkpoint aside
+    run_stage(Training(), "018", a, store)  # resumes A at step 2, sets B's aside
+    run_stage(Training(), "018", b, store)  # resumes B at step 1
+    assert Training.resumed_from == [0, 0, 2, 1]
+    # Finished trainings are not set aside (their results are kept variants): nothing is left there.
+    state = store.key(stage_prefix("018", "extract"), "_state")
+    assert [o.key[len(state) + 1:] for o in store.list(state + "/")] == ["checkpoint.pt"]
+    assert run_stage(Training(), "018", a, store).cached and Training.resumed_from == [0, 0, 2, 1]
+
+
+def test_a_checkpoint_that_fills_the_scratch_disk_says_so(store: ObjectStore, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.save straight to a full disk raised a RuntimeError about a stream position ("unexpected pos"); the
+    contract's one-line ScratchFull error names the directory and what to do."""
+    scratch = tmp_path / "tiny-scratch"
+    scratch.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(scratch)],
+                      capture_output=True).returncode != 0:
+        pytest.fail("cannot mount a tmpfs for the disk-full fault (needs root, as on CI)")
+    try:
+        monkeypatch.setenv("HEADAVATAR_SCRATCH", str(scratch))
+        with pytest.raises(ScratchFull, match=f"the scratch directory {scratch} is full"):
+            run_stage(Training(weights=200_000), "018", tiny_config(), store)  # an 800 kB checkpoint
+        assert read_manifest(store, "018", "extract") is None and list(scratch.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(scratch)], check=True)
 
 
 def test_downstream_keys_on_upstream_content(store: ObjectStore) -> None:

@@ -279,6 +279,45 @@ def test_a_failing_compiled_step_is_run_again_eagerly_on_the_same_batch_and_the_
     assert retried.calls == 4 and retried.state.compile_failed_at == 3
 
 
+class Convolution(Regression):
+    """The regression through a 3x3 convolution, whose weight has a memory layout (NCHW or channels-last)."""
+
+    def __init__(self, cfg: SimpleNamespace, channels_last: bool):
+        super().__init__(cfg)
+        torch.manual_seed(cfg.seed)
+        self.net = torch.nn.Conv2d(8, 1, 3, padding=1)
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=0.02)
+
+    def step_loss(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x = torch.randn(2, 8, 4, 4, generator=self.gen)
+        loss = self.net(x).square().mean()
+        return loss, {"loss": loss.detach()}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        return {"holdout_psnr": 0.0}
+
+
+@pytest.mark.parametrize("saved_channels_last", [False, True])
+def test_a_resumed_optimiser_takes_the_layout_of_its_parameters(saved_channels_last: bool) -> None:
+    """Stage 6 keeps its super-resolution weights channels-last only when not compiling, and ``compile`` may
+    change between attempts. Adam's moments must then follow the parameters' layout: CUDA's fused Adam refuses
+    parameters and moments of different strides, which failed every retry at its first step."""
+    cfg = _cfg(steps=4, checkpoint_every=3, plateau_every=0)
+    saved: list[dict] = []
+    Convolution(cfg, saved_channels_last).train(save=lambda s: saved.append(copy.deepcopy(s)))
+    resumed = Convolution(cfg, not saved_channels_last)
+    resumed.load_state_dict(saved[-1])
+    weight = resumed.net.weight
+    moments = resumed.opt.state[weight]
+    assert weight.is_contiguous(memory_format=torch.channels_last) != saved_channels_last
+    for name in ("exp_avg", "exp_avg_sq"):
+        assert moments[name].stride() == weight.stride()
+        assert torch.equal(moments[name], saved[-1]["optimizer"]["state"][0][name])  # the values unchanged
+
+
 @pytest.mark.s3
 @pytest.mark.slow
 def test_meshhead_stage_records_where_the_rule_stopped_it(store: ObjectStore, demo_upstream: str) -> None:

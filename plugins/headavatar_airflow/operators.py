@@ -60,9 +60,9 @@ def fail(command: str, code: int, message: str) -> AirflowException:
     return cls(f"headavatar {command} exited with {code}: {message}")
 
 
-def task_command(stage: StageSpec, params: dict[str, Any], command: list[str] | None) -> list[str]:
+def task_command(stage: StageSpec, context: Any, command: list[str] | None) -> list[str]:
     """The CLI arguments of a task: a fixed command (ingestion's ``unpack``) or the stage's run."""
-    return list(command) if command is not None else cli_args(stage.name, params)
+    return list(command) if command is not None else cli_args(stage.name, context["params"], str(context["run_id"]))
 
 
 # The CLI commands that write their result (JSON: manifest URI, cached or not, MLflow run) to ``--result-file``.
@@ -92,8 +92,8 @@ def read_result(text: str | bytes, args: list[str]) -> dict[str, Any]:
     return out
 
 
-def stage_command_line(stage: StageSpec, params: dict[str, Any], command: list[str] | None) -> str:
-    return shlex.join(["headavatar", *task_command(stage, params, command)])
+def stage_command_line(stage: StageSpec, context: Any, command: list[str] | None) -> str:
+    return shlex.join(["headavatar", *task_command(stage, context, command)])
 
 
 def utc_now() -> str:
@@ -115,7 +115,7 @@ class ShowsStageCommand:
 
     def render_template_fields(self, context: Any, jinja_env: Any = None) -> None:
         super().render_template_fields(context, jinja_env)  # type: ignore[misc]
-        self.stage_command = stage_command_line(self.stage, context["params"], self.cli_command)
+        self.stage_command = stage_command_line(self.stage, context, self.cli_command)
 
 
 def mlflow_endpoints(conn_id: str) -> tuple[str, str] | None:
@@ -194,7 +194,7 @@ class LocalStageOperator(ShowsStageCommand, BaseOperator):
         public, secret = s3_environment(self.settings.s3_conn_id)
         env = {**os.environ, **public, **secret, **mlflow_credentials(self.settings.mlflow_conn_id),
                **run_environment(context, self.settings.mlflow_conn_id)}
-        args = task_command(self.stage, params, self.cli_command)
+        args = task_command(self.stage, context, self.cli_command)
         if not self.stage.gpu:
             return self._run(args, env, context)
         with placed_gpu(self.settings, params, lease_holder(context), count=self.stage.gpus(params)) as lease:
@@ -325,8 +325,7 @@ def _docker_operator() -> type:
                     for d in label[GPU_LABEL].split(",")}
 
         def _execute(self, context: Any) -> Any:
-            params = context["params"]
-            args = task_command(self.stage, params, self.cli_command)
+            args = task_command(self.stage, context, self.cli_command)
             self.command = with_result_file(args, CONTAINER_RESULT)
             public, secret = s3_environment(self.settings.s3_conn_id)
             self.environment = {**self.environment, **public,
@@ -474,7 +473,7 @@ def _kubernetes_operator() -> type:
 
         def execute(self, context: Any) -> Any:
             self.request_gpus(context["params"])
-            args = task_command(self.stage, context["params"], self.cli_command)
+            args = task_command(self.stage, context, self.cli_command)
             self.arguments = with_result_file(args, XCOM_RESULT)  # where the xcom sidecar reads it
             run_env = run_environment(context, self.mlflow_conn_id)  # the tracking URI may also come from
             self.env_vars = [V1EnvVar(name=k, value=v) for k, v in run_env.items()]  # the settings ConfigMap

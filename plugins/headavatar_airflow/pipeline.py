@@ -59,7 +59,9 @@ def param_schema() -> dict[str, dict[str, Any]]:
                                              "must be a multiple of it (the default profile's is 1)"},
         "gpu": {"type": ["null", "integer"], "minimum": 0, "maximum": 63, "title": "GPU index",
                 "description": "pin GPU stages to this device (docker/local); empty = any free GPU"},
-        "force": {"type": "boolean", "title": "Recompute", "description": "ignore cache hits and checkpoints"},
+        "force": {"type": "boolean", "title": "Recompute",
+                  "description": "recompute every stage once in this run, ignoring cache hits and earlier "
+                                 "checkpoints (its retries resume its own)"},
     }
 
 
@@ -75,8 +77,10 @@ PARAM_DEFAULTS: dict[str, Any] = {"profile": None, "sample_stride": None, "meshh
                                   "gaussianhead_steps": None, "gaussianhead_gpus": None, "gpu": None, "force": False}
 
 
-def cli_args(stage: str, params: dict[str, Any]) -> list[str]:
-    """The stage command for a run's parameters (values already validated by the Param schema)."""
+def cli_args(stage: str, params: dict[str, Any], run_id: str = "") -> list[str]:
+    """The stage command for a run's parameters (values already validated by the Param schema). A forced run
+    forces once per run (``--force-run <run id>``): its retries and cleared tasks resume their own checkpoints
+    and take their own results instead of starting hours of training over."""
     args = ["run", stage, "--capture", str(params["id"])]
     if params.get("profile"):
         args += ["--profile", str(params["profile"])]
@@ -84,5 +88,5 @@ def cli_args(stage: str, params: dict[str, Any]) -> list[str]:
         if params.get(param) is not None:
             args += ["--set", f"{setting}={int(params[param])}"]
     if params.get("force"):
-        args.append("--force")
+        args += ["--force-run", run_id] if run_id else ["--force"]
     return args

@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("stage", choices=STAGE_NAMES)
     run.add_argument("--capture", required=True, help="capture id, e.g. 018")
     run.add_argument("--force", action="store_true", help="recompute even on a cache hit")
+    run.add_argument("--force-run", default="", metavar="RUN_ID",
+                     help="recompute once for this orchestrator run: what its earlier attempts made (a checkpoint, "
+                          "the result) counts, so its retries resume (the DAG passes its run id)")
     _result_file_arg(run)
     _config_args(run)
 
@@ -175,7 +178,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _config(args)
     store = ObjectStore(config.storage)
     try:
-        result = run_stage(build_stage(args.stage), capture, config, store, force=args.force)
+        result = run_stage(build_stage(args.stage), capture, config, store, force=args.force, force_run=args.force_run)
         tracked = track_stage(result, store, config)
     finally:
         store.close()

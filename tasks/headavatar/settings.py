@@ -94,7 +94,8 @@ class StorageConfig(Section):
     keep_variants: Annotated[int, Field(ge=0, le=1000)] = Field(
         3, description="earlier results kept per stage of a capture, each under its cache key, when a run with "
                        "other settings or inputs replaces them (going back to those settings brings one back "
-                       "without computing); the oldest beyond this many are removed; 0 keeps none")
+                       "without computing), and as many unfinished trainings (going back resumes them); the oldest "
+                       "beyond this many are removed; 0 keeps none")
 
     @field_validator("prefix")
     @classmethod

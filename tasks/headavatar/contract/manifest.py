@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 MANIFEST_SCHEMA = 1
@@ -64,6 +64,9 @@ class Manifest:
     device: str = ""
     # When the result was set aside as a variant (contract/variants.py); "" while it is the live result.
     kept_at: str = ""
+    # The orchestrator run that forced this result's computation (``--force-run``): that run's retries take it
+    # as a cache hit instead of recomputing it again. Not part of any digest.
+    forced_by: str = ""
 
     @property
     def content_digest(self) -> str:
@@ -112,7 +115,8 @@ class Manifest:
         d = json.loads(data)
         d.pop("content_digest", None)
         d["files"] = {k: FileEntry(**v) for k, v in d["files"].items()}
-        return cls(**d)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})  # a later release's fields are not an error
 
 
 def changed_keys(old: Any, new: Any, path: str = "") -> Iterable[str]:

@@ -10,7 +10,9 @@
    every upload has succeeded and stale outputs are removed, so a stage killed half-way leaves no
    manifest and is never taken as done.
 4. A manifest that matches inputs + config + code version, with every listed file present at its
-   size, is a cache hit: the stage is skipped unless forced. One that does not is stale.
+   size, is a cache hit: the stage is skipped unless forced. One that does not is stale. A run forced
+   for an orchestrator's run (``force_run``) recomputes once: a result or checkpoint made under the
+   same run counts, so that run's retries resume or hit instead of starting over.
 5. Local scratch space lives in one directory removed at the end, also on errors and SIGTERM; a
    directory left by a SIGKILLed run is removed by the next run on the host.
 6. One run at a time computes a (capture, stage): a lease in the bucket (``contract/lock.py``);
@@ -67,6 +69,7 @@ class StageContext:
     outputs: OutputWriter
     metrics: dict[str, float] = field(default_factory=dict)
     fresh: bool = False  # --force: start over, ignoring state kept from earlier attempts
+    force_run: str = ""  # --force-run: start over once for this run; its own attempts' state counts
     config_digest: str = ""
     code_version: int = FIRST_CODE_VERSION
     whole_config_digest: str = ""  # the digest of the whole sections, execution settings included
@@ -209,7 +212,10 @@ def _clean_stale_scratch(root: Path) -> None:
 
 
 def run_stage(stage: Stage, capture: str, config: PipelineConfig, store: ObjectStore,
-              force: bool = False) -> StageResult:
+              force: bool = False, force_run: str = "") -> StageResult:
+    """Run ``stage`` for ``capture`` under the contract above. ``force``: recompute; ``force_run``: recompute
+    once for that orchestrator run (its id), so that a retry of a forced run resumes its own checkpoint or
+    takes its own result instead of starting a training of hours over."""
     capture = validate_capture_id(capture)
     prefix = store.key(stage_prefix(capture, stage.name))
 
@@ -222,7 +228,7 @@ def run_stage(stage: Stage, capture: str, config: PipelineConfig, store: ObjectS
             f"{store.uri(manifest_key(store, capture, dep))}; run 'headavatar run {dep} --capture {capture}' first"
         )
 
-    cached = _cache_hit(store, stage, capture, prefix, exp, force)
+    cached = _cache_hit(store, stage, capture, prefix, exp, force, force_run)
     if cached is not None:
         return cached
     lock = StageLock(store, state_key(prefix, "lock.json"), f"capture {capture} stage {stage.name}",
@@ -231,22 +237,25 @@ def run_stage(stage: Stage, capture: str, config: PipelineConfig, store: ObjectS
     store.fence_with(lock.fence)
     try:
         # A concurrent run may have finished while this one was starting: its result is ours.
-        cached = _cache_hit(store, stage, capture, prefix, exp, force)
+        cached = _cache_hit(store, stage, capture, prefix, exp, force, force_run)
         if cached is not None:
             return cached
-        if not force and (kept := variants.find(store, prefix, exp.cache_key)) is not None:
+        if not (force or force_run) and (kept := variants.find(store, prefix, exp.cache_key)) is not None:
             return _bring_back(store, stage, capture, prefix, kept, config.storage.keep_variants, lock)
-        return _compute(stage, capture, config, store, force, prefix, exp, lock)
+        return _compute(stage, capture, config, store, force, force_run, prefix, exp, lock)
     finally:
         store.fence_with(None)
         lock.release()
 
 
 def _cache_hit(store: ObjectStore, stage: Stage, capture: str, prefix: str, exp: Expected,
-               force: bool) -> StageResult | None:
+               force: bool, force_run: str) -> StageResult | None:
     mkey = f"{prefix}/{MANIFEST}"
     existing = read_manifest(store, capture, stage.name)
     if existing is None or force:
+        return None
+    if force_run and existing.forced_by != force_run:
+        log.info("%s/%s: recomputing, forced by run %s", capture, stage.name, force_run)
         return None
     if _keyed(existing).matches(exp.inputs, exp.config_digest, exp.code_version):
         if _outputs_present(store, prefix, existing):
@@ -298,8 +307,8 @@ def _remove_unlisted(store: ObjectStore, capture: str, stage: Stage, prefix: str
         store.delete_many(stale)
 
 
-def _compute(stage: Stage, capture: str, config: PipelineConfig, store: ObjectStore, force: bool, prefix: str,
-             exp: Expected, lock: StageLock) -> StageResult:
+def _compute(stage: Stage, capture: str, config: PipelineConfig, store: ObjectStore, force: bool, force_run: str,
+             prefix: str, exp: Expected, lock: StageLock) -> StageResult:
     inputs, cdigest = exp.inputs, exp.config_digest
     mkey = f"{prefix}/{MANIFEST}"
     _keep_outgoing(store, stage, capture, prefix, exp.cache_key, config.storage.keep_variants)
@@ -316,7 +325,7 @@ def _compute(stage: Stage, capture: str, config: PipelineConfig, store: ObjectSt
     take_devices()  # the devices an earlier stage of this process chose are not this one's
     writer = OutputWriter(store, prefix)
     ctx = StageContext(stage.name, capture, config, store, scratch, exp.upstream, inputs, writer,
-                       fresh=force, config_digest=cdigest, code_version=exp.code_version,
+                       fresh=force, force_run=force_run, config_digest=cdigest, code_version=exp.code_version,
                        whole_config_digest=digest(exp.config), lease=lock)
     log.info("%s/%s: running (inputs %s)", capture, stage.name, ", ".join(inputs) or "none")
     usage = ResourceUsage()
@@ -345,7 +354,7 @@ def _compute(stage: Stage, capture: str, config: PipelineConfig, store: ObjectSt
         stage=stage.name, capture=capture, package_version=__version__, config_digest=cdigest,
         config=exp.config, inputs=inputs, files=dict(sorted(writer.entries.items())), metrics=metrics,
         started_at=started.isoformat(), finished_at=datetime.now(UTC).isoformat(), wall_time_s=round(wall, 3),
-        code_version=exp.code_version, device=take_devices(),
+        code_version=exp.code_version, device=take_devices(), forced_by=force_run,
         volatile=sorted(rel for rel in writer.entries
                         if any(fnmatch.fnmatchcase(rel, pat) for pat in stage.volatile_outputs)),
     )

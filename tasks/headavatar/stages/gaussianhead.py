@@ -32,7 +32,7 @@ from headavatar.render.gaussian_raster import build_gaussian_rasterizer
 from headavatar.settings import GaussianHeadConfig, MeshHeadConfig, PipelineConfig
 from headavatar.storage import ObjectStore
 from headavatar.training import data_parallel
-from headavatar.training.checkpoints import Checkpoints, load_stored
+from headavatar.training.checkpoints import Checkpoints, load_stored, save_file
 from headavatar.training.views import Views, load_views
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def rank_job(ctx: StageContext, saved: dict | None, lpips_path: Path | None) -> 
     start = None
     if saved is not None:
         start = ctx.scratch / "ranks-start.pt"
-        torch.save(saved, start)
+        save_file(saved, start)
     return data_parallel.RankJob(ctx.stage, ctx.capture, ctx.config, ctx.upstream, ctx.inputs, ctx.scratch,
                                  ctx.config.gaussianhead.ranks, start, lpips_path)
 

@@ -3,7 +3,10 @@
 A checkpoint records the attempt's cache key (inputs + result settings): a retry of the same task
 resumes from it, also with other execution settings (device, compile, precision: weights and
 optimiser state are fp32 whatever the precision, and load onto the CPU first), while changed inputs
-or result settings, or ``--force``, start over. Uploads go through a scratch
+or result settings, or ``--force``, start over. A run forced for an orchestrator run (``--force-run``)
+starts over once: the checkpoint records that run, and its retries resume from it. An unfinished
+training under other settings is set aside, not overwritten (``_state/unfinished/``, as many as
+``storage.keep_variants``), and resumes when those settings come back. Uploads go through a scratch
 file and one PUT (multipart when large), so a killed upload never replaces a good checkpoint.
 
 Every ``keep_every`` steps a copy is also published as a stage output, ``checkpoints/step-<N>.pt``
@@ -24,11 +27,13 @@ import re
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from headavatar.contract import variants
 from headavatar.contract.manifest import FileEntry
 from headavatar.contract.stage import StageContext
 from headavatar.errors import ConfigError, MissingObject, RefusedObject
@@ -37,6 +42,7 @@ from headavatar.storage import ObjectStore, sha256_file
 log = logging.getLogger(__name__)
 PUBLISHED = "checkpoints"
 RESUMABLE = "checkpoint.pt"  # the stage state key (contract.outputs.state_key) a resumed attempt loads
+UNFINISHED = "unfinished"  # state folder of unfinished trainings under other settings, <cache key[:16]>.pt
 # torch < 2.6's weights-only unpickler could be made to run code (CVE-2025-32434).
 _SAFE_TORCH = (2, 6)
 _PLAIN_SCALARS = (type(None), bool, int, float, complex, str, bytes, bytearray)
@@ -116,6 +122,16 @@ def plain(obj: Any, where: str = "checkpoint") -> Any:
                     "save it as tensors, plain containers or JSON")
 
 
+def save_file(obj: dict[str, Any], path: Path) -> None:
+    """``torch.save`` through memory: written straight to a full disk, torch raises a RuntimeError about a
+    stream position; written as bytes, the disk's own OSError (ENOSPC) reaches the stage contract, which
+    names the scratch directory and how to free it."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    with open(path, "wb") as f:
+        f.write(buf.getbuffer())
+
+
 class Checkpoints:
     def __init__(self, ctx: StageContext, keep_every: int = 0):
         self.ctx, self.keep_every = ctx, keep_every
@@ -123,19 +139,32 @@ class Checkpoints:
         self.published: list[dict[str, Any]] = []  # {"step", "file", "size", "sha256"}
 
     def load(self) -> dict[str, Any] | None:
-        """The last checkpoint of an attempt with the same cache key, else None."""
+        """The last checkpoint of an attempt with the same cache key, else None.
+
+        The live checkpoint of an unfinished training under other inputs or settings is set aside first
+        (``set_aside``): the next save would overwrite it, and going back to those settings resumes it."""
         if self.ctx.fresh:
             self.clear()
+            self.ctx.store.delete(self.aside_key(self.ctx.cache_key))
             return None
-        try:
-            data = self.ctx.store.get_bytes(self.key)
-        except MissingObject:
-            return None
-        state = load_plain(data, self.ctx.store.uri(self.key),
-                           f"not a checkpoint this pipeline wrote: delete it, or start over with 'headavatar run "
-                           f"{self.ctx.stage} --capture {self.ctx.capture} --force'", required=("step", "cache_key"))
-        if state.get("cache_key") not in self.ctx.resumable_keys:
+        state = self._read(self.key)
+        if state is not None and state["cache_key"] not in self.ctx.resumable_keys:
             log.info("%s/%s: checkpoint from other inputs/config ignored", self.ctx.capture, self.ctx.stage)
+            self.set_aside(state)
+            state = None
+        if state is None and (state := self._read(self.aside_key(self.ctx.cache_key))) is not None:
+            if state["cache_key"] not in self.ctx.resumable_keys:  # a 16-character name, checked in full
+                return None
+            self.ctx.store.copy(self.aside_key(self.ctx.cache_key), self.key)
+            self.ctx.store.delete(self.aside_key(self.ctx.cache_key))
+            log.info("%s/%s: resuming the unfinished training of these settings kept from earlier (step %s)",
+                     self.ctx.capture, self.ctx.stage, state["step"])
+        if state is None:
+            return None
+        if self.ctx.force_run and state.get("forced_by", "") != self.ctx.force_run:
+            log.info("%s/%s: checkpoint at step %s made before run %s forced a recompute; starting over",
+                     self.ctx.capture, self.ctx.stage, state["step"], self.ctx.force_run)
+            self.clear()
             return None
         for p in state.get("published", []):
             if self.ctx.store.exists(self.ctx.outputs.key(p["file"])):
@@ -146,20 +175,47 @@ class Checkpoints:
                             self.ctx.stage, p["file"])
         return state
 
+    def _read(self, key: str) -> dict[str, Any] | None:
+        try:
+            data = self.ctx.store.get_bytes(key)
+        except MissingObject:
+            return None
+        return load_plain(data, self.ctx.store.uri(key),
+                          f"not a checkpoint this pipeline wrote: delete it, or start over with 'headavatar run "
+                          f"{self.ctx.stage} --capture {self.ctx.capture} --force'", required=("step", "cache_key"))
+
+    def aside_key(self, cache_key: str) -> str:
+        return self.ctx.state_key(f"{UNFINISHED}/{cache_key[:variants.KEY_CHARS]}.pt")
+
+    def set_aside(self, state: dict[str, Any]) -> None:
+        """Keep the live checkpoint of another cache key, unless its training finished (its result is a kept
+        variant) or no variants are kept; the newest ``storage.keep_variants`` are kept."""
+        keep, prefix = self.ctx.config.storage.keep_variants, self.ctx.outputs.prefix
+        if keep == 0 or variants.find(self.ctx.store, prefix, state["cache_key"]) is not None:
+            return
+        self.ctx.store.copy(self.key, self.aside_key(state["cache_key"]))
+        log.info("%s/%s: kept the unfinished training of other settings (step %s) at %s; going back to them "
+                 "resumes it", self.ctx.capture, self.ctx.stage, state["step"],
+                 self.ctx.store.uri(self.aside_key(state["cache_key"])))
+        aside = sorted(self.ctx.store.list(self.ctx.state_key(UNFINISHED) + "/"), key=lambda o: o.modified,
+                       reverse=True)
+        if len(aside) > keep:
+            self.ctx.store.delete_many([o.key for o in aside[keep:]])
+
     def due(self, step: int) -> bool:
         return bool(self.keep_every) and step % self.keep_every == 0
 
     def save(self, state: dict[str, Any]) -> None:
         path = self.ctx.scratch / RESUMABLE
-        payload = plain({**state, "cache_key": self.ctx.cache_key})
+        payload = plain({**state, "cache_key": self.ctx.cache_key, "forced_by": self.ctx.force_run})
         if self.due(state["step"]):
-            torch.save(payload, path)
+            save_file(payload, path)
             rel = f"{PUBLISHED}/step-{state['step']:08d}.pt"
             entry = FileEntry(path.stat().st_size, sha256_file(path))
             self.ctx.store.upload_file(path, self.ctx.outputs.key(rel))
             self.ctx.outputs.record(rel, entry)
             self.published.append({"step": state["step"], "file": rel, "size": entry.size, "sha256": entry.sha256})
-        torch.save({**payload, "published": plain(self.published)}, path)
+        save_file({**payload, "published": plain(self.published)}, path)
         self.ctx.store.upload_file(path, self.key)
         path.unlink()
 

@@ -96,6 +96,7 @@ class Trainer(ABC):
         for k, m in self.modules().items():
             m.load_state_dict(s[k])
         self.opt.load_state_dict(s["optimizer"])
+        match_parameter_layout(self.opt)
         self.gen.set_state(s["generator"])
         self.state = TrainState(s["step"], s["step"], s["history"], s["evals"], s.get("system", []),
                                 *s.get("timing", (0.0, 0)), stopped_at=s.get("stopped_at", 0),
@@ -268,6 +269,19 @@ def remaining(steps: int, rate: float) -> str:
     if seconds < 5400:
         return f"{seconds / 60:.0f} min"
     return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+
+
+def match_parameter_layout(opt: torch.optim.Optimizer) -> None:
+    """Lay each of the optimiser's state tensors out like its parameter (strides included).
+
+    ``load_state_dict`` keeps the saved layout, but a parameter's layout may differ between attempts: stage 6
+    keeps its super-resolution weights channels-last only when not compiling, and ``compile`` is an execution
+    setting a retry may change. CUDA's fused Adam refuses parameters and moments of different strides, so
+    such a retry would fail at its first step, and every retry after it."""
+    for p, state in opt.state.items():
+        for k, v in state.items():
+            if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                state[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
 
 def make_optimizer(groups: list[dict], device: torch.device) -> torch.optim.Adam:
