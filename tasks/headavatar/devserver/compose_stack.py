@@ -10,6 +10,8 @@ import json
 import os
 import secrets
 import shutil
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -246,12 +248,31 @@ def remove_stage_leftovers(docker_env: dict[str, str], network: str) -> None:
 
 
 def bridge_address(env: dict[str, str]) -> str:
-    """The host's address on Docker's default bridge: what containers of any network reach this machine at."""
-    out = subprocess.run(["docker", "network", "inspect", "bridge", "-f", "{{(index .IPAM.Config 0).Gateway}}"],
-                         env=env, capture_output=True, text=True, check=True).stdout.strip()
-    if not out:
-        raise StackError("the default bridge network has no gateway")
-    return out
+    """The host's address on Docker's default bridge: what containers of any network reach this machine at.
+
+    The bridge's IPAM gateway where the engine reports one; Debian's Docker 20.10 has been seen to report a
+    subnet only, and then it is the address of the bridge's interface (``com.docker.network.bridge.name``,
+    docker0), read on this host (the engine runs here)."""
+    out = subprocess.run(["docker", "network", "inspect", "bridge", "-f",
+                          '{{(index .IPAM.Config 0).Gateway}} {{index .Options "com.docker.network.bridge.name"}}'],
+                         env=env, capture_output=True, text=True, check=True).stdout.split()
+    if out and out[0][0].isdigit():
+        return out[0]
+    if out:
+        try:
+            return _interface_ipv4(out[-1])
+        except OSError as e:
+            raise StackError(f"the default bridge network has no gateway, and its interface {out[-1]}: {e}") from None
+    raise StackError("the default bridge network has no gateway")
+
+
+def _interface_ipv4(name: str) -> str:
+    """A network interface's IPv4 address on this host (SIOCGIFADDR)."""
+    import fcntl
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))
+    return socket.inet_ntoa(packed[20:24])
 
 
 def celery_settings(bridge: str, host_gpus: int, gpus: int, **settings: str) -> dict[str, str]:
