@@ -89,6 +89,21 @@ def s3_env(s3: EmbeddedS3, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     return env
 
 
+@pytest.fixture
+def full_scratch(tmp_path: Path) -> Iterator[Path]:
+    """A 256 kB tmpfs for HEADAVATAR_SCRATCH: what a stage writes there soon fills it (mounting needs root, as
+    on CI)."""
+    scratch = tmp_path / "tiny-scratch"
+    scratch.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(scratch)],
+                      capture_output=True).returncode != 0:
+        pytest.fail("cannot mount a tmpfs for the disk-full fault (needs root, as on CI)")
+    try:
+        yield scratch
+    finally:
+        subprocess.run(["umount", str(scratch)], check=True)
+
+
 def tiny_config(*overrides: str) -> PipelineConfig:
     """The demo profile (crop scaled to 256x372 videos), reading storage from the environment."""
     return load_config("demo", list(overrides))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import tempfile
 from pathlib import Path
 from typing import ClassVar
@@ -148,22 +147,14 @@ def test_an_unfinished_training_of_other_settings_resumes_when_they_come_back(st
     assert run_stage(Training(), "018", a, store).cached and Training.resumed_from == [0, 0, 2, 1]
 
 
-def test_a_checkpoint_that_fills_the_scratch_disk_says_so(store: ObjectStore, tmp_path: Path,
+def test_a_checkpoint_that_fills_the_scratch_disk_says_so(store: ObjectStore, full_scratch: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """torch.save straight to a full disk raised a RuntimeError about a stream position ("unexpected pos"); the
     contract's one-line ScratchFull error names the directory and what to do."""
-    scratch = tmp_path / "tiny-scratch"
-    scratch.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(scratch)],
-                      capture_output=True).returncode != 0:
-        pytest.fail("cannot mount a tmpfs for the disk-full fault (needs root, as on CI)")
-    try:
-        monkeypatch.setenv("HEADAVATAR_SCRATCH", str(scratch))
-        with pytest.raises(ScratchFull, match=f"the scratch directory {scratch} is full"):
-            run_stage(Training(weights=200_000), "018", tiny_config(), store)  # an 800 kB checkpoint
-        assert read_manifest(store, "018", "extract") is None and list(scratch.iterdir()) == []
-    finally:
-        subprocess.run(["umount", str(scratch)], check=True)
+    monkeypatch.setenv("HEADAVATAR_SCRATCH", str(full_scratch))
+    with pytest.raises(ScratchFull, match=f"the scratch directory {full_scratch} is full"):
+        run_stage(Training(weights=200_000), "018", tiny_config(), store)  # an 800 kB checkpoint
+    assert read_manifest(store, "018", "extract") is None and list(full_scratch.iterdir()) == []
 
 
 def test_downstream_keys_on_upstream_content(store: ObjectStore) -> None:

@@ -266,24 +266,16 @@ def test_a_run_paused_past_its_lease_changes_nothing_when_it_resumes(server: Emb
     assert read_manifest(store, "018", stage) == manifest and done_or_absent(store, stage)
 
 
-def test_scratch_disk_full(server: EmbeddedS3, tiny_capture: Path, tmp_path: Path) -> None:
-    scratch = tmp_path / "tiny-scratch"
-    scratch.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(scratch)],
-                      capture_output=True).returncode != 0:
-        pytest.fail("cannot mount a tmpfs for the disk-full fault (needs root, as on CI)")
-    try:
-        env = env_for(server, "diskfull", HEADAVATAR_SCRATCH=str(scratch))
-        store = store_for(env)
-        upload_capture(store, tiny_capture)
-        run = StageProcess(env, "extract")
-        assert run.wait() == 75, run.stderr[-2000:]
-        last = run.stderr.strip().splitlines()[-1]
-        assert last.startswith("error: 018/extract: the scratch directory") and "is full" in last, last
-        assert read_manifest(store, "018", "extract") is None
-        assert list(scratch.iterdir()) == []  # the attempt's scratch directory is gone
-    finally:
-        subprocess.run(["umount", str(scratch)], check=True)
+def test_scratch_disk_full(server: EmbeddedS3, tiny_capture: Path, full_scratch: Path) -> None:
+    env = env_for(server, "diskfull", HEADAVATAR_SCRATCH=str(full_scratch))
+    store = store_for(env)
+    upload_capture(store, tiny_capture)
+    run = StageProcess(env, "extract")
+    assert run.wait() == 75, run.stderr[-2000:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: 018/extract: the scratch directory") and "is full" in last, last
+    assert read_manifest(store, "018", "extract") is None
+    assert list(full_scratch.iterdir()) == []  # the attempt's scratch directory is gone
 
 
 def in_flight(small_parts: ObjectStore, direction: str, key: str, target: Path, size: int) -> bool:
