@@ -137,7 +137,7 @@ def test_an_unfinished_training_of_other_settings_resumes_when_they_come_back(st
     with pytest.raises(Killed):
         run_stage(Training(die_at=2), "018", a, store)
     with pytest.raises(Killed):
-        run_stage(Training(die_at=1), "018", b, store)  # sets A's step-2 checkpoint aside
+        run_stage(Training(die_at=1), "018", b, store, force=True)  # sets A's step-2 checkpoint aside, forced too
     run_stage(Training(), "018", a, store)  # resumes A at step 2, sets B's aside
     run_stage(Training(), "018", b, store)  # resumes B at step 1
     assert Training.resumed_from == [0, 0, 2, 1]

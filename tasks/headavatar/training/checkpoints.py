@@ -143,15 +143,20 @@ class Checkpoints:
 
         The live checkpoint of an unfinished training under other inputs or settings is set aside first
         (``set_aside``): the next save would overwrite it, and going back to those settings resumes it."""
-        if self.ctx.fresh:
-            self.clear()
-            self.ctx.store.delete(self.aside_key(self.ctx.cache_key))
-            return None
-        state = self._read(self.key)
+        try:
+            state = self._read(self.key)
+        except RefusedObject:
+            if not self.ctx.fresh:
+                raise
+            state = None  # --force: its remedy
         if state is not None and state["cache_key"] not in self.ctx.resumable_keys:
             log.info("%s/%s: checkpoint from other inputs/config ignored", self.ctx.capture, self.ctx.stage)
             self.set_aside(state)
             state = None
+        if self.ctx.fresh:
+            self.clear()
+            self.ctx.store.delete(self.aside_key(self.ctx.cache_key))
+            return None
         if state is None and (state := self._read(self.aside_key(self.ctx.cache_key))) is not None:
             if state["cache_key"] not in self.ctx.resumable_keys:  # a 16-character name, checked in full
                 return None
