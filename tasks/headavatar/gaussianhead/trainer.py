@@ -139,10 +139,7 @@ class GaussianHeadTrainer(Trainer):
 
     def super_resolve(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Coarse features (h, w, C) -> the same as (C, h, w) and the super-resolved RGB (3, H, W), fp32."""
-        # (1, C, h, w) by a view of (1, h, w, C): its batch stride is C h w. img.permute(2, 0, 1)[None] has batch
-        # stride C, which ATen's suggest_memory_format reads as not channels-last (contiguous(channels_last) then
-        # keeps it): compiled, the convolutions then trace NCHW and the pixel shuffle its NCHW path.
-        feats = img[None].permute(0, 3, 1, 2)
+        feats = img.permute(2, 0, 1)[None]
         if self.channels_last:
             feats = feats.contiguous(memory_format=torch.channels_last)
         with self.autocast():
