@@ -4,7 +4,6 @@
 * Training views held as device tensors: the same batches as ``Views.tensors``.
 * The separable SSIM: the 2-D Gaussian window's SSIM.
 * What stage 6 compiles on CUDA traces as one graph with the eager values and gradients.
-* Compiled, super-resolution hands its convolutions' backward channels-last gradients (no cuDNN copy).
 * The loop reads loss terms only at log steps: history still has every logged step as floats.
 * Avatar videos: decodable H.264 with the frames asked for; the turntable orbit keeps the camera's distance.
 """
@@ -23,7 +22,7 @@ from headavatar.avatar_video import orbit, write_mp4
 from headavatar.gaussianhead.metrics import image_scores
 from headavatar.gaussianhead.model import GaussianHead, SuperResolution, pixel_shuffle
 from headavatar.gaussianhead.perceptual import Perceptual, ssim
-from headavatar.gaussianhead.trainer import COMPILE_OPTIONS, GaussianHeadTrainer
+from headavatar.gaussianhead.trainer import GaussianHeadTrainer
 from headavatar.render.gaussian_raster import TorchGaussianRasterizer
 from headavatar.render.mesh_raster import TorchRasterizer
 from headavatar.settings import GaussianHeadConfig
@@ -159,49 +158,6 @@ def test_separable_ssim_is_the_2d_window_ssim_and_pixel_shuffle_keeps_layout() -
     (grad,) = torch.autograd.grad(y, xl, up)
     assert torch.equal(grad, F.pixel_unshuffle(up, 2)) and grad.is_contiguous(memory_format=torch.channels_last)
 
-
-
-@pytest.mark.slow
-def test_compiled_super_resolution_hands_its_convolutions_channels_last_gradients() -> None:
-    """ATen's cuDNN convolution backward copies its incoming gradient unless ``suggest_memory_format`` finds it
-    laid out as the input (channels-last: batch stride too); Inductor drops the strides of size-1 dimensions,
-    so a gradient it hands over as a view can carry batch stride 0 (1.4 ms a step on an H100). Compiled as the
-    trainer compiles it (Inductor, ``COMPILE_OPTIONS``), every convolution's gradient must be channels-last,
-    and the values and gradients the eager ones."""
-    from torch._prims_common import suggest_memory_format
-
-    g = torch.Generator().manual_seed(0)
-    sr = SuperResolution(8, 8, 4)
-    for p in sr.parameters():  # no zero last layer: every gradient non-trivial
-        p.data.copy_(0.1 * torch.randn(p.shape, generator=g))
-    x = torch.randn(1, 8, 6, 6, generator=g).contiguous(memory_format=torch.channels_last).requires_grad_()
-    target = torch.rand(3, 24, 24, generator=g)
-
-    def loss(x: torch.Tensor) -> torch.Tensor:
-        return F.l1_loss(sr(x)[0], target)
-
-    compiled = torch.compile(loss, options=COMPILE_OPTIONS)
-    params = [x, *sr.parameters()]
-    want = torch.autograd.grad(loss(x), params)
-    torch.autograd.grad(compiled(x), params)  # compiles forward and backward
-    seen: list[torch.Tensor] = []
-    packet = torch.ops.aten.convolution_backward
-    conv_backward = packet.default
-
-    def spy(*args, **kwargs):
-        seen.append(args[0])
-        return conv_backward(*args, **kwargs)
-
-    packet.default = spy  # the compiled code looks it up at each call
-    try:
-        got = torch.autograd.grad(compiled(x), params)
-    finally:
-        packet.default = conv_backward
-    assert len(seen) == 5
-    for grad_output in seen:
-        assert suggest_memory_format(grad_output) == torch.channels_last, (grad_output.shape, grad_output.stride())
-    for a, b in zip(want, got, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 @pytest.mark.parametrize("blur", ["conv", "shifts"])
 def test_both_ssim_blurs_are_the_2d_window_ssim_with_the_same_gradient(blur: str, monkeypatch) -> None:

@@ -131,27 +131,17 @@ def _shuffle_last(x: torch.Tensor, r: int) -> torch.Tensor:
 
 
 def _unshuffle_last(g: torch.Tensor, r: int) -> torch.Tensor:
-    """The inverse of :func:`_shuffle_last`, as a channels-last tensor whatever ``g``'s layout.
-
-    Eager: one copy, through (B, h, w, C, r, r). Compiled, that form reaches the convolution's backward as
-    Inductor's 4-D view of its 6-D buffer, batch stride 0 (Inductor drops the strides of size-1 dimensions);
-    ATen then reads it as not channels-last (``suggest_memory_format`` checks the batch stride) and cuDNN's
-    backward copies it. Going through NCHW makes the last copy a 4-D one, which Inductor writes as its own
-    channels-last buffer, in the same kernel."""
+    """The inverse of :func:`_shuffle_last`, as a channels-last tensor whatever ``g``'s layout."""
     b, c, hr, wr = g.shape
     h, w = hr // r, wr // r
-    if torch.compiler.is_compiling():
-        y = g.reshape(b, c, h, r, w, r).permute(0, 1, 3, 5, 2, 4).reshape(b, c * r * r, h, w)
-    else:
-        y = g.permute(0, 2, 3, 1).reshape(b, h, r, w, r, c).permute(0, 1, 3, 5, 2, 4).reshape(b, h, w, c * r * r)
-        y = y.permute(0, 3, 1, 2)
-    return y.contiguous(memory_format=torch.channels_last)
+    y = g.permute(0, 2, 3, 1).reshape(b, h, r, w, r, c).permute(0, 1, 3, 5, 2, 4).reshape(b, h, w, c * r * r)
+    return y.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
 
 
 class _ShuffleLast(torch.autograd.Function):
-    """:func:`_shuffle_last` whose gradient is channels-last too, so that the cuDNN backward of the
-    32 -> 128 convolutions does not copy its incoming gradient (1.4 ms a step on an H100,
-    benchmarks/results/stage6_throughput_gpu_run2.json; compiled, see :func:`_unshuffle_last`)."""
+    """:func:`_shuffle_last` whose gradient is channels-last too: left to itself, Inductor wrote the gradient
+    of the 32 -> 128 convolutions' outputs NCHW, and their cuDNN backward copied it to NHWC (1.4 ms a step on
+    an H100, benchmarks/results/stage6_throughput_gpu_run2.json)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, r: int) -> torch.Tensor:
