@@ -139,9 +139,9 @@ def _unshuffle_last(g: torch.Tensor, r: int) -> torch.Tensor:
 
 
 class _ShuffleLast(torch.autograd.Function):
-    """:func:`_shuffle_last` whose gradient is channels-last too: left to itself, Inductor wrote the gradient
-    of the 32 -> 128 convolutions' outputs NCHW, and their cuDNN backward copied it to NHWC (1.4 ms a step on
-    an H100, benchmarks/results/stage6_throughput_gpu_run2.json)."""
+    """:func:`_shuffle_last` whose gradient is channels-last too, meant to spare cuDNN's backward of the
+    32 -> 128 convolutions a copy of its incoming gradient (1.4 ms a step on an H100). Compiled in the trainer
+    it is not what runs, and the copy remains (docs/gpu.md, third session, says why)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, r: int) -> torch.Tensor:
