@@ -15,6 +15,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 TORCH_VERSION ?= $(shell sed -n 's/^torch==//p' images/requirements/torch.txt)
+AV_VERSION ?= $(shell sed -n 's/^av==//p' images/requirements/preprocess.txt)
 BACKEND ?= docker
 BASE ?= auto
 DOCKER_HOST ?= unix://$(CURDIR)/.headavatar/docker/run/docker.sock
@@ -34,6 +35,9 @@ $(VENV)/.installed: pyproject.toml
 	@$(HEARTBEAT) --label "install 1/3 pip" -- $(PIP) --upgrade pip
 	@$(HEARTBEAT) --label "install 2/3 torch" -- $(PIP) torch==$(TORCH_VERSION)
 	@$(HEARTBEAT) --label "install 3/3 project" -- $(PIP) -e ".[dev]"
+	@# PyAV's wheels bundle FFmpeg and x264, so another release encodes other bytes: the videos stage 6 writes here
+	@# must be the images' (images/requirements/preprocess.txt), or a local run's avatar differs from a container's.
+	@$(PIP) -q av==$(AV_VERSION)
 	@# The NeRSemble benchmark toolkit (Apache-2.0), only its constants and source for the tests to check the
 	@# submission against: its own dependencies (open3d, a CUDA torch) are not wanted here, so none is installed.
 	@$(PIP) -q --no-deps nersemble-benchmark==0.2.0
