@@ -247,11 +247,12 @@ def test_kubernetes_pods_request_cpu_memory_disk_and_exit_2_is_final(airflow_hom
     # No cluster here: the provider's two API calls on this path answer as a cluster would (no istio, label set).
     t.patch_already_checked = lambda *a, **k: None
     t.is_istio_enabled = lambda *a, **k: False
-    for code in (1, 2, 75, 137):
+    for code in (1, 2, 75, 79, 137):
         try:
             t.cleanup(pod(code), pod(code))
         except Exception as e:
-            out["failures"][code] = [type(e).__name__, isinstance(e, AirflowFailException), str(e)[:200]]
+            out["failures"][code] = [type(e).__name__, isinstance(e, AirflowFailException), str(e)[:200],
+                                     str(getattr(e, "reschedule_date", ""))]
     print(json.dumps(out))
     """, backend="kubernetes")
     res = facts["resources"]
@@ -265,7 +266,11 @@ def test_kubernetes_pods_request_cpu_memory_disk_and_exit_2_is_final(airflow_hom
     for stage, r in res.items():
         assert set(r["requests"]) == {"cpu", "memory", "ephemeral-storage"}, stage
     final = {code: f[1] for code, f in facts["failures"].items()}
-    assert final == {"1": False, "2": True, "75": False, "137": False}, facts["failures"]
+    assert final == {"1": False, "2": True, "75": False, "79": False, "137": False}, facts["failures"]
+    # Exit 79, the stage busy in another run: rescheduled (waits, no retry used), not failed.
+    kinds = {code: f[0] for code, f in facts["failures"].items()}
+    assert kinds["79"] == "AirflowRescheduleException" and facts["failures"]["79"][3], facts["failures"]
+    assert {kinds[c] for c in ("1", "75", "137")} == {"AirflowException"}, kinds
     assert "exited with 2" in facts["failures"]["2"][2] and "returned a failure" in facts["failures"]["2"][2]
     assert all("returned a failure" in facts["failures"][c][2] for c in ("1", "75", "137"))
 
@@ -441,3 +446,76 @@ def test_a_cpu_only_host_places_gpu_stages_without_a_warning(
     with placed_gpu(settings, {}, "run/matting") as lease:
         assert lease is None
     assert [r.levelname for r in caplog.records] == ["WARNING"], caplog.text
+
+
+def _extract_task(db: Path, after_run: int) -> tuple[str | None, list[tuple]]:
+    """(run state, [(try_number, state, reschedules)] of its extract task) of the first capture run after
+    ``after_run``, read off the Airflow database."""
+    import contextlib
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(db, timeout=60)) as con:
+        run = con.execute("SELECT run_id, state FROM dag_run WHERE dag_id = 'headavatar_capture' AND id > ? "
+                          "ORDER BY id LIMIT 1", (after_run,)).fetchone()
+        if run is None:
+            return None, []
+        tis = con.execute("SELECT ti.try_number, ti.state, (SELECT count(*) FROM task_reschedule r WHERE "
+                          "r.ti_id = ti.id) FROM task_instance ti WHERE ti.dag_id = 'headavatar_capture' AND "
+                          "ti.task_id = 'extract' AND ti.run_id = ?", (run[0],)).fetchall()
+    return run[1], tis
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_a_task_whose_stage_another_run_computes_waits_without_using_a_retry(
+        airflow_home: Path, store, tiny_capture: Path, s3_env: dict[str, str]) -> None:  # noqa: F811
+    """The capture DAG's extract task starts while another run, alive, holds extract's lock for the capture (as
+    when a retry meets its first try's stage still running in an orphaned container): the task is rescheduled
+    (Airflow's up_for_reschedule: no slot held, no retry used) until the lock is released, then computes the
+    stage; its try number stays 1 and the run succeeds. Before exit 79, the busy stage exited 75 and was
+    retried: 3 retries used up in minutes, and the run failed."""
+    from conftest import upload_capture
+    from headavatar.contract.lock import StageLock
+    from headavatar.contract.outputs import state_key
+    from headavatar.devserver.demo import _last_run_id
+    from headavatar.layout import stage_prefix
+
+    upload_capture(store, tiny_capture)
+    holder = StageLock(store, state_key(store.key(stage_prefix("018", "extract")), "lock.json"),
+                       "capture 018 stage extract (the other run)", ttl=30)
+    holder.acquire()  # alive: this process, renewing it
+    db = airflow_home / "airflow.db"
+    before = _last_run_id(db)
+    env = {**_env(airflow_home, s3_env), "HEADAVATAR_BUSY_POLL_S": "1", "HEADAVATAR_BUSY_POLL_MAX_S": "2"}
+    run = subprocess.Popen([sys.executable, "-m", "airflow", "dags", "test", "headavatar_capture", "--conf",
+                            json.dumps({"id": "018", "profile": "ci"}),  # the other stages: not under test
+                            "--mark-success-pattern", "sample|matting|fitting|meshhead|gaussianhead"],
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and run.poll() is None:
+            state, tis = _extract_task(db, before)
+            if tis and tis[0][2] >= 3:  # it came back to a held lock three times ...
+                break
+            time.sleep(0.5)
+        state, tis = _extract_task(db, before)
+        waiting = tis[0] if tis else None
+    finally:
+        holder.release()  # ... then the other run ends (here without a result: the waiting task computes it)
+    try:
+        log = run.communicate(timeout=300)[0]
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert waiting is not None and waiting[0] == 1 and waiting[2] >= 3, (waiting, log[-4000:])
+    assert waiting[1] in ("up_for_reschedule", "scheduled", "queued", "running"), (waiting, log[-4000:])
+    state, tis = _extract_task(db, before)
+    assert state == "success", log[-4000:]
+    assert [t[:2] for t in tis] == [(1, "success")], (tis, log[-4000:])  # no retry used
+    # One line per wait, naming the holder: host, pid and since when.
+    waits = [line for line in log.splitlines() if "stage busy: waiting" in line]
+    assert len(waits) >= 3, log[-4000:]
+    assert all(f"{socket.gethostname()} pid {os.getpid()} since {holder.owner['since']}" in line
+               for line in waits), waits[:2]
+    assert "018/extract: cache hit" not in log and store.exists(store.key(stage_prefix("018", "extract"),
+                                                                          "manifest.json"))

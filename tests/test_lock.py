@@ -99,3 +99,42 @@ def test_a_manifest_is_written_only_where_none_is(store: ObjectStore) -> None:
     assert store.put_new(key, b"first")  # a retry whose first attempt landed finds its own bytes
     assert not store.put_new(key, b"second")
     assert store.get_bytes(key) == b"first"
+
+
+def test_the_cli_exits_79_while_another_run_holds_the_stage_and_75_for_temporary_errors(
+        store: ObjectStore, tiny_capture: Path, s3_env: dict[str, str]) -> None:
+    """The stage CLI's exit codes as the operators read them: EXIT_BUSY (wait, no retry used) for a stage another
+    live run is computing, naming the holder; EXIT_TEMPFAIL (75, retried) for the temporary errors."""
+    import os
+    import socket
+
+    from conftest import cli, upload_capture
+    from headavatar.contract.outputs import state_key
+    from headavatar.errors import (
+        EXIT_BUSY,
+        EXIT_FINAL,
+        EXIT_TEMPFAIL,
+        GpuUnavailable,
+        LostLock,
+        ScratchFull,
+        StorageUnavailable,
+    )
+    from headavatar.layout import stage_prefix
+
+    assert (EXIT_FINAL, EXIT_TEMPFAIL, EXIT_BUSY) == (2, 75, 79) and StageBusy.exit_code == EXIT_BUSY
+    assert {e.exit_code for e in (StorageUnavailable, ScratchFull, GpuUnavailable, LostLock)} == {EXIT_TEMPFAIL}
+    upload_capture(store, tiny_capture)
+    holder = StageLock(store, state_key(store.key(stage_prefix("018", "extract")), "lock.json"), "other run")
+    holder.acquire()
+    try:
+        r = cli("run", "extract", "--capture", "018", "--profile", "ci")
+    finally:
+        holder.release()
+    assert r.returncode == EXIT_BUSY, r.stderr[-2000:]
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: capture 018 stage extract is being computed by another run (") and (
+        f"{socket.gethostname()} pid {os.getpid()} since {holder.owner['since']}, renewed " in line), line
+    # The object store away (nothing listens on port 9): temporary, retried.
+    away = cli("run", "extract", "--capture", "018", "--profile", "ci", "--set", "storage.max_attempts=1",
+               env={"HEADAVATAR_S3_ENDPOINT": "http://127.0.0.1:9"})
+    assert away.returncode == EXIT_TEMPFAIL, away.stderr[-2000:]

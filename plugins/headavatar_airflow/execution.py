@@ -12,6 +12,9 @@ stages' image without a GPU request (the CPU stage image, ``headavatar/cpu``, on
 UUIDs; unset = ``nvidia-smi``'s list when it is on PATH), each leased to one running task at a time
 through lock files in
 ``HEADAVATAR_GPU_LEASE_DIR`` (one directory per host, seen by every worker of that host).
+``HEADAVATAR_BUSY_POLL_S`` / ``HEADAVATAR_BUSY_POLL_MAX_S``: how long a task whose stage another run is
+computing (the CLI's exit ``EXIT_BUSY``) waits before it looks again, first and at most (default 30 s,
+doubling each time, up to 300 s); see ``operators.wait_for_busy_stage``.
 """
 
 from __future__ import annotations
@@ -45,6 +48,12 @@ class ExecutionSettings:
     # This host's name (Celery: one worker per host; its GPU queue is gpu.<host>). Stage containers carry it as
     # a label, so GPUs in use are told apart per host even where two "hosts" share one Docker engine.
     host: str = field(default_factory=lambda: _env("HEADAVATAR_HOST", "main"))
+    # A task waiting for another run of its stage (exit EXIT_BUSY) looks again after busy_poll_s, doubling each
+    # time up to busy_poll_max_s. A dead holder's lease expires after storage.lock_ttl_s (90 s by default), so the
+    # first looks come soon after; a live holder usually runs for as long as its stage (minutes to hours), so
+    # later ones come every 5 min: one short CLI run (a container or pod start) each, no slot held in between.
+    busy_poll_s: float = field(default_factory=lambda: float(_env("HEADAVATAR_BUSY_POLL_S", "30")))
+    busy_poll_max_s: float = field(default_factory=lambda: float(_env("HEADAVATAR_BUSY_POLL_MAX_S", "300")))
     k8s_namespace: str = field(default_factory=lambda: _env("HEADAVATAR_K8S_NAMESPACE", "headavatar"))
     k8s_s3_secret: str = field(default_factory=lambda: _env("HEADAVATAR_K8S_S3_SECRET", "headavatar-s3"))
     k8s_ingest_s3_secret: str | None = field(default_factory=lambda: os.environ.get("HEADAVATAR_K8S_INGEST_S3_SECRET"))

@@ -22,13 +22,14 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from airflow.sdk import BaseHook, BaseOperator, BaseOperatorLink
-from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowRescheduleException
 
+from headavatar.errors import EXIT_BUSY, EXIT_FINAL
 from headavatar_airflow.assets import describe_outlet_events
 from headavatar_airflow.execution import ExecutionSettings
 from headavatar_airflow.gpus import GPU_LABEL, HOST_LABEL, placed_gpu
@@ -51,13 +52,54 @@ def s3_environment(conn_id: str) -> tuple[dict[str, str], dict[str, str]]:
 
 
 # The CLI's exit code for errors a retry cannot fix: bad input, bad config, missing upstream stage.
-FINAL_EXIT_CODES = (2,)
+FINAL_EXIT_CODES = (EXIT_FINAL,)
+# How long a task waits for another run of its stage when it has no time limit of its own (a stage task has
+# one, orchestration.<stage>_timeout_h, and waits at most that long: see wait_for_busy_stage).
+BUSY_WAIT_LIMIT = timedelta(hours=24)
 
 
-def fail(command: str, code: int, message: str) -> AirflowException:
-    """Final errors fail the task at once; anything else (crash, OOM kill, lost S3) is retried."""
+def fail(command: str, code: int, message: str, task: BaseOperator | None = None, context: Any = None,
+         settings: ExecutionSettings | None = None) -> AirflowException:
+    """Final errors fail the task at once; a stage another run is computing (``EXIT_BUSY``) waits for it
+    (``task`` given: the stage tasks); anything else (crash, OOM kill, lost S3) is retried."""
+    if code == EXIT_BUSY and task is not None:
+        return wait_for_busy_stage(task, context, command, message, settings or ExecutionSettings())
     cls = AirflowFailException if code in FINAL_EXIT_CODES else AirflowException
     return cls(f"headavatar {command} exited with {code}: {message}")
+
+
+def wait_for_busy_stage(task: BaseOperator, context: Any, command: str, message: str,
+                        settings: ExecutionSettings) -> AirflowException:
+    """The task's answer to a stage whose lock another run holds (exit ``EXIT_BUSY``; ``message``, the CLI's
+    error line, names the holder): Airflow's reschedule, which ends this try without failing it. The task
+    goes to ``up_for_reschedule``, holds no worker slot, pool slot or GPU lease meanwhile, and runs again with
+    the same try number after the delay (Airflow 3's scheduler holds any task in that state until its
+    reschedule date: ``TaskInstance.are_dependencies_met`` adds ``ReadyToRescheduleDep``; no sensor needed).
+    It then finds the other run's result (a cache hit) or its lease expired (it computes the stage).
+
+    The delay starts at ``busy_poll_s`` and doubles up to ``busy_poll_max_s``. Once the task has waited
+    longer than its own time limit (``execution_timeout``: no attempt of the stage should take longer, so
+    a holder still alive then is stuck, e.g. an orphaned container), it fails for good, saying so."""
+    ctx = context or {}
+    count = int(ctx.get("task_reschedule_count", 0) or 0)
+    ti = ctx.get("ti")
+    first = ti.get_first_reschedule_date(ctx) if ti is not None and count else None
+    now = datetime.now(UTC)
+    waited = now - first if first is not None else timedelta(0)
+    limit = task.execution_timeout or BUSY_WAIT_LIMIT
+    if waited > limit:
+        return AirflowFailException(
+            f"headavatar {command}: gave up waiting for another run of this stage after {_hours(waited)} (the "
+            f"task's time limit is {_hours(limit)}): {message}. Stop that run (or, if it is gone, delete its "
+            "lock) and clear this task")
+    delay = min(settings.busy_poll_s * 2 ** min(count, 20), max(settings.busy_poll_s, settings.busy_poll_max_s))
+    task.log.info("stage busy: waiting %.0f s, no retry used (waited %s of at most %s so far): %s",
+                  delay, _hours(waited), _hours(limit), message)
+    return AirflowRescheduleException(now + timedelta(seconds=delay))
+
+
+def _hours(d: timedelta) -> str:
+    return f"{d.total_seconds() / 3600:.2f} h" if d >= timedelta(hours=1) else f"{d.total_seconds():.0f} s"
 
 
 def task_command(stage: StageSpec, context: Any, command: list[str] | None) -> list[str]:
@@ -222,7 +264,7 @@ class LocalStageOperator(ShowsStageCommand, BaseOperator):
             finally:  # a timeout or a kill of the task: the stage ends before its GPU lease does
                 self._stop()
             if rc != 0:
-                raise fail(" ".join(args[:2]), rc, last)
+                raise fail(" ".join(args[:2]), rc, last, self, context, self.settings)
             result = (read_result(result_file.read_bytes() if result_file.exists() else b"", args)
                       if writes_result(args) else None)
         remember_mlflow_run(self, result, self.settings.mlflow_conn_id)
@@ -346,7 +388,7 @@ def _docker_operator() -> type:
             except DockerContainerFailedException as e:
                 code = self.cli.inspect_container(self.container["Id"])["State"]["ExitCode"]
                 last = next((str(x).strip() for x in reversed(e.logs or []) if str(x).strip()), "")
-                raise fail(" ".join(args[:2]), code, last) from e
+                raise fail(" ".join(args[:2]), code, last, self, context, self.settings) from e
             except BaseException:  # a timeout or kill: stop the container before the GPU lease ends
                 self.on_kill()
                 raise
@@ -458,6 +500,7 @@ def _kubernetes_operator() -> type:
                 on_finish_action="delete_pod",
                 get_logs=True, do_xcom_push=command is None or writes_result(command), **gpu, **kwargs)
             self.stage, self.mlflow_conn_id, self.cli_command = stage, settings.mlflow_conn_id, command
+            self.busy_settings = settings
             self.stage_command = ""
 
         def request_gpus(self, params: dict[str, Any]) -> None:
@@ -485,15 +528,17 @@ def _kubernetes_operator() -> type:
             return result
 
         def cleanup(self, pod: Any, remote_pod: Any, xcom_result: dict | None = None, context: Any = None) -> None:
-            """The provider fails a failed pod with a retryable error; the CLI's final exit codes fail it for good."""
+            """The provider fails a failed pod with a retryable error; the CLI's final exit codes fail it for good,
+            and a stage another run is computing (``EXIT_BUSY``) waits for it."""
             try:
                 super().cleanup(pod, remote_pod, xcom_result, context)
             except AirflowFailException:
                 raise
             except AirflowException as e:
                 code = exit_code(remote_pod, self.base_container_name)
-                if code in FINAL_EXIT_CODES:
-                    raise fail(" ".join(self.arguments[:2]), code, str(e).splitlines()[0]) from e
+                if code in FINAL_EXIT_CODES or code == EXIT_BUSY:  # the pod's log above names a busy lock's holder
+                    raise fail(" ".join(self.arguments[:2]), code, str(e).splitlines()[0], self, context,
+                               self.busy_settings) from e
                 raise
 
     return KubernetesStageOperator

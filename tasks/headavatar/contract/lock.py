@@ -3,8 +3,10 @@
 Two DAG runs of one capture (a manual trigger beside an ingested one) would otherwise write the
 same output keys and manifests interleaved. The lease ``_state/lock.json`` is created with
 ``If-None-Match: *`` (atomic on S3 and SeaweedFS), renewed with ``If-Match`` on its ETag, and
-released at the end. A second run finds it held and fails with :class:`StageBusy` (exit 75:
-Airflow retries it later, by when the first run's manifest makes it a cache hit).
+released at the end. A second run finds it held and stops with :class:`StageBusy` (exit 79,
+``EXIT_BUSY``): the Airflow task waits (rescheduled, no retry used) and runs again later, by when the
+first run's manifest makes it a cache hit, or its lease has expired and this run computes the stage.
+The lease names its holder (host, pid, since when: the holder's clock, for people only).
 
 Expiry reads one clock, the object store's: a lease is free when the store's ``Date`` minus the
 lease's ``LastModified`` exceeds its ttl (on the same host, a holder whose pid is gone at once).
@@ -15,9 +17,9 @@ SIGSTOPped process does not escape) from the moment it sent its last successful 
 request of the stage that writes or deletes first calls :meth:`StageLock.fence` (a hook on the
 store's client, ``ObjectStore.fence_with``): past half the ttl it renews first, synchronously,
 and once a renewal failed, or none succeeded for ttl minus a margin, it raises "lost the lock"
-(exit 75) and nothing is sent. Since the store counts the ttl from when it received the renewal,
-which is after it was sent, the holder stops writing before anyone else may start. Worker
-processes fence on the same clock, shared with them (:meth:`share`, :func:`shared_fence`).
+(:class:`LostLock`, exit 75: a failed attempt, retried) and nothing is sent. Since the store counts
+the ttl from when it received the renewal, which is after it was sent, the holder stops writing
+before anyone else may start. Worker processes fence on the same clock, shared with them (:meth:`share`, :func:`shared_fence`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from headavatar.errors import StageBusy
+from headavatar.errors import LostLock, StageBusy
 from headavatar.storage import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -58,15 +60,16 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def lost_lock(what: str, uri: str) -> StageBusy:
-    return StageBusy(f"{what}: lost the lock {uri} to another run; this run writes and deletes nothing more "
+def lost_lock(what: str, uri: str) -> LostLock:
+    return LostLock(f"{what}: lost the lock {uri} to another run; this run writes and deletes nothing more "
                      "and its results are not committed")
 
 
 class StageLock:
     def __init__(self, store: ObjectStore, key: str, what: str, ttl: float = 90.0):
         self.store, self.key, self.what, self.ttl = store, key, what, ttl
-        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "token": os.urandom(16).hex()}
+        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "token": os.urandom(16).hex(),
+                      "since": datetime.now(UTC).isoformat(timespec="seconds")}  # read by people, not by expiry
         self.margin = max(1.0, ttl / 5)  # clock-rate differences and the time a request is in flight
         # The lease's own client: short timeouts, few retries, and no fence (it renews the fence).
         self.client = store.new_client(attempts=2, connect_timeout=min(5.0, ttl / 5), read_timeout=min(10.0, ttl / 3))
@@ -138,9 +141,10 @@ class StageLock:
                 self._took(self._put(IfMatch=found[1]), sent)
             if self.etag is None:
                 holder, _, age = found or ({}, "", 0.0)
+                since = f" since {holder['since']}" if holder.get("since") else ""
                 raise StageBusy(f"{self.what} is being computed by another run ({holder.get('host')} pid "
-                                f"{holder.get('pid')}, renewed {age:.0f} s ago; lock {self.store.uri(self.key)}); "
-                                "retry when it has finished")
+                                f"{holder.get('pid')}{since}, renewed {age:.0f} s ago; lock "
+                                f"{self.store.uri(self.key)}); retry when it has finished")
         self._thread = threading.Thread(target=self._beat, name="stage-lock", daemon=True)
         self._thread.start()
 

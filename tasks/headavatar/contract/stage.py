@@ -16,7 +16,7 @@
 5. Local scratch space lives in one directory removed at the end, also on errors and SIGTERM; a
    directory left by a SIGKILLed run is removed by the next run on the host.
 6. One run at a time computes a (capture, stage): a lease in the bucket (``contract/lock.py``);
-   a concurrent run exits 75 (retried later, then a cache hit). Every write and delete of the run
+   a concurrent run exits 79 (waits, then a cache hit). Every write and delete of the run
    is fenced by the lease, so a run that lost it (paused past its ttl) changes nothing more, and
    the manifest is written only where none is (``If-None-Match``).
 7. A result replaced by one computed under another cache key is kept as a variant
