@@ -19,7 +19,8 @@ store's client, ``ObjectStore.fence_with``): past half the ttl it renews first, 
 and once a renewal failed, or none succeeded for ttl minus a margin, it raises "lost the lock"
 (:class:`LostLock`, exit 75: a failed attempt, retried) and nothing is sent. Since the store counts
 the ttl from when it received the renewal, which is after it was sent, the holder stops writing
-before anyone else may start. Worker processes fence on the same clock, shared with them (:meth:`share`, :func:`shared_fence`).
+before anyone else may start. Worker processes fence on the same clock, shared with them
+(:meth:`share`, :func:`shared_fence`).
 """
 
 from __future__ import annotations
