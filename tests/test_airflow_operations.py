@@ -468,7 +468,7 @@ def _extract_task(db: Path, after_run: int) -> tuple[str | None, list[tuple]]:
 @pytest.mark.s3
 @pytest.mark.slow
 def test_a_task_whose_stage_another_run_computes_waits_without_using_a_retry(
-        airflow_home: Path, store, tiny_capture: Path, s3_env: dict[str, str]) -> None:  # noqa: F811
+        airflow_home: Path, store, tiny_capture: Path, s3_env: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
     """The capture DAG's extract task starts while another run, alive, holds extract's lock for the capture (as
     when a retry meets its first try's stage still running in an orphaned container): the task is rescheduled
     (Airflow's up_for_reschedule: no slot held, no retry used) until the lock is released, then computes the
@@ -519,3 +519,24 @@ def test_a_task_whose_stage_another_run_computes_waits_without_using_a_retry(
                for line in waits), waits[:2]
     assert "018/extract: cache hit" not in log and store.exists(store.key(stage_prefix("018", "extract"),
                                                                           "manifest.json"))
+
+    # A holder alive for longer than the stage's time limit (here 18 s) is stuck: the waiting task gives up, for
+    # good and saying why, instead of waiting silently for ever.
+    config = tmp_path / "config"
+    shutil.copytree(REPO / "config", config)
+    (config / "profiles" / "busy-test.yaml").write_text("orchestration: {extract_timeout_h: 0.005}")
+    store.delete(store.key(stage_prefix("018", "extract"), "manifest.json"))  # not done: no cache hit to take
+    stuck = StageLock(store, holder.key, "capture 018 stage extract (a stuck run)", ttl=30)
+    stuck.acquire()
+    before = _last_run_id(db)
+    try:
+        r = _airflow(airflow_home, {**env, "HEADAVATAR_CONFIG_DIR": str(config), "HEADAVATAR_PROFILE": "busy-test"},
+                     "dags", "test", "headavatar_capture", "--conf", json.dumps({"id": "018", "profile": "ci"}),
+                     "--mark-success-pattern", "sample|matting|fitting|meshhead|gaussianhead", timeout=300)
+    finally:
+        stuck.release()
+    log = r.stdout + r.stderr
+    state, tis = _extract_task(db, before)
+    assert state == "failed" and [t[:2] for t in tis] == [(1, "failed")] and tis[0][2] >= 2, (tis, log[-4000:])
+    assert "gave up waiting for another run of this stage after" in log, log[-4000:]
+    assert "(the task's time limit is 18 s)" in log and f"pid {os.getpid()} since {stuck.owner['since']}" in log
