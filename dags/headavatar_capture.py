@@ -3,9 +3,10 @@
 
 Trigger with the capture id, e.g. `{"id": "018"}` (the form checks it). Six tasks, each one
 `headavatar run <stage> --capture <id>`: extract -> sample -> matting -> fitting -> meshhead ->
-gaussianhead. A failed task is retried with exponential backoff; to redo from a stage, clear
-that task with its downstream tasks. Finished stages whose inputs and config are unchanged are
-cache hits, and training resumes from its last checkpoint.
+gaussianhead. A failed task is retried with exponential backoff; a task whose stage another run
+of the capture is computing waits for it (up for reschedule, no retry used) and then takes its
+result. To redo from a stage, clear that task with its downstream tasks. Finished stages whose
+inputs and config are unchanged are cache hits, and training resumes from its last checkpoint.
 
 Each attempt has a time limit (`orchestration.<stage>_timeout_h`), the run one too
 (`orchestration.dagrun_timeout_h`); a task that fails for good mails the `headavatar_alerts`

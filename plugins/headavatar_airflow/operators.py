@@ -1,7 +1,9 @@
 """The operator factory: one stage -> one task, on the configured backend.
 
 Every backend runs the same command (``headavatar run <stage> --capture <id> ...``), built at run
-time from the DAG run's parameters; a non-zero exit fails the task, so Airflow's retries apply.
+time from the DAG run's parameters; a non-zero exit fails the task, so Airflow's retries apply, except
+exit 2 (``EXIT_FINAL``: failed for good) and exit 79 (``EXIT_BUSY``: another run is computing the stage;
+the task is rescheduled to wait for it, no retry used: ``wait_for_busy_stage``).
 S3 credentials are read from the Airflow connection when the task runs and handed to the process
 as environment only (Docker: ``private_environment``, never rendered or logged; Kubernetes: a
 Secret), so they appear in no DAG file, rendered template or log line. The command itself is a
@@ -469,7 +471,7 @@ def _kubernetes_operator() -> type:
     class KubernetesStageOperator(ShowsStageCommand, KubernetesPodOperator):
         """One pod per attempt, requesting the stage's CPU, memory and node disk (``orchestration.*``; memory
         and disk also as limits); GPU stages request ``nvidia.com/gpu`` on GPU nodes (the device plugin
-        picks the GPU); pod deleted afterwards. Exit 2 fails the task without a retry."""
+        picks the GPU); pod deleted afterwards. Exit 2 fails the task without a retry; exit 79 waits."""
 
         operator_extra_links = (MLflowRunLink(),)
         template_fields = (*KubernetesPodOperator.template_fields, "stage_command")
