@@ -170,3 +170,17 @@ def test_stage_1_with_other_worker_counts_is_a_cache_hit(store: ObjectStore, tin
     assert r.returncode == 0, r.stderr
     assert "stale: config extract.jpeg_quality (made" in r.stdout, r.stdout
     assert result_config({"extract": {"workers": 1, "jpeg_quality": 90}}) == {"extract": {"jpeg_quality": 90}}
+
+
+def test_the_continuation_key_leaves_out_only_the_step_ceilings() -> None:
+    """Two trainings that differ only in their ceiling follow one trajectory (continuation_key equal) but are two
+    results (config_key differs); any other result setting makes another trajectory."""
+    from headavatar.contract.config_key import continuation_key
+
+    base = tiny_config()
+    for stage in ("meshhead", "gaussianhead"):
+        longer = _sections(tiny_config(f"{stage}.steps=12345"), stage)
+        assert continuation_key(longer) == continuation_key(_sections(base, stage))
+        assert config_key(longer) != config_key(_sections(base, stage))
+        seeded = _sections(tiny_config(f"{stage}.seed=7"), stage)
+        assert continuation_key(seeded) != continuation_key(_sections(base, stage))

@@ -147,6 +147,44 @@ def test_an_unfinished_training_of_other_settings_resumes_when_they_come_back(st
     assert run_stage(Training(), "018", a, store).cached and Training.resumed_from == [0, 0, 2, 1]
 
 
+class CeilingTraining(Stage):
+    """Trains to ``meshhead.steps`` (the step ceiling), a checkpoint after each step; its result is the steps."""
+
+    name = "extract"
+    inputs = ()
+    config_sections = ("meshhead",)
+    resumed_from: ClassVar[list[int]] = []
+
+    def run(self, ctx: StageContext) -> None:
+        ceiling = ctx.config.meshhead.steps
+        checkpoints = Checkpoints(ctx, ceiling=ceiling)
+        saved = checkpoints.load()
+        step = saved["step"] if saved else 0
+        type(self).resumed_from.append(step)
+        while step < ceiling:
+            step += 1
+            checkpoints.save({"step": step})
+        ctx.outputs.put_bytes("model.txt", str(step).encode())
+
+
+def test_raising_a_step_ceiling_continues_the_training(store: ObjectStore) -> None:
+    """The ceiling is a result setting (a cache key of its own: going back to it is a kept variant) but it only ends
+    the loop: a higher ceiling continues the training from its checkpoint instead of starting over (a day of GPU
+    time at GHA's schedule). A checkpoint past a lower ceiling, or of other settings, is not continued."""
+    CeilingTraining.resumed_from = []
+    for steps in (3, 6):
+        run_stage(CeilingTraining(), "018", tiny_config(f"meshhead.steps={steps}"), store)
+    assert CeilingTraining.resumed_from == [0, 3]
+    assert store.get_bytes(store.key(stage_prefix("018", "extract"), "model.txt")) == b"6"
+    assert run_stage(CeilingTraining(), "018", tiny_config("meshhead.steps=3"), store).cached  # a kept variant
+    run_stage(CeilingTraining(), "018", tiny_config("meshhead.steps=2"), store)  # its checkpoint is at step 6
+    run_stage(CeilingTraining(), "018", tiny_config("meshhead.steps=8", "meshhead.seed=1"), store)  # another training
+    assert CeilingTraining.resumed_from == [0, 3, 0, 0]
+    # A run that forces a recompute starts over all the same.
+    run_stage(CeilingTraining(), "018", tiny_config("meshhead.steps=9", "meshhead.seed=1"), store, force_run="m__1")
+    assert CeilingTraining.resumed_from == [0, 3, 0, 0, 0]
+
+
 def test_a_checkpoint_that_fills_the_scratch_disk_says_so(store: ObjectStore, full_scratch: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """torch.save straight to a full disk raised a RuntimeError about a stream position ("unexpected pos"); the

@@ -151,3 +151,23 @@ def test_demo_profile_training_resumes_after_sigkill_and_fits_held_out_views(
     assert len(mesh["faces"]) > 1000 and mesh["vertices"].shape[1] == 3
     sheet = cv2.imdecode(np.frombuffer(store.get_bytes(f"{prefix}/renders/0000.jpg"), np.uint8), 1)
     assert sheet.shape[1] == 3 * sheet.shape[0] // 2  # 2 held-out cameras x (GT | render | normals)
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_a_raised_step_ceiling_continues_the_training(store: ObjectStore, demo_upstream: str,
+                                                      s3_env: dict[str, str]) -> None:
+    """An operator who trained to one ceiling and wants more steps raises it: the stage continues from its last
+    checkpoint (step 100 of the first 150) instead of training again from step 0."""
+    copy_stages(store, demo_upstream, ("extract", "sample", "matting", "fitting"))
+    args = ("run", "meshhead", "--capture", "018", "--profile", "demo")
+    r = cli(*args, "--set", "meshhead.steps=150", env=s3_env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = cli(*args, env=s3_env, timeout=600)  # the profile's 300
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "continuing the training of step 100, made under another step ceiling, up to 300" in r.stderr
+    m = read_manifest(store, "018", "meshhead")
+    assert m.metrics["resumed_from_step"] == 100 and m.metrics["steps"] == 300
+    history = json.loads(store.get_bytes(store.key(stage_prefix("018", "meshhead"), "history.json")))
+    assert [h["step"] for h in history["losses"]] == list(range(10, 301, 10))  # nothing lost, nothing twice
+    assert [e["step"] for e in history["holdout"]] == [0, 100, 200, 300]

@@ -44,6 +44,10 @@ PlateauMinSteps = Annotated[int, Field(ge=0, description="never stop before this
 # how often to checkpoint): it stays out of the stage's cache key (contract/config_key.py), so changing
 # it on a retry keeps the finished outputs and resumes training from its checkpoint.
 EXECUTION, ADDED_LATER = "execution", "added_later"  # the marks, in a field's json_schema_extra
+# A training's step ceiling is a result setting (another ceiling, other weights), but it only ends the loop (no
+# schedule depends on it): a checkpoint of the same training under a lower ceiling is one under a higher one too,
+# so raising it continues the training instead of starting over (training/checkpoints.py).
+CEILING = "ceiling"
 
 
 def execution(default: Any, **kwargs: Any) -> Any:
@@ -60,8 +64,13 @@ def added_later(default: Any, **kwargs: Any) -> Any:
     return Field(default, json_schema_extra={ADDED_LATER: True}, **kwargs)
 
 
+def ceiling(default: Any, **kwargs: Any) -> Any:
+    """``Field(default, ...)`` for a training's step ceiling (:data:`CEILING`)."""
+    return Field(default, json_schema_extra={CEILING: True}, **kwargs)
+
+
 def marked(field: FieldInfo, mark: str) -> bool:
-    """Whether a setting carries ``mark`` (:data:`EXECUTION` or :data:`ADDED_LATER`)."""
+    """Whether a setting carries ``mark`` (:data:`EXECUTION`, :data:`ADDED_LATER` or :data:`CEILING`)."""
     extra = field.json_schema_extra
     return isinstance(extra, dict) and bool(extra.get(mark))
 
@@ -282,7 +291,9 @@ class FittingConfig(Section):
 class MeshHeadConfig(Section):
     """Stage 5: GHA mesh head (reference values: train_meshhead_N031.yaml; loss weights from its trainer)."""
 
-    steps: Annotated[int, Field(ge=1, le=1_000_000)] = Field(10_000, description="training steps")
+    steps: Annotated[int, Field(ge=1, le=1_000_000)] = ceiling(
+        10_000,
+        description="training steps at most (the plateau rule may stop sooner); raising it continues training")
     views_per_step: Annotated[int, Field(ge=1, le=64)] = Field(4, description="random training views per step")
     render_size: Annotated[int, Field(ge=16, le=2048)] = Field(
         256, description="side (px) the training views are rendered and compared at")
@@ -343,7 +354,9 @@ class MeshHeadConfig(Section):
 class GaussianHeadConfig(Section):
     """Stage 6: GHA Gaussian head + super-resolution (reference: train_gaussianhead_N031.yaml and its trainer)."""
 
-    steps: Annotated[int, Field(ge=1, le=10_000_000)] = Field(100_000, description="training steps")
+    steps: Annotated[int, Field(ge=1, le=10_000_000)] = ceiling(
+        100_000,
+        description="training steps at most (the plateau rule may stop sooner); raising it continues training")
     views_per_step: Annotated[int, Field(ge=1, le=64)] = Field(1, description="random training views per step")
     coarse_size: Annotated[int, Field(ge=16, le=4096)] = Field(
         512, description="side (px) of the 32-channel splatted image")

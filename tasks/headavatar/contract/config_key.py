@@ -8,6 +8,10 @@ GPU keeps a finished stage and resumes a training from its checkpoint instead of
 A setting marked :func:`headavatar.settings.added_later` enters the key only when it differs from
 its default, so adding a setting to a section leaves every existing key as it was.
 
+A training's step ceiling (marked :func:`headavatar.settings.ceiling`) is a result setting, but it only
+ends the training loop: :func:`continuation_key` leaves it out, and a checkpoint of the same continuation
+key continues under another ceiling (``training/checkpoints.py``).
+
 The key is computed from a recorded config too (:func:`result_config` takes a live config's dump
 or the sections a manifest recorded), so manifests written when the key covered whole sections are
 judged by their result settings and stay cache hits.
@@ -18,7 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from headavatar.contract.manifest import digest
-from headavatar.settings import ADDED_LATER, EXECUTION, PipelineConfig, Section, marked
+from headavatar.settings import ADDED_LATER, CEILING, EXECUTION, PipelineConfig, Section, marked
 
 
 def is_execution(section: str, key: str) -> bool:
@@ -56,3 +60,14 @@ def result_config(sections: dict[str, dict[str, Any]]) -> dict[str, dict[str, An
 def config_key(sections: dict[str, dict[str, Any]]) -> str:
     """The config part of a cache key: the digest of the result settings of ``sections``."""
     return digest(result_config(sections))
+
+
+def continuation_key(sections: dict[str, dict[str, Any]]) -> str:
+    """:func:`config_key` less the step ceilings: equal for two configs whose trainings follow one trajectory
+    and differ only in where it ends."""
+    def without_ceilings(name: str, values: dict[str, Any]) -> dict[str, Any]:
+        known = PipelineConfig.model_fields.get(name)
+        fields = known.annotation.model_fields if known is not None else {}
+        return {k: v for k, v in values.items() if k not in fields or not marked(fields[k], CEILING)}
+
+    return digest({name: without_ceilings(name, values) for name, values in result_config(sections).items()})

@@ -41,7 +41,7 @@ from typing import ClassVar
 from headavatar import __version__
 from headavatar.capture_id import validate_capture_id
 from headavatar.contract import variants
-from headavatar.contract.config_key import config_key, result_config
+from headavatar.contract.config_key import config_key, continuation_key, result_config
 from headavatar.contract.lock import StageLock, lost_lock, pid_alive
 from headavatar.contract.manifest import FIRST_CODE_VERSION, Manifest, digest, take_devices
 from headavatar.contract.outputs import RESERVED_PREFIX, OutputWriter, state_key
@@ -73,6 +73,7 @@ class StageContext:
     config_digest: str = ""
     code_version: int = FIRST_CODE_VERSION
     whole_config_digest: str = ""  # the digest of the whole sections, execution settings included
+    continuation_digest: str = ""  # config_digest less the step ceilings (config_key.continuation_key)
     lease: StageLock | None = None  # what worker processes fence their writes with
 
     @property
@@ -86,6 +87,14 @@ class StageContext:
         whole sections gave the same config, so upgrading does not restart a training."""
         legacy = variants.cache_key(self.inputs, self.whole_config_digest, self.code_version)
         return frozenset({self.cache_key, legacy})
+
+    @property
+    def continuation(self) -> str:
+        """What a training's checkpoint must match to continue under this attempt's step ceiling: its key less
+        the ceiling ("" when unknown: no continuation)."""
+        if not self.continuation_digest:
+            return ""
+        return variants.cache_key(self.inputs, self.continuation_digest, self.code_version)
 
     def state_key(self, rel: str) -> str:
         """Key for state that outlives one attempt (checkpoints): never in the manifest, never stale."""
@@ -326,7 +335,8 @@ def _compute(stage: Stage, capture: str, config: PipelineConfig, store: ObjectSt
     writer = OutputWriter(store, prefix)
     ctx = StageContext(stage.name, capture, config, store, scratch, exp.upstream, inputs, writer,
                        fresh=force, force_run=force_run, config_digest=cdigest, code_version=exp.code_version,
-                       whole_config_digest=digest(exp.config), lease=lock)
+                       whole_config_digest=digest(exp.config), continuation_digest=continuation_key(exp.config),
+                       lease=lock)
     log.info("%s/%s: running (inputs %s)", capture, stage.name, ", ".join(inputs) or "none")
     usage = ResourceUsage()
     try:

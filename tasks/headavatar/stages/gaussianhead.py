@@ -149,7 +149,7 @@ class GaussianHeadStage(Stage):
             raise ConfigError(f"gaussianhead.ranks is {cfg.ranks} but this process sees "
                               f"{torch.cuda.device_count()} GPU(s) (CUDA_VISIBLE_DEVICES: one per rank)")
         # First: a checkpoint that is refused (not plain tensors) fails the stage before minutes of loading views.
-        checkpoints = Checkpoints(ctx, cfg.keep_checkpoint_every)
+        checkpoints = Checkpoints(ctx, cfg.keep_checkpoint_every, ceiling=cfg.steps)
         saved = checkpoints.load()
         lpips_path = fetch_lpips(ctx, cfg)
         if cfg.ranks == 1:

@@ -72,7 +72,7 @@ class MeshHeadStage(Stage):
         model = init_model(cfg, views, npy_array(ctx.store.get_bytes(first), ctx.store.uri(first)))
         raster = build_mesh_rasterizer(cfg.rasterizer, cfg.edge_softness_px)
         trainer = MeshHeadTrainer(model, views, cfg, raster, device)
-        checkpoints = Checkpoints(ctx, cfg.keep_checkpoint_every)
+        checkpoints = Checkpoints(ctx, cfg.keep_checkpoint_every, ceiling=cfg.steps)
         saved = checkpoints.load()
         if saved is not None:
             trainer.load_state_dict(saved)

@@ -133,8 +133,10 @@ def save_file(obj: dict[str, Any], path: Path) -> None:
 
 
 class Checkpoints:
-    def __init__(self, ctx: StageContext, keep_every: int = 0):
-        self.ctx, self.keep_every = ctx, keep_every
+    def __init__(self, ctx: StageContext, keep_every: int = 0, ceiling: int | None = None):
+        """``ceiling``: the training's step ceiling, when it has one (a checkpoint of the same training under
+        another ceiling continues under this one, if it is not past it)."""
+        self.ctx, self.keep_every, self.ceiling = ctx, keep_every, ceiling
         self.key = ctx.state_key(RESUMABLE)
         self.published: list[dict[str, Any]] = []  # {"step", "file", "size", "sha256"}
 
@@ -149,7 +151,10 @@ class Checkpoints:
             if not self.ctx.fresh:
                 raise
             state = None  # --force: its remedy
-        if state is not None and state["cache_key"] not in self.ctx.resumable_keys:
+        if state is not None and state["cache_key"] not in self.ctx.resumable_keys and self._continues(state):
+            log.info("%s/%s: continuing the training of step %s, made under another step ceiling, up to %s",
+                     self.ctx.capture, self.ctx.stage, state["step"], self.ceiling)
+        elif state is not None and state["cache_key"] not in self.ctx.resumable_keys:
             log.info("%s/%s: checkpoint from other inputs/config ignored", self.ctx.capture, self.ctx.stage)
             self.set_aside(state)
             state = None
@@ -179,6 +184,12 @@ class Checkpoints:
                 log.warning("%s/%s: published checkpoint %s vanished; not listed", self.ctx.capture,
                             self.ctx.stage, p["file"])
         return state
+
+    def _continues(self, state: dict[str, Any]) -> bool:
+        """Whether ``state`` is a step of this training under another ceiling, not past this one: the ceiling
+        only ends the loop (no schedule depends on it), so it is a step of this attempt's trajectory too."""
+        return (self.ceiling is not None and bool(self.ctx.continuation)
+                and state.get("continuation") == self.ctx.continuation and int(state["step"]) <= self.ceiling)
 
     def _read(self, key: str) -> dict[str, Any] | None:
         try:
@@ -212,7 +223,8 @@ class Checkpoints:
 
     def save(self, state: dict[str, Any]) -> None:
         path = self.ctx.scratch / RESUMABLE
-        payload = plain({**state, "cache_key": self.ctx.cache_key, "forced_by": self.ctx.force_run})
+        payload = plain({**state, "cache_key": self.ctx.cache_key, "continuation": self.ctx.continuation,
+                         "forced_by": self.ctx.force_run})
         if self.due(state["step"]):
             save_file(payload, path)
             rel = f"{PUBLISHED}/step-{state['step']:08d}.pt"
