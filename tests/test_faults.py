@@ -30,7 +30,7 @@ import pytest
 from conftest import copy_stages, output_digests, upload_capture
 from headavatar.contract.stage import read_manifest
 from headavatar.devserver.seaweed import EmbeddedS3
-from headavatar.errors import StorageUnavailable
+from headavatar.errors import EXIT_BUSY, StorageUnavailable
 from headavatar.layout import stage_prefix
 from headavatar.settings import load_config
 from headavatar.stages import STAGE_NAMES
@@ -206,19 +206,21 @@ def test_faults_in_every_stage_lose_nothing(server: EmbeddedS3, reference: Objec
         assert outputs(store, stage) == outputs(ref, stage), stage
         assert store.abort_multipart_uploads(store.key(stage_prefix("018", stage))) == 0
 
-    # Two runs of one stage at once: one computes, the other is told to come back (exit 75). The first
-    # is held mid-computation (SIGSTOP, well inside its lease) so it cannot finish before the second asks.
+    # Two runs of one stage at once: one computes, the other is told it is busy (exit 79: its task waits for
+    # the first, no retry used). The first is held mid-computation (SIGSTOP, well inside its lease) so it
+    # cannot finish before the second asks.
     first = StageProcess(env, "meshhead", "--force")
     assert first.computing.wait(120)
     os.killpg(first.proc.pid, signal.SIGSTOP)
     try:
         second = StageProcess(env, "meshhead", "--force")
-        assert second.wait() == 75 and "is being computed by another run" in second.stderr, second.stderr[-2000:]
+        assert second.wait() == EXIT_BUSY, second.stderr[-2000:]
+        assert "is being computed by another run" in second.stderr, second.stderr[-2000:]
     finally:
         os.killpg(first.proc.pid, signal.SIGCONT)
     assert first.wait() == 0, first.stderr[-3000:]
     faults.append("meshhead: concurrent run")
-    later = StageProcess(env, "meshhead")  # Airflow's retry of the second run: the first run's result
+    later = StageProcess(env, "meshhead")  # the second run's task looking again: the first run's result
     assert later.wait() == 0 and "cache hit" in later.stderr
     assert outputs(store, "meshhead") == outputs(ref, "meshhead")
 
