@@ -151,13 +151,14 @@ class Checkpoints:
             if not self.ctx.fresh:
                 raise
             state = None  # --force: its remedy
-        if state is not None and state["cache_key"] not in self.ctx.resumable_keys and self._continues(state):
-            log.info("%s/%s: continuing the training of step %s, made under another step ceiling, up to %s",
-                     self.ctx.capture, self.ctx.stage, state["step"], self.ceiling)
-        elif state is not None and state["cache_key"] not in self.ctx.resumable_keys:
-            log.info("%s/%s: checkpoint from other inputs/config ignored", self.ctx.capture, self.ctx.stage)
-            self.set_aside(state)
-            state = None
+        if state is not None and state["cache_key"] not in self.ctx.resumable_keys:
+            if self._continues(state):
+                log.info("%s/%s: continuing the training of step %s, made under another step ceiling, up to %s",
+                         self.ctx.capture, self.ctx.stage, state["step"], self.ceiling)
+            else:
+                log.info("%s/%s: checkpoint from other inputs/config ignored", self.ctx.capture, self.ctx.stage)
+                self.set_aside(state)
+                state = None
         if self.ctx.fresh:
             self.clear()
             self.ctx.store.delete(self.aside_key(self.ctx.cache_key))
